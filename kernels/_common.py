@@ -1,0 +1,71 @@
+"""Small @triton.jit helpers shared by the fused ops (not ops themselves).
+
+- `gelu_tanh`: tanh-approximate GELU written with exp, so it runs the same under TRITON_INTERPRET=1.
+- `arrive_last`: the "last program of a group reduces" pattern. Split-K matmuls and split-KV attention
+  write fp32 partials to a workspace, then bump a per-tile counter; the program that arrives last sums
+  the partials in a FIXED order (s = 0, 1, ...), so results are bitwise deterministic (unlike float
+  atomics), and resets the counter to 0 so the next launch (or CUDA-graph replay) starts clean.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def gelu_tanh(x):
+    # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), tanh(y) = 1 - 2 / (exp(2y) + 1)
+    y = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    t = 1.0 - 2.0 / (tl.exp(2.0 * y) + 1.0)
+    return 0.5 * x * (1.0 + t)
+
+
+@triton.jit
+def arrive_last(counter_ptr, num: tl.constexpr):
+    """True in exactly one of the `num` programs that call this on one counter: the last to arrive."""
+    tl.debug_barrier()  # every thread of this program has issued its partial stores
+    old = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    last = old == num - 1
+    if last:
+        tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
+    return last
+
+
+def gelu_tanh_ref(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+class Workspace:
+    """fp32 scratch for split-K / split-KV partials plus the int32 arrival counters (all zero at rest).
+
+    One instance serves every launch of an engine: kernels run one after another on one stream, and
+    each counter is back to 0 when its kernel ends.
+    """
+
+    def __init__(self, device, numel: int = 1 << 20, counters: int = 4096):
+        self.device = torch.device(device)
+        self.buf = torch.empty(numel, dtype=torch.float32, device=self.device)
+        self.counters = torch.zeros(counters, dtype=torch.int32, device=self.device)
+
+    def need(self, numel: int, counters: int):
+        if numel > self.buf.numel():
+            self.buf = torch.empty(numel, dtype=torch.float32, device=self.device)
+        if counters > self.counters.numel():
+            self.counters = torch.zeros(counters, dtype=torch.int32, device=self.device)
+        return self.buf, self.counters
+
+
+_DEFAULT_WS: dict = {}
+
+
+def default_workspace(device) -> Workspace:
+    key = str(torch.device(device))
+    if key not in _DEFAULT_WS:
+        _DEFAULT_WS[key] = Workspace(device)
+    return _DEFAULT_WS[key]

@@ -1,0 +1,123 @@
+"""Action-expert attention: suffix queries over the cached prefix keys/values plus the suffix itself.
+
+Keys are the layer's cache rows [0, T_pre) (prefix, `key_valid` masks prompt padding) followed by the
+suffix rows [T_pre, T_pre + S) = (state token, action tokens). OpenPI's ar-mask for the suffix
+(state: ar=1, first action: ar=1, others 0) means: the state token (suffix row 0) sees the prefix and
+itself; every action token sees the prefix, the state and all actions. Queries are suffix rows
+[row_start, row_start + R): row_start = 0 on the first flow step (the state token's keys/values are
+computed there once, they never change), 1 afterwards.
+
+All NQ heads share one K/V head, so heads are packed into the row dimension (NQ*R query rows) and
+every key block is loaded once per row block. With ~50 queries there are few row blocks, so keys are
+split into SPLIT chunks (flash-decoding); the last program of a row block to finish merges the
+partial (o, max, sum) triples in fixed order (deterministic).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pi0_triton_policy.kernels._common import arrive_last, default_workspace
+
+
+@triton.jit
+def _action_attention_kernel(
+    q_ptr, k_ptr, v_ptr, valid_ptr, o_ptr, ws_ptr, ml_ptr, cnt_ptr,
+    R, T_PRE, TK, row_start, stride_qm, stride_kv, stride_om, CHUNK,
+    NQ: tl.constexpr, HD: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m, pid_s = tl.program_id(0), tl.program_id(1)
+    offs_i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # packed (head, row)
+    i_ok = offs_i < NQ * R
+    head, r = offs_i // R, offs_i % R
+    rg = r + row_start
+    offs_d = tl.arange(0, HD)
+    q_off = r.to(tl.int64)[:, None] * stride_qm + (head * HD)[:, None] + offs_d[None, :]
+    q = tl.load(q_ptr + q_off, mask=i_ok[:, None], other=0.0)
+    m_i = tl.full((BLOCK_M,), -1e30, dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HD), dtype=tl.float32)
+    lo = pid_s * CHUNK
+    hi = tl.minimum(lo + CHUNK, TK)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        key_ok = (tl.load(valid_ptr + offs_n, mask=n_ok & (offs_n < T_PRE), other=1) != 0) & n_ok
+        vis = key_ok[None, :] & ((offs_n[None, :] <= T_PRE) | (rg[:, None] > 0))
+        k = tl.load(k_ptr + offs_n.to(tl.int64)[:, None] * stride_kv + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k))
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + offs_n.to(tl.int64)[:, None] * stride_kv + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    o_off = r.to(tl.int64)[:, None] * stride_om + (head * HD)[:, None] + offs_d[None, :]
+    if SPLIT == 1:
+        tl.store(o_ptr + o_off, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=i_ok[:, None])
+    else:
+        rows = NQ * R
+        w_off = (pid_s * rows + offs_i).to(tl.int64)[:, None] * HD + offs_d[None, :]
+        tl.store(ws_ptr + w_off, acc, mask=i_ok[:, None])
+        tl.store(ml_ptr + (pid_s * rows + offs_i) * 2, m_i, mask=i_ok)
+        tl.store(ml_ptr + (pid_s * rows + offs_i) * 2 + 1, l_i, mask=i_ok)
+        if arrive_last(cnt_ptr + pid_m, SPLIT):
+            m_all = tl.full((BLOCK_M,), -1e30, dtype=tl.float32)
+            for s_ in range(SPLIT):
+                m_all = tl.maximum(m_all, tl.load(ml_ptr + (s_ * rows + offs_i) * 2, mask=i_ok, other=-1e30, cache_modifier=".cg"))
+            l_all = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            o_all = tl.zeros((BLOCK_M, HD), dtype=tl.float32)
+            for s_ in range(SPLIT):
+                ms = tl.load(ml_ptr + (s_ * rows + offs_i) * 2, mask=i_ok, other=-1e30, cache_modifier=".cg")
+                ls = tl.load(ml_ptr + (s_ * rows + offs_i) * 2 + 1, mask=i_ok, other=0.0, cache_modifier=".cg")
+                f = tl.exp(ms - m_all)
+                l_all += ls * f
+                part = tl.load(ws_ptr + (s_ * rows + offs_i).to(tl.int64)[:, None] * HD + offs_d[None, :],
+                               mask=i_ok[:, None], other=0.0, cache_modifier=".cg")
+                o_all += part * f[:, None]
+            tl.store(o_ptr + o_off, (o_all / l_all[:, None]).to(o_ptr.dtype.element_ty), mask=i_ok[:, None])
+
+
+def action_attention(q, k, v, key_valid, t_prefix: int, row_start: int, num_heads: int, out=None,
+                     split: int = 4, block=(64, 64), num_warps: int = 4, num_stages: int = 2, workspace=None):
+    """q [R, NQ*HD] (query rows = suffix rows row_start..row_start+R), k/v cache [T_pre + S, HD],
+    key_valid [>= T_pre] int -> out [R, NQ*HD]."""
+    R, W = q.shape
+    HD = W // num_heads
+    TK = k.shape[0]
+    assert k.shape[1] == HD and k.stride() == v.stride() and key_valid.shape[0] >= t_prefix
+    assert row_start + R <= TK - t_prefix
+    if out is None:
+        out = torch.empty(R, W, dtype=q.dtype, device=q.device)
+    BM, BN = block
+    chunk = triton.cdiv(triton.cdiv(TK, split), BN) * BN
+    rows = num_heads * R
+    grid = (triton.cdiv(rows, BM), split)
+    ws, cnt = (workspace or default_workspace(q.device)).need(split * rows * (HD + 2) if split > 1 else 1, grid[0])
+    ml = ws[split * rows * HD:]
+    _action_attention_kernel[grid](q, k, v, key_valid, out, ws, ml, cnt, R, t_prefix, TK, row_start,
+                                   q.stride(0), k.stride(0), out.stride(0), chunk,
+                                   NQ=num_heads, HD=HD, SPLIT=split, BLOCK_M=BM, BLOCK_N=BN,
+                                   num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+def suffix_mask(key_valid, t_prefix: int, n_suffix: int, row_start: int, R: int) -> torch.Tensor:
+    """[R, T_pre + n_suffix] bool: OpenPI's prefix-padding + suffix ar mask, for suffix rows row_start.."""
+    pre = key_valid[:t_prefix].bool()[None, :].expand(R, t_prefix)
+    rows = torch.arange(row_start, row_start + R, device=key_valid.device)[:, None]
+    cols = torch.arange(n_suffix, device=key_valid.device)[None, :]
+    suf = (cols == 0) | (rows > 0)
+    return torch.cat([pre, suf], 1)
+
+
+def action_attention_ref(q, k, v, key_valid, t_prefix: int, row_start: int, num_heads: int):
+    from pi0_triton_policy.kernels.prefix_attention import masked_attention_ref
+
+    R = q.shape[0]
+    mask = suffix_mask(key_valid, t_prefix, k.shape[0] - t_prefix, row_start, R)
+    return masked_attention_ref(q, k, v, mask, num_heads)

@@ -1,0 +1,73 @@
+"""SigLIP self-attention: each image's P tokens attend to each other, all heads, no mask.
+
+qkv [V*P, 3*NH*HD] is the fused projection (q already scaled by HD^-0.5 at load); out [V*P, NH*HD].
+Online-softmax (flash) over key blocks, float32 logits and statistics, probabilities cast to the value
+dtype before the PV product (as the reference). HD = 72 for So400m: padded to BLOCK_D = 128 with masks.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _vision_attention_kernel(
+    qkv_ptr, o_ptr, P, stride_qkv, stride_o,
+    NH: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m, head, view = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    W: tl.constexpr = NH * HD
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HD
+    base = qkv_ptr + (view * P).to(tl.int64) * stride_qkv + head * HD
+    q = tl.load(base + offs_m[:, None] * stride_qkv + offs_d[None, :], mask=(offs_m[:, None] < P) & d_ok[None, :], other=0.0)
+    m_i = tl.full((BLOCK_M,), -1e30, dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for n0 in range(0, P, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < P
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(base + W + offs_n[:, None] * stride_qkv + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k))
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(base + 2 * W + offs_n[:, None] * stride_qkv + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    o_rows = o_ptr + (view * P + offs_m).to(tl.int64)[:, None] * stride_o + head * HD
+    tl.store(o_rows + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=(offs_m[:, None] < P) & d_ok[None, :])
+
+
+def vision_attention(qkv: torch.Tensor, num_views: int, num_heads: int, out: torch.Tensor | None = None,
+                     block=(64, 64), num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+    """qkv [V*P, 3*NH*HD] -> out [V*P, NH*HD] (same dtype)."""
+    M, W3 = qkv.shape
+    W = W3 // 3
+    HD = W // num_heads
+    P = M // num_views
+    assert qkv.stride(1) == 1 and W3 == 3 * W and W == num_heads * HD and M == P * num_views
+    if out is None:
+        out = torch.empty(M, W, dtype=qkv.dtype, device=qkv.device)
+    BM, BN = block
+    grid = (triton.cdiv(P, BM), num_heads, num_views)
+    _vision_attention_kernel[grid](qkv, out, P, qkv.stride(0), out.stride(0), NH=num_heads, HD=HD,
+                                   BLOCK_D=triton.next_power_of_2(HD), BLOCK_M=BM, BLOCK_N=BN,
+                                   num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+def vision_attention_ref(qkv: torch.Tensor, num_views: int, num_heads: int) -> torch.Tensor:
+    M, W3 = qkv.shape
+    W = W3 // 3
+    q, k, v = qkv.float().reshape(num_views, M // num_views, 3, num_heads, W // num_heads).unbind(2)
+    logits = torch.einsum("vtnh,vsnh->vnts", q, k)
+    probs = torch.softmax(logits, -1)
+    return torch.einsum("vnts,vsnh->vtnh", probs, v).reshape(M, W)

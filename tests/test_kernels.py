@@ -1,0 +1,184 @@
+"""Each fused kernel in kernels/ against its plain-PyTorch reference, on fresh random inputs.
+
+Without CUDA the kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1, set before triton is
+imported) in float32 and float16 (the interpreter's bf16 dot is wrong); with CUDA they also run in
+bf16. Sizes are odd on purpose: a 37-token prompt, 1 and 3 views, row counts that are not multiples
+of the block sizes. Errors are ||out - ref|| / ||ref|| against a float32 reference.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pi0_triton_policy.kernels import (  # noqa: E402
+    action_attention as AA,
+    action_out_euler as AOE,
+    action_time_mlp as ATM,
+    embed_tokens as ET,
+    layernorm_linear as LNL,
+    linear_residual as LR,
+    patch_embed as PE,
+    prefix_attention as PA,
+    rmsnorm_geglu as RG,
+    rmsnorm_qkv_rope as RQR,
+    vision_attention as VA,
+)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEV == "cuda" else [])
+# bf16/fp16 operands: the error budget of a bf16 matmul vs float32 (DESIGN.md "Numerics")
+TOL = {torch.float32: 2e-3 if DEV == "cuda" else 1e-5, torch.float16: 4e-3, torch.bfloat16: 1.5e-2}
+
+
+def rel(out, ref):
+    out, ref = out.float(), ref.float()
+    assert torch.isfinite(out).all(), "non-finite output"
+    e = ((out - ref).norm() / ref.norm()).item()
+    print(f"rel err {e:.2e}, max abs {(out - ref).abs().max().item():.2e}")
+    return e
+
+
+def randn(*shape, scale=1.0, dtype=torch.float32, gen=None):
+    return (torch.randn(*shape, generator=gen) * scale).to(DEV, dtype)
+
+
+@pytest.fixture
+def gen(request):
+    return torch.Generator().manual_seed(hash(request.node.name) % (2**31))
+
+
+@pytest.mark.parametrize("views", [1, 3])
+def test_patch_embed(views, gen):
+    img = randn(views, 28, 28, 3, gen=gen)  # 2x2 patches of 14x14 (the kernel is shape-generic)
+    w, add = randn(588, 40, scale=0.04, gen=gen), randn(4, 40, gen=gen)
+    out = PE.patch_embed(img, w, add, block=(16, 32, 32))
+    assert rel(out, PE.patch_embed_ref(img, w, add)) < (5e-4 if DEV == "cuda" else 1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ["none", "gelu"])
+def test_layernorm_linear(dtype, act, gen):
+    M, K, N = 37, 72, 100
+    x = randn(M, K, gen=gen) + 3.0  # a large mean: the centred variance must not cancel
+    g, b = 1 + randn(K, scale=0.1, gen=gen), randn(K, scale=0.1, gen=gen)
+    w, bias = randn(K, N, scale=K**-0.5, gen=gen), randn(N, scale=0.1, gen=gen)
+    wf, bf = LNL.fold_layernorm(g, b, w, bias, dtype)
+    out = LNL.layernorm_linear(x, wf, bf, act=act, out_dtype=torch.float32, block=(16, 32, 32))
+    assert rel(out, LNL.layernorm_linear_ref(x, g, b, w, bias, act)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_linear_residual(dtype, split_k, gen):
+    M, K, N = 37, 200, 48
+    a, w = randn(M, K, dtype=dtype, gen=gen), randn(K, N, scale=K**-0.5, dtype=dtype, gen=gen)
+    res, bias = randn(M, N, gen=gen), randn(N, gen=gen)
+    ref = LR.linear_residual_ref(a, w, res, bias)
+    out = LR.linear_residual(a, w, res.clone(), bias, split_k=split_k, block=(16, 16, 32))
+    assert rel(out, ref) < TOL[dtype]
+    again = LR.linear_residual(a, w, res.clone(), bias, split_k=split_k, block=(16, 16, 32))
+    assert torch.equal(out, again), "split-K must be deterministic"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rmsnorm_qkv_rope(dtype, gen):
+    M, D, NQ, H = 37, 64, 8, 16  # the dummy Gemma's heads
+    x = randn(M, D, gen=gen)
+    scale = randn(D, scale=0.1, gen=gen)
+    wq, wk, wv = randn(NQ, D, H, scale=D**-0.5, gen=gen), randn(D, H, scale=D**-0.5, gen=gen), randn(D, H, scale=D**-0.5, gen=gen)
+    pos = torch.randperm(100, generator=gen)[:M].to(DEV, torch.int32)
+    cos, sin = RQR.rope_tables(128, H, device=DEV)
+    w = RQR.fold_qkv(scale, wq, wk, wv, dtype)
+    q = torch.full((M, NQ * H), float("nan"), dtype=torch.float32, device=DEV)
+    k = torch.full((M + 5, H), float("nan"), dtype=torch.float32, device=DEV)
+    v = torch.full((M + 5, H), float("nan"), dtype=torch.float32, device=DEV)
+    RQR.rmsnorm_qkv_rope(x, w, pos, cos, sin, q, k, v, NQ, H, block=(16, 8, 32))
+    qr, kr, vr = RQR.rmsnorm_qkv_rope_ref(x, scale, wq, wk, wv, pos)
+    for out, ref in ((q, qr), (k[:M], kr), (v[:M], vr)):
+        assert rel(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rmsnorm_geglu(dtype, gen):
+    M, D, F = 37, 64, 96
+    x, scale = randn(M, D, gen=gen), randn(D, scale=0.1, gen=gen)
+    gating = randn(2, D, F, scale=D**-0.5, gen=gen)
+    out = RG.rmsnorm_geglu(x, RG.fold_gating(scale, gating, dtype), block=(16, 32, 32), group_m=2)
+    assert rel(out, RG.rmsnorm_geglu_ref(x, scale, gating)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("views", [1, 3])
+def test_vision_attention(dtype, views, gen):
+    P, NH, HD = 40, 2, 24  # non-power-of-2 head_dim like So400m's 72
+    qkv = randn(views * P, 3 * NH * HD, dtype=dtype, gen=gen)
+    out = VA.vision_attention(qkv, views, NH, block=(16, 16))
+    assert rel(out, VA.vision_attention_ref(qkv, views, NH)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("views", [1, 3])
+def test_prefix_attention(dtype, views, gen):
+    P, L, NQ, HD = 16, 37, 8, 16
+    T = views * P + L
+    q, k, v = randn(T, NQ * HD, dtype=dtype, gen=gen), randn(T, HD, dtype=dtype, gen=gen), randn(T, HD, dtype=dtype, gen=gen)
+    valid = torch.ones(T, dtype=torch.int32)
+    valid[views * P + 20 :] = 0  # a 20-token prompt padded to 37
+    valid = valid.to(DEV)
+    out = PA.prefix_attention(q, k, v, valid, NQ, block=(16, 16))
+    ref = PA.prefix_attention_ref(q, k, v, valid, NQ)
+    rows = valid.bool()
+    assert rel(out[rows], ref[rows]) < TOL[dtype]
+    assert torch.isfinite(out.float()).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("row_start", [0, 1])
+@pytest.mark.parametrize("split", [1, 3])
+def test_action_attention(dtype, row_start, split, gen):
+    P, L, NQ, HD, S = 16, 37, 8, 16, 11  # S = state + 10 actions
+    t_pre = 2 * P + L
+    q = randn(S - row_start, NQ * HD, dtype=dtype, gen=gen)
+    k, v = randn(t_pre + S, HD, dtype=dtype, gen=gen), randn(t_pre + S, HD, dtype=dtype, gen=gen)
+    valid = torch.ones(t_pre, dtype=torch.int32)
+    valid[2 * P + 5 :] = 0
+    valid = valid.to(DEV)
+    out = AA.action_attention(q, k, v, valid, t_pre, row_start, NQ, split=split, block=(16, 16))
+    assert rel(out, AA.action_attention_ref(q, k, v, valid, t_pre, row_start, NQ)) < TOL[dtype]
+    again = AA.action_attention(q, k, v, valid, t_pre, row_start, NQ, split=split, block=(16, 16))
+    assert torch.equal(out, again)
+
+
+def test_action_time_mlp(gen):
+    R, A, W = 50, 32, 64
+    x = randn(R, A, gen=gen)
+    in_w, in_b = randn(A, W, scale=A**-0.5, gen=gen), randn(W, scale=0.1, gen=gen)
+    mi_w, mi_b = randn(2 * W, W, scale=(2 * W) ** -0.5, gen=gen), randn(W, scale=0.1, gen=gen)
+    mo_w, mo_b = randn(W, W, scale=W**-0.5, gen=gen), randn(W, scale=0.1, gen=gen)
+    times = torch.tensor([1.0, 0.9, 0.3], device=DEV)
+    w1, tb = ATM.fold_action_time(in_w, in_b, mi_w, mi_b, times)
+    for i, t in enumerate(times.tolist()):
+        out = ATM.action_time_mlp(x, w1, tb[i], mo_w, mo_b, block=(16, 32, 32))
+        assert rel(out, ATM.action_time_mlp_ref(x, t, in_w, in_b, mi_w, mi_b, mo_w, mo_b)) < (3e-3 if DEV == "cuda" else 1e-5)
+
+
+def test_action_out_euler(gen):
+    R, D, A = 50, 64, 32
+    x, s = randn(R, D, gen=gen), randn(D, scale=0.1, gen=gen)
+    w, b, xt = randn(D, A, scale=D**-0.5, gen=gen), randn(A, scale=0.1, gen=gen), randn(R, A, gen=gen)
+    ref = AOE.action_out_euler_ref(x, s, w, b, xt, -0.1)
+    out = AOE.action_out_euler(x, ((1 + s)[:, None] * w).contiguous(), b, xt.clone(), -0.1, block=(16, 32))
+    assert rel(out, ref) < (1e-3 if DEV == "cuda" else 1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_embed_tokens(dtype, gen):
+    table = randn(500, 64, dtype=dtype, gen=gen)
+    tokens = torch.randint(0, 500, (37,), generator=gen).to(DEV, torch.int32)
+    out = torch.full((40, 64), float("nan"), device=DEV)
+    ET.embed_tokens(tokens, table, out[3:], block=32)
+    assert torch.equal(out[3:], ET.embed_tokens_ref(tokens, table))
