@@ -336,3 +336,191 @@ def test_minute_long_inference_does_not_drop_the_client():
         assert result["out"]["server_timing"]["infer_ms"] >= 60_000
         assert client.infer(echo_obs(1.0))["actions"][0, 0] == 1.0  # and the connection is still good
         client._ws.close()
+
+
+# -------------------------------------------------------------------------------------------------
+# End to end: the real policy layer over a CPU torch backend with the tiny model
+# -------------------------------------------------------------------------------------------------
+
+ENV_EXPECTED = {  # env -> (preset, actions shape, metadata) as OpenPI's example clients see them
+    "ALOHA": ("pi0_aloha", (50, 14), {"reset_pose": [0, -1.5, 1.5, 0, 0, 0]}),
+    "ALOHA_SIM": ("pi0_aloha_sim", (50, 14), {}),
+    "DROID": ("pi0_droid", (10, 8), {}),
+    "LIBERO": ("pi0_libero", (50, 7), {}),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_backend():
+    from pi0_triton_policy.backends import load_backend
+
+    backend, _ = load_backend("torch", variant="pi0_tiny", device="cpu")
+    return backend
+
+
+def test_env_presets_match_openpi():
+    from pi0_triton_policy.presets import ENV_TO_PRESET
+
+    assert {env: preset for env, (preset, _, _) in ENV_EXPECTED.items()} == ENV_TO_PRESET
+
+
+@pytest.mark.parametrize("env", list(ENV_EXPECTED))
+def test_each_env_example_observation_is_answered(tiny_backend, env):
+    from pi0_triton_policy.policy import create_policy, make_example_observation
+
+    preset, shape, metadata = ENV_EXPECTED[env]
+    policy = create_policy(preset, tiny_backend)
+    with ServerThread(PolicyServer(policy, HOST, 0)) as st:  # default client_errors: the policy layer's
+        client = WebsocketClientPolicy(HOST, st.port)
+        assert client.get_server_metadata() == metadata
+        for i, float_images in enumerate((False, True)):
+            out = client.infer(make_example_observation(preset, rng=i, float_images=float_images))
+            assert out["actions"].shape == shape and out["actions"].dtype == np.float64
+            assert np.all(np.isfinite(out["actions"]))
+            assert out["policy_timing"]["infer_ms"] > 0
+            assert set(out["server_timing"]) == ({"infer_ms"} if i == 0 else {"infer_ms", "prev_total_ms"})
+            assert out["server_timing"]["infer_ms"] >= out["policy_timing"]["infer_ms"]
+        client._ws.close()
+
+
+def test_bad_observations_to_the_real_policy(tiny_backend):
+    from pi0_triton_policy.policy import create_policy, make_example_observation
+
+    policy = create_policy("pi0_libero", tiny_backend)
+    good = make_example_observation("pi0_libero", rng=0)
+    with ServerThread(PolicyServer(policy, HOST, 0)) as st:
+        client = WebsocketClientPolicy(HOST, st.port)
+        cases = [
+            ({k: v for k, v in good.items() if k != "observation/state"}, "missing key 'observation/state'"),
+            ({**good, "observation/state": np.array(list("abcdefgh"))}, "dtype <U1"),
+            ({**good, "observation/image": good["observation/image"].astype(np.int64)}, "dtype int64"),
+        ]
+        for obs, expected in cases:
+            with pytest.raises(RuntimeError, match=expected) as e:
+                client.infer(obs)
+            text = str(e.value).split("\n", 1)[1]
+            assert text.startswith("ObservationError: ") and "\n" not in text, text
+            assert client.infer(good)["actions"].shape == (50, 7)  # the connection is still usable
+        client._ws.close()
+        assert st.server.stats["client_errors"] == 3 and st.server.stats["internal_errors"] == 0
+
+
+class Tagged(BasePolicy):
+    """Wraps a real policy: strips obs["tag"] and echoes it, so each client can check it got its own answer."""
+
+    def __init__(self, inner):
+        self.inner, self.active, self.max_active, self._lock = inner, 0, 0, threading.Lock()
+
+    @property
+    def metadata(self):
+        return self.inner.metadata
+
+    def infer(self, obs):
+        obs = dict(obs)
+        tag = obs.pop("tag")
+        with self._lock:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        try:
+            return {**self.inner.infer(obs), "tag": tag}
+        finally:
+            with self._lock:
+                self.active -= 1
+
+
+@pytest.mark.slow
+def test_8_clients_x_20_requests_real_policy(tiny_backend):
+    from pi0_triton_policy.policy import create_policy, make_example_observation
+
+    # 2 flow steps instead of 10: this is a load test of the server, and the prefix dominates the tiny model anyway.
+    policy = Tagged(create_policy("pi0_libero", tiny_backend, num_steps=2))
+    clients, requests = 8, 20
+    errors: list[BaseException] = []
+    answered = [0] * clients
+    with ServerThread(PolicyServer(policy, HOST, 0)) as st:
+
+        def run(i: int):
+            try:
+                client = WebsocketClientPolicy(HOST, st.port)
+                obs = make_example_observation("pi0_libero", rng=i)
+                for j in range(requests):
+                    out = client.infer({**obs, "tag": f"{i}/{j}"})
+                    assert out["tag"] == f"{i}/{j}" and out["actions"].shape == (50, 7)
+                    assert np.all(np.isfinite(out["actions"]))
+                    answered[i] += 1
+                client._ws.close()
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        t0 = time.monotonic()
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+        print(f"{clients}x{requests} requests in {time.monotonic() - t0:.1f} s")
+        stats = dict(st.server.stats)
+    assert not errors, errors
+    assert answered == [requests] * clients
+    assert stats["answered"] == clients * requests and stats["internal_errors"] == 0
+    assert policy.max_active == 1  # one inference at a time (one worker per GPU)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_serve_policy_script_end_to_end(tmp_path, sig):
+    """scripts/serve_policy.py as a user runs it: warm-up before the port opens, start-up log, API key from
+    the environment, --record, and a clean exit (0) on SIGTERM / SIGINT with a client still connected."""
+    from pi0_triton_policy.policy import make_example_observation
+
+    port = _free_port()
+    log_path = tmp_path / "server.log"
+    cmd = [
+        sys.executable, str(REPO / "scripts" / "serve_policy.py"), "--backend", "torch", "--variant", "pi0_tiny",
+        "--device", "cpu", "--host", HOST, "--port", str(port), "--env", "LIBERO", "--record", "--latency-iters", "2",
+    ]
+    env = {**os.environ, "PI0_API_KEY": "k3y", "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, f"server exited early:\n{log_path.read_text()}"
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"http://{HOST}:{port}/healthz", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            assert time.monotonic() < deadline, f"server did not come up:\n{log_path.read_text()}"
+            time.sleep(0.2)
+        log = log_path.read_text()
+        ready = next(line for line in log.splitlines() if " ready " in line)
+        for field in ("backend=torch", "card='CPU", "weights='RANDOM (pi0_tiny", "preset=pi0_libero", "latency_ms_median="):
+            assert field in ready, ready
+        assert "SERVING RANDOM" in log and log.index("SERVING RANDOM") < log.index(" ready ") < log.index("listening")
+
+        with pytest.raises(websockets.exceptions.InvalidStatus):
+            WebsocketClientPolicy(HOST, port)
+        client = WebsocketClientPolicy(HOST, port, api_key="k3y")
+        assert client.get_server_metadata() == {}
+        out = client.infer(make_example_observation("pi0_libero", rng=1))
+        assert out["actions"].shape == (50, 7) and set(out["server_timing"]) == {"infer_ms"}
+        assert sorted(p.name for p in (tmp_path / "policy_records").iterdir()) == ["step_0.npy"]  # warm-up not recorded
+
+        proc.send_signal(sig)
+        assert proc.wait(60) == 0, log_path.read_text()
+        with pytest.raises(websockets.exceptions.ConnectionClosed) as e:
+            client.infer(make_example_observation("pi0_libero", rng=2))
+        assert e.value.rcvd is not None and e.value.rcvd.code == 1001
+        log = log_path.read_text()
+        assert f"received {signal.Signals(sig).name}" in log and "stopped connections=1" in log
+        assert "request conn=1" in log and "infer_ms=" in log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
