@@ -166,7 +166,11 @@ def main(args: Args) -> None:
     from pi0_triton_policy.server import API_KEY_ENV, PolicyServer
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    policy, preset, startup = build_policy(args)
+    try:
+        policy, preset, startup = build_policy(args)
+    except (FileNotFoundError, KeyError, ValueError) as e:  # bad flags, missing files: say what, not where
+        log.debug("start-up failed", exc_info=True)
+        raise SystemExit(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}") from None
     log.info("ready %s", " ".join(f"{k}={v!r}" if isinstance(v, str) and " " in v else f"{k}={v}" for k, v in startup.items()))
     try:
         hostname = socket.gethostname()
