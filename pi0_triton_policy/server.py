@@ -101,6 +101,22 @@ def decode_observation(message: str | bytes) -> dict:
     return obs
 
 
+def inference_worker(device: str | None = None) -> concurrent.futures.ThreadPoolExecutor:
+    """The one thread that runs every inference on a GPU, in arrival order.
+
+    Run the warm-up on it too (`worker.submit(policy.infer, obs).result()`), so the per-thread CUDA state
+    used while serving (current device, cuBLAS handles, streams) is the state the warm-up created.
+    """
+
+    def init() -> None:
+        if device is not None and str(device).startswith("cuda"):
+            import torch
+
+            torch.cuda.set_device(torch.device(device))  # per thread: a worker for cuda:1 must not default to cuda:0
+
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pi0-infer", initializer=init)
+
+
 class _Connection(ws_server.ServerConnection):
     """Adds the server's `--max-message-mb` flag to websockets' 1009 "message too big" close reason."""
 
@@ -134,6 +150,8 @@ class PolicyServer:
     `port=0` picks a free port (read it from `.port` once `ready` fired). `metadata` defaults to
     `policy.metadata` when the policy has one. `client_errors` are the exception types answered with a
     one-line error frame on a still-open connection (default: the policy layer's ObservationError).
+    `worker` is the single-thread executor that runs inference (default: `inference_worker()`); the server
+    shuts it down when it stops.
     """
 
     def __init__(
@@ -148,6 +166,7 @@ class PolicyServer:
         ping_interval: float | None = 20.0,
         ping_timeout: float | None = 20.0,
         client_errors: tuple[type[BaseException], ...] | None = None,
+        worker: concurrent.futures.ThreadPoolExecutor | None = None,
     ) -> None:
         self._policy = policy
         self._host = host
@@ -160,7 +179,9 @@ class PolicyServer:
         self._ping_timeout = ping_timeout
         self._client_errors = _default_client_errors() if client_errors is None else tuple(client_errors)
         self._conn_ids = itertools.count(1)
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        if worker is not None and getattr(worker, "_max_workers", 1) != 1:
+            raise ValueError("the inference worker must have exactly one thread: inference is serialized per GPU")
+        self._executor = worker or inference_worker()
         self.port: int | None = None
         # Counters, for logs and tests.
         self.stats = {"connections": 0, "requests": 0, "answered": 0, "client_errors": 0, "internal_errors": 0, "skipped": 0}
@@ -260,7 +281,6 @@ class PolicyServer:
     async def run(self, stop: asyncio.Event | None = None, ready: Callable[[int], None] | None = None) -> None:
         """Serve until `stop` is set (forever if None); then close connections (1001) and finish in-flight work."""
         stop = stop or asyncio.Event()
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pi0-infer")
         connection_cls = type("Connection", (_Connection,), {"max_message_mb": self._max_message_mb})
         try:
             async with ws_server.serve(

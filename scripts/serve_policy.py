@@ -93,10 +93,9 @@ def _loud_random_weights_warning(weights: str) -> None:
     )
 
 
-def build_policy(args: Args):
-    """(policy, preset, startup_info): backend + policy layer, warmed up and timed, recorder applied last."""
-    import torch
-
+def build_policy(args: Args, worker):
+    """(policy, preset, startup_info): backend + policy layer, warmed up and timed on the inference worker
+    thread that will serve it, recorder applied last."""
     from pi0_triton_policy.backends import default_device, load_backend
     from pi0_triton_policy.policy import create_policy, make_example_observation
     from pi0_triton_policy.presets import ENV_TO_PRESET, get_preset
@@ -128,17 +127,15 @@ def build_policy(args: Args):
     # Warm-up (first inference: allocation, autotune cache, any lazy graph capture), then steady-state timing.
     rng = np.random.default_rng(args.seed)
     obs = make_example_observation(preset.name, rng=rng)
-    t0 = time.perf_counter()
-    out = policy.infer(obs)
-    warmup_s = time.perf_counter() - t0
-    times_ms = []
-    for _ in range(max(args.latency_iters, 0)):
+
+    def timed_infer() -> tuple[dict, float]:
         t0 = time.perf_counter()
-        policy.infer(obs)
-        times_ms.append((time.perf_counter() - t0) * 1e3)
+        out = policy.infer(obs)  # returns numpy, so the device work is done when it returns
+        return out, time.perf_counter() - t0
+
+    out, warmup_s = worker.submit(timed_infer).result()
+    times_ms = [worker.submit(timed_infer).result()[1] * 1e3 for _ in range(max(args.latency_iters, 0))]
     policy.reset()
-    if torch.cuda.is_available() and str(device).startswith("cuda"):
-        torch.cuda.synchronize(torch.device(device))
 
     if args.record:
         from pi0_triton_policy.records import PolicyRecorder
@@ -163,11 +160,13 @@ def build_policy(args: Args):
 
 
 def main(args: Args) -> None:
-    from pi0_triton_policy.server import API_KEY_ENV, PolicyServer
+    from pi0_triton_policy.backends import default_device
+    from pi0_triton_policy.server import API_KEY_ENV, PolicyServer, inference_worker
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    worker = inference_worker(args.device or default_device())
     try:
-        policy, preset, startup = build_policy(args)
+        policy, preset, startup = build_policy(args, worker)
     except (FileNotFoundError, KeyError, ValueError) as e:  # bad flags, missing files: say what, not where
         log.debug("start-up failed", exc_info=True)
         raise SystemExit(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}") from None
@@ -179,7 +178,8 @@ def main(args: Args) -> None:
     except OSError:
         pass
     server = PolicyServer(
-        policy, host=args.host, port=args.port, metadata=policy.metadata, max_message_mb=args.max_message_mb, api_key=api_key
+        policy, host=args.host, port=args.port, metadata=policy.metadata, max_message_mb=args.max_message_mb,
+        api_key=api_key, worker=worker,
     )
     server.serve_forever()
 

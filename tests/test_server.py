@@ -49,6 +49,7 @@ class EchoPolicy(BasePolicy):
     def __init__(self, delay: float = 0.0, first_delay: float | None = None, horizon: int = 50, dim: int = 14):
         self.delay, self.first_delay, self.horizon, self.dim = delay, first_delay, horizon, dim
         self.calls = 0
+        self.threads: set[str] = set()
         self.active = 0
         self.max_active = 0
         self._lock = threading.Lock()
@@ -56,6 +57,7 @@ class EchoPolicy(BasePolicy):
     def infer(self, obs: dict) -> dict:
         with self._lock:
             self.calls += 1
+            self.threads.add(threading.current_thread().name)
             first = self.calls == 1
             self.active += 1
             self.max_active = max(self.max_active, self.active)
@@ -200,6 +202,7 @@ def test_concurrent_clients_are_all_answered_one_inference_at_a_time():
         assert not errors, errors
         assert st.server.stats["answered"] == clients * requests
     assert policy.calls == clients * requests and policy.max_active == 1
+    assert {name.rsplit("_", 1)[0] for name in policy.threads} == {"pi0-infer"}  # never the event loop's thread
 
 
 def test_bad_frames_get_a_clear_error_and_the_connection_stays_usable():
