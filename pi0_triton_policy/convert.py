@@ -65,8 +65,10 @@ def restore_orbax_tree(params_dir: pathlib.Path) -> dict:
 
     try:
         with ocp.PyTreeCheckpointer() as ckptr:
+            # orbax <= 0.11.1x returns the tree metadata; later releases wrap it in StepMetadata.
             meta = ckptr.metadata(str(params_dir))
-            item = meta.tree if hasattr(meta, "tree") else meta
+            meta = getattr(meta, "item_metadata", None) or meta
+            item = getattr(meta, "tree", meta)
             restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
             tree = ckptr.restore(str(params_dir), ocp.args.PyTreeRestore(item=item, restore_args=restore_args))
     except W.CheckpointError:
