@@ -1,0 +1,390 @@
+"""The `triton` backend: Pi0 inference from the fused kernels in kernels/, one CUDA graph per camera count.
+
+Load (once): canonical OpenPI weights -> engine layouts (`EngineWeights`): fused QKV with Gemma's
+(1 + scale) and the q scale folded in, LayerNorm scale/bias folded into SigLIP's matmuls, the
+action-time MLP's time embeddings folded into one bias per flow step, the action expert's final norm
+folded into action_out_proj, RoPE tables. Everything bf16 except the residual streams, norms'
+statistics, softmax and the small state/action/time projections (float32, as OpenPI).
+
+Per number of present cameras V (1, 2, 3) a `_ViewGraph` owns every buffer and one CUDA graph of the
+whole `sample_actions`: SigLIP on the V present images only (a masked slot is invisible to every
+other token and positions skip it, so dropping it is exact), the Gemma prefix (KV cache for
+256*V + 48 tokens; the last layer stops after K/V), then the 10 action-expert steps. The prompt length
+(1..48) is an input (a key-validity mask and positions), so it never re-captures. The state token's
+keys/values do not depend on the actions, so they are computed on the first step only.
+
+    sample_actions(images, image_mask, tokens, token_mask, state, noise) -> actions   (numpy, like `torch`)
+    sample_actions_torch(...)                                                          (batched tensors)
+    Pi0Inference(num_views=..., params=...).infer(images, state, noise, tokens)        (realtime-vla's face)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import torch
+
+from pi0_triton_policy.config import Pi0Config
+from pi0_triton_policy.kernels import (
+    action_attention as AA,
+    action_out_euler as AOE,
+    action_time_mlp as ATM,
+    embed_tokens as ET,
+    layernorm_linear as LNL,
+    linear_residual as LR,
+    patch_embed as PE,
+    prefix_attention as PA,
+    rmsnorm_geglu as RG,
+    rmsnorm_qkv_rope as RQR,
+    vision_attention as VA,
+)
+from pi0_triton_policy.kernels._common import Workspace
+
+
+def flow_times(num_steps: int) -> list[float]:
+    """The reference's float32 while-loop: t = 1, 1 + dt, ... while t >= -dt/2."""
+    dt = np.float32(-1.0 / num_steps)
+    t, out = np.float32(1.0), []
+    while t >= -dt / 2:
+        out.append(float(t))
+        t = np.float32(t + dt)
+    return out
+
+
+@dataclasses.dataclass
+class Tuning:
+    """Launch shapes per phase (block sizes, warps, split-K); see benchmarks/NOTES.md for how they were picked."""
+
+    vis_ln: tuple = (64, 128, 64, 4, 3)  # BM, BN, BK, warps, stages
+    vis_res: tuple = (64, 64, 64, 4, 3)
+    vis_split: int = 2
+    vis_attn: tuple = (64, 64, 4, 2)
+    pre_qkv: tuple = (64, 64, 64, 4, 3)
+    pre_mlp: tuple = (128, 128, 64, 8, 3)
+    pre_res: tuple = (128, 128, 64, 8, 3)
+    pre_split: int = 2
+    pre_attn: tuple = (64, 64, 8, 2)
+    act_qkv: tuple = (64, 16, 128, 4, 4)
+    act_mlp: tuple = (64, 32, 128, 4, 4)
+    act_res: tuple = (64, 32, 128, 4, 4)
+    act_split: int = 4
+    act_attn: tuple = (64, 64, 4, 2)
+    act_attn_split: int = 4
+
+
+class EngineWeights:
+    """Canonical weights re-laid out for the kernels (built layer by layer to bound peak memory)."""
+
+    def __init__(self, cfg: Pi0Config, params: dict[str, torch.Tensor], device, dtype=torch.bfloat16):
+        dev = torch.device(device)
+        f32 = torch.float32
+        get = lambda name: params[name].to(dev)  # noqa: E731
+        v, p, a = cfg.vision, cfg.prefix, cfg.action
+        img, blk = "PaliGemma/img", "PaliGemma/img/Transformer/encoderblock"
+        att = f"{blk}/MultiHeadDotProductAttention_0"
+        # SigLIP
+        self.patch_w = get(f"{img}/embedding/kernel").to(f32).reshape(-1, v.width).contiguous()
+        self.patch_add = (get(f"{img}/embedding/bias").to(f32) + get(f"{img}/pos_embedding").to(f32)[0]).contiguous()
+        W = v.width
+        qs = v.head_dim**-0.5
+        self.v_qkv_w, self.v_qkv_b, self.v_o_w, self.v_o_b = [], [], [], []
+        self.v_fc1_w, self.v_fc1_b, self.v_fc2_w, self.v_fc2_b = [], [], [], []
+        for i in range(v.depth):
+            w = torch.cat([get(f"{att}/query/kernel")[i].float().reshape(W, W) * qs,
+                           get(f"{att}/key/kernel")[i].float().reshape(W, W),
+                           get(f"{att}/value/kernel")[i].float().reshape(W, W)], 1)
+            b = torch.cat([get(f"{att}/query/bias")[i].float().reshape(W) * qs,
+                           get(f"{att}/key/bias")[i].float().reshape(W),
+                           get(f"{att}/value/bias")[i].float().reshape(W)])
+            wf, bf = LNL.fold_layernorm(get(f"{blk}/LayerNorm_0/scale")[i], get(f"{blk}/LayerNorm_0/bias")[i], w, b, dtype)
+            self.v_qkv_w.append(wf)
+            self.v_qkv_b.append(bf)
+            self.v_o_w.append(get(f"{att}/out/kernel")[i].reshape(W, W).to(dtype).contiguous())
+            self.v_o_b.append(get(f"{att}/out/bias")[i].to(f32).contiguous())
+            wf, bf = LNL.fold_layernorm(get(f"{blk}/LayerNorm_1/scale")[i], get(f"{blk}/LayerNorm_1/bias")[i],
+                                        get(f"{blk}/MlpBlock_0/Dense_0/kernel")[i], get(f"{blk}/MlpBlock_0/Dense_0/bias")[i], dtype)
+            self.v_fc1_w.append(wf)
+            self.v_fc1_b.append(bf)
+            self.v_fc2_w.append(get(f"{blk}/MlpBlock_0/Dense_1/kernel")[i].to(dtype).contiguous())
+            self.v_fc2_b.append(get(f"{blk}/MlpBlock_0/Dense_1/bias")[i].to(f32).contiguous())
+        n = f"{img}/Transformer/encoder_norm"
+        self.head_w, self.head_b = LNL.fold_layernorm(get(f"{n}/scale"), get(f"{n}/bias"), get(f"{img}/head/kernel"),
+                                                      get(f"{img}/head/bias"), dtype)
+        self.embedding = get("PaliGemma/llm/embedder/input_embedding").to(dtype).contiguous()
+        # Gemma experts: [prefix, action]
+        lay = "PaliGemma/llm/layers"
+        self.qkv, self.o, self.gating, self.down = [[], []], [[], []], [[], []], [[], []]
+        for e, (sfx, g) in enumerate((("", p), ("_1", a))):
+            for i in range(g.depth):
+                kv = get(f"{lay}/attn/kv_einsum{sfx}/w")[i]  # [2, 1, D, H]
+                self.qkv[e].append(RQR.fold_qkv(get(f"{lay}/pre_attention_norm{sfx}/scale")[i],
+                                                get(f"{lay}/attn/q_einsum{sfx}/w")[i], kv[0, 0], kv[1, 0], dtype))
+                self.o[e].append(get(f"{lay}/attn/attn_vec_einsum{sfx}/w")[i].reshape(-1, g.width).to(dtype).contiguous())
+                self.gating[e].append(RG.fold_gating(get(f"{lay}/pre_ffw_norm{sfx}/scale")[i], get(f"{lay}/mlp{sfx}/gating_einsum")[i], dtype))
+                self.down[e].append(get(f"{lay}/mlp{sfx}/linear")[i].to(dtype).contiguous())
+        self.cos, self.sin = RQR.rope_tables(1024, p.head_dim, p.rope_max_wavelength, device=dev)
+        # small float32 projections
+        self.state_w, self.state_b = get("state_proj/kernel").to(f32).contiguous(), get("state_proj/bias").to(f32).contiguous()
+        self.out_w = ((1.0 + get("PaliGemma/llm/final_norm_1/scale").float())[:, None] * get("action_out_proj/kernel").float()).contiguous()
+        self.out_b = get("action_out_proj/bias").to(f32).contiguous()
+        self.time_out_w = get("action_time_mlp_out/kernel").to(f32).contiguous()
+        self.time_out_b = get("action_time_mlp_out/bias").to(f32).contiguous()
+        self._time_src = {k: get(k).to(f32) for k in ("action_in_proj/kernel", "action_in_proj/bias",
+                                                       "action_time_mlp_in/kernel", "action_time_mlp_in/bias")}
+        self._time_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def time_weights(self, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W1 [32, W], per-step time biases [num_steps, W])."""
+        if num_steps not in self._time_cache:
+            s = self._time_src
+            times = torch.tensor(flow_times(num_steps), dtype=torch.float32, device=self.state_w.device)
+            self._time_cache[num_steps] = ATM.fold_action_time(s["action_in_proj/kernel"], s["action_in_proj/bias"],
+                                                               s["action_time_mlp_in/kernel"], s["action_time_mlp_in/bias"], times)
+        return self._time_cache[num_steps]
+
+
+class _ViewGraph:
+    """Static buffers + one CUDA graph of sample_actions for V present cameras and a fixed step count."""
+
+    def __init__(self, eng: "TritonPi0", num_views: int, num_steps: int):
+        cfg, dev, dt = eng.cfg, eng.device, eng.dtype
+        self.eng, self.V, self.num_steps = eng, num_views, num_steps
+        v, p, a = cfg.vision, cfg.prefix, cfg.action
+        P, L, S = v.num_patches, cfg.max_token_len, cfg.suffix_len
+        self.P, self.L, self.S = P, L, S
+        self.T = T = num_views * P + L
+        z = lambda *s, dtype=torch.float32: torch.zeros(*s, dtype=dtype, device=dev)  # noqa: E731
+        # inputs
+        self.images = z(num_views, v.image_size, v.image_size, 3)
+        self.tokens = z(L, dtype=torch.int32)
+        self.key_valid = z(T, dtype=torch.int32)
+        self.pos = z(T + S, dtype=torch.int32)
+        self.state = z(1, cfg.action_dim)
+        self.x_t = z(cfg.action_horizon, cfg.action_dim)  # noise in, actions out
+        # activations
+        M = num_views * P
+        self.xv = z(M, v.width)
+        self.v_qkv = z(M, 3 * v.width, dtype=dt)
+        self.v_o = z(M, v.width, dtype=dt)
+        self.v_h = z(M, v.mlp_dim, dtype=dt)
+        self.xp = z(T, p.width)
+        self.q = z(T, p.num_heads * p.head_dim, dtype=dt)
+        self.o = z(T, p.num_heads * p.head_dim, dtype=dt)
+        self.hp = z(T, p.mlp_dim, dtype=dt)
+        self.kc = z(p.depth, T + S, p.head_dim, dtype=dt)
+        self.vc = z(p.depth, T + S, p.head_dim, dtype=dt)
+        self.xs = z(S, a.width)
+        self.hs = z(S, a.mlp_dim, dtype=dt)
+        self.w1, self.tb = eng.weights.time_weights(num_steps)
+        t = eng.tuning
+        ws = max(t.vis_split * M * v.width, t.pre_split * T * p.width, t.act_split * S * a.width,
+                 t.act_attn_split * p.num_heads * S * (p.head_dim + 2))
+        self.ws = Workspace(dev, numel=ws, counters=4096)
+        self.graph = None
+        self.capture_s = None
+
+    def run(self):
+        """Issue the whole inference (eager); the CUDA graph captures exactly this."""
+        e, cfg, W, t, ws = self.eng, self.eng.cfg, self.eng.weights, self.eng.tuning, self.ws
+        v, p, a = cfg.vision, cfg.prefix, cfg.action
+        V, T, S, M = self.V, self.T, self.S, self.V * self.P
+        # ---- SigLIP on the present views: [V*256, 1152]
+        PE.patch_embed(self.images, W.patch_w, W.patch_add, out=self.xv, patch_size=v.patch_size)
+        bm, bn, bk, nw, ns = t.vis_ln
+        rb = t.vis_res
+        for i in range(v.depth):
+            LNL.layernorm_linear(self.xv, W.v_qkv_w[i], W.v_qkv_b[i], out=self.v_qkv, eps=v.layer_norm_eps,
+                                 block=(bm, bn, bk), num_warps=nw, num_stages=ns)
+            VA.vision_attention(self.v_qkv, V, v.num_heads, out=self.v_o, block=t.vis_attn[:2], num_warps=t.vis_attn[2],
+                                num_stages=t.vis_attn[3])
+            LR.linear_residual(self.v_o, W.v_o_w[i], self.xv, W.v_o_b[i], split_k=t.vis_split, block=rb[:3],
+                               num_warps=rb[3], num_stages=rb[4], workspace=ws)
+            LNL.layernorm_linear(self.xv, W.v_fc1_w[i], W.v_fc1_b[i], out=self.v_h, act="gelu", eps=v.layer_norm_eps,
+                                 block=(bm, bn, bk), num_warps=nw, num_stages=ns)
+            LR.linear_residual(self.v_h, W.v_fc2_w[i], self.xv, W.v_fc2_b[i], split_k=t.vis_split, block=rb[:3],
+                               num_warps=rb[3], num_stages=rb[4], workspace=ws)
+        # encoder_norm + head -> the image rows of the prefix residual stream; then the prompt rows
+        LNL.layernorm_linear(self.xv, W.head_w, W.head_b, out=self.xp[:M], eps=v.layer_norm_eps,
+                             block=(bm, bn, bk), num_warps=nw, num_stages=ns)
+        ET.embed_tokens(self.tokens, W.embedding, out=self.xp[M:])
+        # ---- Gemma prefix: KV cache for all 18 layers
+        qb, mb, rb = t.pre_qkv, t.pre_mlp, t.pre_res
+        for i in range(p.depth):
+            RQR.rmsnorm_qkv_rope(self.xp, W.qkv[0][i], self.pos, W.cos, W.sin, self.q, self.kc[i], self.vc[i],
+                                 p.num_heads, p.head_dim, p.rms_eps, block=qb[:3], num_warps=qb[3], num_stages=qb[4])
+            if i == p.depth - 1:
+                break  # the last layer's attention output and MLP feed nothing: only its K/V are used
+            PA.prefix_attention(self.q, self.kc[i], self.vc[i], self.key_valid, p.num_heads, out=self.o,
+                                block=t.pre_attn[:2], num_warps=t.pre_attn[2], num_stages=t.pre_attn[3])
+            LR.linear_residual(self.o, W.o[0][i], self.xp, split_k=t.pre_split, block=rb[:3], num_warps=rb[3],
+                               num_stages=rb[4], workspace=ws)
+            RG.rmsnorm_geglu(self.xp, W.gating[0][i], out=self.hp, eps=p.rms_eps, block=mb[:3], num_warps=mb[3], num_stages=mb[4])
+            LR.linear_residual(self.hp, W.down[0][i], self.xp, split_k=t.pre_split, block=rb[:3], num_warps=rb[3],
+                               num_stages=rb[4], workspace=ws)
+        # ---- action expert: 10 Euler steps over (state, 50 actions)
+        torch.addmm(W.state_b[None], self.state, W.state_w, out=self.xs[0:1])
+        dt = -1.0 / self.num_steps
+        qb, mb, rb = t.act_qkv, t.act_mlp, t.act_res
+        for step in range(self.tb.shape[0]):
+            r0 = 0 if step == 0 else 1  # the state token's K/V are computed once, on the first step
+            ATM.action_time_mlp(self.x_t, self.w1, self.tb[step], W.time_out_w, W.time_out_b, out=self.xs[1:])
+            xs, R = self.xs[r0:], S - r0
+            q, o, h = self.q[:R], self.o[:R], self.hs[:R]
+            for i in range(a.depth):
+                RQR.rmsnorm_qkv_rope(xs, W.qkv[1][i], self.pos[T + r0:], W.cos, W.sin, q, self.kc[i, T + r0:],
+                                     self.vc[i, T + r0:], a.num_heads, a.head_dim, a.rms_eps, block=qb[:3],
+                                     num_warps=qb[3], num_stages=qb[4])
+                AA.action_attention(q, self.kc[i], self.vc[i], self.key_valid, T, r0, a.num_heads, out=o,
+                                    split=t.act_attn_split, block=t.act_attn[:2], num_warps=t.act_attn[2],
+                                    num_stages=t.act_attn[3], workspace=ws)
+                LR.linear_residual(o, W.o[1][i], xs, split_k=t.act_split, block=rb[:3], num_warps=rb[3],
+                                   num_stages=rb[4], workspace=ws)
+                RG.rmsnorm_geglu(xs, W.gating[1][i], out=h, eps=a.rms_eps, block=mb[:3], num_warps=mb[3], num_stages=mb[4])
+                LR.linear_residual(h, W.down[1][i], xs, split_k=t.act_split, block=rb[:3], num_warps=rb[3],
+                                   num_stages=rb[4], workspace=ws)
+            AOE.action_out_euler(self.xs[1:], W.out_w, W.out_b, self.x_t, dt, a.rms_eps)
+
+    def capture(self):
+        t0 = time.perf_counter()
+        s = torch.cuda.Stream(self.eng.device)
+        s.wait_stream(torch.cuda.current_stream(self.eng.device))
+        with torch.cuda.stream(s):
+            self.run()  # compiles every kernel, leaves the counters at 0
+        torch.cuda.current_stream(self.eng.device).wait_stream(s)
+        torch.cuda.synchronize(self.eng.device)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            self.run()
+        torch.cuda.synchronize(self.eng.device)
+        self.graph = g
+        self.capture_s = time.perf_counter() - t0
+
+    def set_inputs(self, images, tokens, token_mask, state, noise):
+        """images [V, 224, 224, 3] (present views only), tokens/token_mask [L'], state [32], noise [50, 32]: tensors."""
+        V, P, L = self.V, self.P, self.L
+        n = tokens.shape[0]
+        if n > L:
+            raise ValueError(f"{n} prompt tokens: at most {L} fit (max_token_len)")
+        mask = torch.zeros(L, dtype=torch.bool)
+        mask[:n] = torch.as_tensor(token_mask, dtype=torch.bool).cpu()
+        tok = torch.zeros(L, dtype=torch.int32)
+        tok[:n] = torch.as_tensor(tokens).to(torch.int32).cpu()
+        n_valid = int(mask.sum())
+        pos = torch.empty(self.T + self.S, dtype=torch.int32)
+        pos[: V * P] = torch.arange(V * P, dtype=torch.int32)
+        pos[V * P : self.T] = V * P + torch.cumsum(mask.to(torch.int32), 0) - 1
+        pos[self.T :] = V * P + n_valid + torch.arange(self.S, dtype=torch.int32)
+        valid = torch.ones(self.T, dtype=torch.int32)
+        valid[V * P :] = mask.to(torch.int32)
+        self.images.copy_(images, non_blocking=True)
+        self.tokens.copy_(tok, non_blocking=True)
+        self.pos.copy_(pos, non_blocking=True)
+        self.key_valid.copy_(valid, non_blocking=True)
+        self.state.copy_(torch.as_tensor(state).reshape(1, -1), non_blocking=True)
+        self.x_t.copy_(torch.as_tensor(noise), non_blocking=True)
+
+    def __call__(self):
+        if self.graph is None:
+            self.run()
+        else:
+            self.graph.replay()
+        return self.x_t
+
+
+class TritonPi0:
+    """The `triton` backend. Same call as `TorchPi0`; needs a CUDA device."""
+
+    backend_name = "triton"
+
+    def __init__(self, cfg: Pi0Config, params: dict[str, torch.Tensor], device="cuda", dtype=torch.bfloat16,
+                 use_graphs: bool = True, tuning: Tuning | None = None):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.use_graphs = use_graphs
+        self.tuning = tuning or Tuning()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            self.weights = EngineWeights(cfg, params, self.device, dtype)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.load_s = time.perf_counter() - t0
+        self._graphs: dict[tuple[int, int], _ViewGraph] = {}
+
+    def graph_for(self, num_views: int, num_steps: int = 10) -> _ViewGraph:
+        if not 1 <= num_views <= self.cfg.num_image_slots:
+            raise ValueError(f"{num_views} cameras present: need 1..{self.cfg.num_image_slots} (image_mask has no True slot?)")
+        key = (num_views, num_steps)
+        if key not in self._graphs:
+            g = _ViewGraph(self, num_views, num_steps)
+            if self.use_graphs:
+                g.capture()
+            self._graphs[key] = g
+        return self._graphs[key]
+
+    def warmup(self, views=(1, 2, 3), num_steps: int = 10) -> dict[int, float]:
+        """Build and capture the graphs up front; returns seconds per view count."""
+        return {v: self.graph_for(v, num_steps).capture_s or 0.0 for v in views}
+
+    @torch.no_grad()
+    def sample_actions_torch(self, images, image_mask, tokens, token_mask, state, noise, num_steps: int = 10) -> torch.Tensor:
+        """Batched tensors as `TorchPi0.sample_actions_torch`: images [B,3,224,224,3], image_mask [B,3], tokens and
+        token_mask [B,L], state [B,32], noise [B,50,32] -> actions [B,50,32] float32 on this device."""
+        outs = []
+        for b in range(state.shape[0]):
+            present = torch.nonzero(torch.as_tensor(image_mask[b]).bool().cpu()).flatten()
+            g = self.graph_for(len(present), num_steps)
+            imgs = images[b][present.to(images.device) if torch.is_tensor(images) else present.numpy()]
+            g.set_inputs(torch.as_tensor(imgs), tokens[b], token_mask[b], state[b], noise[b])
+            outs.append(g().clone())
+        return torch.stack(outs)
+
+    def sample_actions(self, images, image_mask, tokens, token_mask, state, noise, num_steps: int = 10) -> np.ndarray:
+        """The backend call (numpy in, numpy out); a leading batch dimension is optional."""
+        batched = np.ndim(state) == 2
+        args = [np.asarray(x) for x in (images, image_mask, tokens, token_mask, state, noise)]
+        if not batched:
+            args = [x[None] for x in args]
+        args = [torch.from_numpy(np.ascontiguousarray(x)) for x in args]
+        args[0] = args[0].float()
+        out = self.sample_actions_torch(*args, num_steps=num_steps).cpu().numpy()
+        return out if batched else out[0]
+
+
+class Pi0Inference:
+    """realtime-vla's low-level face: a fixed number of views, static buffers, one graph.
+
+    infer(observation_images [V,224,224,3], observation_state [32], diffusion_noise [50,32], tokens=None,
+          token_mask=None) -> {'action_output': [50, 32] float32 tensor, 'elapsed': milliseconds}
+    `tokens` defaults to the BOS token alone.
+    """
+
+    def __init__(self, num_views: int, params: dict[str, torch.Tensor] | None = None, cfg: Pi0Config | None = None,
+                 device="cuda", engine: TritonPi0 | None = None, num_steps: int = 10):
+        from pi0_triton_policy.config import get_variant
+
+        if engine is None:
+            cfg = cfg or get_variant("pi0")
+            if params is None:
+                raise ValueError("Pi0Inference needs params (canonical OpenPI weights, see weights.py) or an engine")
+            engine = TritonPi0(cfg, params, device=device)
+        self.engine, self.num_views = engine, num_views
+        self.graph = engine.graph_for(num_views, num_steps)
+
+    @torch.no_grad()
+    def infer(self, observation_images, observation_state, diffusion_noise, tokens=None, token_mask=None) -> dict:
+        if tokens is None:
+            tokens = torch.tensor([2], dtype=torch.int32)  # <bos>
+        if token_mask is None:
+            token_mask = torch.ones(len(tokens), dtype=torch.bool)
+        dev = self.engine.device
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        self.graph.set_inputs(torch.as_tensor(observation_images), torch.as_tensor(tokens), torch.as_tensor(token_mask),
+                              torch.as_tensor(observation_state), torch.as_tensor(diffusion_noise))
+        out = self.graph().clone()
+        end.record()
+        torch.cuda.synchronize(dev)
+        return {"action_output": out, "elapsed": start.elapsed_time(end)}
