@@ -16,6 +16,7 @@ Everything robot-specific lives above this boundary.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Protocol
@@ -76,11 +77,14 @@ def load_backend(
     device: str | None = None,
     dtype: torch.dtype | None = None,
     seed: int = 0,
+    action_horizon: int | None = None,
 ) -> tuple[Backend, dict]:
     """A backend from converted weights, an original OpenPI checkpoint, or (neither given) random weights.
 
     Returns (backend, info) where info says where the weights came from (for logs and metadata).
     The `jax` backend given an OpenPI checkpoint reads its parameter tree directly, with no conversion.
+    `action_horizon` overrides the model's number of action tokens (OpenPI's pi0_droid uses 10): it changes
+    no weight, but action tokens attend to each other, so it must match the preset the weights were trained for.
     """
     from pi0_triton_policy import weights as W
 
@@ -102,4 +106,8 @@ def load_backend(
         gen_device = device if str(device).startswith("cuda") else "cpu"
         params = W.random_params(cfg, seed=seed, device=gen_device)
         info = {"weights": f"RANDOM ({variant}, seed {seed})", "kind": "random"}
+    if action_horizon is not None and action_horizon != cfg.action_horizon:
+        if action_horizon < 1:
+            raise ValueError(f"action_horizon must be >= 1, got {action_horizon}")
+        cfg = dataclasses.replace(cfg, action_horizon=action_horizon)
     return make_backend(name, cfg, params, device=device, dtype=dtype), info
