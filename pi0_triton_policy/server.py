@@ -68,8 +68,9 @@ def _kv(**fields: Any) -> str:
     return " ".join(parts)
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
+def _one_line(text: str, limit: int = 2000) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 15] + " ... (truncated)"
 
 
 def _default_client_errors() -> tuple[type[BaseException], ...]:
