@@ -114,8 +114,9 @@ def build_policy(args: Args, worker):
         log.warning("--variant %s ignored: the variant is read from the weights' shapes", args.variant)
 
     t0 = time.perf_counter()
-    backend, info = load_backend(
-        args.backend, weights_dir=args.weights, checkpoint_dir=args.checkpoint_dir, variant=variant, device=device, seed=args.seed
+    backend, info = load_backend(  # the preset's horizon: OpenPI builds pi0_droid with 10 action tokens, not 50 sliced
+        args.backend, weights_dir=args.weights, checkpoint_dir=args.checkpoint_dir, variant=variant, device=device,
+        seed=args.seed, action_horizon=preset.action_horizon,
     )
     load_s = time.perf_counter() - t0
     if info.get("kind") == "random":
@@ -149,6 +150,7 @@ def build_policy(args: Args, worker):
         "weights": info.get("weights"),
         "preset": preset.name,
         "variant": backend.cfg.name,
+        "model_horizon": backend.cfg.action_horizon,
         "actions": "x".join(str(d) for d in np.shape(out["actions"])),
         "load_s": round(load_s, 2),
         "warmup_s": round(warmup_s, 3),

@@ -371,8 +371,13 @@ def test_env_presets_match_openpi():
 def test_each_env_example_observation_is_answered(tiny_backend, env):
     from pi0_triton_policy.policy import create_policy, make_example_observation
 
+    from pi0_triton_policy.backends import load_backend
+
     preset, shape, metadata = ENV_EXPECTED[env]
-    policy = create_policy(preset, tiny_backend)
+    backend = tiny_backend
+    if shape[0] != backend.cfg.action_horizon:  # pi0_droid: OpenPI's model has 10 action tokens
+        backend, _ = load_backend("torch", variant="pi0_tiny", device="cpu", action_horizon=shape[0])
+    policy = create_policy(preset, backend)
     with ServerThread(PolicyServer(policy, HOST, 0)) as st:  # default client_errors: the policy layer's
         client = WebsocketClientPolicy(HOST, st.port)
         assert client.get_server_metadata() == metadata
