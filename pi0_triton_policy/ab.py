@@ -860,6 +860,7 @@ def build_arg_parser():
                    f"{BF16_TOL:g} with a bf16/triton side or over the wire)")
     g.add_argument("--out", help="output directory (default benchmarks/ab/<timestamp>/)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--commit", help="commit to print in the report when this copy has no .git (default: git rev-parse)")
     g.add_argument("--from-json", metavar="PATH", help="only re-render report.md/ab.png from an earlier report.json (or its dir)")
     return p
 
@@ -913,6 +914,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=not args.no_progress, a_dtype=args.a_dtype, b_dtype=args.b_dtype, device=device,
             meta={"observations": src, **info},
         )
+    if args.commit:
+        report["meta"]["commit"] = args.commit
     out = pathlib.Path(args.out) if args.out else default_out_dir()
     write_outputs(report, out)
     print(format_markdown(report))
