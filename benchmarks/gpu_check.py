@@ -125,7 +125,7 @@ def sweep(only, log):
             qq = torch.randn(50, 2048, device=dev, dtype=BF)
             valid = torch.ones(T, device=dev, dtype=torch.int32)
             o = torch.empty(50, 2048, device=dev, dtype=BF)
-            for cfg in ((64, 64, 4, 2, 4), (64, 64, 4, 2, 8), (64, 64, 4, 2, 16), (64, 32, 4, 2, 16), (32, 64, 4, 2, 8), (128, 64, 8, 2, 8)):
+            for cfg in ((32, 64, 4, 2, 8), (16, 64, 4, 2, 8), (16, 64, 4, 2, 16), (32, 64, 8, 2, 8), (16, 32, 4, 2, 16), (32, 64, 4, 2, 4), (16, 64, 4, 3, 8)):
                 rec("act", f"action_attention T={T}", cfg, bench(lambda: AA.action_attention(qq, kk, vv, valid, T, 1, 8, out=o,
                     split=cfg[4], block=cfg[:2], num_warps=cfg[2], num_stages=cfg[3], workspace=ws)))
     if "pre" in only:

@@ -29,6 +29,9 @@ import torch
 from pi0_triton_policy.config import Pi0Config
 from pi0_triton_policy.kernels import (
     action_attention as AA,
+    add_norm as AN,
+    geglu as GG,
+    rope_qkv as RK,
     action_out_euler as AOE,
     action_time_mlp as ATM,
     embed_tokens as ET,
@@ -66,12 +69,16 @@ class Tuning:
     pre_res: tuple = (128, 128, 64, 8, 3)
     pre_split: int = 2
     pre_attn: tuple = (64, 64, 8, 2)
-    act_qkv: tuple = (64, 16, 128, 4, 4)
-    act_mlp: tuple = (64, 32, 128, 4, 4)
-    act_res: tuple = (64, 32, 128, 4, 4)
+    act_qkv: tuple = (64, 32, 64, 4, 4)
+    act_mlp: tuple = (64, 32, 64, 4, 4)
+    act_res: tuple = (64, 32, 256, 4, 3)
     act_split: int = 4
-    act_attn: tuple = (64, 64, 4, 2)
-    act_attn_split: int = 4
+    act_attn: tuple = (32, 64, 4, 2)
+    act_attn_split: int = 8
+    # cuBLAS (torch.mm) for the matmuls + Triton glue (add_norm, rope_qkv, geglu), per phase: measured
+    # faster for vision and prefix (compute-bound); see benchmarks/NOTES.md
+    vis_cublas: bool = True
+    act_cublas: bool = False
 
 
 class EngineWeights:
@@ -124,6 +131,12 @@ class EngineWeights:
                 self.o[e].append(get(f"{lay}/attn/attn_vec_einsum{sfx}/w")[i].reshape(-1, g.width).to(dtype).contiguous())
                 self.gating[e].append(RG.fold_gating(get(f"{lay}/pre_ffw_norm{sfx}/scale")[i], get(f"{lay}/mlp{sfx}/gating_einsum")[i], dtype))
                 self.down[e].append(get(f"{lay}/mlp{sfx}/linear")[i].to(dtype).contiguous())
+        # cuBLAS layouts: bf16 biases for addmm, gate|up concatenated [D, 2F]
+        self.v_qkv_bb = [b.to(dtype) for b in self.v_qkv_b]
+        self.v_fc1_bb = [b.to(dtype) for b in self.v_fc1_b]
+        self.head_bb = self.head_b.to(dtype)
+        self.gu = [[torch.cat([g[0], g[1]], 1) for g in self.gating[e]] for e in (0, 1)]
+        self.gating[0] = None  # the prefix runs on cuBLAS only (measured faster): keep one copy
         self.cos, self.sin = RQR.rope_tables(1024, p.head_dim, p.rope_max_wavelength, device=dev)
         # small float32 projections
         self.state_w, self.state_b = get("state_proj/kernel").to(f32).contiguous(), get("state_proj/bias").to(f32).contiguous()
@@ -177,6 +190,16 @@ class _ViewGraph:
         self.vc = z(p.depth, T + S, p.head_dim, dtype=dt)
         self.xs = z(S, a.width)
         self.hs = z(S, a.mlp_dim, dtype=dt)
+        self.xvn = z(M, v.width, dtype=dt)
+        self.tmp_v = z(M, v.width, dtype=dt)
+        self.head_out = z(M, p.width, dtype=dt)
+        self.xpn = z(T, p.width, dtype=dt)
+        self.qkv = z(T, (p.num_heads + 2) * p.head_dim, dtype=dt)
+        self.tmp_p = z(T, p.width, dtype=dt)
+        self.gu = z(T, 2 * p.mlp_dim, dtype=dt)
+        self.xsn = z(S, a.width, dtype=dt)
+        self.tmp_s = z(S, a.width, dtype=dt)
+        self.gus = z(S, 2 * a.mlp_dim, dtype=dt)
         self.w1, self.tb = eng.weights.time_weights(num_steps)
         t = eng.tuning
         ws = max(t.vis_split * M * v.width, t.pre_split * T * p.width, t.act_split * S * a.width,
@@ -194,35 +217,53 @@ class _ViewGraph:
         PE.patch_embed(self.images, W.patch_w, W.patch_add, out=self.xv, patch_size=v.patch_size)
         bm, bn, bk, nw, ns = t.vis_ln
         rb = t.vis_res
-        for i in range(v.depth):
-            LNL.layernorm_linear(self.xv, W.v_qkv_w[i], W.v_qkv_b[i], out=self.v_qkv, eps=v.layer_norm_eps,
+        eps = v.layer_norm_eps
+        if t.vis_cublas:
+            AN.add_norm(self.xv, self.xvn, norm="layer", eps=eps)
+            for i in range(v.depth):
+                torch.addmm(W.v_qkv_bb[i], self.xvn, W.v_qkv_w[i], out=self.v_qkv)
+                VA.vision_attention(self.v_qkv, V, v.num_heads, out=self.v_o, block=t.vis_attn[:2], num_warps=t.vis_attn[2],
+                                    num_stages=t.vis_attn[3])
+                torch.mm(self.v_o, W.v_o_w[i], out=self.tmp_v)
+                AN.add_norm(self.xv, self.xvn, self.tmp_v, W.v_o_b[i], norm="layer", eps=eps)
+                torch.addmm(W.v_fc1_bb[i], self.xvn, W.v_fc1_w[i], out=self.v_h)
+                torch._C._nn.gelu_(self.v_h, approximate="tanh")  # (_addmm_activation's GELU is erf on some paths)
+                torch.mm(self.v_h, W.v_fc2_w[i], out=self.tmp_v)
+                AN.add_norm(self.xv, self.xvn, self.tmp_v, W.v_fc2_b[i], norm="layer", eps=eps)  # last: encoder_norm
+            torch.addmm(W.head_bb, self.xvn, W.head_w, out=self.head_out)
+            self.xp[:M].copy_(self.head_out)
+        else:
+            for i in range(v.depth):
+                LNL.layernorm_linear(self.xv, W.v_qkv_w[i], W.v_qkv_b[i], out=self.v_qkv, eps=eps,
+                                     block=(bm, bn, bk), num_warps=nw, num_stages=ns)
+                VA.vision_attention(self.v_qkv, V, v.num_heads, out=self.v_o, block=t.vis_attn[:2], num_warps=t.vis_attn[2],
+                                    num_stages=t.vis_attn[3])
+                LR.linear_residual(self.v_o, W.v_o_w[i], self.xv, W.v_o_b[i], split_k=t.vis_split, block=rb[:3],
+                                   num_warps=rb[3], num_stages=rb[4], workspace=ws)
+                LNL.layernorm_linear(self.xv, W.v_fc1_w[i], W.v_fc1_b[i], out=self.v_h, act="gelu", eps=eps,
+                                     block=(bm, bn, bk), num_warps=nw, num_stages=ns)
+                LR.linear_residual(self.v_h, W.v_fc2_w[i], self.xv, W.v_fc2_b[i], split_k=t.vis_split, block=rb[:3],
+                                   num_warps=rb[3], num_stages=rb[4], workspace=ws)
+            # encoder_norm + head -> the image rows of the prefix residual stream
+            LNL.layernorm_linear(self.xv, W.head_w, W.head_b, out=self.xp[:M], eps=eps,
                                  block=(bm, bn, bk), num_warps=nw, num_stages=ns)
-            VA.vision_attention(self.v_qkv, V, v.num_heads, out=self.v_o, block=t.vis_attn[:2], num_warps=t.vis_attn[2],
-                                num_stages=t.vis_attn[3])
-            LR.linear_residual(self.v_o, W.v_o_w[i], self.xv, W.v_o_b[i], split_k=t.vis_split, block=rb[:3],
-                               num_warps=rb[3], num_stages=rb[4], workspace=ws)
-            LNL.layernorm_linear(self.xv, W.v_fc1_w[i], W.v_fc1_b[i], out=self.v_h, act="gelu", eps=v.layer_norm_eps,
-                                 block=(bm, bn, bk), num_warps=nw, num_stages=ns)
-            LR.linear_residual(self.v_h, W.v_fc2_w[i], self.xv, W.v_fc2_b[i], split_k=t.vis_split, block=rb[:3],
-                               num_warps=rb[3], num_stages=rb[4], workspace=ws)
-        # encoder_norm + head -> the image rows of the prefix residual stream; then the prompt rows
-        LNL.layernorm_linear(self.xv, W.head_w, W.head_b, out=self.xp[:M], eps=v.layer_norm_eps,
-                             block=(bm, bn, bk), num_warps=nw, num_stages=ns)
         ET.embed_tokens(self.tokens, W.embedding, out=self.xp[M:])
         # ---- Gemma prefix: KV cache for all 18 layers
         qb, mb, rb = t.pre_qkv, t.pre_mlp, t.pre_res
+        AN.add_norm(self.xp, self.xpn, eps=p.rms_eps)
         for i in range(p.depth):
-            RQR.rmsnorm_qkv_rope(self.xp, W.qkv[0][i], self.pos, W.cos, W.sin, self.q, self.kc[i], self.vc[i],
-                                 p.num_heads, p.head_dim, p.rms_eps, block=qb[:3], num_warps=qb[3], num_stages=qb[4])
+            torch.mm(self.xpn, W.qkv[0][i], out=self.qkv)
+            RK.rope_qkv(self.qkv, self.pos, W.cos, W.sin, self.q, self.kc[i], self.vc[i], p.num_heads, p.head_dim)
             if i == p.depth - 1:
                 break  # the last layer's attention output and MLP feed nothing: only its K/V are used
             PA.prefix_attention(self.q, self.kc[i], self.vc[i], self.key_valid, p.num_heads, out=self.o,
                                 block=t.pre_attn[:2], num_warps=t.pre_attn[2], num_stages=t.pre_attn[3])
-            LR.linear_residual(self.o, W.o[0][i], self.xp, split_k=t.pre_split, block=rb[:3], num_warps=rb[3],
-                               num_stages=rb[4], workspace=ws)
-            RG.rmsnorm_geglu(self.xp, W.gating[0][i], out=self.hp, eps=p.rms_eps, block=mb[:3], num_warps=mb[3], num_stages=mb[4])
-            LR.linear_residual(self.hp, W.down[0][i], self.xp, split_k=t.pre_split, block=rb[:3], num_warps=rb[3],
-                               num_stages=rb[4], workspace=ws)
+            torch.mm(self.o, W.o[0][i], out=self.tmp_p)
+            AN.add_norm(self.xp, self.xpn, self.tmp_p, eps=p.rms_eps)
+            torch.mm(self.xpn, W.gu[0][i], out=self.gu)
+            GG.geglu(self.gu, out=self.hp)
+            torch.mm(self.hp, W.down[0][i], out=self.tmp_p)
+            AN.add_norm(self.xp, self.xpn, self.tmp_p, eps=p.rms_eps)
         # ---- action expert: 10 Euler steps over (state, 50 actions)
         torch.addmm(W.state_b[None], self.state, W.state_w, out=self.xs[0:1])
         dt = -1.0 / self.num_steps
@@ -232,13 +273,29 @@ class _ViewGraph:
             ATM.action_time_mlp(self.x_t, self.w1, self.tb[step], W.time_out_w, W.time_out_b, out=self.xs[1:])
             xs, R = self.xs[r0:], S - r0
             q, o, h = self.q[:R], self.o[:R], self.hs[:R]
+            if t.act_cublas:
+                xn, qkv, tmp, gu = self.xsn[r0:], self.qkv[:R], self.tmp_s[r0:], self.gus[:R]
+                AN.add_norm(xs, xn, eps=a.rms_eps)
             for i in range(a.depth):
-                RQR.rmsnorm_qkv_rope(xs, W.qkv[1][i], self.pos[T + r0:], W.cos, W.sin, q, self.kc[i, T + r0:],
-                                     self.vc[i, T + r0:], a.num_heads, a.head_dim, a.rms_eps, block=qb[:3],
-                                     num_warps=qb[3], num_stages=qb[4])
+                if t.act_cublas:
+                    torch.mm(xn, W.qkv[1][i], out=qkv)
+                    RK.rope_qkv(qkv, self.pos[T + r0:], W.cos, W.sin, q, self.kc[i, T + r0:], self.vc[i, T + r0:],
+                                a.num_heads, a.head_dim)
+                else:
+                    RQR.rmsnorm_qkv_rope(xs, W.qkv[1][i], self.pos[T + r0:], W.cos, W.sin, q, self.kc[i, T + r0:],
+                                         self.vc[i, T + r0:], a.num_heads, a.head_dim, a.rms_eps, block=qb[:3],
+                                         num_warps=qb[3], num_stages=qb[4])
                 AA.action_attention(q, self.kc[i], self.vc[i], self.key_valid, T, r0, a.num_heads, out=o,
                                     split=t.act_attn_split, block=t.act_attn[:2], num_warps=t.act_attn[2],
                                     num_stages=t.act_attn[3], workspace=ws)
+                if t.act_cublas:
+                    torch.mm(o, W.o[1][i], out=tmp)
+                    AN.add_norm(xs, xn, tmp, eps=a.rms_eps)
+                    torch.mm(xn, W.gu[1][i], out=gu)
+                    GG.geglu(gu, out=h)
+                    torch.mm(h, W.down[1][i], out=tmp)
+                    AN.add_norm(xs, xn, tmp, eps=a.rms_eps)
+                    continue
                 LR.linear_residual(o, W.o[1][i], xs, split_k=t.act_split, block=rb[:3], num_warps=rb[3],
                                    num_stages=rb[4], workspace=ws)
                 RG.rmsnorm_geglu(xs, W.gating[1][i], out=h, eps=a.rms_eps, block=mb[:3], num_warps=mb[3], num_stages=mb[4])

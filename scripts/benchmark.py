@@ -132,6 +132,7 @@ def main(argv=None):
     ap.add_argument("--check", action="store_true", help="accuracy vs float32 torch + determinism first")
     ap.add_argument("--json", default=None, help="JSON path (default: benchmark.json beside --log or cwd)")
     ap.add_argument("--variant", default="pi0")
+    ap.add_argument("--also-act-cublas", action="store_true", help="also time the engine with cuBLAS action-expert matmuls")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmark.py needs a CUDA GPU")
@@ -165,6 +166,8 @@ def main(argv=None):
 
             model = TritonPi0(cfg, params, device="cuda")
             variants = [("triton", model)]
+            if args.also_act_cublas:
+                variants.append(("triton[act_cublas]", model))
         else:
             from pi0_triton_policy.torch_model import TorchPi0
 
@@ -174,6 +177,9 @@ def main(argv=None):
                 variants.append(("torch-compile", "compile"))
         load_s = time.perf_counter() - t0
         for name, m in variants:
+            if name == "triton[act_cublas]":
+                m.tuning.act_cublas = True
+                m._graphs.clear()
             for views in args.views:
                 a = to_torch(inputs(cfg, views, 48, seed=views), "cuda")
                 a[0] = a[0].float()
@@ -182,7 +188,7 @@ def main(argv=None):
                     fn_c = torch.compile(model.sample_actions_torch, mode="max-autotune-no-cudagraphs")
                     fn = lambda: fn_c(*a)  # noqa: E731
                     fn()
-                elif name == "triton":
+                elif name.startswith("triton"):
                     m.graph_for(views)
                     fn = lambda: m.sample_actions_torch(*a)  # noqa: E731
                 else:
@@ -190,13 +196,13 @@ def main(argv=None):
                     fn()
                 torch.cuda.synchronize()
                 warm_s = time.perf_counter() - t0
-                runs = args.runs if name == "triton" else args.torch_runs
+                runs = args.runs if name.startswith("triton") else args.torch_runs
                 med, p99, _ = time_calls(fn, runs)
                 graph_ms = None
-                if name == "triton":  # the graph replay alone (no host-side input staging)
+                if name.startswith("triton"):  # the graph replay alone (no host-side input staging)
                     graph_ms, _, _ = time_calls(m.graph_for(views).graph.replay, runs)
                 peak = torch.cuda.max_memory_allocated()
-                wk = work(cfg, views if name == "triton" else cfg.num_image_slots)
+                wk = work(cfg, views if name.startswith("triton") else cfg.num_image_slots)
                 row = {"backend": name, "views": views, "median_ms": med, "p99_ms": p99, "replay_ms": graph_ms, "runs": runs,
                        "tflops": wk["flops"] / med / 1e9, "gbps": wk["bytes"] / med / 1e6, "floor_ms": work(cfg, views)["floor_ms"],
                        "peak_gb": peak / 1e9,
@@ -204,7 +210,7 @@ def main(argv=None):
                 res["rows"].append(row)
                 log(f"{name:13s} views={views} median {med:7.2f} ms  p99 {p99:7.2f}  replay {graph_ms or 0:6.2f}  "
                     f"floor {row['floor_ms']:.2f}  peak {row['peak_gb']:.1f} GB  warm {warm_s:.1f}s")
-        del model, variants
+        del model, variants, m, fn
     # memory of the triton engine alone: rebuild with the canonical weights freed after load
     if "triton" in args.backends:
         from pi0_triton_policy.triton_engine import TritonPi0

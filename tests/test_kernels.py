@@ -182,3 +182,35 @@ def test_embed_tokens(dtype, gen):
     out = torch.full((40, 64), float("nan"), device=DEV)
     ET.embed_tokens(tokens, table, out[3:], block=32)
     assert torch.equal(out[3:], ET.embed_tokens_ref(tokens, table))
+
+
+from pi0_triton_policy.kernels import add_norm as AN, geglu as GG, rope_qkv as RK  # noqa: E402
+
+
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+@pytest.mark.parametrize("has_y", [False, True])
+def test_add_norm(norm, has_y, gen):
+    M, D = 37, 72
+    x, y, b = randn(M, D, gen=gen) + 2.0, randn(M, D, dtype=torch.float16, gen=gen), randn(D, gen=gen)
+    xr, nr = AN.add_norm_ref(x, y if has_y else None, b if has_y else None, norm)
+    xn = torch.empty(M, D, device=DEV)
+    x2 = x.clone()
+    AN.add_norm(x2, xn, y if has_y else None, b if has_y else None, norm)
+    assert rel(x2, xr) < 1e-6 and rel(xn, nr) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_geglu(dtype, gen):
+    gu = randn(37, 2 * 100, dtype=dtype, gen=gen)
+    assert rel(GG.geglu(gu, block=64), GG.geglu_ref(gu)) < TOL[dtype] / 2
+
+
+def test_rope_qkv(gen):
+    M, NQ, H = 37, 8, 16
+    qkv = randn(M, (NQ + 2) * H, gen=gen)
+    pos = torch.randperm(100, generator=gen)[:M].to(DEV, torch.int32)
+    cos, sin = RQR.rope_tables(128, H, device=DEV)
+    q, k, v = torch.empty(M, NQ * H, device=DEV), torch.empty(M, H, device=DEV), torch.empty(M, H, device=DEV)
+    RK.rope_qkv(qkv, pos, cos, sin, q, k, v, NQ, H)
+    for out, ref in zip((q, k, v), RK.rope_qkv_ref(qkv, pos, NQ, H)):
+        assert rel(out, ref) < 1e-5

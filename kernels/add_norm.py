@@ -1,0 +1,54 @@
+"""Residual add + the next layer's norm, one row per program: the glue between cuBLAS matmuls.
+
+x <- x + y (+ bias)                   (float32 residual stream, in place; y optional, e.g. a bf16 matmul output)
+xn = bf16(norm(x))                    NORM 0: RMS  x * rsqrt(mean(x^2) + eps)     (Gemma; (1+scale) folded into W)
+                                      NORM 1: LN   (x - mean) * rsqrt(var + eps)  (SigLIP; gamma/beta folded into W, b)
+Where cuBLAS beats the fused-prologue Triton matmuls (the compute-bound prefix and vision phases), the
+norm is applied once here rather than in every N-tile of the following matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _add_norm_kernel(x_ptr, y_ptr, b_ptr, xn_ptr, D, stride_x, stride_y, stride_n, eps,
+                     NORM: tl.constexpr, HAS_Y: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_D)
+    ok = offs < D
+    x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0)
+    if HAS_Y:
+        x += tl.load(y_ptr + row * stride_y + offs, mask=ok, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            x += tl.load(b_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(x_ptr + row * stride_x + offs, x, mask=ok)
+    if NORM == 1:
+        mean = tl.sum(x, 0) / D
+        d = tl.where(ok, x - mean, 0.0)
+        xn = d / tl.sqrt(tl.sum(d * d, 0) / D + eps)
+    else:
+        xn = x / tl.sqrt(tl.sum(x * x, 0) / D + eps)
+    tl.store(xn_ptr + row * stride_n + offs, xn.to(xn_ptr.dtype.element_ty), mask=ok)
+
+
+def add_norm(x, xn, y=None, bias=None, norm: str = "rms", eps: float = 1e-6, num_warps: int = 4):
+    """x [M, D] fp32 (updated in place when y is given), y [M, D] or None, bias [D] or None -> xn [M, D]."""
+    M, D = x.shape
+    assert xn.shape == (M, D) and x.stride(1) == 1 and xn.stride(1) == 1
+    if y is not None:
+        assert y.shape == (M, D) and y.stride(1) == 1
+    _add_norm_kernel[(M,)](x, y if y is not None else x, bias if bias is not None else x, xn, D, x.stride(0),
+                           y.stride(0) if y is not None else 0, xn.stride(0), eps, NORM={"rms": 0, "layer": 1}[norm],
+                           HAS_Y=y is not None, HAS_BIAS=bias is not None, BLOCK_D=triton.next_power_of_2(D), num_warps=num_warps)
+    return x, xn
+
+
+def add_norm_ref(x, y=None, bias=None, norm: str = "rms", eps: float = 1e-6):
+    x = x.float() + (y.float() if y is not None else 0) + (bias.float() if bias is not None else 0)
+    if norm == "rms":
+        return x, x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+    return x, torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=eps)

@@ -1,0 +1,56 @@
+"""RoPE after a cuBLAS QKV matmul: split the fused [q heads | k | v] rows, rotate q and k (split-half
+layout, float32 tables), write q and the layer's K/V cache rows. The row norm scale is already in the
+matmul input (add_norm), (1 + scale) and head_dim^-0.5 in the weights (rmsnorm_qkv_rope.fold_qkv)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rope_qkv_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, stride_qkv, stride_q, stride_kv,
+                     NQ: tl.constexpr, HD: tl.constexpr):
+    row, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    HALF: tl.constexpr = HD // 2
+    d = tl.arange(0, HALF)
+    src = qkv_ptr + row * stride_qkv + head * HD
+    x1 = tl.load(src + d).to(tl.float32)
+    x2 = tl.load(src + HALF + d).to(tl.float32)
+    if head <= NQ:
+        pos = tl.load(pos_ptr + row).to(tl.int64)
+        c = tl.load(cos_ptr + pos * HALF + d)
+        s = tl.load(sin_ptr + pos * HALF + d)
+        o1 = x1 * c - x2 * s
+        o2 = x2 * c + x1 * s
+    else:
+        o1 = x1
+        o2 = x2
+    if head < NQ:
+        dst = q_ptr + row * stride_q + head * HD
+    elif head == NQ:
+        dst = k_ptr + row * stride_kv
+    else:
+        dst = v_ptr + row * stride_kv
+    tl.store(dst + d, o1.to(dst.dtype.element_ty))
+    tl.store(dst + HALF + d, o2.to(dst.dtype.element_ty))
+
+
+def rope_qkv(qkv, pos, cos, sin, q, k, v, num_heads: int, head_dim: int):
+    """qkv [M, (NQ+2)*H] -> q [M, NQ*H], k/v rows [M, H] (rotated q, k)."""
+    M = qkv.shape[0]
+    assert qkv.shape[1] == (num_heads + 2) * head_dim and qkv.stride(1) == 1 and k.stride() == v.stride()
+    _rope_qkv_kernel[(M, num_heads + 2)](qkv, pos, cos, sin, q, k, v, qkv.stride(0), q.stride(0), k.stride(0),
+                                         NQ=num_heads, HD=head_dim, num_warps=1)
+    return q, k, v
+
+
+def rope_qkv_ref(qkv, pos, num_heads: int, head_dim: int):
+    from pi0_triton_policy.kernels.rmsnorm_qkv_rope import rope_ref
+
+    M = qkv.shape[0]
+    x = qkv.float().reshape(M, num_heads + 2, head_dim)
+    q = rope_ref(x[:, :num_heads], pos).reshape(M, -1)
+    k = rope_ref(x[:, num_heads : num_heads + 1], pos)[:, 0]
+    return q, k, x[:, -1]
