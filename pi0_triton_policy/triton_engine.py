@@ -78,7 +78,7 @@ class Tuning:
     # cuBLAS (torch.mm) for the matmuls + Triton glue (add_norm, rope_qkv, geglu), per phase: measured
     # faster for vision and prefix (compute-bound); see benchmarks/NOTES.md
     vis_cublas: bool = True
-    act_cublas: bool = False
+    act_cublas: bool = True  # 14.8 vs 16.7 ms at 1 cam (NOTES.md)
 
 
 class EngineWeights:

@@ -211,6 +211,9 @@ def main(argv=None):
                 log(f"{name:13s} views={views} median {med:7.2f} ms  p99 {p99:7.2f}  replay {graph_ms or 0:6.2f}  "
                     f"floor {row['floor_ms']:.2f}  peak {row['peak_gb']:.1f} GB  warm {warm_s:.1f}s")
         del model, variants, m, fn
+        import gc
+
+        gc.collect()  # engines hold a reference cycle (engine <-> its graphs)
     # memory of the triton engine alone: rebuild with the canonical weights freed after load
     if "triton" in args.backends:
         from pi0_triton_policy.triton_engine import TritonPi0
