@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One device call: GPU tests + triton-vs-jax A/B on a converted full-size random checkpoint.
+# Usage on the device machine (repo root, wheels carried in .whl/):  PI0_COMMIT=<sha> bash benchmarks/validate_gpu.sh
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+nvidia-smi -L | tee "$OUT/card.txt"
+echo "== GPU tests (commit ${PI0_COMMIT:-unknown})"
+python3 -m pytest -q -m gpu tests/ -p no:cacheprovider -s 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "rel err|passed|failed|error|Error" | tail -40
+echo "== converted full-size random checkpoint"
+python3 - <<'PY' 2>&1 | tail -3
+import torch
+from pi0_triton_policy.config import get_variant
+from pi0_triton_policy.weights import random_params, save_weights
+cfg = get_variant("pi0")
+p = random_params(cfg, seed=0, device="cuda", dtype=torch.bfloat16)
+m = save_weights("/tmp/w_pi0", {k: v.cpu() for k, v in p.items()}, cfg, source="random pi0, seed 0 (validate_gpu.sh)")
+print("wrote /tmp/w_pi0", m["num_params"], m["dtype"])
+PY
+echo "== A/B triton vs jax"
+python3 scripts/ab_compare.py --a triton --b jax --weights /tmp/w_pi0 --config pi0_aloha_sim --num-obs 20 \
+    --out "$OUT/ab" --commit "${PI0_COMMIT:-unknown}" --no-progress 2>&1 | tee "$OUT/ab.log" | tail -45
