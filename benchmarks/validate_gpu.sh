@@ -24,8 +24,14 @@ stats = {k: {"mean": rng.normal(0, 0.5, 14).tolist(), "std": rng.uniform(0.2, 1.
 d = "/tmp/w_pi0/assets/lerobot/aloha_sim_transfer_cube_human"
 os.makedirs(d, exist_ok=True)
 json.dump({"norm_stats": stats}, open(f"{d}/norm_stats.json", "w"))
+# No real PaliGemma tokenizer can be downloaded here: a small SentencePiece model stands in (ids < vocab).
+import sentencepiece as spm
+text = "/tmp/sp_corpus.txt"
+open(text, "w").write("\n".join(["Transfer cube", "pick up the red block", "open the drawer", "fold the towel"] * 50))
+spm.SentencePieceTrainer.train(input=text, model_prefix="/tmp/w_pi0/paligemma_tokenizer", vocab_size=28,
+                               model_type="unigram", bos_id=2, eos_id=1, pad_id=0, unk_id=3, minloglevel=2)
 print("wrote /tmp/w_pi0", m["num_params"], m["dtype"])
 PY
 echo "== A/B triton vs jax"
-python3 scripts/ab_compare.py --a triton --b jax --weights /tmp/w_pi0 --config pi0_aloha_sim --num-obs 20 \
+python3 scripts/ab_compare.py --a triton --b jax --weights /tmp/w_pi0 --config pi0_aloha_sim --num-obs 20 --variant pi0 \
     --out "$OUT/ab" --commit "${PI0_COMMIT:-unknown}" --no-progress 2>&1 | tee "$OUT/ab.log" | tail -45
