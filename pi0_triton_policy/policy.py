@@ -32,7 +32,7 @@ from pi0_triton_policy.transforms import (
     ObservationError,
     image_to_model,
     parse_prompt,
-    resize_with_pad,
+    resize_many_with_pad,
     to_absolute_actions,
 )
 
@@ -156,12 +156,15 @@ class Pi0Policy(base_policy.BasePolicy):
         state = N.pad_to_dim(state, self.model_action_dim).astype(np.float32)  # padded AFTER normalizing
 
         size = MODEL_IMAGE_SIZE
-        images = np.full((len(IMAGE_SLOTS), size, size, 3), -1.0, dtype=np.float32)  # zero pixels -> -1
-        image_mask = np.zeros(len(IMAGE_SLOTS), dtype=bool)
+        images = np.empty((len(IMAGE_SLOTS), size, size, 3), dtype=np.float32)
+        image_mask = np.array([bool(robot_in.image_mask[slot]) for slot in IMAGE_SLOTS])
+        present = [slot for slot in IMAGE_SLOTS if robot_in.image_mask[slot]]
+        resized = dict(zip(present, resize_many_with_pad([robot_in.images[slot] for slot in present], size, size)))
         for i, slot in enumerate(IMAGE_SLOTS):
-            image_mask[i] = robot_in.image_mask[slot]
-            if image_mask[i]:  # an absent camera is all zeros at any size, so resizing it changes nothing
-                images[i] = image_to_model(resize_with_pad(robot_in.images[slot], size, size))
+            if image_mask[i]:
+                images[i] = image_to_model(resized[slot])
+            else:  # an absent camera is all zeros at any size, so resizing it changes nothing: pixels 0 -> -1
+                images[i] = -1.0
 
         tokens, token_mask = self.tokenizer.tokenize(prompt)
         return {

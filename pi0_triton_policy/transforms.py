@@ -117,7 +117,34 @@ def parse_image(value, key: str, layout: str = "auto") -> np.ndarray:
         if not np.all(np.isfinite(img)):
             raise ObservationError(f"{key!r}: expected {expected}, got a float image with NaN or inf pixels")
         img = (255 * np.clip(img, 0.0, 1.0)).astype(np.uint8)
-    return np.ascontiguousarray(img)
+    # No copy here: a CHW frame stays a transposed view, which resize_with_pad resizes plane by plane.
+    return img
+
+
+def _resize_jobs(image: np.ndarray, height: int, width: int):
+    """(output, [zero-argument jobs that fill it]) for one frame; no jobs when it is already the target size."""
+    h, w = image.shape[:2]
+    if (h, w) == (height, width):
+        return image, []
+    ratio = max(w / width, h / height)
+    new_h, new_w = int(h / ratio), int(w / ratio)
+    top, left = max(0, int((height - new_h) / 2)), max(0, int((width - new_w) / 2))
+    out = np.zeros((height, width, 3), dtype=np.uint8)
+    window = out[top : top + new_h, left : left + new_w]
+    planes = np.transpose(image, (2, 0, 1))
+    if not image.flags.c_contiguous and planes.flags.c_contiguous:
+        # A CHW frame (ALOHA's layout) seen as HWC: resize each contiguous channel plane ("L" mode)
+        # instead of copying into interleaved RGB first. PIL's bilinear filter works per band with the same
+        # integer arithmetic, so this equals the RGB resize pixel for pixel (tested), and skips a full-size copy.
+        def plane(c):
+            window[..., c] = np.asarray(Image.fromarray(planes[c]).resize((new_w, new_h), resample=Image.BILINEAR))
+
+        return out, [lambda c=c: plane(c) for c in range(3)]
+
+    def rgb():
+        window[...] = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((new_w, new_h), resample=Image.BILINEAR))
+
+    return out, [rgb]
 
 
 def resize_with_pad(image: np.ndarray, height: int = MODEL_IMAGE_SIZE, width: int = MODEL_IMAGE_SIZE) -> np.ndarray:
@@ -125,15 +152,33 @@ def resize_with_pad(image: np.ndarray, height: int = MODEL_IMAGE_SIZE, width: in
     centred zero padding. Matches openpi_client.image_tools.resize_with_pad pixel for pixel: the scale is
     `max(w / width, h / height)`, the new size is truncated with int(), the offset is int((target - new) / 2).
     """
-    h, w = image.shape[:2]
-    if (h, w) == (height, width):
-        return image
-    ratio = max(w / width, h / height)
-    new_h, new_w = int(h / ratio), int(w / ratio)
-    resized = Image.fromarray(image).resize((new_w, new_h), resample=Image.BILINEAR)
-    canvas = Image.new(resized.mode, (width, height), 0)
-    canvas.paste(resized, (max(0, int((width - new_w) / 2)), max(0, int((height - new_h) / 2))))
-    return np.asarray(canvas)
+    out, jobs = _resize_jobs(image, height, width)
+    for job in jobs:
+        job()
+    return out
+
+
+_POOL = None
+
+
+def resize_many_with_pad(images: Sequence[np.ndarray], height: int = MODEL_IMAGE_SIZE, width: int = MODEL_IMAGE_SIZE) -> list[np.ndarray]:
+    """resize_with_pad on several frames at once: PIL releases the GIL while resampling, so the channel
+    planes of all cameras (up to 9 for ALOHA) run in parallel on a small thread pool."""
+    global _POOL
+    results = [_resize_jobs(img, height, width) for img in images]
+    jobs = [job for _, js in results for job in js]
+    if len(jobs) > 1:
+        if _POOL is None:
+            import concurrent.futures
+            import os
+
+            _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=min(9, os.cpu_count() or 1), thread_name_prefix="resize")
+        for f in [_POOL.submit(job) for job in jobs]:
+            f.result()
+    else:
+        for job in jobs:
+            job()
+    return [out for out, _ in results]
 
 
 def image_to_model(image: np.ndarray) -> np.ndarray:
@@ -284,7 +329,8 @@ class RobotTransform:
 def _slots(base: np.ndarray, left: np.ndarray | None, right: np.ndarray | None):
     """Fill the three model slots; a missing camera is zeros shaped like the base frame, masked out."""
     frames = (base, left, right)
-    images = {s: (f if f is not None else np.zeros_like(base)) for s, f in zip(IMAGE_SLOTS, frames)}
+    absent = np.broadcast_to(np.zeros((1, 1, 3), np.uint8), base.shape)  # zeros without allocating a frame
+    images = {s: (f if f is not None else absent) for s, f in zip(IMAGE_SLOTS, frames)}
     mask = {s: f is not None for s, f in zip(IMAGE_SLOTS, frames)}
     return images, mask
 

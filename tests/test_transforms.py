@@ -34,6 +34,17 @@ def test_resize_with_pad_matches_pil_to_the_pixel(hw):
     np.testing.assert_array_equal(ours, image_tools.resize_with_pad(img, 224, 224))  # openpi-client's own
 
 
+@pytest.mark.parametrize("hw", [(97, 131), (480, 640), (7, 1001), (225, 225)])
+def test_resize_of_a_chw_frame_view_matches_pil_to_the_pixel(hw):
+    """ALOHA sends CHW; parse_image keeps it as a transposed view, resized plane by plane."""
+    rng = np.random.default_rng(sum(hw) + 1)
+    chw = rng.integers(0, 256, size=(3, *hw), dtype=np.uint8)
+    view = T.parse_image(chw, "cam", layout="chw")
+    assert not view.flags.c_contiguous  # really the per-plane path
+    ref = pil_reference_resize_with_pad(np.ascontiguousarray(np.transpose(chw, (1, 2, 0))))
+    np.testing.assert_array_equal(T.resize_with_pad(view), ref)
+
+
 def test_resize_is_a_no_op_at_224():
     img = np.random.default_rng(0).integers(0, 256, size=(224, 224, 3), dtype=np.uint8)
     assert T.resize_with_pad(img) is img
@@ -159,3 +170,16 @@ def test_prompt_parsing():
     assert T.parse_prompt(np.asarray("hi")) == "hi"
     with pytest.raises(T.ObservationError, match="'prompt': expected a str, got int"):
         T.parse_prompt(3)
+
+
+def test_resize_many_equals_one_by_one():
+    """The threaded batch path (all cameras' planes at once) gives exactly the single-frame results."""
+    rng = np.random.default_rng(5)
+    frames = [
+        T.parse_image(rng.integers(0, 256, size=(3, 480, 640), dtype=np.uint8), "a", layout="chw"),
+        rng.integers(0, 256, size=(181, 321, 3), dtype=np.uint8),
+        rng.integers(0, 256, size=(224, 224, 3), dtype=np.uint8),
+        T.parse_image(rng.random((3, 97, 131)).astype(np.float32), "b", layout="chw"),
+    ]
+    for got, frame in zip(T.resize_many_with_pad(frames), frames):
+        np.testing.assert_array_equal(got, T.resize_with_pad(frame))
