@@ -78,3 +78,18 @@ def test_torch_backend_on_cuda_matches_cpu(dtype, tol):
     err = rel_err(out, ref)
     print(f"torch cuda {dtype} vs cpu float32: rel err {err:.2e}")
     assert err < tol
+
+
+@pytest.mark.gpu
+def test_triton_backend_with_droid_horizon_matches_torch():
+    """serve_policy builds pi0_droid with 10 action tokens; the triton engine must follow the config."""
+    import dataclasses
+
+    cfg = dataclasses.replace(get_variant("pi0"), action_horizon=10)
+    params = W.random_params(cfg, seed=6, device="cuda")
+    args = random_inputs(np.random.default_rng(3), 2, 17, cfg)
+    ref = make_backend("torch", cfg, params, device="cuda").sample_actions(*args)
+    out = make_backend("triton", cfg, params, device="cuda").sample_actions(*args)
+    err = rel_err(out, ref)
+    print(f"triton horizon 10 vs float32 torch: rel err {err:.2e}")
+    assert out.shape == (10, 32) and err <= 1e-2
