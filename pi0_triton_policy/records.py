@@ -27,22 +27,12 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 from openpi_client import base_policy
 
+from pi0_triton_policy.weights import flatten_tree as flatten  # same rule as flax.traverse_util.flatten_dict(sep="/")
+
 log = logging.getLogger(__name__)
 
 STEP_FILE = re.compile(r"^step_(\d+)\.npy$")
 NESTED_INPUT_KEYS = ("images",)  # ALOHA's camera dict; every other "/" is part of a flat key
-
-
-def flatten(tree: Mapping, prefix: str = "") -> dict:
-    """Nested dicts -> {"a/b/c": leaf}, as flax.traverse_util.flatten_dict(sep="/") (empty dicts dropped)."""
-    flat = {}
-    for k, v in tree.items():
-        key = f"{prefix}/{k}" if prefix else str(k)
-        if isinstance(v, Mapping):
-            flat.update(flatten(v, key))
-        else:
-            flat[key] = v
-    return flat
 
 
 def _nest(flat: Mapping[str, object], nested_keys: tuple[str, ...] | None) -> dict:

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import pathlib
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -277,12 +278,13 @@ def to_numpy_tree(params: dict[str, torch.Tensor]) -> dict:
     return tree
 
 
-def flatten_tree(tree: dict, prefix: str = "") -> dict:
-    """OpenPI's nested parameter dict -> flat "a/b/c" names (leaves untouched)."""
+def flatten_tree(tree: Mapping, prefix: str = "") -> dict:
+    """Nested dicts -> flat {"a/b/c": leaf}, as flax.traverse_util.flatten_dict(sep="/") (empty dicts dropped).
+    Used for OpenPI's parameter trees and for policy records."""
     flat = {}
     for k, v in tree.items():
         key = f"{prefix}/{k}" if prefix else str(k)
-        if isinstance(v, dict):
+        if isinstance(v, Mapping):
             flat.update(flatten_tree(v, key))
         else:
             flat[key] = v
