@@ -23,6 +23,7 @@ from pi0_triton_policy.kernels import (
     prefix_attention as PA,
     rmsnorm_geglu as RG,
     rmsnorm_qkv_rope as RQR,
+    skinny_matmul as SK,
     vision_attention as VA,
 )
 from pi0_triton_policy.kernels._common import Workspace
@@ -83,6 +84,8 @@ def sweep(only, log):
 
     pc = get_variant("pi0")
     p, a, v = pc.prefix, pc.action, pc.vision
+    if "skinny" in only:
+        sweep_skinny(rec, ws, a, log)
     if "act" in only:
         log("\n### action expert (M = 50 rows)")
         M = 50
@@ -200,11 +203,80 @@ def sweep(only, log):
     return rows
 
 
+def sweep_skinny(rec, ws, a, log):
+    """The weight-streaming skinny matmuls (kernels/skinny_matmul.py) at the action expert's shapes vs cuBLAS,
+    and the action attention (old launch shape vs one key block per split)."""
+    dev, M, D, F = "cuda", 50, a.width, a.mlp_dim
+    log("\n### skinny matmuls, M = 50 (us, GB/s of weights); cfg = (BH, BK, warps, stages, split)")
+    xs = torch.randn(M, D, device=dev)
+    xa = xs.to(BF)
+    ss = torch.rand(D // 64, M, device=dev) + 1.0
+    cos, sin = RQR.rope_tables(1024, 256, device=dev)
+    pos = torch.arange(M, device=dev, dtype=torch.int32)
+    q = torch.empty(M, 2048, device=dev, dtype=BF)
+    kc, vc = torch.empty(M, 256, device=dev, dtype=BF), torch.empty(M, 256, device=dev, dtype=BF)
+    h = torch.empty(M, F, device=dev, dtype=BF)
+    # qkv
+    w = torch.randn(D, 2560, device=dev, dtype=BF) * 0.03
+    nb = w.numel() * 2
+    rec("sk", "cublas qkv 50x1024x2560", "-", bench(lambda: xa @ w), nb)
+    for c in ((32, 128, 4, 4, 4), (32, 128, 4, 4, 2), (32, 128, 4, 3, 8), (64, 128, 4, 4, 4), (64, 128, 8, 4, 2), (16, 128, 4, 4, 4),
+              (32, 256, 4, 3, 4), (32, 64, 4, 4, 4), (64, 64, 4, 4, 4), (16, 256, 4, 3, 2)):
+        wt = SK.transpose_weight(w, SK.pair_perm_qkv(8, 256, c[0]))
+        rec("sk", "skinny qkv+rope", c, bench(lambda: SK.skinny_qkv_rope(xa, wt, pos, cos, sin, q, kc, vc, 8, 256, ss_in=ss, nss_in=16,
+            d_norm=D, block=(64, c[0], c[1]), num_warps=c[2], num_stages=c[3], split=c[4], workspace=ws)), nb)
+    # gate|up
+    w = torch.randn(D, 2 * F, device=dev, dtype=BF) * 0.03
+    nb = w.numel() * 2
+    rec("sk", "cublas gate+up 50x1024x8192", "-", bench(lambda: xa @ w), nb)
+    for c in ((32, 128, 4, 4, 2), (32, 128, 4, 4, 1), (64, 128, 4, 4, 1), (64, 128, 8, 4, 2), (32, 256, 4, 3, 1), (32, 64, 4, 4, 2),
+              (64, 64, 4, 4, 2), (16, 128, 4, 4, 1), (128, 64, 8, 4, 1), (32, 128, 4, 3, 4)):
+        wt = SK.transpose_weight(w, SK.pair_perm_geglu(F, c[0]))
+        rec("sk", "skinny gate|up+geglu", c, bench(lambda: SK.skinny_geglu(xa, wt, h, ss_in=ss, nss_in=16, d_norm=D,
+            block=(64, c[0], c[1]), num_warps=c[2], num_stages=c[3], split=c[4], workspace=ws)), nb)
+    # o, down (+ residual, xa, ss)
+    for K, name in ((2048, "o"), (F, "down")):
+        aa = torch.randn(M, K, device=dev, dtype=BF)
+        w = torch.randn(K, D, device=dev, dtype=BF) * 0.02
+        wt = SK.transpose_weight(w)
+        nb = w.numel() * 2
+        rec("sk", f"cublas {name} 50x{K}x{D}", "-", bench(lambda: aa @ w), nb)
+        for c in ((32, 128, 4, 4, 8), (32, 128, 4, 4, 16), (32, 256, 4, 3, 8), (32, 64, 4, 4, 16), (16, 128, 4, 4, 8), (16, 256, 4, 3, 8),
+                  (64, 128, 4, 4, 8), (32, 128, 4, 4, 4), (16, 128, 4, 4, 16), (32, 256, 8, 3, 4)):
+            sso = torch.empty(D // (2 * c[0]), M, device=dev)
+            rec("sk", f"skinny {name}+residual", c, bench(lambda: SK.skinny_residual(aa, wt, xs, xa, sso, block=(64, c[0], c[1]),
+                num_warps=c[2], num_stages=c[3], split=c[4], workspace=ws)), nb)
+    # time MLP (float32 W_out, tf32)
+    ht = torch.randn(M, D, device=dev)
+    w = torch.randn(D, D, device=dev) * 0.03
+    wt = SK.transpose_weight(w)
+    b = torch.randn(D, device=dev)
+    xt, w1, tb = torch.randn(M, 32, device=dev), torch.randn(32, D, device=dev) * 0.1, torch.randn(D, device=dev)
+    rec("sk", "swish_in 50x32x1024", "-", bench(lambda: SK.swish_in(xt, w1, tb, ht)))
+    for c in ((32, 64, 4, 4, 8), (32, 128, 4, 3, 8), (32, 64, 4, 4, 4), (32, 32, 4, 4, 16), (16, 64, 4, 4, 8)):
+        sso = torch.empty(D // (2 * c[0]), M, device=dev)
+        rec("sk", "skinny time_out fp32", c, bench(lambda: SK.skinny_residual(ht, wt, xs, xa, sso, bias=b, store=True,
+            block=(64, c[0], c[1]), num_warps=c[2], num_stages=c[3], split=c[4], workspace=ws)), w.numel() * 4)
+    # action attention
+    for views in (1, 3):
+        T = views * 256 + 48
+        kk = torch.randn(T + 51, 256, device=dev, dtype=BF)
+        vv = torch.randn(T + 51, 256, device=dev, dtype=BF)
+        qq = torch.randn(50, 2048, device=dev, dtype=BF)
+        valid = torch.ones(T, device=dev, dtype=torch.int32)
+        o = torch.empty(50, 2048, device=dev, dtype=BF)
+        for cfg in ((32, 64, 4, 2, 8), (16, 64, 4, 2, 0), (32, 64, 4, 2, 0), (16, 32, 4, 2, 0), (64, 64, 8, 2, 0), (16, 128, 4, 2, 0),
+                    (32, 128, 8, 2, 0), (16, 64, 4, 2, 8), (64, 128, 8, 2, 0), (128, 64, 8, 2, 0)):
+            rec("sk", f"action_attention T={T}", cfg, bench(lambda: AA.action_attention(qq, kk, vv, valid, T, 1, 8, out=o,
+                split=cfg[4], block=cfg[:2], num_warps=cfg[2], num_stages=cfg[3], workspace=ws)))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--skip-profile", action="store_true")
     ap.add_argument("--only", default="act,pre,vis")
+    ap.add_argument("--profile-views", default="1,3")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     lines = []
@@ -222,7 +294,7 @@ def main():
         params = random_params(cfg, seed=0, device="cuda", dtype=BF)
         eng = TritonPi0(cfg, params, device="cuda", use_graphs=False)
         del params
-        for views in (1, 3):
+        for views in map(int, args.profile_views.split(",")):
             profile_engine(eng, views, log)
         del eng
         torch.cuda.empty_cache()

@@ -40,6 +40,7 @@ from pi0_triton_policy.kernels import (
     patch_embed as PE,
     prefix_attention as PA,
     rmsnorm_geglu as RG,
+    skinny_matmul as SK,
     rmsnorm_qkv_rope as RQR,
     vision_attention as VA,
 )
@@ -79,13 +80,31 @@ class Tuning:
     # faster for vision and prefix (compute-bound); see benchmarks/NOTES.md
     vis_cublas: bool = True
     act_cublas: bool = True  # 14.8 vs 16.7 ms at 1 cam (NOTES.md)
+    # weight-streaming skinny matmuls (kernels/skinny_matmul.py) for the action expert; overrides act_cublas.
+    # (BH, BK, warps, stages, split_k): each program owns 2*BH output columns and K/split_k of K.
+    act_skinny: bool = True
+    sk_qkv: tuple = (32, 128, 4, 4, 4)
+    sk_gu: tuple = (32, 128, 4, 4, 2)
+    sk_o: tuple = (32, 128, 4, 4, 8)
+    sk_down: tuple = (32, 128, 4, 4, 16)
+    sk_time: tuple = (32, 64, 4, 4, 8)  # float32 weights (tf32 dot); BH must equal sk_o's / sk_down's
+    sk_attn: tuple = (16, 64, 4, 2)  # action attention on the skinny path (BM, BN, warps, stages), one key block per split
+
+
+def _fit_bh(bh: int, n: int) -> int:
+    """The largest power-of-2 half-tile <= bh that divides n (small test models)."""
+    while bh > 1 and n % bh:
+        bh //= 2
+    return bh
 
 
 class EngineWeights:
     """Canonical weights re-laid out for the kernels (built layer by layer to bound peak memory)."""
 
-    def __init__(self, cfg: Pi0Config, params: dict[str, torch.Tensor], device, dtype=torch.bfloat16):
+    def __init__(self, cfg: Pi0Config, params: dict[str, torch.Tensor], device, dtype=torch.bfloat16,
+                 tuning: "Tuning | None" = None):
         dev = torch.device(device)
+        tuning = tuning or Tuning()
         f32 = torch.float32
         get = lambda name: params[name].to(dev)  # noqa: E731
         v, p, a = cfg.vision, cfg.prefix, cfg.action
@@ -147,6 +166,18 @@ class EngineWeights:
         self._time_src = {k: get(k).to(f32) for k in ("action_in_proj/kernel", "action_in_proj/bias",
                                                        "action_time_mlp_in/kernel", "action_time_mlp_in/bias")}
         self._time_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # skinny-matmul layouts of the action expert: W^T [N, K], qkv / gate|up columns paired per half-tile
+        t = tuning
+        self.sk_bh = {"qkv": _fit_bh(t.sk_qkv[0], a.head_dim // 2), "gu": _fit_bh(t.sk_gu[0], a.mlp_dim),
+                      "res": _fit_bh(t.sk_o[0], a.width // 2)}
+        assert t.sk_o[0] == t.sk_down[0] == t.sk_time[0], "residual skinny matmuls share BH (norm statistics tiles)"
+        pq = SK.pair_perm_qkv(a.num_heads, a.head_dim, self.sk_bh["qkv"])
+        pg = SK.pair_perm_geglu(a.mlp_dim, self.sk_bh["gu"])
+        self.sk_qkv = [SK.transpose_weight(w, pq) for w in self.qkv[1]]
+        self.sk_o = [SK.transpose_weight(w) for w in self.o[1]]
+        self.sk_gu = [SK.transpose_weight(w, pg) for w in self.gu[1]]
+        self.sk_down = [SK.transpose_weight(w) for w in self.down[1]]
+        self.sk_time = SK.transpose_weight(self.time_out_w)  # float32
 
     def time_weights(self, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(W1 [32, W], per-step time biases [num_steps, W])."""
@@ -202,8 +233,14 @@ class _ViewGraph:
         self.gus = z(S, 2 * a.mlp_dim, dtype=dt)
         self.w1, self.tb = eng.weights.time_weights(num_steps)
         t = eng.tuning
+        # skinny path: the residual stream's A-operand copy, its per-tile sums of squares, the time MLP hidden
+        self.nss = a.width // (2 * eng.weights.sk_bh["res"])
+        self.xsa = z(S, a.width, dtype=dt)
+        self.ss = z(self.nss, S)
+        self.ht = z(S - 1, a.width)
         ws = max(t.vis_split * M * v.width, t.pre_split * T * p.width, t.act_split * S * a.width,
-                 t.act_attn_split * p.num_heads * S * (p.head_dim + 2))
+                 max(t.act_attn_split, (T + S) // 16 + 1) * p.num_heads * S * (p.head_dim + 2),
+                 64 * 2 * a.mlp_dim * max(t.sk_gu[4], t.sk_qkv[4], t.sk_o[4], t.sk_down[4], t.sk_time[4]))
         self.ws = Workspace(dev, numel=ws, counters=4096)
         self.graph = None
         self.capture_s = None
@@ -267,6 +304,9 @@ class _ViewGraph:
         # ---- action expert: 10 Euler steps over (state, 50 actions)
         torch.addmm(W.state_b[None], self.state, W.state_w, out=self.xs[0:1])
         dt = -1.0 / self.num_steps
+        if t.act_skinny:
+            self._run_action_skinny(T, dt)
+            return
         qb, mb, rb = t.act_qkv, t.act_mlp, t.act_res
         for step in range(self.tb.shape[0]):
             r0 = 0 if step == 0 else 1  # the state token's K/V are computed once, on the first step
@@ -301,6 +341,33 @@ class _ViewGraph:
                 RG.rmsnorm_geglu(xs, W.gating[1][i], out=h, eps=a.rms_eps, block=mb[:3], num_warps=mb[3], num_stages=mb[4])
                 LR.linear_residual(h, W.down[1][i], xs, split_k=t.act_split, block=rb[:3], num_warps=rb[3],
                                    num_stages=rb[4], workspace=ws)
+            AOE.action_out_euler(self.xs[1:], W.out_w, W.out_b, self.x_t, dt, a.rms_eps)
+
+    def _run_action_skinny(self, T: int, dt: float):
+        """The 10 Euler steps on the weight-streaming skinny matmuls (kernels/skinny_matmul.py): per layer
+        qkv+RoPE, attention, o+residual, gate|up+GeGLU, down+residual; the RMSNorms ride in the epilogues."""
+        e, cfg, W, t, ws = self.eng, self.eng.cfg, self.eng.weights, self.eng.tuning, self.ws
+        a, S = cfg.action, self.S
+        D, eps, nss = a.width, a.rms_eps, self.nss
+        sk = lambda c, bh: dict(block=(64, bh, c[1]), num_warps=c[2], num_stages=c[3], split=c[4], workspace=ws)  # noqa: E731
+        bq, bg, br = W.sk_bh["qkv"], W.sk_bh["gu"], W.sk_bh["res"]
+        SK.prep_rows(self.xs[0:1], self.xsa[0:1], self.ss[:, 0:1])  # the state token's row
+        for step in range(self.tb.shape[0]):
+            r0 = 0 if step == 0 else 1
+            SK.swish_in(self.x_t, self.w1, self.tb[step], self.ht)
+            SK.skinny_residual(self.ht, W.sk_time, self.xs[1:], self.xsa[1:], self.ss[:, 1:], bias=W.time_out_b,
+                               store=True, **sk(t.sk_time, br))
+            xs, xa, ss, R = self.xs[r0:], self.xsa[r0:], self.ss[:, r0:], S - r0
+            q, o, h = self.q[:R], self.o[:R], self.hs[:R]
+            norm = dict(ss_in=ss, nss_in=nss, d_norm=D, eps=eps)
+            for i in range(a.depth):
+                SK.skinny_qkv_rope(xa, W.sk_qkv[i], self.pos[T + r0:], W.cos, W.sin, q, self.kc[i, T + r0:],
+                                   self.vc[i, T + r0:], a.num_heads, a.head_dim, **norm, **sk(t.sk_qkv, bq))
+                AA.action_attention(q, self.kc[i], self.vc[i], self.key_valid, T, r0, a.num_heads, out=o, split=0,
+                                    block=t.sk_attn[:2], num_warps=t.sk_attn[2], num_stages=t.sk_attn[3], workspace=ws)
+                SK.skinny_residual(o, W.sk_o[i], xs, xa, ss, **sk(t.sk_o, br))
+                SK.skinny_geglu(xa, W.sk_gu[i], h, **norm, **sk(t.sk_gu, bg))
+                SK.skinny_residual(h, W.sk_down[i], xs, xa, ss, **sk(t.sk_down, br))
             AOE.action_out_euler(self.xs[1:], W.out_w, W.out_b, self.x_t, dt, a.rms_eps)
 
     def capture(self):
@@ -364,7 +431,7 @@ class TritonPi0:
         self.tuning = tuning or Tuning()
         t0 = time.perf_counter()
         with torch.no_grad():
-            self.weights = EngineWeights(cfg, params, self.device, dtype)
+            self.weights = EngineWeights(cfg, params, self.device, dtype, self.tuning)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.load_s = time.perf_counter() - t0

@@ -132,7 +132,7 @@ def main(argv=None):
     ap.add_argument("--check", action="store_true", help="accuracy vs float32 torch + determinism first")
     ap.add_argument("--json", default=None, help="JSON path (default: benchmark.json beside --log or cwd)")
     ap.add_argument("--variant", default="pi0")
-    ap.add_argument("--also-act-cublas", action="store_true", help="also time the engine with cuBLAS action-expert matmuls")
+    ap.add_argument("--also-act-cublas", action="store_true", help="also time the engine with cuBLAS action-expert matmuls (the previous default)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmark.py needs a CUDA GPU")
@@ -177,8 +177,8 @@ def main(argv=None):
                 variants.append(("torch-compile", "compile"))
         load_s = time.perf_counter() - t0
         for name, m in variants:
-            if name == "triton[act_cublas]":
-                m.tuning.act_cublas = True
+            if name == "triton[act_cublas]":  # the previous default: cuBLAS matmuls + Triton glue in the action expert
+                m.tuning.act_cublas, m.tuning.act_skinny = True, False
                 m._graphs.clear()
             for views in args.views:
                 a = to_torch(inputs(cfg, views, 48, seed=views), "cuda")

@@ -138,7 +138,7 @@ def test_prefix_attention(dtype, views, gen):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("row_start", [0, 1])
-@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("split", [1, 3, 0])
 def test_action_attention(dtype, row_start, split, gen):
     P, L, NQ, HD, S = 16, 37, 8, 16, 11  # S = state + 10 actions
     t_pre = 2 * P + L
@@ -214,3 +214,73 @@ def test_rope_qkv(gen):
     RK.rope_qkv(qkv, pos, cos, sin, q, k, v, NQ, H)
     for out, ref in zip((q, k, v), RK.rope_qkv_ref(qkv, pos, NQ, H)):
         assert rel(out, ref) < 1e-5
+
+
+from pi0_triton_policy.kernels import skinny_matmul as SK  # noqa: E402
+
+
+def _ss_parts(a, parts=2):
+    """Per-column-chunk row sums of squares [parts, M] (what a residual epilogue writes for the next matmul)."""
+    return torch.stack([c.float().square().sum(1) for c in a.float().chunk(parts, 1)]).contiguous()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("mode", ["add", "store_bias_norm"])
+def test_skinny_residual(dtype, split, mode, gen):
+    M, K, N, BH = 37, 200, 96, 16
+    a, w = randn(M, K, dtype=dtype, gen=gen), randn(K, N, scale=K**-0.5, dtype=dtype, gen=gen)
+    x0, bias = randn(M, N, gen=gen), randn(N, gen=gen)
+    store = mode != "add"
+    kw = dict(ss_in=_ss_parts(a), nss_in=2, d_norm=K) if store else {}
+    ref = SK.skinny_residual_ref(a, w, x0, bias if store else None, store=store, norm=store)
+    outs = []
+    for _ in range(2):
+        x, xa = x0.clone(), torch.full((M, N), float("nan"), dtype=dtype, device=DEV)
+        ss = torch.full((N // (2 * BH), M), float("nan"), device=DEV)
+        SK.skinny_residual(a, SK.transpose_weight(w), x, xa, ss, bias=bias if store else None, store=store, split=split,
+                           block=(64, BH, 32), **kw)
+        assert rel(x, ref) < TOL[dtype]
+        assert rel(xa, x) < 5e-3 and rel(ss.sum(0), x.square().sum(1)) < 1e-5
+        outs.append(x)
+    assert torch.equal(outs[0], outs[1]), "split-K must be deterministic"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("split", [1, 2])
+def test_skinny_geglu(dtype, split, gen):
+    M, K, F, BH = 37, 72, 64, 16
+    a = randn(M, K, dtype=dtype, gen=gen)
+    wg, wu = randn(K, F, scale=K**-0.5, dtype=dtype, gen=gen), randn(K, F, scale=K**-0.5, dtype=dtype, gen=gen)
+    wt = SK.transpose_weight(torch.cat([wg, wu], 1), SK.pair_perm_geglu(F, BH))
+    h = torch.full((M, F), float("nan"), dtype=dtype, device=DEV)
+    SK.skinny_geglu(a, wt, h, ss_in=_ss_parts(a), nss_in=2, d_norm=K, split=split, block=(64, BH, 32))
+    assert rel(h, SK.skinny_geglu_ref(a, wg, wu, norm=True)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_skinny_qkv_rope(dtype, gen):
+    M, K, NQ, H, BH = 37, 72, 2, 32, 16
+    a, w = randn(M, K, dtype=dtype, gen=gen), randn(K, (NQ + 2) * H, scale=K**-0.5, dtype=dtype, gen=gen)
+    pos = torch.randperm(100, generator=gen)[:M].to(DEV, torch.int32)
+    cos, sin = RQR.rope_tables(128, H, device=DEV)
+    q = torch.full((M, NQ * H), float("nan"), dtype=dtype, device=DEV)
+    k = torch.full((M + 5, H), float("nan"), dtype=dtype, device=DEV)
+    v = torch.full((M + 5, H), float("nan"), dtype=dtype, device=DEV)
+    SK.skinny_qkv_rope(a, SK.transpose_weight(w, SK.pair_perm_qkv(NQ, H, BH)), pos, cos, sin, q, k, v, NQ, H,
+                       ss_in=_ss_parts(a), nss_in=2, d_norm=K, split=2, block=(64, BH, 32))
+    y = ((a.float() @ w.float()) * SK.rstd_ref(a)).reshape(M, NQ + 2, H)
+    for out, ref in ((q, RQR.rope_ref(y[:, :NQ], pos).reshape(M, -1)), (k[:M], RQR.rope_ref(y[:, NQ:NQ + 1], pos)[:, 0]),
+                     (v[:M], y[:, -1])):
+        assert rel(out, ref) < TOL[dtype]
+
+
+def test_prep_rows_and_swish_in(gen):
+    M, D, A = 37, 72, 32
+    x = randn(M, D, gen=gen)
+    xa, ss = torch.empty(M, D, device=DEV), torch.full((3, M + 2), float("nan"), device=DEV)
+    SK.prep_rows(x, xa, ss)
+    assert torch.equal(xa, x) and rel(ss[0, :M], x.square().sum(1)) < 1e-6 and (ss[1:, :M] == 0).all()
+    xt, w1, tb = randn(M, A, gen=gen), randn(A, D, scale=A**-0.5, gen=gen), randn(D, gen=gen)
+    h = SK.swish_in(xt, w1, tb, torch.empty(M, D, device=DEV), block_n=32)
+    assert rel(h, torch.nn.functional.silu(xt @ w1 + tb)) < (3e-3 if DEV == "cuda" else 1e-6)

@@ -76,12 +76,12 @@ def test_pi0_inference_api(full_size):
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter path is the CPU check")
-@pytest.mark.parametrize("act_cublas", [True, False])
-def test_tiny_interpreter_matches_reference(act_cublas):
+@pytest.mark.parametrize("path", ["skinny", "act_cublas", "fused"])
+def test_tiny_interpreter_matches_reference(path):
     from pi0_triton_policy.triton_engine import TritonPi0, Tuning
 
     cfg = get_variant("pi0_tiny")
     params = random_params(cfg, seed=1)
-    eng = TritonPi0(cfg, params, device="cpu", dtype=torch.float32, use_graphs=False, tuning=Tuning(act_cublas=act_cublas))
+    eng = TritonPi0(cfg, params, device="cpu", dtype=torch.float32, use_graphs=False, tuning=Tuning(act_skinny=path == "skinny", act_cublas=path == "act_cublas"))
     args = _inputs(cfg, [1, 0, 1], 37, seed=3)
     assert _rel(eng.sample_actions(*args), TorchPi0(cfg, params).sample_actions(*args)) < 1e-5

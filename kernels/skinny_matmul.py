@@ -1,0 +1,306 @@
+"""Weight-streaming matmul for skinny activations (M <= 64 rows: the action expert), with fused epilogues.
+
+out = epilogue(a[M, K] @ W[K, N])   with W stored transposed, `wt` [N, K] (K contiguous), so each weight
+row is one long contiguous read. One program owns BN output columns (two halves of BH = BN/2: "pairs",
+see below) and one K range (split-K); the grid (N/BN, SPLIT) is sized to keep all SMs streaming. With
+SPLIT > 1 each program writes an fp32 partial and the last program of a column tile to arrive sums
+them in fixed order (`_common.arrive_last`), so results are bitwise deterministic.
+
+The A operand is a plain (unnormalised) copy of the residual stream in the weight dtype, `a`; the
+Gemma RMSNorm's row scale is applied in the epilogue (the matmul is linear in each row):
+    rstd[row] = rsqrt(sum_t ss[t, row] / D + eps)       (ss: per-column-tile sums of squares, written by
+                                                         the residual epilogue that produced `a`)
+(1 + scale) is folded into the weights at load, as before.
+
+Epilogues (EPI):
+  EPI_RES  (0): x[:, cols] (+)= acc (+ bias)  (float32 residual stream; STORE: x = acc + bias instead of
+                add), then a[:, cols] = x in the weight dtype and ss[tile, row] = sum over the tile's
+                columns of x^2 (the next matmul's A and its norm statistics). Columns: natural order.
+  EPI_GEGLU(1): h[:, j] = gelu_tanh(g * rstd) * (u * rstd), g/u = the two halves (gate/up rows of the
+                weight interleaved per BH at load: `pair_perm_geglu`).
+  EPI_QKV  (2): q/k/v rows with RoPE (split-half): the halves are head columns d and d + HD/2 of one head
+                (`pair_perm_qkv`), rotated with the float32 tables; heads < NQ -> q, NQ -> k, NQ+1 -> v.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pi0_triton_policy.kernels._common import arrive_last, default_workspace, gelu_tanh, gelu_tanh_ref
+
+EPI_RES, EPI_GEGLU, EPI_QKV = 0, 1, 2
+
+
+@triton.jit
+def _skinny_kernel(
+    a_ptr, wt_ptr, ws_ptr, cnt_ptr, ss_in_ptr,
+    x_ptr, xa_ptr, ss_out_ptr, bias_ptr,  # EPI_RES
+    h_ptr,  # EPI_GEGLU
+    pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,  # EPI_QKV
+    M, N, K, K_PER_SPLIT, stride_am, stride_x, stride_xa, stride_ss_in, stride_ss_out, stride_h, stride_q, stride_kv,
+    D_NORM, eps,
+    EPI: tl.constexpr, NORM_A: tl.constexpr, NSS_IN: tl.constexpr, STORE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr,
+    BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+):
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    BN: tl.constexpr = 2 * BH
+    offs_m = tl.arange(0, BM)
+    m_ok = offs_m < M
+    r1 = pid_n * BN + tl.arange(0, BH)  # weight rows (= workspace columns) of the two halves
+    r2 = r1 + BH
+    a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
+    w1_rows = wt_ptr + r1.to(tl.int64)[:, None] * K
+    w2_rows = wt_ptr + r2.to(tl.int64)[:, None] * K
+    k_lo = pid_k * K_PER_SPLIT
+    acc1 = tl.zeros((BM, BH), dtype=tl.float32)
+    acc2 = tl.zeros((BM, BH), dtype=tl.float32)
+    for k0 in range(k_lo, k_lo + K_PER_SPLIT, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        k_ok = offs_k < K
+        w1 = tl.load(w1_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+        w2 = tl.load(w2_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+        a = tl.load(a_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        acc1 += tl.dot(a, tl.trans(w1))
+        acc2 += tl.dot(a, tl.trans(w2))
+    if SPLIT > 1:
+        p1 = ws_ptr + pid_k * BM * N + offs_m[:, None] * N + r1[None, :]
+        tl.store(p1, acc1)
+        tl.store(p1 + BH, acc2)
+        if arrive_last(cnt_ptr + pid_n, SPLIT):
+            acc1 = tl.zeros((BM, BH), dtype=tl.float32)
+            acc2 = tl.zeros((BM, BH), dtype=tl.float32)
+            for s in tl.static_range(SPLIT):
+                p = ws_ptr + s * BM * N + offs_m[:, None] * N + r1[None, :]
+                acc1 += tl.load(p, cache_modifier=".cg")
+                acc2 += tl.load(p + BH, cache_modifier=".cg")
+            _skinny_epilogue(acc1, acc2, pid_n, offs_m, m_ok, ss_in_ptr, x_ptr, xa_ptr, ss_out_ptr, bias_ptr, h_ptr,
+                             pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, stride_x, stride_xa, stride_ss_in,
+                             stride_ss_out, stride_h, stride_q, stride_kv, D_NORM, eps,
+                             EPI, NORM_A, NSS_IN, STORE, HAS_BIAS, NQ, HD, BM, BH)
+    else:
+        _skinny_epilogue(acc1, acc2, pid_n, offs_m, m_ok, ss_in_ptr, x_ptr, xa_ptr, ss_out_ptr, bias_ptr, h_ptr,
+                         pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, stride_x, stride_xa, stride_ss_in,
+                         stride_ss_out, stride_h, stride_q, stride_kv, D_NORM, eps,
+                         EPI, NORM_A, NSS_IN, STORE, HAS_BIAS, NQ, HD, BM, BH)
+
+
+@triton.jit
+def _skinny_epilogue(acc1, acc2, pid_n, offs_m, m_ok, ss_in_ptr, x_ptr, xa_ptr, ss_out_ptr, bias_ptr, h_ptr,
+                     pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, stride_x, stride_xa, stride_ss_in,
+                     stride_ss_out, stride_h, stride_q, stride_kv, D_NORM, eps,
+                     EPI: tl.constexpr, NORM_A: tl.constexpr, NSS_IN: tl.constexpr, STORE: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr):
+    if NORM_A:
+        tot = tl.zeros((BM,), dtype=tl.float32)
+        for t in tl.static_range(NSS_IN):
+            tot += tl.load(ss_in_ptr + t * stride_ss_in + offs_m, mask=m_ok, other=0.0)
+        rstd = 1.0 / tl.sqrt(tot / D_NORM + eps)
+        acc1 = acc1 * rstd[:, None]
+        acc2 = acc2 * rstd[:, None]
+    rows = offs_m.to(tl.int64)[:, None]
+    j = tl.arange(0, BH)
+    if EPI == 0:
+        c1 = pid_n * 2 * BH + j
+        c2 = c1 + BH
+        if HAS_BIAS:
+            acc1 += tl.load(bias_ptr + c1)[None, :].to(tl.float32)
+            acc2 += tl.load(bias_ptr + c2)[None, :].to(tl.float32)
+        p1 = x_ptr + rows * stride_x + c1[None, :]
+        mk = m_ok[:, None]
+        if STORE:
+            x1 = acc1
+            x2 = acc2
+        else:
+            x1 = acc1 + tl.load(p1, mask=mk, other=0.0)
+            x2 = acc2 + tl.load(p1 + BH, mask=mk, other=0.0)
+        tl.store(p1, x1, mask=mk)
+        tl.store(p1 + BH, x2, mask=mk)
+        pa = xa_ptr + rows * stride_xa + c1[None, :]
+        tl.store(pa, x1.to(xa_ptr.dtype.element_ty), mask=mk)
+        tl.store(pa + BH, x2.to(xa_ptr.dtype.element_ty), mask=mk)
+        tl.store(ss_out_ptr + pid_n * stride_ss_out + offs_m, tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1), mask=m_ok)
+    elif EPI == 1:
+        hcol = pid_n * BH + j
+        hv = gelu_tanh(acc1) * acc2
+        tl.store(h_ptr + rows * stride_h + hcol[None, :], hv.to(h_ptr.dtype.element_ty), mask=m_ok[:, None])
+    else:
+        HALF: tl.constexpr = HD // 2
+        TPH: tl.constexpr = HALF // BH  # programs per head
+        head = pid_n // TPH
+        d = (pid_n % TPH) * BH + j
+        mk = m_ok[:, None]
+        if head <= NQ:
+            pos = tl.load(pos_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
+            cs = tl.load(cos_ptr + pos[:, None] * HALF + d[None, :], mask=mk, other=0.0)
+            sn = tl.load(sin_ptr + pos[:, None] * HALF + d[None, :], mask=mk, other=0.0)
+            o1 = acc1 * cs - acc2 * sn
+            o2 = acc2 * cs + acc1 * sn
+        else:
+            o1 = acc1
+            o2 = acc2
+        if head < NQ:
+            dst = q_ptr + rows * stride_q + head * HD + d[None, :]
+        elif head == NQ:
+            dst = k_ptr + rows * stride_kv + d[None, :]
+        else:
+            dst = v_ptr + rows * stride_kv + d[None, :]
+        tl.store(dst, o1.to(dst.dtype.element_ty), mask=mk)
+        tl.store(dst + HALF, o2.to(dst.dtype.element_ty), mask=mk)
+
+
+# ---------------------------------------------------------------- load-time layouts
+def pair_perm_geglu(F: int, bh: int) -> torch.Tensor:
+    """Column order of [gate | up] ([K, 2F]) so that program n owns gate cols n*bh.. and the matching up cols."""
+    assert F % bh == 0, (F, bh)
+    j = torch.arange(bh)
+    return torch.cat([torch.cat([n * bh + j, F + n * bh + j]) for n in range(F // bh)])
+
+
+def pair_perm_qkv(num_heads: int, head_dim: int, bh: int) -> torch.Tensor:
+    """Column order of [q heads | k | v] so that each program owns columns d and d + head_dim/2 of one head."""
+    half = head_dim // 2
+    assert half % bh == 0, (head_dim, bh)
+    j = torch.arange(bh)
+    cols = []
+    for h in range(num_heads + 2):
+        for t in range(half // bh):
+            c = h * head_dim + t * bh + j
+            cols.append(torch.cat([c, c + half]))
+    return torch.cat(cols)
+
+
+def transpose_weight(w: torch.Tensor, perm: torch.Tensor | None = None, dtype=None) -> torch.Tensor:
+    """W [K, N] -> W^T [N, K] contiguous (columns permuted first when `perm` is given)."""
+    if perm is not None:
+        w = w[:, perm.to(w.device)]
+    return w.t().to(dtype or w.dtype).contiguous()
+
+
+# ---------------------------------------------------------------- launcher
+def _launch(a, wt, epi, split, block, num_warps, num_stages, workspace, ss_in=None, d_norm=1, nss_in=1, eps=1e-6,
+            x=None, xa=None, ss_out=None, bias=None, store=False, h=None, pos=None, cos=None, sin=None, q=None, k=None,
+            v=None, num_heads=1, head_dim=2):
+    M, K = a.shape
+    N, K2 = wt.shape
+    assert K == K2 and a.stride(1) == 1 and wt.is_contiguous(), (a.shape, wt.shape)
+    BM, BH, BK = block
+    BM = max(BM, triton.next_power_of_2(M))
+    assert M <= BM and N % (2 * BH) == 0, (M, N, BH)
+    split = max(1, min(split, triton.cdiv(K, BK)))
+    k_per = triton.cdiv(triton.cdiv(K, split), BK) * BK
+    split = triton.cdiv(K, k_per)
+    grid = (N // (2 * BH), split)
+    ws, cnt = (workspace or default_workspace(a.device)).need(split * BM * N if split > 1 else 1, grid[0])
+    dummy = ws
+    _skinny_kernel[grid](
+        a, wt, ws, cnt, ss_in if ss_in is not None else dummy,
+        x if x is not None else dummy, xa if xa is not None else dummy, ss_out if ss_out is not None else dummy,
+        bias if bias is not None else dummy, h if h is not None else dummy,
+        pos if pos is not None else cnt, cos if cos is not None else dummy, sin if sin is not None else dummy,
+        q if q is not None else dummy, k if k is not None else dummy, v if v is not None else dummy,
+        M, N, K, k_per, a.stride(0), x.stride(0) if x is not None else 0, xa.stride(0) if xa is not None else 0,
+        ss_in.stride(0) if ss_in is not None else 0, ss_out.stride(0) if ss_out is not None else 0,
+        h.stride(0) if h is not None else 0, q.stride(0) if q is not None else 0, k.stride(0) if k is not None else 0,
+        d_norm, eps,
+        EPI=epi, NORM_A=ss_in is not None, NSS_IN=nss_in, STORE=store, HAS_BIAS=bias is not None, SPLIT=split,
+        NQ=num_heads, HD=head_dim, BM=BM, BH=BH, BK=BK, num_warps=num_warps, num_stages=num_stages)
+
+
+def skinny_residual(a, wt, x, xa, ss_out, bias=None, store=False, ss_in=None, nss_in=1, d_norm=1, eps=1e-6,
+                    split=1, block=(64, 32, 128), num_warps=4, num_stages=4, workspace=None):
+    """x [M, N] fp32 (+)= a [M, K] @ wt.T (+ bias); xa [M, N] = x in xa's dtype; ss_out [N/BN, >=M] = per-tile
+    row sums of x^2. With ss_in the product is row-scaled by rsqrt(sum ss_in / d_norm + eps) first."""
+    M = a.shape[0]
+    assert x.shape == (M, wt.shape[0]) and x.dtype == torch.float32 and x.stride(1) == 1 and xa.stride(1) == 1
+    assert ss_out.shape[0] == wt.shape[0] // (2 * block[1]) and ss_out.stride(1) == 1
+    _launch(a, wt, EPI_RES, split, block, num_warps, num_stages, workspace, ss_in=ss_in, d_norm=d_norm, nss_in=nss_in,
+            eps=eps, x=x, xa=xa, ss_out=ss_out, bias=bias, store=store)
+    return x
+
+
+def skinny_geglu(a, wt, h, ss_in=None, nss_in=1, d_norm=1, eps=1e-6, split=1, block=(64, 32, 128), num_warps=4,
+                 num_stages=4, workspace=None):
+    """h [M, F] = gelu_tanh(n(a) @ Wg) * (n(a) @ Wu), wt = transpose_weight([Wg | Wu], pair_perm_geglu(F, BH))."""
+    assert h.shape == (a.shape[0], wt.shape[0] // 2) and h.stride(1) == 1
+    _launch(a, wt, EPI_GEGLU, split, block, num_warps, num_stages, workspace, ss_in=ss_in, d_norm=d_norm,
+            nss_in=nss_in, eps=eps, h=h)
+    return h
+
+
+def skinny_qkv_rope(a, wt, pos, cos, sin, q, k, v, num_heads, head_dim, ss_in=None, nss_in=1, d_norm=1, eps=1e-6,
+                    split=1, block=(64, 32, 128), num_warps=4, num_stages=4, workspace=None):
+    """q [M, NQ*HD], k/v rows [M, HD] = RoPE'd n(a) @ Wqkv, wt = transpose_weight(Wqkv, pair_perm_qkv(NQ, HD, BH))."""
+    assert wt.shape[0] == (num_heads + 2) * head_dim and (head_dim // 2) % block[1] == 0
+    assert q.stride(1) == 1 and k.stride() == v.stride() and k.stride(1) == 1
+    _launch(a, wt, EPI_QKV, split, block, num_warps, num_stages, workspace, ss_in=ss_in, d_norm=d_norm,
+            nss_in=nss_in, eps=eps, pos=pos, cos=cos, sin=sin, q=q, k=k, v=v, num_heads=num_heads, head_dim=head_dim)
+    return q, k, v
+
+
+# ---------------------------------------------------------------- small helpers
+@triton.jit
+def _prep_rows_kernel(x_ptr, xa_ptr, ss_ptr, D, stride_x, stride_xa, stride_ss, NSS: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_D)
+    ok = offs < D
+    x = tl.load(x_ptr + row.to(tl.int64) * stride_x + offs, mask=ok, other=0.0)
+    tl.store(xa_ptr + row.to(tl.int64) * stride_xa + offs, x.to(xa_ptr.dtype.element_ty), mask=ok)
+    tl.store(ss_ptr + row, tl.sum(x * x, 0))
+    for t in tl.static_range(1, NSS):
+        tl.store(ss_ptr + t * stride_ss + row, 0.0)
+
+
+def prep_rows(x, xa, ss):
+    """xa = x in xa's dtype, ss[0, row] = sum(x^2), ss[1:, row] = 0: the A operand + norm statistics of rows x."""
+    M, D = x.shape
+    assert xa.shape == (M, D) and ss.shape[1] >= M and x.stride(1) == 1 and xa.stride(1) == 1 and ss.stride(1) == 1
+    _prep_rows_kernel[(M,)](x, xa, ss, D, x.stride(0), xa.stride(0), ss.stride(0), NSS=ss.shape[0],
+                            BLOCK_D=triton.next_power_of_2(D), num_warps=4)
+    return xa, ss
+
+
+@triton.jit
+def _swish_in_kernel(x_ptr, w1_ptr, tb_ptr, h_ptr, R, W, stride_h, A: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BM)
+    offs_n = pid * BN + tl.arange(0, BN)
+    offs_a = tl.arange(0, A)
+    m_ok, n_ok = offs_m < R, offs_n < W
+    x = tl.load(x_ptr + offs_m[:, None] * A + offs_a[None, :], mask=m_ok[:, None], other=0.0)
+    w1 = tl.load(w1_ptr + offs_a[:, None] * W + offs_n[None, :], mask=n_ok[None, :], other=0.0)
+    hh = tl.dot(x, w1) + tl.load(tb_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    hh = hh / (1.0 + tl.exp(-hh))
+    tl.store(h_ptr + offs_m[:, None] * stride_h + offs_n[None, :], hh.to(h_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+def swish_in(x, w1, tb, h, block_n: int = 64):
+    """h [R, W] = swish(x [R, A] @ w1 [A, W] + tb [W]): the first half of the action-time MLP (time bias folded)."""
+    R, A = x.shape
+    W = w1.shape[1]
+    assert h.shape == (R, W) and x.is_contiguous() and w1.is_contiguous() and h.stride(1) == 1
+    BM = max(16, triton.next_power_of_2(R))
+    _swish_in_kernel[(triton.cdiv(W, block_n),)](x, w1, tb, h, R, W, h.stride(0), A=A, BM=BM, BN=block_n, num_warps=4)
+    return h
+
+
+# ---------------------------------------------------------------- references
+def rstd_ref(a, eps=1e-6):
+    a = a.float()
+    return torch.rsqrt(a.square().mean(-1, keepdim=True) + eps)
+
+
+def skinny_residual_ref(a, w, x, bias=None, store=False, norm=False, eps=1e-6):
+    y = a.float() @ w.float()
+    if norm:
+        y = y * rstd_ref(a, eps)
+    y = y + (bias.float() if bias is not None else 0)
+    return y if store else x.float() + y
+
+
+def skinny_geglu_ref(a, wg, wu, norm=False, eps=1e-6):
+    s = rstd_ref(a, eps) if norm else 1.0
+    return gelu_tanh_ref(a.float() @ wg.float() * s) * (a.float() @ wu.float() * s)
