@@ -68,7 +68,7 @@ def profile_engine(eng, views, log):
         log(f"  {name:40s} x{n:4d}  {us / 1e3:7.3f} ms  {us / n:7.1f} us/call")
 
 
-def sweep(only, log):
+def sweep(only, log, out_dir="."):
     dev = "cuda"
     ws = Workspace(dev, numel=1 << 24, counters=1 << 14)
     rows = []
@@ -85,7 +85,7 @@ def sweep(only, log):
     pc = get_variant("pi0")
     p, a, v = pc.prefix, pc.action, pc.vision
     if "skinny" in only:
-        sweep_skinny(rec, ws, a, log)
+        sweep_skinny(rec, ws, a, log, out_dir)
     if "act" in only:
         log("\n### action expert (M = 50 rows)")
         M = 50
@@ -203,11 +203,18 @@ def sweep(only, log):
     return rows
 
 
-def sweep_skinny(rec, ws, a, log):
+def sweep_skinny(rec, ws, a, log, out_dir):
     """The weight-streaming skinny matmuls (kernels/skinny_matmul.py) at the action expert's shapes vs cuBLAS,
-    and the action attention (old launch shape vs one key block per split)."""
+    and the action attention per camera count; the fastest launch shapes go to OUT/best_tuning.json
+    (Tuning fields, for $PI0_TUNING). do_bench medians, L2 flushed, one kernel at a time (no PDL overlap)."""
     dev, M, D, F = "cuda", 50, a.width, a.mlp_dim
     log("\n### skinny matmuls, M = 50 (us, GB/s of weights); cfg = (BH, BK, warps, stages, split)")
+    best = {}
+
+    def keep(op, c, us):
+        if us == us and (op not in best or us < best[op][1]):
+            best[op] = (c, us)
+
     xs = torch.randn(M, D, device=dev)
     xa = xs.to(BF)
     ss = torch.rand(D // 64, M, device=dev) + 1.0
@@ -216,59 +223,82 @@ def sweep_skinny(rec, ws, a, log):
     q = torch.empty(M, 2048, device=dev, dtype=BF)
     kc, vc = torch.empty(M, 256, device=dev, dtype=BF), torch.empty(M, 256, device=dev, dtype=BF)
     h = torch.empty(M, F, device=dev, dtype=BF)
-    # qkv
     w = torch.randn(D, 2560, device=dev, dtype=BF) * 0.03
     nb = w.numel() * 2
     rec("sk", "cublas qkv 50x1024x2560", "-", bench(lambda: xa @ w), nb)
-    for c in ((32, 128, 4, 4, 4), (32, 128, 4, 4, 2), (32, 128, 4, 3, 8), (64, 128, 4, 4, 4), (64, 128, 8, 4, 2), (16, 128, 4, 4, 4),
-              (32, 256, 4, 3, 4), (32, 64, 4, 4, 4), (64, 64, 4, 4, 4), (16, 256, 4, 3, 2)):
+    for c in ((32, 128, 4, 4, 2), (32, 128, 4, 2, 2), (32, 128, 4, 3, 2), (32, 128, 4, 2, 4), (16, 128, 4, 2, 2), (16, 128, 4, 3, 1),
+              (16, 256, 4, 2, 2), (32, 256, 4, 2, 1), (64, 128, 4, 2, 2), (32, 64, 4, 3, 2), (16, 64, 4, 4, 1)):
         wt = SK.transpose_weight(w, SK.pair_perm_qkv(8, 256, c[0]))
-        rec("sk", "skinny qkv+rope", c, bench(lambda: SK.skinny_qkv_rope(xa, wt, pos, cos, sin, q, kc, vc, 8, 256, ss_in=ss, nss_in=16,
-            d_norm=D, block=(64, c[0], c[1]), num_warps=c[2], num_stages=c[3], split=c[4], workspace=ws)), nb)
-    # gate|up
+        us = bench(lambda: SK.skinny_qkv_rope(xa, wt, pos, cos, sin, q, kc, vc, 8, 256, ss_in=ss, nss_in=16,
+                   d_norm=D, block=(64, c[0], c[1]), num_warps=c[2], num_stages=c[3], split=c[4], workspace=ws))
+        rec("sk", "skinny qkv+rope", c, us, nb)
+        keep("sk_qkv", c, us)
     w = torch.randn(D, 2 * F, device=dev, dtype=BF) * 0.03
     nb = w.numel() * 2
     rec("sk", "cublas gate+up 50x1024x8192", "-", bench(lambda: xa @ w), nb)
-    for c in ((32, 128, 4, 4, 2), (32, 128, 4, 4, 1), (64, 128, 4, 4, 1), (64, 128, 8, 4, 2), (32, 256, 4, 3, 1), (32, 64, 4, 4, 2),
-              (64, 64, 4, 4, 2), (16, 128, 4, 4, 1), (128, 64, 8, 4, 1), (32, 128, 4, 3, 4)):
+    for c in ((32, 128, 4, 4, 1), (16, 128, 4, 4, 1), (32, 128, 4, 2, 1), (32, 128, 4, 3, 1), (32, 256, 4, 2, 1), (64, 128, 4, 3, 1),
+              (16, 256, 4, 2, 1), (32, 64, 4, 4, 1), (32, 128, 8, 3, 1), (32, 128, 4, 2, 2)):
         wt = SK.transpose_weight(w, SK.pair_perm_geglu(F, c[0]))
-        rec("sk", "skinny gate|up+geglu", c, bench(lambda: SK.skinny_geglu(xa, wt, h, ss_in=ss, nss_in=16, d_norm=D,
-            block=(64, c[0], c[1]), num_warps=c[2], num_stages=c[3], split=c[4], workspace=ws)), nb)
-    # o, down (+ residual, xa, ss)
+        us = bench(lambda: SK.skinny_geglu(xa, wt, h, ss_in=ss, nss_in=16, d_norm=D,
+                   block=(64, c[0], c[1]), num_warps=c[2], num_stages=c[3], split=c[4], workspace=ws))
+        rec("sk", "skinny gate|up+geglu", c, us, nb)
+        keep("sk_gu", c, us)
+    res = {}  # (op, BH) -> (cfg, us)
+    cands = {"o": ((32, 128, 4, 4, 4), (32, 128, 4, 2, 4), (32, 256, 4, 2, 4), (32, 128, 4, 2, 8), (32, 256, 4, 2, 2), (32, 512, 4, 2, 2),
+                   (16, 128, 4, 2, 4), (16, 256, 4, 2, 4), (16, 256, 4, 2, 2), (16, 128, 4, 3, 2)),
+             "down": ((32, 128, 4, 4, 4), (32, 128, 4, 2, 8), (32, 256, 4, 2, 4), (32, 256, 4, 3, 4), (32, 512, 4, 2, 2), (32, 256, 4, 2, 8),
+                      (16, 256, 4, 2, 4), (16, 128, 4, 2, 8), (16, 256, 4, 3, 2), (16, 512, 4, 2, 2))}
     for K, name in ((2048, "o"), (F, "down")):
         aa = torch.randn(M, K, device=dev, dtype=BF)
         w = torch.randn(K, D, device=dev, dtype=BF) * 0.02
         wt = SK.transpose_weight(w)
         nb = w.numel() * 2
         rec("sk", f"cublas {name} 50x{K}x{D}", "-", bench(lambda: aa @ w), nb)
-        for c in ((32, 128, 4, 4, 8), (32, 128, 4, 4, 16), (32, 256, 4, 3, 8), (32, 64, 4, 4, 16), (16, 128, 4, 4, 8), (16, 256, 4, 3, 8),
-                  (64, 128, 4, 4, 8), (32, 128, 4, 4, 4), (16, 128, 4, 4, 16), (32, 256, 8, 3, 4)):
+        for c in cands[name]:
             sso = torch.empty(D // (2 * c[0]), M, device=dev)
-            rec("sk", f"skinny {name}+residual", c, bench(lambda: SK.skinny_residual(aa, wt, xs, xa, sso, block=(64, c[0], c[1]),
-                num_warps=c[2], num_stages=c[3], split=c[4], workspace=ws)), nb)
-    # time MLP (float32 W_out, tf32)
+            us = bench(lambda: SK.skinny_residual(aa, wt, xs, xa, sso, block=(64, c[0], c[1]),
+                       num_warps=c[2], num_stages=c[3], split=c[4], workspace=ws))
+            rec("sk", f"skinny {name}+residual", c, us, nb)
+            if us == us and ((name, c[0]) not in res or us < res[(name, c[0])][1]):
+                res[(name, c[0])] = (c, us)
     ht = torch.randn(M, D, device=dev)
     w = torch.randn(D, D, device=dev) * 0.03
     wt = SK.transpose_weight(w)
     b = torch.randn(D, device=dev)
     xt, w1, tb = torch.randn(M, 32, device=dev), torch.randn(32, D, device=dev) * 0.1, torch.randn(D, device=dev)
     rec("sk", "swish_in 50x32x1024", "-", bench(lambda: SK.swish_in(xt, w1, tb, ht)))
-    for c in ((32, 64, 4, 4, 8), (32, 128, 4, 3, 8), (32, 64, 4, 4, 4), (32, 32, 4, 4, 16), (16, 64, 4, 4, 8)):
+    for c in ((32, 64, 4, 4, 8), (32, 64, 4, 2, 8), (32, 128, 4, 2, 8), (32, 64, 4, 2, 4), (32, 32, 4, 2, 8),
+              (16, 64, 4, 4, 8), (16, 64, 4, 2, 8), (16, 128, 4, 2, 4)):
         sso = torch.empty(D // (2 * c[0]), M, device=dev)
-        rec("sk", "skinny time_out fp32", c, bench(lambda: SK.skinny_residual(ht, wt, xs, xa, sso, bias=b, store=True,
-            block=(64, c[0], c[1]), num_warps=c[2], num_stages=c[3], split=c[4], workspace=ws)), w.numel() * 4)
-    # action attention
-    for views in (1, 3):
+        us = bench(lambda: SK.skinny_residual(ht, wt, xs, xa, sso, bias=b, store=True,
+                   block=(64, c[0], c[1]), num_warps=c[2], num_stages=c[3], split=c[4], workspace=ws))
+        rec("sk", "skinny time_out fp32", c, us, w.numel() * 4)
+        if us == us and (("time", c[0]) not in res or us < res[("time", c[0])][1]):
+            res[("time", c[0])] = (c, us)
+    # one BH for the three residual matmuls (they share the norm-statistics tiles): 18 o + 18 down + 1 time per step
+    score = {bh: 18 * res[("o", bh)][1] + 18 * res[("down", bh)][1] + res[("time", bh)][1]
+             for bh in (16, 32) if all((n, bh) in res for n in ("o", "down", "time"))}
+    if score:
+        bh = min(score, key=score.get)
+        best["sk_o"], best["sk_down"], best["sk_time"] = res[("o", bh)], res[("down", bh)], res[("time", bh)]
+    for views in (1, 2, 3):
         T = views * 256 + 48
         kk = torch.randn(T + 51, 256, device=dev, dtype=BF)
         vv = torch.randn(T + 51, 256, device=dev, dtype=BF)
         qq = torch.randn(50, 2048, device=dev, dtype=BF)
         valid = torch.ones(T, device=dev, dtype=torch.int32)
         o = torch.empty(50, 2048, device=dev, dtype=BF)
-        for cfg in ((32, 64, 4, 2, 8), (16, 64, 4, 2, 0), (32, 64, 4, 2, 0), (16, 32, 4, 2, 0), (64, 64, 8, 2, 0), (16, 128, 4, 2, 0),
-                    (32, 128, 8, 2, 0), (16, 64, 4, 2, 8), (64, 128, 8, 2, 0), (128, 64, 8, 2, 0)):
-            rec("sk", f"action_attention T={T}", cfg, bench(lambda: AA.action_attention(qq, kk, vv, valid, T, 1, 8, out=o,
-                split=cfg[4], block=cfg[:2], num_warps=cfg[2], num_stages=cfg[3], workspace=ws)))
+        for cfg in ((32, 64, 4, 2, 8), (16, 64, 4, 2, 8), (16, 64, 4, 2, 0), (16, 128, 4, 2, 0), (32, 128, 8, 2, 0), (16, 64, 4, 2, 4),
+                    (32, 64, 4, 2, 4), (16, 128, 4, 2, 4), (32, 128, 8, 2, 4), (64, 64, 8, 2, 4)):
+            us = bench(lambda: AA.action_attention(qq, kk, vv, valid, T, 1, 8, out=o,
+                       split=cfg[4], block=cfg[:2], num_warps=cfg[2], num_stages=cfg[3], workspace=ws))
+            rec("sk", f"action_attention T={T}", cfg, us)
+            keep(f"sk_attn{views}", cfg, us)
+    log("\n### best launch shapes (written to best_tuning.json)")
+    for k, (c, us) in best.items():
+        log(f"  {k:10s} {str(c):24s} {us:7.1f} us")
+    with open(os.path.join(out_dir, "best_tuning.json"), "w") as f:
+        json.dump({k: list(c) for k, (c, _) in best.items()}, f)
 
 
 def main():
@@ -298,7 +328,7 @@ def main():
             profile_engine(eng, views, log)
         del eng
         torch.cuda.empty_cache()
-    rows = [] if args.skip_sweep else sweep(args.only.split(","), log)
+    rows = [] if args.skip_sweep else sweep(args.only.split(","), log, args.out)
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
         json.dump(rows, f, indent=0)
     with open(os.path.join(args.out, "gpu_check.log"), "w") as f:

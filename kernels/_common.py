@@ -17,6 +17,29 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+# Programmatic dependent launch (Hopper): a kernel launched with launch_pdl=True may start while the previous
+# kernel in the stream finishes; it must call gdc_wait() before reading anything that kernel wrote (and
+# before writing anything at all). Used only where the Triton build has it and never under the interpreter.
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
+
+    HAS_PDL = not INTERPRET and os.environ.get("PI0_NO_PDL", "0") != "1"
+except Exception:  # older Triton
+    HAS_PDL = False
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
+
+def pdl_kwargs(pdl: bool) -> dict:
+    """Launch keyword for a kernel that uses gdc_wait (empty when PDL is off: older Triton, interpreter)."""
+    return {"launch_pdl": True} if pdl and HAS_PDL else {}
+
 
 @triton.jit
 def gelu_tanh(x):

@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pi0_triton_policy.kernels._common import arrive_last, default_workspace
+from pi0_triton_policy.kernels._common import (HAS_PDL, arrive_last, default_workspace, gdc_launch_dependents, gdc_wait,
+                                               pdl_kwargs)
 
 
 @triton.jit
@@ -29,8 +30,12 @@ def _action_attention_kernel(
     q_ptr, k_ptr, v_ptr, valid_ptr, o_ptr, ws_ptr, ml_ptr, cnt_ptr,
     R, T_PRE, TK, row_start, stride_qm, stride_kv, stride_om, CHUNK,
     NQ: tl.constexpr, HD: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     pid_m, pid_s = tl.program_id(0), tl.program_id(1)
+    if PDL:  # launched early (programmatic dependent launch): wait for the qkv kernel's q and K/V rows
+        gdc_wait()
+        gdc_launch_dependents()
     offs_i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # packed (head, row)
     i_ok = offs_i < NQ * R
     head, r = offs_i // R, offs_i % R
@@ -85,7 +90,7 @@ def _action_attention_kernel(
 
 
 def action_attention(q, k, v, key_valid, t_prefix: int, row_start: int, num_heads: int, out=None,
-                     split: int = 4, block=(64, 64), num_warps: int = 4, num_stages: int = 2, workspace=None):
+                     split: int = 4, block=(64, 64), num_warps: int = 4, num_stages: int = 2, workspace=None, pdl: bool = False):
     """q [R, NQ*HD] (query rows = suffix rows row_start..row_start+R), k/v cache [T_pre + S, HD],
     key_valid [>= T_pre] int -> out [R, NQ*HD]."""
     R, W = q.shape
@@ -96,6 +101,7 @@ def action_attention(q, k, v, key_valid, t_prefix: int, row_start: int, num_head
     if out is None:
         out = torch.empty(R, W, dtype=q.dtype, device=q.device)
     BM, BN = block
+    pdl = bool(pdl) and HAS_PDL and q.is_cuda
     if split <= 0:  # one key block per split
         split = triton.cdiv(TK, BN)
     chunk = triton.cdiv(triton.cdiv(TK, split), BN) * BN
@@ -106,8 +112,8 @@ def action_attention(q, k, v, key_valid, t_prefix: int, row_start: int, num_head
     ml = ws[split * rows * HD:]
     _action_attention_kernel[grid](q, k, v, key_valid, out, ws, ml, cnt, R, t_prefix, TK, row_start,
                                    q.stride(0), k.stride(0), out.stride(0), chunk,
-                                   NQ=num_heads, HD=HD, SPLIT=split, BLOCK_M=BM, BLOCK_N=BN,
-                                   num_warps=num_warps, num_stages=num_stages)
+                                   NQ=num_heads, HD=HD, SPLIT=split, BLOCK_M=BM, BLOCK_N=BN, PDL=pdl,
+                                   num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl))
     return out
 
 

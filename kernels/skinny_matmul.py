@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pi0_triton_policy.kernels._common import arrive_last, default_workspace, gelu_tanh, gelu_tanh_ref
+from pi0_triton_policy.kernels._common import (HAS_PDL, pdl_kwargs, arrive_last, default_workspace, gdc_launch_dependents,
+                                               gdc_wait, gelu_tanh, gelu_tanh_ref)
 
 EPI_RES, EPI_GEGLU, EPI_QKV = 0, 1, 2
 
@@ -43,7 +44,7 @@ def _skinny_kernel(
     D_NORM, eps,
     EPI: tl.constexpr, NORM_A: tl.constexpr, NSS_IN: tl.constexpr, STORE: tl.constexpr, HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr,
-    BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
 ):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     BN: tl.constexpr = 2 * BH
@@ -55,9 +56,18 @@ def _skinny_kernel(
     w1_rows = wt_ptr + r1.to(tl.int64)[:, None] * K
     w2_rows = wt_ptr + r2.to(tl.int64)[:, None] * K
     k_lo = pid_k * K_PER_SPLIT
-    acc1 = tl.zeros((BM, BH), dtype=tl.float32)
-    acc2 = tl.zeros((BM, BH), dtype=tl.float32)
-    for k0 in range(k_lo, k_lo + K_PER_SPLIT, BK):
+    # first K block peeled: its weight tiles are requested before waiting on the previous kernel (PDL)
+    offs_k = k_lo + tl.arange(0, BK)
+    k_ok = offs_k < K
+    w1 = tl.load(w1_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+    w2 = tl.load(w2_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+    if PDL:
+        gdc_wait()  # the previous kernel's outputs (this kernel's A) are visible from here on
+        gdc_launch_dependents()
+    a = tl.load(a_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+    acc1 = tl.dot(a, tl.trans(w1))
+    acc2 = tl.dot(a, tl.trans(w2))
+    for k0 in range(k_lo + BK, k_lo + K_PER_SPLIT, BK):
         offs_k = k0 + tl.arange(0, BK)
         k_ok = offs_k < K
         w1 = tl.load(w1_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0)
@@ -67,15 +77,15 @@ def _skinny_kernel(
         acc2 += tl.dot(a, tl.trans(w2))
     if SPLIT > 1:
         p1 = ws_ptr + pid_k * BM * N + offs_m[:, None] * N + r1[None, :]
-        tl.store(p1, acc1)
-        tl.store(p1 + BH, acc2)
+        tl.store(p1, acc1, mask=m_ok[:, None])  # padded rows (>= M) are neither stored nor read back
+        tl.store(p1 + BH, acc2, mask=m_ok[:, None])
         if arrive_last(cnt_ptr + pid_n, SPLIT):
             acc1 = tl.zeros((BM, BH), dtype=tl.float32)
             acc2 = tl.zeros((BM, BH), dtype=tl.float32)
             for s in tl.static_range(SPLIT):
                 p = ws_ptr + s * BM * N + offs_m[:, None] * N + r1[None, :]
-                acc1 += tl.load(p, cache_modifier=".cg")
-                acc2 += tl.load(p + BH, cache_modifier=".cg")
+                acc1 += tl.load(p, mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
+                acc2 += tl.load(p + BH, mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
             _skinny_epilogue(acc1, acc2, pid_n, offs_m, m_ok, ss_in_ptr, x_ptr, xa_ptr, ss_out_ptr, bias_ptr, h_ptr,
                              pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, stride_x, stride_xa, stride_ss_in,
                              stride_ss_out, stride_h, stride_q, stride_kv, D_NORM, eps,
@@ -180,7 +190,7 @@ def transpose_weight(w: torch.Tensor, perm: torch.Tensor | None = None, dtype=No
 
 
 # ---------------------------------------------------------------- launcher
-def _launch(a, wt, epi, split, block, num_warps, num_stages, workspace, ss_in=None, d_norm=1, nss_in=1, eps=1e-6,
+def _launch(a, wt, epi, split, block, num_warps, num_stages, workspace, pdl=False, ss_in=None, d_norm=1, nss_in=1, eps=1e-6,
             x=None, xa=None, ss_out=None, bias=None, store=False, h=None, pos=None, cos=None, sin=None, q=None, k=None,
             v=None, num_heads=1, head_dim=2):
     M, K = a.shape
@@ -188,6 +198,7 @@ def _launch(a, wt, epi, split, block, num_warps, num_stages, workspace, ss_in=No
     assert K == K2 and a.stride(1) == 1 and wt.is_contiguous(), (a.shape, wt.shape)
     BM, BH, BK = block
     BM = max(BM, triton.next_power_of_2(M))
+    pdl = bool(pdl) and HAS_PDL and a.is_cuda
     assert M <= BM and N % (2 * BH) == 0, (M, N, BH)
     split = max(1, min(split, triton.cdiv(K, BK)))
     k_per = triton.cdiv(triton.cdiv(K, split), BK) * BK
@@ -206,36 +217,37 @@ def _launch(a, wt, epi, split, block, num_warps, num_stages, workspace, ss_in=No
         h.stride(0) if h is not None else 0, q.stride(0) if q is not None else 0, k.stride(0) if k is not None else 0,
         d_norm, eps,
         EPI=epi, NORM_A=ss_in is not None, NSS_IN=nss_in, STORE=store, HAS_BIAS=bias is not None, SPLIT=split,
-        NQ=num_heads, HD=head_dim, BM=BM, BH=BH, BK=BK, num_warps=num_warps, num_stages=num_stages)
+        NQ=num_heads, HD=head_dim, BM=BM, BH=BH, BK=BK, PDL=pdl, num_warps=num_warps, num_stages=num_stages,
+        **pdl_kwargs(pdl))
 
 
 def skinny_residual(a, wt, x, xa, ss_out, bias=None, store=False, ss_in=None, nss_in=1, d_norm=1, eps=1e-6,
-                    split=1, block=(64, 32, 128), num_warps=4, num_stages=4, workspace=None):
+                    split=1, block=(64, 32, 128), num_warps=4, num_stages=4, workspace=None, pdl=False):
     """x [M, N] fp32 (+)= a [M, K] @ wt.T (+ bias); xa [M, N] = x in xa's dtype; ss_out [N/BN, >=M] = per-tile
     row sums of x^2. With ss_in the product is row-scaled by rsqrt(sum ss_in / d_norm + eps) first."""
     M = a.shape[0]
     assert x.shape == (M, wt.shape[0]) and x.dtype == torch.float32 and x.stride(1) == 1 and xa.stride(1) == 1
     assert ss_out.shape[0] == wt.shape[0] // (2 * block[1]) and ss_out.stride(1) == 1
-    _launch(a, wt, EPI_RES, split, block, num_warps, num_stages, workspace, ss_in=ss_in, d_norm=d_norm, nss_in=nss_in,
+    _launch(a, wt, EPI_RES, split, block, num_warps, num_stages, workspace, pdl, ss_in=ss_in, d_norm=d_norm, nss_in=nss_in,
             eps=eps, x=x, xa=xa, ss_out=ss_out, bias=bias, store=store)
     return x
 
 
 def skinny_geglu(a, wt, h, ss_in=None, nss_in=1, d_norm=1, eps=1e-6, split=1, block=(64, 32, 128), num_warps=4,
-                 num_stages=4, workspace=None):
+                 num_stages=4, workspace=None, pdl=False):
     """h [M, F] = gelu_tanh(n(a) @ Wg) * (n(a) @ Wu), wt = transpose_weight([Wg | Wu], pair_perm_geglu(F, BH))."""
     assert h.shape == (a.shape[0], wt.shape[0] // 2) and h.stride(1) == 1
-    _launch(a, wt, EPI_GEGLU, split, block, num_warps, num_stages, workspace, ss_in=ss_in, d_norm=d_norm,
+    _launch(a, wt, EPI_GEGLU, split, block, num_warps, num_stages, workspace, pdl, ss_in=ss_in, d_norm=d_norm,
             nss_in=nss_in, eps=eps, h=h)
     return h
 
 
 def skinny_qkv_rope(a, wt, pos, cos, sin, q, k, v, num_heads, head_dim, ss_in=None, nss_in=1, d_norm=1, eps=1e-6,
-                    split=1, block=(64, 32, 128), num_warps=4, num_stages=4, workspace=None):
+                    split=1, block=(64, 32, 128), num_warps=4, num_stages=4, workspace=None, pdl=False):
     """q [M, NQ*HD], k/v rows [M, HD] = RoPE'd n(a) @ Wqkv, wt = transpose_weight(Wqkv, pair_perm_qkv(NQ, HD, BH))."""
     assert wt.shape[0] == (num_heads + 2) * head_dim and (head_dim // 2) % block[1] == 0
     assert q.stride(1) == 1 and k.stride() == v.stride() and k.stride(1) == 1
-    _launch(a, wt, EPI_QKV, split, block, num_warps, num_stages, workspace, ss_in=ss_in, d_norm=d_norm,
+    _launch(a, wt, EPI_QKV, split, block, num_warps, num_stages, workspace, pdl, ss_in=ss_in, d_norm=d_norm,
             nss_in=nss_in, eps=eps, pos=pos, cos=cos, sin=sin, q=q, k=k, v=v, num_heads=num_heads, head_dim=head_dim)
     return q, k, v
 

@@ -88,7 +88,20 @@ class Tuning:
     sk_o: tuple = (32, 128, 4, 4, 8)
     sk_down: tuple = (32, 128, 4, 4, 16)
     sk_time: tuple = (32, 64, 4, 4, 8)  # float32 weights (tf32 dot); BH must equal sk_o's / sk_down's
-    sk_attn: tuple = (16, 64, 4, 2)  # action attention on the skinny path (BM, BN, warps, stages), one key block per split
+    # action attention on the skinny path per camera count (BM, BN, warps, stages, split; 0: one key block per split)
+    sk_attn1: tuple = (16, 64, 4, 2, 8)
+    sk_attn2: tuple = (16, 128, 4, 2, 0)
+    sk_attn3: tuple = (32, 128, 8, 2, 0)
+    pdl: bool = True  # programmatic dependent launch between the skinny path's kernels (where Triton has it)
+
+
+    @classmethod
+    def from_env(cls) -> "Tuning":
+        import json
+        import os
+
+        over = json.loads(os.environ.get("PI0_TUNING", "{}") or "{}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in over.items()})
 
 
 def _fit_bh(bh: int, n: int) -> int:
@@ -349,8 +362,10 @@ class _ViewGraph:
         e, cfg, W, t, ws = self.eng, self.eng.cfg, self.eng.weights, self.eng.tuning, self.ws
         a, S = cfg.action, self.S
         D, eps, nss = a.width, a.rms_eps, self.nss
-        sk = lambda c, bh: dict(block=(64, bh, c[1]), num_warps=c[2], num_stages=c[3], split=c[4], workspace=ws)  # noqa: E731
+        sk = lambda c, bh: dict(block=(64, bh, c[1]), num_warps=c[2], num_stages=c[3], split=c[4], workspace=ws,  # noqa: E731
+                               pdl=t.pdl)
         bq, bg, br = W.sk_bh["qkv"], W.sk_bh["gu"], W.sk_bh["res"]
+        ca = (t.sk_attn1, t.sk_attn2, t.sk_attn3)[min(self.V, 3) - 1]
         SK.prep_rows(self.xs[0:1], self.xsa[0:1], self.ss[:, 0:1])  # the state token's row
         for step in range(self.tb.shape[0]):
             r0 = 0 if step == 0 else 1
@@ -363,8 +378,9 @@ class _ViewGraph:
             for i in range(a.depth):
                 SK.skinny_qkv_rope(xa, W.sk_qkv[i], self.pos[T + r0:], W.cos, W.sin, q, self.kc[i, T + r0:],
                                    self.vc[i, T + r0:], a.num_heads, a.head_dim, **norm, **sk(t.sk_qkv, bq))
-                AA.action_attention(q, self.kc[i], self.vc[i], self.key_valid, T, r0, a.num_heads, out=o, split=0,
-                                    block=t.sk_attn[:2], num_warps=t.sk_attn[2], num_stages=t.sk_attn[3], workspace=ws)
+                AA.action_attention(q, self.kc[i], self.vc[i], self.key_valid, T, r0, a.num_heads, out=o, split=ca[4],
+                                    block=ca[:2], num_warps=ca[2], num_stages=ca[3], workspace=ws,
+                                    pdl=t.pdl)
                 SK.skinny_residual(o, W.sk_o[i], xs, xa, ss, **sk(t.sk_o, br))
                 SK.skinny_geglu(xa, W.sk_gu[i], h, **norm, **sk(t.sk_gu, bg))
                 SK.skinny_residual(h, W.sk_down[i], xs, xa, ss, **sk(t.sk_down, br))
@@ -424,11 +440,12 @@ class TritonPi0:
 
     def __init__(self, cfg: Pi0Config, params: dict[str, torch.Tensor], device="cuda", dtype=torch.bfloat16,
                  use_graphs: bool = True, tuning: Tuning | None = None):
+        """`tuning`: launch shapes and path switches; $PI0_TUNING (a JSON object of Tuning fields) overrides the default."""
         self.cfg = cfg
         self.device = torch.device(device)
         self.dtype = dtype
         self.use_graphs = use_graphs
-        self.tuning = tuning or Tuning()
+        self.tuning = tuning or Tuning.from_env()
         t0 = time.perf_counter()
         with torch.no_grad():
             self.weights = EngineWeights(cfg, params, self.device, dtype, self.tuning)

@@ -133,6 +133,8 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="JSON path (default: benchmark.json beside --log or cwd)")
     ap.add_argument("--variant", default="pi0")
     ap.add_argument("--also-act-cublas", action="store_true", help="also time the engine with cuBLAS action-expert matmuls (the previous default)")
+    ap.add_argument("--also", action="append", default=[], metavar="NAME=JSON",
+                    help='also time the engine with these Tuning fields changed, e.g. nopdl=\'{"pdl": false}\' (same weights)')
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmark.py needs a CUDA GPU")
@@ -166,8 +168,12 @@ def main(argv=None):
 
             model = TritonPi0(cfg, params, device="cuda")
             variants = [("triton", model)]
+            base_tuning = model.tuning
+            for spec in args.also:
+                vname, over = spec.split("=", 1)
+                variants.append((f"triton[{vname}]", json.loads(over)))
             if args.also_act_cublas:
-                variants.append(("triton[act_cublas]", model))
+                variants.append(("triton[act_cublas]", {"act_cublas": True, "act_skinny": False}))
         else:
             from pi0_triton_policy.torch_model import TorchPi0
 
@@ -177,9 +183,12 @@ def main(argv=None):
                 variants.append(("torch-compile", "compile"))
         load_s = time.perf_counter() - t0
         for name, m in variants:
-            if name == "triton[act_cublas]":  # the previous default: cuBLAS matmuls + Triton glue in the action expert
-                m.tuning.act_cublas, m.tuning.act_skinny = True, False
-                m._graphs.clear()
+            if isinstance(m, dict):  # a Tuning variant of the same engine (launch-time fields only)
+                import dataclasses
+
+                model.tuning = dataclasses.replace(base_tuning, **{k: tuple(v) if isinstance(v, list) else v for k, v in m.items()})
+                model._graphs.clear()
+                m = model
             for views in args.views:
                 a = to_torch(inputs(cfg, views, 48, seed=views), "cuda")
                 a[0] = a[0].float()
