@@ -83,15 +83,15 @@ class Tuning:
     # weight-streaming skinny matmuls (kernels/skinny_matmul.py) for the action expert; overrides act_cublas.
     # (BH, BK, warps, stages, split_k): each program owns 2*BH output columns and K/split_k of K.
     act_skinny: bool = True
-    sk_qkv: tuple = (32, 128, 4, 4, 4)
-    sk_gu: tuple = (32, 128, 4, 4, 2)
-    sk_o: tuple = (32, 128, 4, 4, 8)
-    sk_down: tuple = (32, 128, 4, 4, 16)
-    sk_time: tuple = (32, 64, 4, 4, 8)  # float32 weights (tf32 dot); BH must equal sk_o's / sk_down's
+    sk_qkv: tuple = (32, 64, 4, 3, 2)  # BH fixed at load (column pairing); the rest at launch
+    sk_gu: tuple = (32, 128, 4, 4, 1)  # BH fixed at load
+    sk_o: tuple = (16, 256, 4, 2, 2)
+    sk_down: tuple = (16, 256, 4, 2, 4)
+    sk_time: tuple = (16, 64, 4, 2, 8)  # float32 weights (tf32 dot); BH must equal sk_o's / sk_down's
     # action attention on the skinny path per camera count (BM, BN, warps, stages, split; 0: one key block per split)
-    sk_attn1: tuple = (16, 64, 4, 2, 8)
-    sk_attn2: tuple = (16, 128, 4, 2, 0)
-    sk_attn3: tuple = (32, 128, 8, 2, 0)
+    sk_attn1: tuple = (16, 128, 4, 2, 4)
+    sk_attn2: tuple = (32, 64, 4, 2, 8)
+    sk_attn3: tuple = (16, 64, 4, 2, 8)
     pdl: bool = True  # programmatic dependent launch between the skinny path's kernels (where Triton has it)
 
 
@@ -181,9 +181,9 @@ class EngineWeights:
         self._time_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # skinny-matmul layouts of the action expert: W^T [N, K], qkv / gate|up columns paired per half-tile
         t = tuning
-        self.sk_bh = {"qkv": _fit_bh(t.sk_qkv[0], a.head_dim // 2), "gu": _fit_bh(t.sk_gu[0], a.mlp_dim),
-                      "res": _fit_bh(t.sk_o[0], a.width // 2)}
-        assert t.sk_o[0] == t.sk_down[0] == t.sk_time[0], "residual skinny matmuls share BH (norm statistics tiles)"
+        # (qkv and gate|up column pairings are baked into the layout; o/down/time_out are plain transposes,
+        # so their half-tile BH is a launch-time choice)
+        self.sk_bh = {"qkv": _fit_bh(t.sk_qkv[0], a.head_dim // 2), "gu": _fit_bh(t.sk_gu[0], a.mlp_dim)}
         pq = SK.pair_perm_qkv(a.num_heads, a.head_dim, self.sk_bh["qkv"])
         pg = SK.pair_perm_geglu(a.mlp_dim, self.sk_bh["gu"])
         self.sk_qkv = [SK.transpose_weight(w, pq) for w in self.qkv[1]]
@@ -247,7 +247,9 @@ class _ViewGraph:
         self.w1, self.tb = eng.weights.time_weights(num_steps)
         t = eng.tuning
         # skinny path: the residual stream's A-operand copy, its per-tile sums of squares, the time MLP hidden
-        self.nss = a.width // (2 * eng.weights.sk_bh["res"])
+        assert t.sk_o[0] == t.sk_down[0] == t.sk_time[0], "residual skinny matmuls share BH (norm statistics tiles)"
+        self.bh_res = _fit_bh(t.sk_o[0], a.width // 2)
+        self.nss = a.width // (2 * self.bh_res)
         self.xsa = z(S, a.width, dtype=dt)
         self.ss = z(self.nss, S)
         self.ht = z(S - 1, a.width)
@@ -364,7 +366,7 @@ class _ViewGraph:
         D, eps, nss = a.width, a.rms_eps, self.nss
         sk = lambda c, bh: dict(block=(64, bh, c[1]), num_warps=c[2], num_stages=c[3], split=c[4], workspace=ws,  # noqa: E731
                                pdl=t.pdl)
-        bq, bg, br = W.sk_bh["qkv"], W.sk_bh["gu"], W.sk_bh["res"]
+        bq, bg, br = W.sk_bh["qkv"], W.sk_bh["gu"], self.bh_res
         ca = (t.sk_attn1, t.sk_attn2, t.sk_attn3)[min(self.V, 3) - 1]
         SK.prep_rows(self.xs[0:1], self.xsa[0:1], self.ss[:, 0:1])  # the state token's row
         for step in range(self.tb.shape[0]):

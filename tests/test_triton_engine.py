@@ -76,7 +76,7 @@ def test_pi0_inference_api(full_size):
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter path is the CPU check")
-@pytest.mark.parametrize("path", ["skinny", "act_cublas", "fused"])
+@pytest.mark.parametrize("path", ["skinny", "act_cublas"])  # the new default and the previous one (CI time)
 def test_tiny_interpreter_matches_reference(path):
     from pi0_triton_policy.triton_engine import TritonPi0, Tuning
 
