@@ -32,6 +32,7 @@ from pi0_triton_policy.kernels._common import (HAS_PDL, pdl_kwargs, arrive_last,
                                                gdc_wait, gelu_tanh, gelu_tanh_ref)
 
 EPI_RES, EPI_GEGLU, EPI_QKV = 0, 1, 2
+PDL_EARLY = False  # set by the engine (Tuning.pdl_early): signal dependents at entry instead of after gdc_wait
 
 
 @triton.jit
@@ -45,6 +46,7 @@ def _skinny_kernel(
     EPI: tl.constexpr, NORM_A: tl.constexpr, NSS_IN: tl.constexpr, STORE: tl.constexpr, HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr,
     BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
+    PDL_EARLY: tl.constexpr = False,
 ):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     BN: tl.constexpr = 2 * BH
@@ -56,6 +58,8 @@ def _skinny_kernel(
     w1_rows = wt_ptr + r1.to(tl.int64)[:, None] * K
     w2_rows = wt_ptr + r2.to(tl.int64)[:, None] * K
     k_lo = pid_k * K_PER_SPLIT
+    if PDL_EARLY:  # let the next kernel's programs be scheduled as soon as all of ours are
+        gdc_launch_dependents()
     # first K block peeled: its weight tiles are requested before waiting on the previous kernel (PDL)
     offs_k = k_lo + tl.arange(0, BK)
     k_ok = offs_k < K
@@ -63,7 +67,8 @@ def _skinny_kernel(
     w2 = tl.load(w2_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0)
     if PDL:
         gdc_wait()  # the previous kernel's outputs (this kernel's A) are visible from here on
-        gdc_launch_dependents()
+        if not PDL_EARLY:
+            gdc_launch_dependents()
     a = tl.load(a_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
     acc1 = tl.dot(a, tl.trans(w1))
     acc2 = tl.dot(a, tl.trans(w2))
@@ -217,7 +222,7 @@ def _launch(a, wt, epi, split, block, num_warps, num_stages, workspace, pdl=Fals
         h.stride(0) if h is not None else 0, q.stride(0) if q is not None else 0, k.stride(0) if k is not None else 0,
         d_norm, eps,
         EPI=epi, NORM_A=ss_in is not None, NSS_IN=nss_in, STORE=store, HAS_BIAS=bias is not None, SPLIT=split,
-        NQ=num_heads, HD=head_dim, BM=BM, BH=BH, BK=BK, PDL=pdl, num_warps=num_warps, num_stages=num_stages,
+        NQ=num_heads, HD=head_dim, BM=BM, BH=BH, BK=BK, PDL=pdl, PDL_EARLY=pdl and PDL_EARLY, num_warps=num_warps, num_stages=num_stages,
         **pdl_kwargs(pdl))
 
 

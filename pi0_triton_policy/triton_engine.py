@@ -85,14 +85,15 @@ class Tuning:
     act_skinny: bool = True
     sk_qkv: tuple = (32, 64, 4, 3, 2)  # BH fixed at load (column pairing); the rest at launch
     sk_gu: tuple = (32, 128, 4, 4, 1)  # BH fixed at load
-    sk_o: tuple = (16, 256, 4, 2, 2)
-    sk_down: tuple = (16, 256, 4, 2, 4)
-    sk_time: tuple = (16, 64, 4, 2, 8)  # float32 weights (tf32 dot); BH must equal sk_o's / sk_down's
+    sk_o: tuple = (32, 128, 4, 4, 4)
+    sk_down: tuple = (32, 128, 4, 4, 4)
+    sk_time: tuple = (32, 64, 4, 4, 8)  # float32 weights (tf32 dot); BH must equal sk_o's / sk_down's
     # action attention on the skinny path per camera count (BM, BN, warps, stages, split; 0: one key block per split)
     sk_attn1: tuple = (16, 128, 4, 2, 4)
     sk_attn2: tuple = (32, 64, 4, 2, 8)
     sk_attn3: tuple = (16, 64, 4, 2, 8)
     pdl: bool = True  # programmatic dependent launch between the skinny path's kernels (where Triton has it)
+    pdl_early: bool = False  # skinny matmuls signal their dependents at entry rather than after gdc_wait
 
 
     @classmethod
@@ -368,6 +369,7 @@ class _ViewGraph:
                                pdl=t.pdl)
         bq, bg, br = W.sk_bh["qkv"], W.sk_bh["gu"], self.bh_res
         ca = (t.sk_attn1, t.sk_attn2, t.sk_attn3)[min(self.V, 3) - 1]
+        SK.PDL_EARLY = t.pdl_early
         SK.prep_rows(self.xs[0:1], self.xsa[0:1], self.ss[:, 0:1])  # the state token's row
         for step in range(self.tb.shape[0]):
             r0 = 0 if step == 0 else 1
