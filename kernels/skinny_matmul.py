@@ -32,7 +32,14 @@ from pi0_triton_policy.kernels._common import (HAS_PDL, pdl_kwargs, arrive_last,
                                                gdc_wait, gelu_tanh, gelu_tanh_ref)
 
 EPI_RES, EPI_GEGLU, EPI_QKV = 0, 1, 2
+PREFETCH = False  # set by the engine (Tuning.prefetch): L2 prefetch of each program's weights at entry
 PDL_EARLY = False  # set by the engine (Tuning.pdl_early): signal dependents at entry instead of after gdc_wait
+
+
+@triton.jit
+def _prefetch_l2(ptrs):
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False,
+                              pack=1)
 
 
 @triton.jit
@@ -46,7 +53,7 @@ def _skinny_kernel(
     EPI: tl.constexpr, NORM_A: tl.constexpr, NSS_IN: tl.constexpr, STORE: tl.constexpr, HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr,
     BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
-    PDL_EARLY: tl.constexpr = False,
+    PDL_EARLY: tl.constexpr = False, PREFETCH: tl.constexpr = False, KP: tl.constexpr = 1, LINE: tl.constexpr = 64,
 ):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     BN: tl.constexpr = 2 * BH
@@ -60,6 +67,10 @@ def _skinny_kernel(
     k_lo = pid_k * K_PER_SPLIT
     if PDL_EARLY:  # let the next kernel's programs be scheduled as soon as all of ours are
         gdc_launch_dependents()
+    if PREFETCH:  # ask L2 for this program's whole weight slab now (overlaps the previous kernel's tail under PDL)
+        lines = k_lo + tl.arange(0, KP // LINE) * LINE
+        pre_rows = pid_n * BN + tl.arange(0, BN)
+        _prefetch_l2(wt_ptr + pre_rows.to(tl.int64)[:, None] * K + lines[None, :])
     # first K block peeled: its weight tiles are requested before waiting on the previous kernel (PDL)
     offs_k = k_lo + tl.arange(0, BK)
     k_ok = offs_k < K
@@ -209,6 +220,8 @@ def _launch(a, wt, epi, split, block, num_warps, num_stages, workspace, pdl=Fals
     k_per = triton.cdiv(triton.cdiv(K, split), BK) * BK
     split = triton.cdiv(K, k_per)
     grid = (N // (2 * BH), split)
+    line = 128 // wt.element_size()
+    prefetch = PREFETCH and a.is_cuda and k_per % line == 0 and (k_per // line) & (k_per // line - 1) == 0
     ws, cnt = (workspace or default_workspace(a.device)).need(split * BM * N if split > 1 else 1, grid[0])
     dummy = ws
     _skinny_kernel[grid](
@@ -222,7 +235,7 @@ def _launch(a, wt, epi, split, block, num_warps, num_stages, workspace, pdl=Fals
         h.stride(0) if h is not None else 0, q.stride(0) if q is not None else 0, k.stride(0) if k is not None else 0,
         d_norm, eps,
         EPI=epi, NORM_A=ss_in is not None, NSS_IN=nss_in, STORE=store, HAS_BIAS=bias is not None, SPLIT=split,
-        NQ=num_heads, HD=head_dim, BM=BM, BH=BH, BK=BK, PDL=pdl, PDL_EARLY=pdl and PDL_EARLY, num_warps=num_warps, num_stages=num_stages,
+        NQ=num_heads, HD=head_dim, BM=BM, BH=BH, BK=BK, PDL=pdl, PDL_EARLY=pdl and PDL_EARLY, PREFETCH=prefetch, KP=k_per, LINE=line, num_warps=num_warps, num_stages=num_stages,
         **pdl_kwargs(pdl))
 
 

@@ -94,6 +94,7 @@ class Tuning:
     sk_attn3: tuple = (16, 64, 4, 2, 8)
     pdl: bool = True  # programmatic dependent launch between the skinny path's kernels (where Triton has it)
     pdl_early: bool = False  # skinny matmuls signal their dependents at entry rather than after gdc_wait
+    prefetch: bool = False  # skinny matmuls prefetch their whole weight slab into L2 at entry (before gdc_wait)
 
 
     @classmethod
@@ -369,7 +370,7 @@ class _ViewGraph:
                                pdl=t.pdl)
         bq, bg, br = W.sk_bh["qkv"], W.sk_bh["gu"], self.bh_res
         ca = (t.sk_attn1, t.sk_attn2, t.sk_attn3)[min(self.V, 3) - 1]
-        SK.PDL_EARLY = t.pdl_early
+        SK.PDL_EARLY, SK.PREFETCH = t.pdl_early, t.prefetch
         SK.prep_rows(self.xs[0:1], self.xsa[0:1], self.ss[:, 0:1])  # the state token's row
         for step in range(self.tb.shape[0]):
             r0 = 0 if step == 0 else 1
