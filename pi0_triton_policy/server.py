@@ -113,7 +113,9 @@ def inference_worker(device: str | None = None) -> concurrent.futures.ThreadPool
         if device is not None and str(device).startswith("cuda"):
             import torch
 
-            torch.cuda.set_device(torch.device(device))  # per thread: a worker for cuda:1 must not default to cuda:0
+            dev = torch.device(device)
+            # per thread: a worker for cuda:1 must not default to cuda:0; plain "cuda" means the current device
+            torch.cuda.set_device(dev.index if dev.index is not None else torch.cuda.current_device())
 
     return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pi0-infer", initializer=init)
 

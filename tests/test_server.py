@@ -531,3 +531,18 @@ def test_serve_policy_script_end_to_end(tmp_path, sig):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_inference_worker_accepts_plain_cuda(device):
+    """serve_policy passes --device (default "cuda", no index) to the worker, which sets it per thread."""
+    import torch
+
+    from pi0_triton_policy.server import inference_worker
+
+    worker = inference_worker(device)
+    try:
+        assert worker.submit(torch.cuda.current_device).result() == (torch.device(device).index or 0)
+    finally:
+        worker.shutdown()
