@@ -7,7 +7,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 nvidia-smi -L | tee "$OUT/card.txt"
 echo "== GPU tests (commit ${PI0_COMMIT:-unknown})"
-[ -n "${SKIP_TESTS:-}" ] || python3 -m pytest -q -m gpu tests/ -p no:cacheprovider -s 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "rel err|passed|failed|error|Error" | tail -40
+[ -n "${SKIP_TESTS:-}" ] || python3 -m pytest -q -m gpu ${GPU_TESTS:-tests/} -p no:cacheprovider -s 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "rel err|passed|failed|error|Error" | tail -40
 echo "== converted full-size random checkpoint"
 python3 - <<'PY' 2>&1 | tail -3
 import torch
@@ -43,7 +43,7 @@ shutil.copy("/tmp/w_pi0/paligemma_tokenizer.model", "/tmp/w_pi0_aloha/paligemma_
 print("wrote /tmp/w_pi0", m["num_params"], m["dtype"])
 PY
 echo "== A/B triton vs jax"
-python3 scripts/ab_compare.py --a triton --b jax --weights /tmp/w_pi0 --config pi0_aloha_sim --num-obs 20 --variant pi0 \
+[ -n "${SKIP_AB:-}" ] || python3 scripts/ab_compare.py --a triton --b jax --weights /tmp/w_pi0 --config pi0_aloha_sim --num-obs 20 --variant pi0 \
     --out "$OUT/ab" --commit "${PI0_COMMIT:-unknown}" --no-progress 2>&1 | tee "$OUT/ab.log" | tail -45
 echo "== serve_policy.py --backend triton + unmodified openpi_client over loopback (what a robot sees)"
 python3 scripts/serve_policy.py --backend ${SERVE_BACKEND:-triton} --config pi0_aloha --weights /tmp/w_pi0_aloha --port 8765 > "$OUT/serve.log" 2>&1 &
