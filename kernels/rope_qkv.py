@@ -4,7 +4,6 @@ matmul input (add_norm), (1 + scale) and head_dim^-0.5 in the weights (rmsnorm_q
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 

@@ -144,7 +144,6 @@ def _entries(cfg: Pi0Config) -> list[_Entry]:
         E.append(_Entry(canonical, list(torch_names), to_torch, from_torch, layers))
 
     # --- SigLIP -----------------------------------------------------------------------------
-    ps = v.patch_size
     add(f"{_IMG}/embedding/kernel", [f"{VISION}.embeddings.patch_embedding.weight"],
         lambda k: (k.permute(3, 2, 0, 1),),  # HWIO -> OIHW (script: transpose(3, 2, 0, 1))
         lambda ts: ts[0].permute(2, 3, 1, 0))  # OIHW -> HWIO

@@ -264,7 +264,7 @@ class _ViewGraph:
 
     def run(self):
         """Issue the whole inference (eager); the CUDA graph captures exactly this."""
-        e, cfg, W, t, ws = self.eng, self.eng.cfg, self.eng.weights, self.eng.tuning, self.ws
+        cfg, W, t, ws = self.eng.cfg, self.eng.weights, self.eng.tuning, self.ws
         v, p, a = cfg.vision, cfg.prefix, cfg.action
         V, T, S, M = self.V, self.T, self.S, self.V * self.P
         # ---- SigLIP on the present views: [V*256, 1152]
@@ -363,7 +363,7 @@ class _ViewGraph:
     def _run_action_skinny(self, T: int, dt: float):
         """The 10 Euler steps on the weight-streaming skinny matmuls (kernels/skinny_matmul.py): per layer
         qkv+RoPE, attention, o+residual, gate|up+GeGLU, down+residual; the RMSNorms ride in the epilogues."""
-        e, cfg, W, t, ws = self.eng, self.eng.cfg, self.eng.weights, self.eng.tuning, self.ws
+        cfg, W, t, ws = self.eng.cfg, self.eng.weights, self.eng.tuning, self.ws
         a, S = cfg.action, self.S
         D, eps, nss = a.width, a.rms_eps, self.nss
         sk = lambda c, bh: dict(block=(64, bh, c[1]), num_warps=c[2], num_stages=c[3], split=c[4], workspace=ws,  # noqa: E731

@@ -160,7 +160,6 @@ def main(argv=None):
             log("jax: not measured here (needs an OpenPI checkpoint and jax on this machine)")
             continue
         torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         if backend == "triton":
