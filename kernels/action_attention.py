@@ -30,37 +30,52 @@ def _action_attention_kernel(
     q_ptr, k_ptr, v_ptr, valid_ptr, o_ptr, ws_ptr, ml_ptr, cnt_ptr,
     R, T_PRE, TK, row_start, stride_qm, stride_kv, stride_om, CHUNK,
     NQ: tl.constexpr, HD: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, STAGES: tl.constexpr = 2,
 ):
-    pid_m, pid_s = tl.program_id(0), tl.program_id(1)
     if PDL:  # launched early (programmatic dependent launch): wait for the qkv kernel's q and K/V rows
         gdc_wait()
         gdc_launch_dependents()
+    _attention_item(tl.program_id(0), tl.program_id(1), q_ptr, k_ptr, v_ptr, valid_ptr, o_ptr, ws_ptr, ml_ptr, cnt_ptr,
+                    R, T_PRE, TK, row_start, stride_qm, stride_kv, stride_om, CHUNK, NQ, HD, SPLIT, BLOCK_M, BLOCK_N,
+                    STAGES, "")
+
+
+@triton.jit
+def _attention_item(
+    pid_m, pid_s, q_ptr, k_ptr, v_ptr, valid_ptr, o_ptr, ws_ptr, ml_ptr, cnt_ptr,
+    R, T_PRE, TK, row_start, stride_qm, stride_kv, stride_om, CHUNK,
+    NQ: tl.constexpr, HD: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    STAGES: tl.constexpr, CM: tl.constexpr,
+):
+    """One (packed row block, key chunk) of the attention: the body of `_action_attention_kernel`, also called by the
+    persistent action-expert kernel (kernels/action_stack.py; CM = ".cg" there, see skinny_matmul._skinny_item)."""
     offs_i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # packed (head, row)
     i_ok = offs_i < NQ * R
     head, r = offs_i // R, offs_i % R
     rg = r + row_start
     offs_d = tl.arange(0, HD)
     q_off = r.to(tl.int64)[:, None] * stride_qm + (head * HD)[:, None] + offs_d[None, :]
-    q = tl.load(q_ptr + q_off, mask=i_ok[:, None], other=0.0)
+    q = tl.load(q_ptr + q_off, mask=i_ok[:, None], other=0.0, cache_modifier=CM)
     m_i = tl.full((BLOCK_M,), -1e30, dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, HD), dtype=tl.float32)
     lo = pid_s * CHUNK
     hi = tl.minimum(lo + CHUNK, TK)
-    for n0 in range(lo, hi, BLOCK_N):
+    for n0 in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < hi
         key_ok = (tl.load(valid_ptr + offs_n, mask=n_ok & (offs_n < T_PRE), other=1) != 0) & n_ok
         vis = key_ok[None, :] & ((offs_n[None, :] <= T_PRE) | (rg[:, None] > 0))
-        k = tl.load(k_ptr + offs_n.to(tl.int64)[:, None] * stride_kv + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        k = tl.load(k_ptr + offs_n.to(tl.int64)[:, None] * stride_kv + offs_d[None, :], mask=n_ok[:, None], other=0.0,
+                    cache_modifier=CM)
         s = tl.dot(q, tl.trans(k))
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + offs_n.to(tl.int64)[:, None] * stride_kv + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        v = tl.load(v_ptr + offs_n.to(tl.int64)[:, None] * stride_kv + offs_d[None, :], mask=n_ok[:, None], other=0.0,
+                    cache_modifier=CM)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     o_off = r.to(tl.int64)[:, None] * stride_om + (head * HD)[:, None] + offs_d[None, :]
@@ -112,7 +127,7 @@ def action_attention(q, k, v, key_valid, t_prefix: int, row_start: int, num_head
     ml = ws[split * rows * HD:]
     _action_attention_kernel[grid](q, k, v, key_valid, out, ws, ml, cnt, R, t_prefix, TK, row_start,
                                    q.stride(0), k.stride(0), out.stride(0), chunk,
-                                   NQ=num_heads, HD=HD, SPLIT=split, BLOCK_M=BM, BLOCK_N=BN, PDL=pdl,
+                                   NQ=num_heads, HD=HD, SPLIT=split, BLOCK_M=BM, BLOCK_N=BN, PDL=pdl, STAGES=num_stages,
                                    num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl))
     return out
 

@@ -55,7 +55,27 @@ def _skinny_kernel(
     BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
     PDL_EARLY: tl.constexpr = False, PREFETCH: tl.constexpr = False, KP: tl.constexpr = 1, LINE: tl.constexpr = 64,
 ):
-    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    _skinny_item(tl.program_id(0), tl.program_id(1), a_ptr, wt_ptr, ws_ptr, cnt_ptr, ss_in_ptr, x_ptr, xa_ptr, ss_out_ptr,
+                 bias_ptr, h_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,
+                 M, N, K, K_PER_SPLIT, stride_am, stride_x, stride_xa, stride_ss_in, stride_ss_out, stride_h, stride_q,
+                 stride_kv, D_NORM, eps, EPI, NORM_A, NSS_IN, STORE, HAS_BIAS, SPLIT, NQ, HD, BM, BH, BK, PDL,
+                 PDL_EARLY, PREFETCH, KP, LINE, "")
+
+
+@triton.jit
+def _skinny_item(
+    pid_n, pid_k, a_ptr, wt_ptr, ws_ptr, cnt_ptr, ss_in_ptr, x_ptr, xa_ptr, ss_out_ptr, bias_ptr, h_ptr,
+    pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,
+    M, N, K, K_PER_SPLIT, stride_am, stride_x, stride_xa, stride_ss_in, stride_ss_out, stride_h, stride_q, stride_kv,
+    D_NORM, eps,
+    EPI: tl.constexpr, NORM_A: tl.constexpr, NSS_IN: tl.constexpr, STORE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr,
+    BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
+    PDL_EARLY: tl.constexpr, PREFETCH: tl.constexpr, KP: tl.constexpr, LINE: tl.constexpr, CM: tl.constexpr,
+):
+    """One (column tile, K split) of the skinny matmul: the body of `_skinny_kernel`, also called by the persistent
+    action-expert kernel (kernels/action_stack.py). CM: cache modifier of activation loads (".cg" there: the rows were
+    written by other programs of the same launch, L1 must not serve stale copies)."""
     BN: tl.constexpr = 2 * BH
     offs_m = tl.arange(0, BM)
     m_ok = offs_m < M
@@ -80,7 +100,7 @@ def _skinny_kernel(
         gdc_wait()  # the previous kernel's outputs (this kernel's A) are visible from here on
         if not PDL_EARLY:
             gdc_launch_dependents()
-    a = tl.load(a_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+    a = tl.load(a_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0, cache_modifier=CM)
     acc1 = tl.dot(a, tl.trans(w1))
     acc2 = tl.dot(a, tl.trans(w2))
     for k0 in range(k_lo + BK, k_lo + K_PER_SPLIT, BK):
@@ -88,7 +108,7 @@ def _skinny_kernel(
         k_ok = offs_k < K
         w1 = tl.load(w1_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0)
         w2 = tl.load(w2_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0)
-        a = tl.load(a_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(a_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0, cache_modifier=CM)
         acc1 += tl.dot(a, tl.trans(w1))
         acc2 += tl.dot(a, tl.trans(w2))
     if SPLIT > 1:
@@ -105,12 +125,12 @@ def _skinny_kernel(
             _skinny_epilogue(acc1, acc2, pid_n, offs_m, m_ok, ss_in_ptr, x_ptr, xa_ptr, ss_out_ptr, bias_ptr, h_ptr,
                              pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, stride_x, stride_xa, stride_ss_in,
                              stride_ss_out, stride_h, stride_q, stride_kv, D_NORM, eps,
-                             EPI, NORM_A, NSS_IN, STORE, HAS_BIAS, NQ, HD, BM, BH)
+                             EPI, NORM_A, NSS_IN, STORE, HAS_BIAS, NQ, HD, BM, BH, CM)
     else:
         _skinny_epilogue(acc1, acc2, pid_n, offs_m, m_ok, ss_in_ptr, x_ptr, xa_ptr, ss_out_ptr, bias_ptr, h_ptr,
                          pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, stride_x, stride_xa, stride_ss_in,
                          stride_ss_out, stride_h, stride_q, stride_kv, D_NORM, eps,
-                         EPI, NORM_A, NSS_IN, STORE, HAS_BIAS, NQ, HD, BM, BH)
+                         EPI, NORM_A, NSS_IN, STORE, HAS_BIAS, NQ, HD, BM, BH, CM)
 
 
 @triton.jit
@@ -118,11 +138,12 @@ def _skinny_epilogue(acc1, acc2, pid_n, offs_m, m_ok, ss_in_ptr, x_ptr, xa_ptr, 
                      pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, stride_x, stride_xa, stride_ss_in,
                      stride_ss_out, stride_h, stride_q, stride_kv, D_NORM, eps,
                      EPI: tl.constexpr, NORM_A: tl.constexpr, NSS_IN: tl.constexpr, STORE: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr,
+                     CM: tl.constexpr = ""):
     if NORM_A:
         tot = tl.zeros((BM,), dtype=tl.float32)
         for t in tl.static_range(NSS_IN):
-            tot += tl.load(ss_in_ptr + t * stride_ss_in + offs_m, mask=m_ok, other=0.0)
+            tot += tl.load(ss_in_ptr + t * stride_ss_in + offs_m, mask=m_ok, other=0.0, cache_modifier=CM)
         rstd = 1.0 / tl.sqrt(tot / D_NORM + eps)
         acc1 = acc1 * rstd[:, None]
         acc2 = acc2 * rstd[:, None]
@@ -140,8 +161,8 @@ def _skinny_epilogue(acc1, acc2, pid_n, offs_m, m_ok, ss_in_ptr, x_ptr, xa_ptr, 
             x1 = acc1
             x2 = acc2
         else:
-            x1 = acc1 + tl.load(p1, mask=mk, other=0.0)
-            x2 = acc2 + tl.load(p1 + BH, mask=mk, other=0.0)
+            x1 = acc1 + tl.load(p1, mask=mk, other=0.0, cache_modifier=CM)
+            x2 = acc2 + tl.load(p1 + BH, mask=mk, other=0.0, cache_modifier=CM)
         tl.store(p1, x1, mask=mk)
         tl.store(p1 + BH, x2, mask=mk)
         pa = xa_ptr + rows * stride_xa + c1[None, :]

@@ -41,6 +41,7 @@ from pi0_triton_policy.kernels import (
     prefix_attention as PA,
     rmsnorm_geglu as RG,
     skinny_matmul as SK,
+    action_stack as AS,
     rmsnorm_qkv_rope as RQR,
     vision_attention as VA,
 )
@@ -92,6 +93,21 @@ class Tuning:
     sk_attn1: tuple = (16, 128, 4, 2, 4)
     sk_attn2: tuple = (16, 64, 4, 2, 8)  # in-engine A/B: 14.68 vs 15.31 ms replay (32,64,4,2,8)
     sk_attn3: tuple = (16, 64, 4, 2, 8)
+    # persistent action expert (kernels/action_stack.py): all layers of a flow step in one launch, grid barriers
+    # between phases, L2 prefetch of the weights st_ahead phases ahead. Overrides act_skinny's per-layer kernels
+    # (the time MLP and the output/Euler update stay separate kernels).
+    act_stack: bool = True
+    st_qkv: tuple = (16, 128)  # BH (fixed at load: column pairing), BK
+    st_gu: tuple = (32, 128)  # BH (fixed at load), BK
+    st_res: tuple = (16, 128, 4, 128, 4)  # BH (o, down, time MLP: the norm-statistics tiles), BK_o, split_o, BK_down, split_down
+    st_attn1: tuple = (16, 128, 2, 4)  # BM, BN, stages, split (key chunks)
+    st_attn2: tuple = (16, 64, 2, 4)
+    st_attn3: tuple = (16, 64, 2, 4)
+    st_nprog: int = 0  # programs (0: one per SM)
+    st_warps: int = 4
+    st_stages: int = 4
+    st_prefetch: bool = True
+    st_ahead: int = 2
     pdl: bool = True  # programmatic dependent launch between the skinny path's kernels (where Triton has it)
     pdl_early: bool = False  # skinny matmuls signal their dependents at entry rather than after gdc_wait
     prefetch: bool = False  # skinny matmuls prefetch their whole weight slab into L2 at entry (before gdc_wait)
@@ -185,13 +201,16 @@ class EngineWeights:
         t = tuning
         # (qkv and gate|up column pairings are baked into the layout; o/down/time_out are plain transposes,
         # so their half-tile BH is a launch-time choice)
-        self.sk_bh = {"qkv": _fit_bh(t.sk_qkv[0], a.head_dim // 2), "gu": _fit_bh(t.sk_gu[0], a.mlp_dim)}
+        # (stacked [L, N, K]: the persistent kernel indexes layers; the per-layer path takes [i] views)
+        bhq, bhg = (t.st_qkv[0], t.st_gu[0]) if t.act_stack else (t.sk_qkv[0], t.sk_gu[0])
+        self.sk_bh = {"qkv": _fit_bh(bhq, a.head_dim // 2), "gu": _fit_bh(bhg, a.mlp_dim)}
         pq = SK.pair_perm_qkv(a.num_heads, a.head_dim, self.sk_bh["qkv"])
         pg = SK.pair_perm_geglu(a.mlp_dim, self.sk_bh["gu"])
-        self.sk_qkv = [SK.transpose_weight(w, pq) for w in self.qkv[1]]
-        self.sk_o = [SK.transpose_weight(w) for w in self.o[1]]
-        self.sk_gu = [SK.transpose_weight(w, pg) for w in self.gu[1]]
-        self.sk_down = [SK.transpose_weight(w) for w in self.down[1]]
+        stack = lambda ws, perm=None: torch.stack([SK.transpose_weight(w, perm) for w in ws])  # noqa: E731
+        self.sk_qkv = stack(self.qkv[1], pq)
+        self.sk_o = stack(self.o[1])
+        self.sk_gu = stack(self.gu[1], pg)
+        self.sk_down = stack(self.down[1])
         self.sk_time = SK.transpose_weight(self.time_out_w)  # float32
 
     def time_weights(self, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,8 +268,8 @@ class _ViewGraph:
         self.w1, self.tb = eng.weights.time_weights(num_steps)
         t = eng.tuning
         # skinny path: the residual stream's A-operand copy, its per-tile sums of squares, the time MLP hidden
-        assert t.sk_o[0] == t.sk_down[0] == t.sk_time[0], "residual skinny matmuls share BH (norm statistics tiles)"
-        self.bh_res = _fit_bh(t.sk_o[0], a.width // 2)
+        assert t.act_stack or t.sk_o[0] == t.sk_down[0], "residual skinny matmuls share BH (norm statistics tiles)"
+        self.bh_res = _fit_bh(t.st_res[0] if t.act_stack else t.sk_o[0], a.width // 2)
         self.nss = a.width // (2 * self.bh_res)
         self.xsa = z(S, a.width, dtype=dt)
         self.ss = z(self.nss, S)
@@ -259,6 +278,19 @@ class _ViewGraph:
                  max(t.act_attn_split, (T + S) // 16 + 1) * p.num_heads * S * (p.head_dim + 2),
                  64 * 2 * a.mlp_dim * max(t.sk_gu[4], t.sk_qkv[4], t.sk_o[4], t.sk_down[4], t.sk_time[4]))
         self.ws = Workspace(dev, numel=ws, counters=4096)
+        self.stack_plan = None
+        if t.act_stack and t.act_skinny:
+            sa = (t.st_attn1, t.st_attn2, t.st_attn3)[min(num_views, 3) - 1]
+            bh_q, bh_g = eng.weights.sk_bh["qkv"], eng.weights.sk_bh["gu"]
+            self.stack_plan = AS.StackPlan(a.width, a.mlp_dim, a.num_heads, a.head_dim, T + S, bh_q, bh_g, self.bh_res,
+                                           bk_qkv=t.st_qkv[1], bk_gu=t.st_gu[1], bk_o=t.st_res[1], split_o=t.st_res[2],
+                                           bk_dn=t.st_res[3], split_dn=t.st_res[4], attn=sa, nprog=t.st_nprog,
+                                           stages=t.st_stages, num_warps=t.st_warps, prefetch=t.st_prefetch,
+                                           ahead=t.st_ahead, pdl=t.pdl, device=dev)
+            n_ws, n_aws = self.stack_plan.workspace_numel()
+            self.st_ws, self.st_aws = z(n_ws), z(n_aws)
+            self.st_cnt = z(4096, dtype=torch.int32)
+            self.st_bars = z(max(1, self.tb.shape[0]), dtype=torch.int32)
         self.graph = None
         self.capture_s = None
 
@@ -372,6 +404,8 @@ class _ViewGraph:
         ca = (t.sk_attn1, t.sk_attn2, t.sk_attn3)[min(self.V, 3) - 1]
         SK.PDL_EARLY, SK.PREFETCH = t.pdl_early, t.prefetch
         SK.prep_rows(self.xs[0:1], self.xsa[0:1], self.ss[:, 0:1])  # the state token's row
+        if self.stack_plan is not None:
+            self.st_bars.zero_()  # one barrier counter per step launch (a memset node in the graph)
         for step in range(self.tb.shape[0]):
             r0 = 0 if step == 0 else 1
             SK.swish_in(self.x_t, self.w1, self.tb[step], self.ht)
@@ -379,6 +413,12 @@ class _ViewGraph:
                                store=True, **sk(t.sk_time, br))
             xs, xa, ss, R = self.xs[r0:], self.xsa[r0:], self.ss[:, r0:], S - r0
             q, o, h = self.q[:R], self.o[:R], self.hs[:R]
+            if self.stack_plan is not None:  # every layer of the step in one persistent launch
+                AS.action_stack(self.stack_plan, xs, xa, ss, q, o, h, self.kc, self.vc, self.key_valid, self.pos[T + r0:],
+                                W.cos, W.sin, W.sk_qkv, W.sk_o, W.sk_gu, W.sk_down, self.st_ws, self.st_cnt, self.st_aws,
+                                self.st_bars[step:step + 1], T, r0, eps)
+                AOE.action_out_euler(self.xs[1:], W.out_w, W.out_b, self.x_t, dt, a.rms_eps)
+                continue
             norm = dict(ss_in=ss, nss_in=nss, d_norm=D, eps=eps)
             for i in range(a.depth):
                 SK.skinny_qkv_rope(xa, W.sk_qkv[i], self.pos[T + r0:], W.cos, W.sin, q, self.kc[i, T + r0:],

@@ -284,3 +284,73 @@ def test_prep_rows_and_swish_in(gen):
     xt, w1, tb = randn(M, A, gen=gen), randn(A, D, scale=A**-0.5, gen=gen), randn(D, gen=gen)
     h = SK.swish_in(xt, w1, tb, torch.empty(M, D, device=DEV), block_n=32)
     assert rel(h, torch.nn.functional.silu(xt @ w1 + tb)) < (3e-3 if DEV == "cuda" else 1e-6)
+
+
+from pi0_triton_policy.kernels import action_stack as AS  # noqa: E402
+
+
+def _stack_case(dtype, row_start, gen, L=2, D=64, F=128, NQ=2, HD=32, T=37, S=7):
+    """Random weights in the skinny layouts + a KV cache with filled prefix rows, for L action-expert layers."""
+    bq, bg, br = 8, 16, 16
+    sc = lambda k: k**-0.5  # noqa: E731
+    wqkv = torch.stack([SK.transpose_weight(randn(D, (NQ + 2) * HD, scale=sc(D), gen=gen), SK.pair_perm_qkv(NQ, HD, bq))
+                        for _ in range(L)]).to(dtype)
+    wo = torch.stack([SK.transpose_weight(randn(NQ * HD, D, scale=sc(NQ * HD), gen=gen)) for _ in range(L)]).to(dtype)
+    wgu = torch.stack([SK.transpose_weight(randn(D, 2 * F, scale=sc(D), gen=gen), SK.pair_perm_geglu(F, bg))
+                       for _ in range(L)]).to(dtype)
+    wdn = torch.stack([SK.transpose_weight(randn(F, D, scale=sc(F), gen=gen)) for _ in range(L)]).to(dtype)
+    kc, vc = randn(L, T + S, HD, dtype=dtype, gen=gen), randn(L, T + S, HD, dtype=dtype, gen=gen)
+    valid = (torch.rand(T, generator=gen) > 0.2).to(DEV, torch.int32)
+    pos = torch.arange(T, T + S, device=DEV, dtype=torch.int32)
+    cos, sin = RQR.rope_tables(T + S + 4, HD, device=DEV)
+    R = S - row_start
+    xs = randn(S, D, gen=gen)
+    return dict(D=D, F=F, NQ=NQ, HD=HD, T=T, S=S, R=R, bq=bq, bg=bg, br=br, weights=(wqkv, wo, wgu, wdn), kc=kc, vc=vc,
+                valid=valid, pos=pos, cos=cos, sin=sin, xs=xs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("row_start", [0, 1])
+def test_action_stack_matches_per_kernel_path(dtype, row_start, gen):
+    """The persistent kernel (one launch per step on a GPU, per phase here) == the per-kernel skinny path."""
+    c = _stack_case(dtype, row_start, gen)
+    D, F, NQ, HD, T, S, R, r0 = c["D"], c["F"], c["NQ"], c["HD"], c["T"], c["S"], c["R"], row_start
+    wqkv, wo, wgu, wdn = c["weights"]
+    L = wqkv.shape[0]
+    nss = D // (2 * c["br"])
+    split_o, split_dn, attn = 2, 4, (16, 16, 2, 3)
+
+    def fresh():
+        xs = c["xs"].clone()
+        xa, ss = torch.empty(S, D, dtype=dtype, device=DEV), torch.empty(nss, S, device=DEV)
+        SK.prep_rows(xs, xa, ss)
+        return xs, xa, ss, c["kc"].clone(), c["vc"].clone()
+
+    # per-kernel path (already tested against the PyTorch references above)
+    xs, xa, ss, kc, vc = fresh()
+    q, o, h = (torch.empty(R, n, dtype=dtype, device=DEV) for n in (NQ * HD, NQ * HD, F))
+    norm = dict(ss_in=ss[:, r0:], nss_in=nss, d_norm=D, eps=1e-6)
+    for i in range(L):
+        SK.skinny_qkv_rope(xa[r0:], wqkv[i], c["pos"][r0:], c["cos"], c["sin"], q, kc[i, T + r0:], vc[i, T + r0:], NQ, HD,
+                           **norm, block=(64, c["bq"], 32))
+        AA.action_attention(q, kc[i], vc[i], c["valid"], T, r0, NQ, out=o, split=attn[3], block=attn[:2])
+        SK.skinny_residual(o, wo[i], xs[r0:], xa[r0:], ss[:, r0:], split=split_o, block=(64, c["br"], 32))
+        SK.skinny_geglu(xa[r0:], wgu[i], h, **norm, block=(64, c["bg"], 32))
+        SK.skinny_residual(h, wdn[i], xs[r0:], xa[r0:], ss[:, r0:], split=split_dn, block=(64, c["br"], 32))
+    want = xs[r0:].clone(), kc.clone(), vc.clone()
+
+    plan = AS.StackPlan(D, F, NQ, HD, T + S, c["bq"], c["bg"], c["br"], bk_qkv=32, bk_gu=32, bk_o=32, split_o=split_o,
+                        bk_dn=32, split_dn=split_dn, attn=attn, nprog=5, device=DEV)
+    n_ws, n_aws = plan.workspace_numel()
+    ws, aws = torch.empty(n_ws, device=DEV), torch.empty(n_aws, device=DEV)
+    cnt, bar = torch.zeros(4096, dtype=torch.int32, device=DEV), torch.zeros(1, dtype=torch.int32, device=DEV)
+    for _ in range(2):  # twice: counters must be back at zero, results identical
+        xs, xa, ss, kc, vc = fresh()
+        q, o, h = (torch.full((R, n), float("nan"), dtype=dtype, device=DEV) for n in (NQ * HD, NQ * HD, F))
+        bar.zero_()
+        AS.action_stack(plan, xs[r0:], xa[r0:], ss[:, r0:], q, o, h, kc, vc, c["valid"], c["pos"][r0:], c["cos"], c["sin"],
+                        wqkv, wo, wgu, wdn, ws, cnt, aws, bar, T, r0, 1e-6)
+        assert torch.equal(cnt, torch.zeros_like(cnt)), "arrival counters not reset"
+        for got, ref in zip((xs[r0:], kc, vc), want):
+            assert rel(got, ref) < 1e-6
+        assert torch.isfinite(xs).all()

@@ -76,13 +76,14 @@ def test_pi0_inference_api(full_size):
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter path is the CPU check")
-@pytest.mark.parametrize("path", ["skinny", "act_cublas"])  # the new default and the previous one (CI time)
+@pytest.mark.parametrize("path", ["stack", "skinny", "act_cublas"])  # the default and the two before it
 def test_tiny_interpreter_matches_reference(path):
     from pi0_triton_policy.triton_engine import TritonPi0, Tuning
 
     cfg = get_variant("pi0_tiny")
     params = random_params(cfg, seed=1)
-    eng = TritonPi0(cfg, params, device="cpu", dtype=torch.float32, use_graphs=False, tuning=Tuning(act_skinny=path == "skinny", act_cublas=path == "act_cublas",
-                                  sk_attn2=(64, 128, 4, 2, 2)))  # few interpreter programs
+    tuning = Tuning(act_stack=path == "stack", act_skinny=path in ("stack", "skinny"), act_cublas=path == "act_cublas",
+                    sk_attn2=(64, 128, 4, 2, 2), st_attn2=(64, 128, 2, 2))  # few interpreter programs
+    eng = TritonPi0(cfg, params, device="cpu", dtype=torch.float32, use_graphs=False, tuning=tuning)
     args = _inputs(cfg, [1, 0, 1], 37, seed=3)
     assert _rel(eng.sample_actions(*args), TorchPi0(cfg, params).sample_actions(*args)) < 1e-5
