@@ -35,18 +35,42 @@ from pi0_triton_policy.kernels.skinny_matmul import EPI_GEGLU, EPI_QKV, EPI_RES,
 
 CNT_ATT, CNT_O, CNT_DN = 0, 1024, 2048  # arrival-counter regions (attention row blocks, o tiles, down tiles)
 NUM_PHASES = 5
+# the same constants as seen from inside @triton.jit code (globals there must be constexpr)
+_CNT_ATT, _CNT_O, _CNT_DN = tl.constexpr(CNT_ATT), tl.constexpr(CNT_O), tl.constexpr(CNT_DN)
+_NPH = tl.constexpr(NUM_PHASES)
+_EPI_RES, _EPI_GEGLU, _EPI_QKV = tl.constexpr(EPI_RES), tl.constexpr(EPI_GEGLU), tl.constexpr(EPI_QKV)
+
+
+@triton.jit
+def _spin_until(bar_ptr, target):
+    """Thread 0 of the program polls the counter (ld.acquire.gpu) until it reaches `target`, then fences; the
+    other threads skip ahead to the CTA barrier that follows. (A plain Triton loop would have all 128 threads of
+    all programs hammer one L2 line, slowing the arrivals it waits for.)"""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .pred %p<2>;
+        .reg .u32 %v;
+        .reg .u32 %t;
+        mov.u32 %t, %tid.x;
+        setp.ne.u32 %p0, %t, 0;
+        @%p0 bra SPIN_DONE_${:uid};
+        SPIN_LOOP_${:uid}:
+        ld.acquire.gpu.global.u32 %v, [$1];
+        setp.lt.u32 %p1, %v, $2;
+        @%p1 bra SPIN_LOOP_${:uid};
+        fence.acq_rel.gpu;
+        SPIN_DONE_${:uid}:
+        mov.u32 $0, 0;
+        }""", "=r,l,r", [bar_ptr, target], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
 def _grid_sync(bar_ptr, target):
     """Arrive at the launch's barrier counter and wait until `target` arrivals (cumulative over the launch)."""
     tl.debug_barrier()  # all of this program's stores issued before the (cumulative) release below
-    tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
-    seen = tl.load(bar_ptr, volatile=True)
-    while seen < target:
-        seen = tl.load(bar_ptr, volatile=True)
-    tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")  # everything written before the arrivals is visible now
-    tl.debug_barrier()
+    tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")  # one thread per program
+    _spin_until(bar_ptr, target)
+    tl.debug_barrier()  # the rest of the program waits for thread 0's acquire
 
 
 @triton.jit
@@ -101,7 +125,7 @@ def _action_stack_kernel(
     BK_O: tl.constexpr, SPLIT_O: tl.constexpr, BK_DN: tl.constexpr, SPLIT_DN: tl.constexpr,
     ATT_BM: tl.constexpr, ATT_BN: tl.constexpr, ATT_SPLIT: tl.constexpr, ATT_STAGES: tl.constexpr,
     NPROG: tl.constexpr, GRID_SYNC: tl.constexpr, PREFETCH: tl.constexpr, AHEAD: tl.constexpr,
-    KV_LINES: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr = 64,
+    KV_LINES: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr = 64, WORK: tl.constexpr = 31,
 ):
     pid = tl.program_id(0)
     NQKV: tl.constexpr = (NQ + 2) * HD
@@ -124,7 +148,7 @@ def _action_stack_kernel(
         wd = wdn_ptr + lay * (D * F)
         kl = kc_ptr + lay * kv_layer_stride
         vl = vc_ptr + lay * kv_layer_stride
-        for ph in tl.static_range(NUM_PHASES):
+        for ph in tl.static_range(_NPH):
             if (ph >= ph_lo) & (ph < ph_hi):
                 if GRID_SYNC:
                     if PREFETCH:
@@ -133,42 +157,44 @@ def _action_stack_kernel(
                             _prefetch_phase((ph + AHEAD) % 5, nxt_layer, pid, wqkv_ptr, wo_ptr, wgu_ptr, wdn_ptr, kc_ptr,
                                             vc_ptr, kv_layer_stride, D, F, NQ, HD, BH_QKV, BH_GU, BH_RES, SPLIT_O,
                                             SPLIT_DN, KV_LINES, LINE)
-                    nb = (layer - layer_lo) * NUM_PHASES + ph  # barriers passed before this phase
+                    nb = (layer - layer_lo) * _NPH + ph  # barriers passed before this phase
                     if nb > 0:
                         _grid_sync(bar_ptr, nb * NPROG)
-                if ph == 0:  # qkv + norm + RoPE -> q, and this layer's suffix K/V cache rows
+                if (WORK >> ph) % 2 == 0:  # phase switched off (timing probes only: benchmarks/stack_probe.py)
+                    pass
+                elif ph == 0:  # qkv + norm + RoPE -> q, and this layer's suffix K/V cache rows
                     for it in range(pid, NT_QKV, NPROG):
                         _skinny_item(it, 0, xa_ptr, wq, ws_ptr, cnt_ptr, ss_ptr, xs_ptr, xa_ptr, ss_ptr, ws_ptr, h_ptr,
                                      pos_ptr, cos_ptr, sin_ptr, q_ptr, kl + (T_PRE + row_start) * HD,
                                      vl + (T_PRE + row_start) * HD,
                                      R, NQKV, D, D, D, 0, 0, stride_ss, 0, 0, WA, HD, D, eps,
-                                     EPI_QKV, True, NSS, False, False, 1, NQ, HD, BM, BH_QKV, BK_QKV, False,
+                                     _EPI_QKV, True, NSS, False, False, 1, NQ, HD, BM, BH_QKV, BK_QKV, False,
                                      False, False, 1, LINE, ".cg")
                 elif ph == 1:  # attention over the prefix + suffix keys
                     for it in range(pid, n_att, NPROG):
                         _attention_item(it // ATT_SPLIT, it % ATT_SPLIT, q_ptr, kl, vl, valid_ptr, o_ptr, aws_ptr, aml_ptr,
-                                        cnt_ptr + CNT_ATT, R, T_PRE, TK, row_start, WA, HD, WA, att_chunk,
+                                        cnt_ptr + _CNT_ATT, R, T_PRE, TK, row_start, WA, HD, WA, att_chunk,
                                         NQ, HD, ATT_SPLIT, ATT_BM, ATT_BN, ATT_STAGES, ".cg")
                 elif ph == 2:  # o-proj + residual
                     for it in range(pid, NT_RES * SPLIT_O, NPROG):
-                        _skinny_item(it % NT_RES, it // NT_RES, o_ptr, wo, ws_ptr, cnt_ptr + CNT_O, ss_ptr, xs_ptr, xa_ptr,
+                        _skinny_item(it % NT_RES, it // NT_RES, o_ptr, wo, ws_ptr, cnt_ptr + _CNT_O, ss_ptr, xs_ptr, xa_ptr,
                                      ss_ptr, ws_ptr, h_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, kl, vl,
                                      R, D, WA, WA // SPLIT_O, WA, D, D, 0, stride_ss, 0, 0, 0, 1, eps,
-                                     EPI_RES, False, 1, False, False, SPLIT_O, NQ, HD, BM, BH_RES, BK_O, False,
+                                     _EPI_RES, False, 1, False, False, SPLIT_O, NQ, HD, BM, BH_RES, BK_O, False,
                                      False, False, 1, LINE, ".cg")
                 elif ph == 3:  # gate|up + norm + GeGLU
                     for it in range(pid, NT_GU, NPROG):
                         _skinny_item(it, 0, xa_ptr, wg, ws_ptr, cnt_ptr, ss_ptr, xs_ptr, xa_ptr, ss_ptr, ws_ptr, h_ptr,
                                      pos_ptr, cos_ptr, sin_ptr, q_ptr, kl, vl,
                                      R, 2 * F, D, D, D, 0, 0, stride_ss, 0, F, 0, 0, D, eps,
-                                     EPI_GEGLU, True, NSS, False, False, 1, NQ, HD, BM, BH_GU, BK_GU, False,
+                                     _EPI_GEGLU, True, NSS, False, False, 1, NQ, HD, BM, BH_GU, BK_GU, False,
                                      False, False, 1, LINE, ".cg")
                 else:  # down + residual
                     for it in range(pid, NT_RES * SPLIT_DN, NPROG):
-                        _skinny_item(it % NT_RES, it // NT_RES, h_ptr, wd, ws_ptr, cnt_ptr + CNT_DN, ss_ptr, xs_ptr,
+                        _skinny_item(it % NT_RES, it // NT_RES, h_ptr, wd, ws_ptr, cnt_ptr + _CNT_DN, ss_ptr, xs_ptr,
                                      xa_ptr, ss_ptr, ws_ptr, h_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, kl, vl,
                                      R, D, F, F // SPLIT_DN, F, D, D, 0, stride_ss, 0, 0, 0, 1, eps,
-                                     EPI_RES, False, 1, False, False, SPLIT_DN, NQ, HD, BM, BH_RES, BK_DN, False,
+                                     _EPI_RES, False, 1, False, False, SPLIT_DN, NQ, HD, BM, BH_RES, BK_DN, False,
                                      False, False, 1, LINE, ".cg")
 
 
@@ -212,6 +238,7 @@ class StackPlan:
         self.kv_lines = triton.next_power_of_2(max(1, triton.cdiv(TK * HD // line, nprog)))
         self.pdl = bool(pdl) and HAS_PDL and self.grid_sync
         self.bm = 64
+        self.work = 31  # bit per phase; probes switch phases off to time the rest
 
     def workspace_numel(self) -> tuple[int, int]:
         """(skinny split-K partials, attention partials + (m, l)) sizes in float32 elements for R <= 64 rows."""
@@ -240,7 +267,7 @@ def action_stack(plan: StackPlan, xs, xa, ss, q, o, h, kc, vc, key_valid, pos, c
     kw = dict(D=D, F=plan.F, NQ=plan.NQ, HD=HD, NSS=ss.shape[0], BM=plan.bm, BH_QKV=plan.bh_qkv, BK_QKV=plan.bk_qkv,
               BH_GU=plan.bh_gu, BK_GU=plan.bk_gu, BH_RES=plan.bh_res, BK_O=plan.bk_o, SPLIT_O=plan.split_o,
               BK_DN=plan.bk_dn, SPLIT_DN=plan.split_dn, ATT_BM=plan.att_bm, ATT_BN=plan.att_bn,
-              ATT_SPLIT=plan.att_split, ATT_STAGES=plan.att_stages, NPROG=plan.nprog, PREFETCH=plan.prefetch,
+              ATT_SPLIT=plan.att_split, ATT_STAGES=plan.att_stages, NPROG=plan.nprog, PREFETCH=plan.prefetch, WORK=plan.work,
               AHEAD=plan.ahead, KV_LINES=plan.kv_lines, num_warps=plan.num_warps, num_stages=plan.stages)
     args = (xs, xa, ss, q, o, h, kc, vc, key_valid, pos, cos, sin, wqkv, wo, wgu, wdn, ws, cnt, aws, aml, bar,
             R, t_prefix, TK, row_start)

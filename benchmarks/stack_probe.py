@@ -1,0 +1,133 @@
+"""Time ONE flow step of the action expert (18 layers, 51 suffix rows, full-size random bf16 weights) on the GPU:
+the per-kernel skinny path (5 launches per layer, PDL) vs the persistent kernel (kernels/action_stack.py) and its
+variants, all in one process on the same weights. Each number: median over 7 rounds of 20 step launches captured in
+a CUDA graph, per step in microseconds, and per layer-step. Phase probes switch one phase's work off (the barriers
+stay), so `all - without phase X` is that phase's share.
+
+    python benchmarks/stack_probe.py [--views 1 3] [--json out.json] [--variants '{"name": {...StackPlan kwargs...}}']
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+from pi0_triton_policy.kernels import action_attention as AA
+from pi0_triton_policy.kernels import action_stack as AS
+from pi0_triton_policy.kernels import rmsnorm_qkv_rope as RQR
+from pi0_triton_policy.kernels import skinny_matmul as SK
+from pi0_triton_policy.kernels._common import Workspace
+
+D, F, NQ, HD, L, S = 1024, 4096, 8, 256, 18, 51
+DEFAULT = dict(bh_qkv=16, bh_gu=32, bh_res=16)
+
+
+def time_graph(fn, n_inner=20, rounds=7):
+    fn()
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=s):
+        for i in range(n_inner):
+            fn(i)
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(rounds):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        g.replay()
+        e1.record()
+        torch.cuda.synchronize()
+        out.append(e0.elapsed_time(e1) * 1000 / n_inner)
+    return statistics.median(out)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--views", nargs="+", type=int, default=[1, 3])
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--variants", default=None, help="JSON {name: StackPlan kwargs (+ 'work': phase bit mask)}")
+    args = ap.parse_args()
+    dev = "cuda"
+    torch.manual_seed(0)
+    bf = torch.bfloat16
+    w = lambda n, k: (torch.randn(L, n, k, device=dev) * k**-0.5).to(bf)  # noqa: E731
+    wqkv, wo, wgu, wdn = w((NQ + 2) * HD, D), w(D, NQ * HD), w(2 * F, D), w(D, F)
+    variants = {"stack": {}, "noprefetch": {"prefetch": False}, "ahead1": {"ahead": 1}, "ahead3": {"ahead": 3},
+                "warps8": {"num_warps": 8}, "nprog128": {"nprog": 128},
+                "barriers_only": {"work": 0}, "no_qkv": {"work": 31 - 1}, "no_attn": {"work": 31 - 2},
+                "no_o": {"work": 31 - 4}, "no_gu": {"work": 31 - 8}, "no_down": {"work": 31 - 16}}
+    if args.variants:
+        variants = json.loads(args.variants)
+    res = {"card": torch.cuda.get_device_name(), "rows": []}
+    print(f"card {res['card']}  (one flow step = {L} layers; us per step / per layer)")
+    for V in args.views:
+        T = 256 * V + 48
+        TK = T + S
+        kc = (torch.randn(L, TK, HD, device=dev)).to(bf)
+        vc = (torch.randn(L, TK, HD, device=dev)).to(bf)
+        valid = torch.ones(T, dtype=torch.int32, device=dev)
+        pos = torch.arange(TK, dtype=torch.int32, device=dev)
+        cos, sin = RQR.rope_tables(TK + 8, HD, device=dev)
+        xs0 = torch.randn(S, D, device=dev)
+        nss = D // 32
+        xs, xa, ss = xs0.clone(), torch.empty(S, D, dtype=bf, device=dev), torch.empty(nss, S, device=dev)
+        q, o, h = (torch.empty(S, n, dtype=bf, device=dev) for n in (NQ * HD, NQ * HD, F))
+        r0, R = 1, S - 1
+
+        def reset():
+            xs.copy_(xs0)
+            SK.prep_rows(xs, xa, ss)
+
+        # per-kernel skinny path (the previous default: 5 launches per layer, PDL), with its tuned shapes
+        wsp = Workspace(dev, numel=1 << 22)
+        wq32 = torch.stack([SK.transpose_weight(wqkv[i].t()) for i in range(L)])  # any column order: timing only
+        norm = dict(ss_in=ss[:, r0:], nss_in=nss, d_norm=D, eps=1e-6)
+        kw = lambda bh, c: dict(block=(64, bh, c[1]), num_warps=c[2], num_stages=c[3], split=c[4], workspace=wsp, pdl=True)  # noqa: E731
+
+        def per_kernel(_i=0):
+            for i in range(L):
+                SK.skinny_qkv_rope(xa[r0:], wq32[i], pos[T + r0:], cos, sin, q[:R], kc[i, T + r0:], vc[i, T + r0:], NQ, HD,
+                                   **norm, **kw(32, (32, 64, 4, 3, 2)))
+                AA.action_attention(q[:R], kc[i], vc[i], valid, T, r0, NQ, out=o[:R], split=4 if V == 1 else 8,
+                                    block=(16, 128) if V == 1 else (16, 64), num_warps=4, num_stages=2, workspace=wsp, pdl=True)
+                SK.skinny_residual(o[:R], wo[i], xs[r0:], xa[r0:], ss[:, r0:], **kw(16, (32, 128, 4, 4, 4)))
+                SK.skinny_geglu(xa[r0:], wgu[i], h[:R], **norm, **kw(32, (32, 128, 4, 4, 1)))
+                SK.skinny_residual(h[:R], wdn[i], xs[r0:], xa[r0:], ss[:, r0:], **kw(16, (32, 128, 4, 4, 4)))
+
+        reset()
+        t = time_graph(per_kernel)
+        res["rows"].append({"views": V, "variant": "per_kernel", "us_step": t})
+        print(f"views={V} {'per_kernel':14s} {t:8.1f} us/step  {t / L:6.2f} us/layer")
+        for name, kwv in variants.items():
+            kwv = dict(kwv)
+            work = kwv.pop("work", 31)
+            p = dict(DEFAULT, attn=(16, 128, 2, 4) if V == 1 else (16, 64, 2, 4))
+            p.update(kwv)
+            plan = AS.StackPlan(D, F, NQ, HD, TK, p.pop("bh_qkv"), p.pop("bh_gu"), p.pop("bh_res"), device=dev, **p)
+            plan.work = work
+            n_ws, n_aws = plan.workspace_numel()
+            ws, aws = torch.empty(n_ws, device=dev), torch.empty(n_aws, device=dev)
+            cnt = torch.zeros(4096, dtype=torch.int32, device=dev)
+            bars = torch.zeros(64, dtype=torch.int32, device=dev)
+
+            def stack(i=0):
+                if i == 0:
+                    bars.zero_()
+                AS.action_stack(plan, xs[r0:], xa[r0:], ss[:, r0:], q[:R], o[:R], h[:R], kc, vc, valid, pos[T + r0:], cos,
+                                sin, wqkv, wo, wgu, wdn, ws, cnt, aws, bars[i:i + 1], T, r0, 1e-6)
+
+            reset()
+            t = time_graph(stack)
+            res["rows"].append({"views": V, "variant": name, "us_step": t, "nprog": plan.nprog})
+            print(f"views={V} {name:14s} {t:8.1f} us/step  {t / L:6.2f} us/layer", flush=True)
+    if args.json:
+        json.dump(res, open(args.json, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
