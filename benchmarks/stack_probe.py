@@ -57,9 +57,10 @@ def main():
     bf = torch.bfloat16
     w = lambda n, k: (torch.randn(L, n, k, device=dev) * k**-0.5).to(bf)  # noqa: E731
     wqkv, wo, wgu, wdn = w((NQ + 2) * HD, D), w(D, NQ * HD), w(2 * F, D), w(D, F)
-    variants = {"stack": {}, "noprefetch": {"prefetch": False}, "ahead1": {"ahead": 1}, "ahead3": {"ahead": 3},
-                "warps8": {"num_warps": 8}, "nprog128": {"nprog": 128},
-                "barriers_only": {"work": 0}, "no_qkv": {"work": 31 - 1}, "no_attn": {"work": 31 - 2},
+    variants = {"stack": {}, "counter_barrier": {"barrier": 0}, "noprefetch": {"prefetch": 0}, "line_prefetch": {"prefetch": 1},
+                "ahead1": {"ahead": 1}, "ahead3": {"ahead": 3}, "ahead4": {"ahead": 4},
+                "barriers_only": {"work": 0}, "counter_barriers_only": {"work": 0, "barrier": 0},
+                "no_qkv": {"work": 31 - 1}, "no_attn": {"work": 31 - 2},
                 "no_o": {"work": 31 - 4}, "no_gu": {"work": 31 - 8}, "no_down": {"work": 31 - 16}}
     if args.variants:
         variants = json.loads(args.variants)
@@ -113,13 +114,13 @@ def main():
             n_ws, n_aws = plan.workspace_numel()
             ws, aws = torch.empty(n_ws, device=dev), torch.empty(n_aws, device=dev)
             cnt = torch.zeros(4096, dtype=torch.int32, device=dev)
-            bars = torch.zeros(64, dtype=torch.int32, device=dev)
+            bars = torch.zeros(64, 256, dtype=torch.int32, device=dev)
 
             def stack(i=0):
                 if i == 0:
                     bars.zero_()
                 AS.action_stack(plan, xs[r0:], xa[r0:], ss[:, r0:], q[:R], o[:R], h[:R], kc, vc, valid, pos[T + r0:], cos,
-                                sin, wqkv, wo, wgu, wdn, ws, cnt, aws, bars[i:i + 1], T, r0, 1e-6)
+                                sin, wqkv, wo, wgu, wdn, ws, cnt, aws, bars[i], T, r0, 1e-6)
 
             reset()
             t = time_graph(stack)

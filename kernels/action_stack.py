@@ -74,43 +74,117 @@ def _grid_sync(bar_ptr, target):
 
 
 @triton.jit
-def _prefetch_rows(w_ptr, row0, K, k0, NROWS: tl.constexpr, KLEN: tl.constexpr, LINE: tl.constexpr):
-    rows = row0 + tl.arange(0, NROWS)
-    cols = k0 + tl.arange(0, KLEN // LINE) * LINE
-    _prefetch_l2(w_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :])
+def _flag_arrive(flag_ptr, gen):
+    """Thread 0: fence, then st.release this program's flag = gen (no contended atomics: one flag per program)."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .pred %p;
+        .reg .u32 %t;
+        mov.u32 %t, %tid.x;
+        setp.eq.u32 %p, %t, 0;
+        @%p fence.acq_rel.gpu;
+        @%p st.release.gpu.global.u32 [$1], $2;
+        mov.u32 $0, 0;
+        }""", "=r,l,r", [flag_ptr, gen], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _fence_acquire(x):
+    return tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r,r", [x], dtype=tl.int32, is_pure=False,
+                                     pack=1)
+
+
+@triton.jit
+def _grid_sync_flags(flags_ptr, pid, gen, NPROG: tl.constexpr):
+    """Per-program flags: each program publishes `gen`, then all its threads poll every flag (plain loads of a few
+    shared lines, no atomics serialising on one address) until the smallest is >= gen."""
+    tl.debug_barrier()
+    _flag_arrive(flags_ptr + pid, gen)
+    NP2: tl.constexpr = triton.next_power_of_2(NPROG)
+    offs = tl.arange(0, NP2)
+    ok = offs < NPROG
+    seen = tl.min(tl.load(flags_ptr + offs, mask=ok, other=1 << 30, volatile=True), 0)
+    while seen < gen:
+        seen = tl.min(tl.load(flags_ptr + offs, mask=ok, other=1 << 30, volatile=True), 0)
+    _fence_acquire(seen)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _bulk_prefetch_rows(ptr, stride_bytes, nbytes, nrows):
+    """Thread 0 asks the copy engine to bring `nrows` rows of `nbytes` contiguous bytes (stride_bytes apart) into
+    L2 (`cp.async.bulk.prefetch.L2`: one instruction per row, no registers or shared memory held)."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .pred %p<2>;
+        .reg .u32 %t;
+        .reg .u32 %i;
+        .reg .u64 %a;
+        mov.u32 %t, %tid.x;
+        setp.ne.u32 %p0, %t, 0;
+        @%p0 bra PF_DONE_${:uid};
+        mov.u64 %a, $1;
+        mov.u32 %i, 0;
+        PF_LOOP_${:uid}:
+        cp.async.bulk.prefetch.L2.global [%a], $3;
+        add.u64 %a, %a, $2;
+        add.u32 %i, %i, 1;
+        setp.lt.u32 %p1, %i, $4;
+        @%p1 bra PF_LOOP_${:uid};
+        PF_DONE_${:uid}:
+        mov.u32 $0, 0;
+        }""", "=r,l,l,r,r", [ptr, stride_bytes, nbytes, nrows], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_rows(w_ptr, row0, K, k0, NROWS: tl.constexpr, KLEN: tl.constexpr, LINE: tl.constexpr, MODE: tl.constexpr):
+    if MODE == 2:
+        EB: tl.constexpr = w_ptr.dtype.element_ty.primitive_bitwidth // 8
+        start = w_ptr + tl.cast(row0, tl.int64) * K + k0
+        _bulk_prefetch_rows(start, tl.cast(K, tl.int64) * EB, KLEN * EB, NROWS)
+    else:
+        rows = row0 + tl.arange(0, NROWS)
+        cols = k0 + tl.arange(0, KLEN // LINE) * LINE
+        _prefetch_l2(w_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :])
 
 
 @triton.jit
 def _prefetch_phase(ph: tl.constexpr, layer, pid, wqkv_ptr, wo_ptr, wgu_ptr, wdn_ptr, kc_ptr, vc_ptr, kv_layer_stride,
                     D: tl.constexpr, F: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr,
                     BH_QKV: tl.constexpr, BH_GU: tl.constexpr, BH_RES: tl.constexpr, SPLIT_O: tl.constexpr,
-                    SPLIT_DN: tl.constexpr, KV_LINES: tl.constexpr, LINE: tl.constexpr):
+                    SPLIT_DN: tl.constexpr, KV_LINES: tl.constexpr, LINE: tl.constexpr, MODE: tl.constexpr):
     """L2 prefetch of the slab this program streams in phase `ph` of `layer` (its first item)."""
     lay = tl.cast(layer, tl.int64)
     if ph == 0:
         NT: tl.constexpr = (NQ + 2) * HD // (2 * BH_QKV)
         if pid < NT:
-            _prefetch_rows(wqkv_ptr + lay * ((NQ + 2) * HD * D), pid * 2 * BH_QKV, D, 0, 2 * BH_QKV, D, LINE)
+            _prefetch_rows(wqkv_ptr + lay * ((NQ + 2) * HD * D), pid * 2 * BH_QKV, D, 0, 2 * BH_QKV, D, LINE, MODE)
     elif ph == 1:  # the layer's K/V rows, spread over programs (LINE-element lines of HD-element rows)
-        last = kv_layer_stride // LINE - 1  # clamp: never past the layer's rows (the last layer ends the tensor)
-        lines = tl.minimum(pid * KV_LINES + tl.arange(0, KV_LINES), last).to(tl.int64) * LINE
-        _prefetch_l2(kc_ptr + lay * kv_layer_stride + lines)
-        _prefetch_l2(vc_ptr + lay * kv_layer_stride + lines)
+        if MODE == 2:  # one contiguous chunk of K and of V per program, clamped to the layer
+            CH: tl.constexpr = KV_LINES * LINE
+            st = tl.cast(tl.maximum(tl.minimum(pid * CH, kv_layer_stride - CH), 0), tl.int64)
+            _bulk_prefetch_rows(kc_ptr + lay * kv_layer_stride + st, st * 0, CH * 2, 1)
+            _bulk_prefetch_rows(vc_ptr + lay * kv_layer_stride + st, st * 0, CH * 2, 1)
+        else:
+            last = kv_layer_stride // LINE - 1  # clamp: never past the layer's rows (the last layer ends the tensor)
+            lines = tl.minimum(pid * KV_LINES + tl.arange(0, KV_LINES), last).to(tl.int64) * LINE
+            _prefetch_l2(kc_ptr + lay * kv_layer_stride + lines)
+            _prefetch_l2(vc_ptr + lay * kv_layer_stride + lines)
     elif ph == 2:
         NT_O: tl.constexpr = D // (2 * BH_RES)
         KPS: tl.constexpr = NQ * HD // SPLIT_O
         if pid < NT_O * SPLIT_O:
             _prefetch_rows(wo_ptr + lay * (D * NQ * HD), (pid % NT_O) * 2 * BH_RES, NQ * HD, (pid // NT_O) * KPS,
-                           2 * BH_RES, KPS, LINE)
+                           2 * BH_RES, KPS, LINE, MODE)
     elif ph == 3:
         if pid < F // BH_GU:
-            _prefetch_rows(wgu_ptr + lay * (2 * F * D), pid * 2 * BH_GU, D, 0, 2 * BH_GU, D, LINE)
+            _prefetch_rows(wgu_ptr + lay * (2 * F * D), pid * 2 * BH_GU, D, 0, 2 * BH_GU, D, LINE, MODE)
     else:
         NT_D: tl.constexpr = D // (2 * BH_RES)
         KPS_D: tl.constexpr = F // SPLIT_DN
         if pid < NT_D * SPLIT_DN:
             _prefetch_rows(wdn_ptr + lay * (D * F), (pid % NT_D) * 2 * BH_RES, F, (pid // NT_D) * KPS_D,
-                           2 * BH_RES, KPS_D, LINE)
+                           2 * BH_RES, KPS_D, LINE, MODE)
 
 
 @triton.jit
@@ -126,6 +200,7 @@ def _action_stack_kernel(
     ATT_BM: tl.constexpr, ATT_BN: tl.constexpr, ATT_SPLIT: tl.constexpr, ATT_STAGES: tl.constexpr,
     NPROG: tl.constexpr, GRID_SYNC: tl.constexpr, PREFETCH: tl.constexpr, AHEAD: tl.constexpr,
     KV_LINES: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr = 64, WORK: tl.constexpr = 31,
+    BARRIER: tl.constexpr = 1,
 ):
     pid = tl.program_id(0)
     NQKV: tl.constexpr = (NQ + 2) * HD
@@ -137,7 +212,7 @@ def _action_stack_kernel(
     if PREFETCH:  # the first AHEAD phases' slabs (the barrier-time prefetch covers the rest)
         for pre in tl.static_range(AHEAD):
             _prefetch_phase(pre % 5, layer_lo + pre // 5, pid, wqkv_ptr, wo_ptr, wgu_ptr, wdn_ptr, kc_ptr, vc_ptr,
-                            kv_layer_stride, D, F, NQ, HD, BH_QKV, BH_GU, BH_RES, SPLIT_O, SPLIT_DN, KV_LINES, LINE)
+                            kv_layer_stride, D, F, NQ, HD, BH_QKV, BH_GU, BH_RES, SPLIT_O, SPLIT_DN, KV_LINES, LINE, PREFETCH)
     if PDL:
         gdc_wait()  # the time MLP's rows (and the caches) are visible from here on
     for layer in range(layer_lo, layer_hi):
@@ -156,10 +231,13 @@ def _action_stack_kernel(
                         if nxt_layer < layer_hi:
                             _prefetch_phase((ph + AHEAD) % 5, nxt_layer, pid, wqkv_ptr, wo_ptr, wgu_ptr, wdn_ptr, kc_ptr,
                                             vc_ptr, kv_layer_stride, D, F, NQ, HD, BH_QKV, BH_GU, BH_RES, SPLIT_O,
-                                            SPLIT_DN, KV_LINES, LINE)
+                                            SPLIT_DN, KV_LINES, LINE, PREFETCH)
                     nb = (layer - layer_lo) * _NPH + ph  # barriers passed before this phase
                     if nb > 0:
-                        _grid_sync(bar_ptr, nb * NPROG)
+                        if BARRIER == 1:
+                            _grid_sync_flags(bar_ptr, pid, nb, NPROG)
+                        else:
+                            _grid_sync(bar_ptr, nb * NPROG)
                 if (WORK >> ph) % 2 == 0:  # phase switched off (timing probes only: benchmarks/stack_probe.py)
                     pass
                 elif ph == 0:  # qkv + norm + RoPE -> q, and this layer's suffix K/V cache rows
@@ -207,8 +285,8 @@ class StackPlan:
 
     def __init__(self, D: int, F: int, NQ: int, HD: int, TK: int, bh_qkv: int, bh_gu: int, bh_res: int, bk_qkv=128,
                  bk_gu=128, bk_o=128, split_o=4, bk_dn=128, split_dn=4, attn=(16, 64, 2, 8), nprog: int = 0,
-                 stages: int = 4, num_warps: int = 4, prefetch: bool = True, ahead: int = 2, pdl: bool = True,
-                 device=None):
+                 stages: int = 4, num_warps: int = 4, prefetch: int = 2, ahead: int = 2, pdl: bool = True,
+                 barrier: int = 1, device=None):
         import torch
 
         self.D, self.F, self.NQ, self.HD, self.TK = D, F, NQ, HD, TK
@@ -233,7 +311,10 @@ class StackPlan:
         self.grid_sync = on_gpu and not INTERPRET
         line = 64  # bf16 elements per 128-byte line
         sizes_ok = all(_pow2(n) and n % line == 0 for n in (D, WA // split_o, F // split_dn))
-        self.prefetch = bool(prefetch) and self.grid_sync and sizes_ok and _pow2(2 * bh_qkv) and _pow2(2 * bh_res) and _pow2(2 * bh_gu)
+        # prefetch: 0 off, 1 prefetch.global.L2 per 128-byte line, 2 cp.async.bulk.prefetch.L2 per weight row
+        ok = self.grid_sync and sizes_ok and _pow2(2 * bh_qkv) and _pow2(2 * bh_res) and _pow2(2 * bh_gu)
+        self.prefetch = int(prefetch) if ok else 0
+        self.barrier = barrier  # 1: per-program flags (bar holds >= nprog int32), 0: one arrival counter
         self.ahead = ahead
         self.kv_lines = triton.next_power_of_2(max(1, triton.cdiv(TK * HD // line, nprog)))
         self.pdl = bool(pdl) and HAS_PDL and self.grid_sync
@@ -254,7 +335,7 @@ def action_stack(plan: StackPlan, xs, xa, ss, q, o, h, kc, vc, key_valid, pos, c
     squares (stride(0) free), q/o [R, NQ*HD], h [R, F] scratch; kc/vc [L, TK, HD] caches (prefix rows filled; the
     suffix rows are written here); pos = positions of the suffix rows row_start..; w* = stacked skinny layouts;
     ws (>= workspace_numel()[0]) / aws (>= [1]) float32 scratch, cnt int32 counters (zero, >= 3072), bar int32
-    scalar (zero) per launch."""
+    (zero; >= nprog elements for the flag barrier) per launch."""
     R, D = xs.shape
     L, TK, HD = kc.shape
     assert D == plan.D and HD == plan.HD and TK == plan.TK and R <= plan.bm, (xs.shape, kc.shape)
@@ -263,11 +344,12 @@ def action_stack(plan: StackPlan, xs, xa, ss, q, o, h, kc, vc, key_valid, pos, c
     lo, hi = layers or (0, L)
     n_ws, n_aws = plan.workspace_numel()
     assert ws.numel() >= n_ws and aws.numel() >= n_aws and cnt.numel() >= CNT_DN + 1024
+    assert bar.numel() >= (plan.nprog if plan.barrier == 1 else 1), "the flag barrier needs one int32 per program"
     aml = aws[plan.att_split * plan.NQ * plan.bm * HD:]
     kw = dict(D=D, F=plan.F, NQ=plan.NQ, HD=HD, NSS=ss.shape[0], BM=plan.bm, BH_QKV=plan.bh_qkv, BK_QKV=plan.bk_qkv,
               BH_GU=plan.bh_gu, BK_GU=plan.bk_gu, BH_RES=plan.bh_res, BK_O=plan.bk_o, SPLIT_O=plan.split_o,
               BK_DN=plan.bk_dn, SPLIT_DN=plan.split_dn, ATT_BM=plan.att_bm, ATT_BN=plan.att_bn,
-              ATT_SPLIT=plan.att_split, ATT_STAGES=plan.att_stages, NPROG=plan.nprog, PREFETCH=plan.prefetch, WORK=plan.work,
+              ATT_SPLIT=plan.att_split, ATT_STAGES=plan.att_stages, NPROG=plan.nprog, PREFETCH=plan.prefetch, WORK=plan.work, BARRIER=plan.barrier,
               AHEAD=plan.ahead, KV_LINES=plan.kv_lines, num_warps=plan.num_warps, num_stages=plan.stages)
     args = (xs, xa, ss, q, o, h, kc, vc, key_valid, pos, cos, sin, wqkv, wo, wgu, wdn, ws, cnt, aws, aml, bar,
             R, t_prefix, TK, row_start)

@@ -106,8 +106,9 @@ class Tuning:
     st_nprog: int = 0  # programs (0: one per SM)
     st_warps: int = 4
     st_stages: int = 4
-    st_prefetch: bool = True
+    st_prefetch: int = 2  # 0 off, 1 per-line prefetch.global.L2, 2 cp.async.bulk.prefetch.L2 per weight row
     st_ahead: int = 2
+    st_barrier: int = 1  # 1 per-program flags, 0 one arrival counter
     pdl: bool = True  # programmatic dependent launch between the skinny path's kernels (where Triton has it)
     pdl_early: bool = False  # skinny matmuls signal their dependents at entry rather than after gdc_wait
     prefetch: bool = False  # skinny matmuls prefetch their whole weight slab into L2 at entry (before gdc_wait)
@@ -286,11 +287,11 @@ class _ViewGraph:
                                            bk_qkv=t.st_qkv[1], bk_gu=t.st_gu[1], bk_o=t.st_res[1], split_o=t.st_res[2],
                                            bk_dn=t.st_res[3], split_dn=t.st_res[4], attn=sa, nprog=t.st_nprog,
                                            stages=t.st_stages, num_warps=t.st_warps, prefetch=t.st_prefetch,
-                                           ahead=t.st_ahead, pdl=t.pdl, device=dev)
+                                           ahead=t.st_ahead, pdl=t.pdl, barrier=t.st_barrier, device=dev)
             n_ws, n_aws = self.stack_plan.workspace_numel()
             self.st_ws, self.st_aws = z(n_ws), z(n_aws)
             self.st_cnt = z(4096, dtype=torch.int32)
-            self.st_bars = z(max(1, self.tb.shape[0]), dtype=torch.int32)
+            self.st_bars = z(max(1, self.tb.shape[0]), max(256, self.stack_plan.nprog), dtype=torch.int32)
         self.graph = None
         self.capture_s = None
 
@@ -416,7 +417,7 @@ class _ViewGraph:
             if self.stack_plan is not None:  # every layer of the step in one persistent launch
                 AS.action_stack(self.stack_plan, xs, xa, ss, q, o, h, self.kc, self.vc, self.key_valid, self.pos[T + r0:],
                                 W.cos, W.sin, W.sk_qkv, W.sk_o, W.sk_gu, W.sk_down, self.st_ws, self.st_cnt, self.st_aws,
-                                self.st_bars[step:step + 1], T, r0, eps)
+                                self.st_bars[step], T, r0, eps)
                 AOE.action_out_euler(self.xs[1:], W.out_w, W.out_b, self.x_t, dt, a.rms_eps)
                 continue
             norm = dict(ss_in=ss, nss_in=nss, d_norm=D, eps=eps)

@@ -343,7 +343,7 @@ def test_action_stack_matches_per_kernel_path(dtype, row_start, gen):
                         bk_dn=32, split_dn=split_dn, attn=attn, nprog=5, device=DEV)
     n_ws, n_aws = plan.workspace_numel()
     ws, aws = torch.empty(n_ws, device=DEV), torch.empty(n_aws, device=DEV)
-    cnt, bar = torch.zeros(4096, dtype=torch.int32, device=DEV), torch.zeros(1, dtype=torch.int32, device=DEV)
+    cnt, bar = torch.zeros(4096, dtype=torch.int32, device=DEV), torch.zeros(256, dtype=torch.int32, device=DEV)
     for _ in range(2):  # twice: counters must be back at zero, results identical
         xs, xa, ss, kc, vc = fresh()
         q, o, h = (torch.full((R, n), float("nan"), dtype=dtype, device=DEV) for n in (NQ * HD, NQ * HD, F))
