@@ -1,6 +1,8 @@
 """Small @triton.jit helpers shared by the fused ops (not ops themselves).
 
 - `gelu_tanh`: tanh-approximate GELU written with exp, so it runs the same under TRITON_INTERPRET=1.
+- `bulk_prefetch_rows`: thread 0 asks the copy engine to pull rows of a weight slab into L2 (Hopper), so a
+  kernel launched early under PDL can have its weights on chip before the previous kernel ends.
 - `arrive_last`: the "last program of a group reduces" pattern. Split-K matmuls and split-KV attention
   write fp32 partials to a workspace, then bump a per-tile counter; the program that arrives last sums
   the partials in a FIXED order (s = 0, 1, ...), so results are bitwise deterministic (unlike float
@@ -58,6 +60,32 @@ def arrive_last(counter_ptr, num: tl.constexpr):
     if last:
         tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
     return last
+
+
+@triton.jit
+def bulk_prefetch_rows(ptr, stride_bytes, nbytes, nrows):
+    """Thread 0 asks the copy engine to bring `nrows` rows of `nbytes` contiguous bytes (stride_bytes apart) into
+    L2 (`cp.async.bulk.prefetch.L2`: one instruction per row, no registers or shared memory held)."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .pred %p<2>;
+        .reg .u32 %t;
+        .reg .u32 %i;
+        .reg .u64 %a;
+        mov.u32 %t, %tid.x;
+        setp.ne.u32 %p0, %t, 0;
+        @%p0 bra PF_DONE_${:uid};
+        mov.u64 %a, $1;
+        mov.u32 %i, 0;
+        PF_LOOP_${:uid}:
+        cp.async.bulk.prefetch.L2.global [%a], $3;
+        add.u64 %a, %a, $2;
+        add.u32 %i, %i, 1;
+        setp.lt.u32 %p1, %i, $4;
+        @%p1 bra PF_LOOP_${:uid};
+        PF_DONE_${:uid}:
+        mov.u32 $0, 0;
+        }""", "=r,l,l,r,r", [ptr, stride_bytes, nbytes, nrows], dtype=tl.int32, is_pure=False, pack=1)
 
 
 def gelu_tanh_ref(x: torch.Tensor) -> torch.Tensor:

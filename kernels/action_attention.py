@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pi0_triton_policy.kernels._common import (HAS_PDL, arrive_last, default_workspace, gdc_launch_dependents, gdc_wait,
-                                               pdl_kwargs)
+from pi0_triton_policy.kernels._common import (HAS_PDL, INTERPRET, arrive_last, bulk_prefetch_rows, default_workspace,
+                                               gdc_launch_dependents, gdc_wait, pdl_kwargs)
 
 
 @triton.jit
@@ -30,8 +30,15 @@ def _action_attention_kernel(
     q_ptr, k_ptr, v_ptr, valid_ptr, o_ptr, ws_ptr, ml_ptr, cnt_ptr,
     R, T_PRE, TK, row_start, stride_qm, stride_kv, stride_om, CHUNK,
     NQ: tl.constexpr, HD: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PDL: tl.constexpr = False, STAGES: tl.constexpr = 2,
+    PDL: tl.constexpr = False, STAGES: tl.constexpr = 2, PREFETCH: tl.constexpr = False,
 ):
+    if PREFETCH:  # the first row block of each key chunk asks L2 for the chunk's K/V rows (contiguous) before waiting
+        if tl.program_id(0) == 0:
+            lo = tl.program_id(1) * CHUNK
+            nbytes = (tl.minimum(CHUNK, TK - lo) * stride_kv * 2).to(tl.int32)
+            start = lo.to(tl.int64) * stride_kv
+            bulk_prefetch_rows(k_ptr + start, start * 0, nbytes, 1)
+            bulk_prefetch_rows(v_ptr + start, start * 0, nbytes, 1)
     if PDL:  # launched early (programmatic dependent launch): wait for the qkv kernel's q and K/V rows
         gdc_wait()
         gdc_launch_dependents()
@@ -105,7 +112,8 @@ def _attention_item(
 
 
 def action_attention(q, k, v, key_valid, t_prefix: int, row_start: int, num_heads: int, out=None,
-                     split: int = 4, block=(64, 64), num_warps: int = 4, num_stages: int = 2, workspace=None, pdl: bool = False):
+                     split: int = 4, block=(64, 64), num_warps: int = 4, num_stages: int = 2, workspace=None, pdl: bool = False,
+                     prefetch: bool = False):
     """q [R, NQ*HD] (query rows = suffix rows row_start..row_start+R), k/v cache [T_pre + S, HD],
     key_valid [>= T_pre] int -> out [R, NQ*HD]."""
     R, W = q.shape
@@ -128,6 +136,7 @@ def action_attention(q, k, v, key_valid, t_prefix: int, row_start: int, num_head
     _action_attention_kernel[grid](q, k, v, key_valid, out, ws, ml, cnt, R, t_prefix, TK, row_start,
                                    q.stride(0), k.stride(0), out.stride(0), chunk,
                                    NQ=num_heads, HD=HD, SPLIT=split, BLOCK_M=BM, BLOCK_N=BN, PDL=pdl, STAGES=num_stages,
+                                   PREFETCH=bool(prefetch) and q.is_cuda and not INTERPRET and k.element_size() == 2,
                                    num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl))
     return out
 

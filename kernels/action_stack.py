@@ -29,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from pi0_triton_policy.kernels._common import HAS_PDL, INTERPRET, gdc_wait, pdl_kwargs
+from pi0_triton_policy.kernels._common import HAS_PDL, INTERPRET, bulk_prefetch_rows, gdc_wait, pdl_kwargs
 from pi0_triton_policy.kernels.action_attention import _attention_item
 from pi0_triton_policy.kernels.skinny_matmul import EPI_GEGLU, EPI_QKV, EPI_RES, _prefetch_l2, _skinny_item
 
@@ -111,37 +111,11 @@ def _grid_sync_flags(flags_ptr, pid, gen, NPROG: tl.constexpr):
 
 
 @triton.jit
-def _bulk_prefetch_rows(ptr, stride_bytes, nbytes, nrows):
-    """Thread 0 asks the copy engine to bring `nrows` rows of `nbytes` contiguous bytes (stride_bytes apart) into
-    L2 (`cp.async.bulk.prefetch.L2`: one instruction per row, no registers or shared memory held)."""
-    return tl.inline_asm_elementwise(
-        """{
-        .reg .pred %p<2>;
-        .reg .u32 %t;
-        .reg .u32 %i;
-        .reg .u64 %a;
-        mov.u32 %t, %tid.x;
-        setp.ne.u32 %p0, %t, 0;
-        @%p0 bra PF_DONE_${:uid};
-        mov.u64 %a, $1;
-        mov.u32 %i, 0;
-        PF_LOOP_${:uid}:
-        cp.async.bulk.prefetch.L2.global [%a], $3;
-        add.u64 %a, %a, $2;
-        add.u32 %i, %i, 1;
-        setp.lt.u32 %p1, %i, $4;
-        @%p1 bra PF_LOOP_${:uid};
-        PF_DONE_${:uid}:
-        mov.u32 $0, 0;
-        }""", "=r,l,l,r,r", [ptr, stride_bytes, nbytes, nrows], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _prefetch_rows(w_ptr, row0, K, k0, NROWS: tl.constexpr, KLEN: tl.constexpr, LINE: tl.constexpr, MODE: tl.constexpr):
     if MODE == 2:
         EB: tl.constexpr = w_ptr.dtype.element_ty.primitive_bitwidth // 8
         start = w_ptr + tl.cast(row0, tl.int64) * K + k0
-        _bulk_prefetch_rows(start, tl.cast(K, tl.int64) * EB, KLEN * EB, NROWS)
+        bulk_prefetch_rows(start, tl.cast(K, tl.int64) * EB, KLEN * EB, NROWS)
     else:
         rows = row0 + tl.arange(0, NROWS)
         cols = k0 + tl.arange(0, KLEN // LINE) * LINE
@@ -163,8 +137,8 @@ def _prefetch_phase(ph: tl.constexpr, layer, pid, wqkv_ptr, wo_ptr, wgu_ptr, wdn
         if MODE == 2:  # one contiguous chunk of K and of V per program, clamped to the layer
             CH: tl.constexpr = KV_LINES * LINE
             st = tl.cast(tl.maximum(tl.minimum(pid * CH, kv_layer_stride - CH), 0), tl.int64)
-            _bulk_prefetch_rows(kc_ptr + lay * kv_layer_stride + st, st * 0, CH * 2, 1)
-            _bulk_prefetch_rows(vc_ptr + lay * kv_layer_stride + st, st * 0, CH * 2, 1)
+            bulk_prefetch_rows(kc_ptr + lay * kv_layer_stride + st, st * 0, CH * 2, 1)
+            bulk_prefetch_rows(vc_ptr + lay * kv_layer_stride + st, st * 0, CH * 2, 1)
         else:
             last = kv_layer_stride // LINE - 1  # clamp: never past the layer's rows (the last layer ends the tensor)
             lines = tl.minimum(pid * KV_LINES + tl.arange(0, KV_LINES), last).to(tl.int64) * LINE

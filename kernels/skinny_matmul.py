@@ -28,11 +28,11 @@ import torch
 import triton
 import triton.language as tl
 
-from pi0_triton_policy.kernels._common import (HAS_PDL, pdl_kwargs, arrive_last, default_workspace, gdc_launch_dependents,
-                                               gdc_wait, gelu_tanh, gelu_tanh_ref)
+from pi0_triton_policy.kernels._common import (HAS_PDL, INTERPRET, pdl_kwargs, arrive_last, bulk_prefetch_rows, default_workspace,
+                                               gdc_launch_dependents, gdc_wait, gelu_tanh, gelu_tanh_ref)
 
 EPI_RES, EPI_GEGLU, EPI_QKV = 0, 1, 2
-PREFETCH = False  # set by the engine (Tuning.prefetch): L2 prefetch of each program's weights at entry
+PREFETCH = 0  # set by the engine (Tuning.prefetch): L2 prefetch of each program's weights at entry (1 lines, 2 bulk)
 PDL_EARLY = False  # set by the engine (Tuning.pdl_early): signal dependents at entry instead of after gdc_wait
 
 
@@ -87,7 +87,11 @@ def _skinny_item(
     k_lo = pid_k * K_PER_SPLIT
     if PDL_EARLY:  # let the next kernel's programs be scheduled as soon as all of ours are
         gdc_launch_dependents()
-    if PREFETCH:  # ask L2 for this program's whole weight slab now (overlaps the previous kernel's tail under PDL)
+    if PREFETCH == 2:  # ask L2 for this program's whole weight slab now (copy engine, one request per row)
+        EB: tl.constexpr = wt_ptr.dtype.element_ty.primitive_bitwidth // 8
+        bulk_prefetch_rows(wt_ptr + (pid_n * BN).to(tl.int64) * K + k_lo, tl.cast(K, tl.int64) * EB,
+                           tl.minimum(K_PER_SPLIT, K - k_lo) * EB, BN)
+    elif PREFETCH == 1:  # the same with one prefetch.global.L2 per 128-byte line, spread over the threads
         lines = k_lo + tl.arange(0, KP // LINE) * LINE
         pre_rows = pid_n * BN + tl.arange(0, BN)
         _prefetch_l2(wt_ptr + pre_rows.to(tl.int64)[:, None] * K + lines[None, :])
@@ -242,7 +246,11 @@ def _launch(a, wt, epi, split, block, num_warps, num_stages, workspace, pdl=Fals
     split = triton.cdiv(K, k_per)
     grid = (N // (2 * BH), split)
     line = 128 // wt.element_size()
-    prefetch = PREFETCH and a.is_cuda and k_per % line == 0 and (k_per // line) & (k_per // line - 1) == 0
+    prefetch = int(PREFETCH) if a.is_cuda and not INTERPRET else 0
+    if prefetch == 1 and not (k_per % line == 0 and (k_per // line) & (k_per // line - 1) == 0):
+        prefetch = 0
+    if prefetch == 2 and (K * wt.element_size()) % 16:
+        prefetch = 0  # bulk copies need 16-byte aligned rows
     ws, cnt = (workspace or default_workspace(a.device)).need(split * BM * N if split > 1 else 1, grid[0])
     dummy = ws
     _skinny_kernel[grid](

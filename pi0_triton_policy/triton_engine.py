@@ -96,7 +96,7 @@ class Tuning:
     # persistent action expert (kernels/action_stack.py): all layers of a flow step in one launch, grid barriers
     # between phases, L2 prefetch of the weights st_ahead phases ahead. Overrides act_skinny's per-layer kernels
     # (the time MLP and the output/Euler update stay separate kernels).
-    act_stack: bool = True
+    act_stack: bool = False  # measured slower than the per-layer kernels with PDL (benchmarks/NOTES.md)
     st_qkv: tuple = (16, 128)  # BH (fixed at load: column pairing), BK
     st_gu: tuple = (32, 128)  # BH (fixed at load), BK
     st_res: tuple = (16, 128, 4, 128, 4)  # BH (o, down, time MLP: the norm-statistics tiles), BK_o, split_o, BK_down, split_down
@@ -111,7 +111,10 @@ class Tuning:
     st_barrier: int = 1  # 1 per-program flags, 0 one arrival counter
     pdl: bool = True  # programmatic dependent launch between the skinny path's kernels (where Triton has it)
     pdl_early: bool = False  # skinny matmuls signal their dependents at entry rather than after gdc_wait
-    prefetch: bool = False  # skinny matmuls prefetch their whole weight slab into L2 at entry (before gdc_wait)
+    # skinny matmuls prefetch their whole weight slab into L2 at entry (before gdc_wait): 0 no, 1 one
+    # prefetch.global.L2 per line, 2 cp.async.bulk.prefetch.L2 per row; attention likewise its K/V chunk
+    prefetch: int = 0
+    attn_prefetch: bool = False
 
 
     @classmethod
@@ -426,7 +429,7 @@ class _ViewGraph:
                                    self.vc[i, T + r0:], a.num_heads, a.head_dim, **norm, **sk(t.sk_qkv, bq))
                 AA.action_attention(q, self.kc[i], self.vc[i], self.key_valid, T, r0, a.num_heads, out=o, split=ca[4],
                                     block=ca[:2], num_warps=ca[2], num_stages=ca[3], workspace=ws,
-                                    pdl=t.pdl)
+                                    pdl=t.pdl, prefetch=t.attn_prefetch)
                 SK.skinny_residual(o, W.sk_o[i], xs, xa, ss, **sk(t.sk_o, br))
                 SK.skinny_geglu(xa, W.sk_gu[i], h, **norm, **sk(t.sk_gu, bg))
                 SK.skinny_residual(h, W.sk_down[i], xs, xa, ss, **sk(t.sk_down, br))
