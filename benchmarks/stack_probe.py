@@ -51,6 +51,7 @@ def main():
     ap.add_argument("--views", nargs="+", type=int, default=[1, 3])
     ap.add_argument("--json", default=None)
     ap.add_argument("--variants", default=None, help="JSON {name: StackPlan kwargs (+ 'work': phase bit mask)}")
+    ap.add_argument("--timeline", action="store_true", help="also print per-program timestamps of the per-kernel path")
     args = ap.parse_args()
     dev = "cuda"
     torch.manual_seed(0)
@@ -104,6 +105,28 @@ def main():
         t = time_graph(per_kernel)
         res["rows"].append({"views": V, "variant": "per_kernel", "us_step": t})
         print(f"views={V} {'per_kernel':14s} {t:8.1f} us/step  {t / L:6.2f} us/layer")
+        if args.timeline:  # %globaltimer stamps of every program of layers 1-2's skinny kernels (eager, one step)
+            SK.TIMESTAMPS = torch.zeros(1 << 16, dtype=torch.int64, device=dev)
+            SK.TS_LOG.clear()
+            per_kernel()
+            torch.cuda.synchronize()
+            stamps = SK.TIMESTAMPS.cpu()
+            SK.TIMESTAMPS = None
+            log = SK.TS_LOG[4:12]  # layers 1 and 2: qkv, o, gate|up, down (attention is not stamped)
+            t_ref = stamps[log[0][1]:log[0][1] + 4 * log[0][2]].view(-1, 4)[:, 0].min().item()
+            print(f"  timeline (us from layer 1's first qkv program; per kernel min/median/max over programs)")
+            tl_rows = []
+            for (name, first, n), label in zip(log, ["qkv", "o", "gu", "down"] * 2):
+                st = (stamps[first:first + 4 * n].view(n, 4).double() - t_ref) / 1000
+                q = lambda c: (st[:, c].min().item(), st[:, c].median().item(), st[:, c].max().item())  # noqa: E731
+                row = {"kernel": label, "programs": n, "entry": q(0), "after_wait": q(1), "loop_end": q(2), "end": q(3)}
+                tl_rows.append(row)
+                print(f"  {label:5s} n={n:3d} entry {row['entry'][0]:6.2f}/{row['entry'][1]:6.2f}/{row['entry'][2]:6.2f}"
+                      f"  wait-done {row['after_wait'][0]:6.2f}/{row['after_wait'][1]:6.2f}/{row['after_wait'][2]:6.2f}"
+                      f"  loop-end {row['loop_end'][0]:6.2f}/{row['loop_end'][1]:6.2f}/{row['loop_end'][2]:6.2f}"
+                      f"  end {row['end'][0]:6.2f}/{row['end'][1]:6.2f}/{row['end'][2]:6.2f}")
+            res.setdefault("timeline", {})[V] = tl_rows
+            SK.TS_LOG.clear()
         for name, kwv in variants.items():
             kwv = dict(kwv)
             work = kwv.pop("work", 31)

@@ -88,6 +88,13 @@ def bulk_prefetch_rows(ptr, stride_bytes, nbytes, nrows):
         }""", "=r,l,l,r,r", [ptr, stride_bytes, nbytes, nrows], dtype=tl.int32, is_pure=False, pack=1)
 
 
+
+@triton.jit
+def globaltimer(dep):
+    """%globaltimer (ns, comparable across SMs); `dep` orders the read after a value is ready. Profiling only."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [dep], dtype=tl.int64, is_pure=False, pack=1)
+
+
 def gelu_tanh_ref(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.gelu(x, approximate="tanh")
 

@@ -29,11 +29,16 @@ import triton
 import triton.language as tl
 
 from pi0_triton_policy.kernels._common import (HAS_PDL, INTERPRET, pdl_kwargs, arrive_last, bulk_prefetch_rows, default_workspace,
-                                               gdc_launch_dependents, gdc_wait, gelu_tanh, gelu_tanh_ref)
+                                               gdc_launch_dependents, gdc_wait, gelu_tanh, gelu_tanh_ref, globaltimer)
 
 EPI_RES, EPI_GEGLU, EPI_QKV = 0, 1, 2
 PREFETCH = 0  # set by the engine (Tuning.prefetch): L2 prefetch of each program's weights at entry (1 lines, 2 bulk)
 PDL_EARLY = False  # set by the engine (Tuning.pdl_early): signal dependents at entry instead of after gdc_wait
+# Profiling (benchmarks/stack_probe.py): when TIMESTAMPS is an int64 CUDA tensor, each launch appends
+# (name, first slot, programs) to TS_LOG and every program writes 4 %globaltimer stamps: entry, after gdc_wait,
+# after the K loop, end.
+TIMESTAMPS = None
+TS_LOG: list = []
 
 
 @triton.jit
@@ -54,12 +59,16 @@ def _skinny_kernel(
     SPLIT: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr,
     BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
     PDL_EARLY: tl.constexpr = False, PREFETCH: tl.constexpr = False, KP: tl.constexpr = 1, LINE: tl.constexpr = 64,
+    ts_ptr=None, TS: tl.constexpr = False,
 ):
+    ts = ts_ptr
+    if TS:
+        ts = ts_ptr + (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) * 4
     _skinny_item(tl.program_id(0), tl.program_id(1), a_ptr, wt_ptr, ws_ptr, cnt_ptr, ss_in_ptr, x_ptr, xa_ptr, ss_out_ptr,
                  bias_ptr, h_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,
                  M, N, K, K_PER_SPLIT, stride_am, stride_x, stride_xa, stride_ss_in, stride_ss_out, stride_h, stride_q,
                  stride_kv, D_NORM, eps, EPI, NORM_A, NSS_IN, STORE, HAS_BIAS, SPLIT, NQ, HD, BM, BH, BK, PDL,
-                 PDL_EARLY, PREFETCH, KP, LINE, "")
+                 PDL_EARLY, PREFETCH, KP, LINE, "", ts, TS)
 
 
 @triton.jit
@@ -72,11 +81,14 @@ def _skinny_item(
     SPLIT: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr,
     BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
     PDL_EARLY: tl.constexpr, PREFETCH: tl.constexpr, KP: tl.constexpr, LINE: tl.constexpr, CM: tl.constexpr,
+    ts_ptr=None, TS: tl.constexpr = False,
 ):
     """One (column tile, K split) of the skinny matmul: the body of `_skinny_kernel`, also called by the persistent
     action-expert kernel (kernels/action_stack.py). CM: cache modifier of activation loads (".cg" there: the rows were
     written by other programs of the same launch, L1 must not serve stale copies)."""
     BN: tl.constexpr = 2 * BH
+    if TS:
+        tl.store(ts_ptr, globaltimer(pid_n))
     offs_m = tl.arange(0, BM)
     m_ok = offs_m < M
     r1 = pid_n * BN + tl.arange(0, BH)  # weight rows (= workspace columns) of the two halves
@@ -104,6 +116,8 @@ def _skinny_item(
         gdc_wait()  # the previous kernel's outputs (this kernel's A) are visible from here on
         if not PDL_EARLY:
             gdc_launch_dependents()
+    if TS:
+        tl.store(ts_ptr + 1, globaltimer(pid_n))
     a = tl.load(a_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0, cache_modifier=CM)
     acc1 = tl.dot(a, tl.trans(w1))
     acc2 = tl.dot(a, tl.trans(w2))
@@ -115,6 +129,8 @@ def _skinny_item(
         a = tl.load(a_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0, cache_modifier=CM)
         acc1 += tl.dot(a, tl.trans(w1))
         acc2 += tl.dot(a, tl.trans(w2))
+    if TS:
+        tl.store(ts_ptr + 2, globaltimer(tl.sum(tl.sum(acc1, 1), 0).to(tl.int32)))
     if SPLIT > 1:
         p1 = ws_ptr + pid_k * BM * N + offs_m[:, None] * N + r1[None, :]
         tl.store(p1, acc1, mask=m_ok[:, None])  # padded rows (>= M) are neither stored nor read back
@@ -135,6 +151,9 @@ def _skinny_item(
                          pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, stride_x, stride_xa, stride_ss_in,
                          stride_ss_out, stride_h, stride_q, stride_kv, D_NORM, eps,
                          EPI, NORM_A, NSS_IN, STORE, HAS_BIAS, NQ, HD, BM, BH, CM)
+    if TS:
+        tl.debug_barrier()
+        tl.store(ts_ptr + 3, globaltimer(pid_n))
 
 
 @triton.jit
@@ -253,6 +272,11 @@ def _launch(a, wt, epi, split, block, num_warps, num_stages, workspace, pdl=Fals
         prefetch = 0  # bulk copies need 16-byte aligned rows
     ws, cnt = (workspace or default_workspace(a.device)).need(split * BM * N if split > 1 else 1, grid[0])
     dummy = ws
+    ts = {}
+    if TIMESTAMPS is not None and a.is_cuda:
+        first = sum(n for _, _, n in TS_LOG) * 4
+        TS_LOG.append(({0: "res", 1: "geglu", 2: "qkv"}[epi], first, grid[0] * grid[1]))
+        ts = dict(ts_ptr=TIMESTAMPS[first:], TS=True)
     _skinny_kernel[grid](
         a, wt, ws, cnt, ss_in if ss_in is not None else dummy,
         x if x is not None else dummy, xa if xa is not None else dummy, ss_out if ss_out is not None else dummy,
@@ -265,7 +289,7 @@ def _launch(a, wt, epi, split, block, num_warps, num_stages, workspace, pdl=Fals
         d_norm, eps,
         EPI=epi, NORM_A=ss_in is not None, NSS_IN=nss_in, STORE=store, HAS_BIAS=bias is not None, SPLIT=split,
         NQ=num_heads, HD=head_dim, BM=BM, BH=BH, BK=BK, PDL=pdl, PDL_EARLY=pdl and PDL_EARLY, PREFETCH=prefetch, KP=k_per, LINE=line, num_warps=num_warps, num_stages=num_stages,
-        **pdl_kwargs(pdl))
+        **ts, **pdl_kwargs(pdl))
 
 
 def skinny_residual(a, wt, x, xa, ss_out, bias=None, store=False, ss_in=None, nss_in=1, d_norm=1, eps=1e-6,
