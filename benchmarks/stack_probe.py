@@ -118,8 +118,8 @@ def main():
             tl_rows = []
             for (name, first, n), label in zip(log, ["qkv", "o", "gu", "down"] * 2):
                 st = (stamps[first:first + 4 * n].view(n, 4).double() - t_ref) / 1000
-                q = lambda c: (st[:, c].min().item(), st[:, c].median().item(), st[:, c].max().item())  # noqa: E731
-                row = {"kernel": label, "programs": n, "entry": q(0), "after_wait": q(1), "loop_end": q(2), "end": q(3)}
+                mm = lambda c: (st[:, c].min().item(), st[:, c].median().item(), st[:, c].max().item())  # noqa: E731
+                row = {"kernel": label, "programs": n, "entry": mm(0), "after_wait": mm(1), "loop_end": mm(2), "end": mm(3)}
                 tl_rows.append(row)
                 print(f"  {label:5s} n={n:3d} entry {row['entry'][0]:6.2f}/{row['entry'][1]:6.2f}/{row['entry'][2]:6.2f}"
                       f"  wait-done {row['after_wait'][0]:6.2f}/{row['after_wait'][1]:6.2f}/{row['after_wait'][2]:6.2f}"
