@@ -39,6 +39,7 @@ PDL_EARLY = False  # set by the engine (Tuning.pdl_early): signal dependents at 
 # after the K loop, end.
 TIMESTAMPS = None
 TS_LOG: list = []
+EARLY_EPI = True  # set by the engine (Tuning.sk_early_epi): epilogue operands loaded before the K loop (see _skinny_item)
 W_TMA = False  # set by the engine (Tuning.sk_tma): weight tiles through TMA descriptors (Hopper, CUDA only)
 
 
@@ -60,7 +61,7 @@ def _skinny_kernel(
     SPLIT: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr,
     BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
     PDL_EARLY: tl.constexpr = False, PREFETCH: tl.constexpr = False, KP: tl.constexpr = 1, LINE: tl.constexpr = 64,
-    ts_ptr=None, TS: tl.constexpr = False, W_TMA: tl.constexpr = False,
+    ts_ptr=None, TS: tl.constexpr = False, W_TMA: tl.constexpr = False, EARLY: tl.constexpr = False,
 ):
     ts = ts_ptr
     if TS:
@@ -69,7 +70,7 @@ def _skinny_kernel(
                  bias_ptr, h_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,
                  M, N, K, K_PER_SPLIT, stride_am, stride_x, stride_xa, stride_ss_in, stride_ss_out, stride_h, stride_q,
                  stride_kv, D_NORM, eps, EPI, NORM_A, NSS_IN, STORE, HAS_BIAS, SPLIT, NQ, HD, BM, BH, BK, PDL,
-                 PDL_EARLY, PREFETCH, KP, LINE, "", ts, TS, W_TMA)
+                 PDL_EARLY, PREFETCH, KP, LINE, "", ts, TS, W_TMA, EARLY)
 
 
 @triton.jit
@@ -82,12 +83,15 @@ def _skinny_item(
     SPLIT: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr,
     BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
     PDL_EARLY: tl.constexpr, PREFETCH: tl.constexpr, KP: tl.constexpr, LINE: tl.constexpr, CM: tl.constexpr,
-    ts_ptr=None, TS: tl.constexpr = False, W_TMA: tl.constexpr = False,
+    ts_ptr=None, TS: tl.constexpr = False, W_TMA: tl.constexpr = False, EARLY: tl.constexpr = False,
 ):
     """One (column tile, K split) of the skinny matmul: the body of `_skinny_kernel`, also called by the persistent
     action-expert kernel (kernels/action_stack.py). CM: cache modifier of activation loads (".cg" there: the rows were
     written by other programs of the same launch, L1 must not serve stale copies). W_TMA: `wt_ptr` is a host tensor
-    descriptor of W^T with block [BH, BK] and weight tiles come through the copy engine (TMA) instead of cp.async."""
+    descriptor of W^T with block [BH, BK] and weight tiles come through the copy engine (TMA) instead of cp.async.
+    EARLY: the epilogue's other operands are requested before the K loop instead of after it, so their latency
+    hides behind the weight stream: RoPE tables and bias before gdc_wait (inputs of the whole inference), the row
+    norms' sums of squares and the residual tile right after it (written by the previous kernel)."""
     BN: tl.constexpr = 2 * BH
     if TS:
         tl.store(ts_ptr, globaltimer(pid_n))
@@ -110,6 +114,21 @@ def _skinny_item(
         lines = k_lo + tl.arange(0, KP // LINE) * LINE
         pre_rows = pid_n * BN + tl.arange(0, BN)
         _prefetch_l2(wt_ptr + pre_rows.to(tl.int64)[:, None] * K + lines[None, :])
+    j = tl.arange(0, BH)
+    zt = tl.zeros((BM, BH), dtype=tl.float32)
+    cs, sn, xo1, xo2 = zt, zt, zt, zt
+    b1, b2 = tl.zeros((BH,), dtype=tl.float32), tl.zeros((BH,), dtype=tl.float32)
+    rstd = tl.zeros((BM,), dtype=tl.float32)
+    if EARLY:
+        if EPI == 2:  # positions and RoPE tables: set before the inference, never written by a kernel
+            HALF: tl.constexpr = HD // 2
+            d = (pid_n % (HALF // BH)) * BH + j
+            pos = tl.load(pos_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
+            cs = tl.load(cos_ptr + pos[:, None] * HALF + d[None, :], mask=m_ok[:, None], other=0.0)
+            sn = tl.load(sin_ptr + pos[:, None] * HALF + d[None, :], mask=m_ok[:, None], other=0.0)
+        if EPI == 0 and HAS_BIAS:
+            b1 = tl.load(bias_ptr + pid_n * BN + j).to(tl.float32)
+            b2 = tl.load(bias_ptr + pid_n * BN + BH + j).to(tl.float32)
     # first K block peeled: its weight tiles are requested before waiting on the previous kernel (PDL)
     offs_k = k_lo + tl.arange(0, BK)
     k_ok = offs_k < K
@@ -125,6 +144,13 @@ def _skinny_item(
             gdc_launch_dependents()
     if TS:
         tl.store(ts_ptr + 1, globaltimer(pid_n))
+    if EARLY:  # the previous kernel's other outputs that the epilogue needs
+        if NORM_A:
+            rstd = _row_rstd(ss_in_ptr, stride_ss_in, offs_m, m_ok, D_NORM, eps, NSS_IN, BM, CM)
+        if EPI == 0 and not STORE:
+            px = x_ptr + offs_m.to(tl.int64)[:, None] * stride_x + (pid_n * BN + j)[None, :]
+            xo1 = tl.load(px, mask=m_ok[:, None], other=0.0, cache_modifier=CM)
+            xo2 = tl.load(px + BH, mask=m_ok[:, None], other=0.0, cache_modifier=CM)
     a = tl.load(a_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0, cache_modifier=CM)
     acc1 = tl.dot(a, tl.trans(w1))
     acc2 = tl.dot(a, tl.trans(w2))
@@ -156,15 +182,27 @@ def _skinny_item(
             _skinny_epilogue(acc1, acc2, pid_n, offs_m, m_ok, ss_in_ptr, x_ptr, xa_ptr, ss_out_ptr, bias_ptr, h_ptr,
                              pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, stride_x, stride_xa, stride_ss_in,
                              stride_ss_out, stride_h, stride_q, stride_kv, D_NORM, eps,
-                             EPI, NORM_A, NSS_IN, STORE, HAS_BIAS, NQ, HD, BM, BH, CM)
+                             EPI, NORM_A, NSS_IN, STORE, HAS_BIAS, NQ, HD, BM, BH, CM,
+                             EARLY, rstd, xo1, xo2, cs, sn, b1, b2)
     else:
         _skinny_epilogue(acc1, acc2, pid_n, offs_m, m_ok, ss_in_ptr, x_ptr, xa_ptr, ss_out_ptr, bias_ptr, h_ptr,
                          pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, stride_x, stride_xa, stride_ss_in,
                          stride_ss_out, stride_h, stride_q, stride_kv, D_NORM, eps,
-                         EPI, NORM_A, NSS_IN, STORE, HAS_BIAS, NQ, HD, BM, BH, CM)
+                         EPI, NORM_A, NSS_IN, STORE, HAS_BIAS, NQ, HD, BM, BH, CM,
+                         EARLY, rstd, xo1, xo2, cs, sn, b1, b2)
     if TS:
         tl.debug_barrier()
         tl.store(ts_ptr + 3, globaltimer(pid_n))
+
+
+@triton.jit
+def _row_rstd(ss_in_ptr, stride_ss_in, offs_m, m_ok, D_NORM, eps, NSS_IN: tl.constexpr, BM: tl.constexpr,
+              CM: tl.constexpr):
+    """Gemma RMSNorm row scale from the per-column-tile sums of squares: rsqrt(sum / D + eps)."""
+    tot = tl.zeros((BM,), dtype=tl.float32)
+    for t in tl.static_range(NSS_IN):
+        tot += tl.load(ss_in_ptr + t * stride_ss_in + offs_m, mask=m_ok, other=0.0, cache_modifier=CM)
+    return 1.0 / tl.sqrt(tot / D_NORM + eps)
 
 
 @triton.jit
@@ -173,12 +211,11 @@ def _skinny_epilogue(acc1, acc2, pid_n, offs_m, m_ok, ss_in_ptr, x_ptr, xa_ptr, 
                      stride_ss_out, stride_h, stride_q, stride_kv, D_NORM, eps,
                      EPI: tl.constexpr, NORM_A: tl.constexpr, NSS_IN: tl.constexpr, STORE: tl.constexpr,
                      HAS_BIAS: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr,
-                     CM: tl.constexpr = ""):
+                     CM: tl.constexpr = "", EARLY: tl.constexpr = False, rstd=None, xo1=None, xo2=None, cs=None, sn=None,
+                     b1=None, b2=None):
     if NORM_A:
-        tot = tl.zeros((BM,), dtype=tl.float32)
-        for t in tl.static_range(NSS_IN):
-            tot += tl.load(ss_in_ptr + t * stride_ss_in + offs_m, mask=m_ok, other=0.0, cache_modifier=CM)
-        rstd = 1.0 / tl.sqrt(tot / D_NORM + eps)
+        if not EARLY:
+            rstd = _row_rstd(ss_in_ptr, stride_ss_in, offs_m, m_ok, D_NORM, eps, NSS_IN, BM, CM)
         acc1 = acc1 * rstd[:, None]
         acc2 = acc2 * rstd[:, None]
     rows = offs_m.to(tl.int64)[:, None]
@@ -187,16 +224,22 @@ def _skinny_epilogue(acc1, acc2, pid_n, offs_m, m_ok, ss_in_ptr, x_ptr, xa_ptr, 
         c1 = pid_n * 2 * BH + j
         c2 = c1 + BH
         if HAS_BIAS:
-            acc1 += tl.load(bias_ptr + c1)[None, :].to(tl.float32)
-            acc2 += tl.load(bias_ptr + c2)[None, :].to(tl.float32)
+            if not EARLY:
+                b1 = tl.load(bias_ptr + c1).to(tl.float32)
+                b2 = tl.load(bias_ptr + c2).to(tl.float32)
+            acc1 += b1[None, :]
+            acc2 += b2[None, :]
         p1 = x_ptr + rows * stride_x + c1[None, :]
         mk = m_ok[:, None]
         if STORE:
             x1 = acc1
             x2 = acc2
         else:
-            x1 = acc1 + tl.load(p1, mask=mk, other=0.0, cache_modifier=CM)
-            x2 = acc2 + tl.load(p1 + BH, mask=mk, other=0.0, cache_modifier=CM)
+            if not EARLY:
+                xo1 = tl.load(p1, mask=mk, other=0.0, cache_modifier=CM)
+                xo2 = tl.load(p1 + BH, mask=mk, other=0.0, cache_modifier=CM)
+            x1 = acc1 + xo1
+            x2 = acc2 + xo2
         tl.store(p1, x1, mask=mk)
         tl.store(p1 + BH, x2, mask=mk)
         pa = xa_ptr + rows * stride_xa + c1[None, :]
@@ -214,9 +257,10 @@ def _skinny_epilogue(acc1, acc2, pid_n, offs_m, m_ok, ss_in_ptr, x_ptr, xa_ptr, 
         d = (pid_n % TPH) * BH + j
         mk = m_ok[:, None]
         if head <= NQ:
-            pos = tl.load(pos_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
-            cs = tl.load(cos_ptr + pos[:, None] * HALF + d[None, :], mask=mk, other=0.0)
-            sn = tl.load(sin_ptr + pos[:, None] * HALF + d[None, :], mask=mk, other=0.0)
+            if not EARLY:
+                pos = tl.load(pos_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
+                cs = tl.load(cos_ptr + pos[:, None] * HALF + d[None, :], mask=mk, other=0.0)
+                sn = tl.load(sin_ptr + pos[:, None] * HALF + d[None, :], mask=mk, other=0.0)
             o1 = acc1 * cs - acc2 * sn
             o2 = acc2 * cs + acc1 * sn
         else:
@@ -305,7 +349,7 @@ def _launch(a, wt, epi, split, block, num_warps, num_stages, workspace, pdl=Fals
         d_norm, eps,
         EPI=epi, NORM_A=ss_in is not None, NSS_IN=nss_in, STORE=store, HAS_BIAS=bias is not None, SPLIT=split,
         NQ=num_heads, HD=head_dim, BM=BM, BH=BH, BK=BK, PDL=pdl, PDL_EARLY=pdl and PDL_EARLY, PREFETCH=prefetch, KP=k_per, LINE=line, num_warps=num_warps, num_stages=num_stages,
-        **ts, **tma, **pdl_kwargs(pdl))
+        EARLY=bool(EARLY_EPI), **ts, **tma, **pdl_kwargs(pdl))
 
 
 def skinny_residual(a, wt, x, xa, ss_out, bias=None, store=False, ss_in=None, nss_in=1, d_norm=1, eps=1e-6,

@@ -115,6 +115,7 @@ class Tuning:
     # prefetch.global.L2 per line, 2 cp.async.bulk.prefetch.L2 per row; attention likewise its K/V chunk
     prefetch: int = 0
     attn_prefetch: bool = False
+    sk_early_epi: bool = True  # skinny matmuls request their epilogue operands before the K loop
     sk_tma: bool = False  # skinny matmuls read weight tiles through TMA descriptors (the copy engine) instead of cp.async
 
 
@@ -407,7 +408,7 @@ class _ViewGraph:
                                pdl=t.pdl)
         bq, bg, br = W.sk_bh["qkv"], W.sk_bh["gu"], self.bh_res
         ca = (t.sk_attn1, t.sk_attn2, t.sk_attn3)[min(self.V, 3) - 1]
-        SK.PDL_EARLY, SK.PREFETCH, SK.W_TMA = t.pdl_early, t.prefetch, t.sk_tma
+        SK.PDL_EARLY, SK.PREFETCH, SK.W_TMA, SK.EARLY_EPI = t.pdl_early, t.prefetch, t.sk_tma, t.sk_early_epi
         SK.prep_rows(self.xs[0:1], self.xsa[0:1], self.ss[:, 0:1])  # the state token's row
         if self.stack_plan is not None:
             self.st_bars.zero_()  # one barrier counter per step launch (a memset node in the graph)
