@@ -39,6 +39,7 @@ PDL_EARLY = False  # set by the engine (Tuning.pdl_early): signal dependents at 
 # after the K loop, end.
 TIMESTAMPS = None
 TS_LOG: list = []
+STAGGER = False  # set by the engine (Tuning.sk_stagger): rotate each program's K-block order (see _skinny_item)
 EARLY_EPI = True  # set by the engine (Tuning.sk_early_epi): epilogue operands loaded before the K loop (see _skinny_item)
 W_TMA = False  # set by the engine (Tuning.sk_tma): weight tiles through TMA descriptors (Hopper, CUDA only)
 
@@ -62,6 +63,7 @@ def _skinny_kernel(
     BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
     PDL_EARLY: tl.constexpr = False, PREFETCH: tl.constexpr = False, KP: tl.constexpr = 1, LINE: tl.constexpr = 64,
     ts_ptr=None, TS: tl.constexpr = False, W_TMA: tl.constexpr = False, EARLY: tl.constexpr = False,
+    STAGGER: tl.constexpr = False,
 ):
     ts = ts_ptr
     if TS:
@@ -70,7 +72,7 @@ def _skinny_kernel(
                  bias_ptr, h_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,
                  M, N, K, K_PER_SPLIT, stride_am, stride_x, stride_xa, stride_ss_in, stride_ss_out, stride_h, stride_q,
                  stride_kv, D_NORM, eps, EPI, NORM_A, NSS_IN, STORE, HAS_BIAS, SPLIT, NQ, HD, BM, BH, BK, PDL,
-                 PDL_EARLY, PREFETCH, KP, LINE, "", ts, TS, W_TMA, EARLY)
+                 PDL_EARLY, PREFETCH, KP, LINE, "", ts, TS, W_TMA, EARLY, STAGGER)
 
 
 @triton.jit
@@ -84,6 +86,7 @@ def _skinny_item(
     BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
     PDL_EARLY: tl.constexpr, PREFETCH: tl.constexpr, KP: tl.constexpr, LINE: tl.constexpr, CM: tl.constexpr,
     ts_ptr=None, TS: tl.constexpr = False, W_TMA: tl.constexpr = False, EARLY: tl.constexpr = False,
+    STAGGER: tl.constexpr = False,
 ):
     """One (column tile, K split) of the skinny matmul: the body of `_skinny_kernel`, also called by the persistent
     action-expert kernel (kernels/action_stack.py). CM: cache modifier of activation loads (".cg" there: the rows were
@@ -129,12 +132,19 @@ def _skinny_item(
         if EPI == 0 and HAS_BIAS:
             b1 = tl.load(bias_ptr + pid_n * BN + j).to(tl.float32)
             b2 = tl.load(bias_ptr + pid_n * BN + BH + j).to(tl.float32)
+    # K blocks in rotated order when STAGGER: program n starts at block n mod NB, so at any moment the column
+    # tiles read different A blocks (without it every program asks L2 for the same A lines at the same time)
+    NB = K_PER_SPLIT // BK
+    rot = 0
+    if STAGGER:
+        rot = pid_n % NB
     # first K block peeled: its weight tiles are requested before waiting on the previous kernel (PDL)
-    offs_k = k_lo + tl.arange(0, BK)
+    k_first = k_lo + rot * BK
+    offs_k = k_first + tl.arange(0, BK)
     k_ok = offs_k < K
     if W_TMA:
-        w1 = wt_ptr.load([pid_n * BN, k_lo])
-        w2 = wt_ptr.load([pid_n * BN + BH, k_lo])
+        w1 = wt_ptr.load([pid_n * BN, k_first])
+        w2 = wt_ptr.load([pid_n * BN + BH, k_first])
     else:
         w1 = tl.load(w1_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0)
         w2 = tl.load(w2_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0)
@@ -154,7 +164,11 @@ def _skinny_item(
     a = tl.load(a_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0, cache_modifier=CM)
     acc1 = tl.dot(a, tl.trans(w1))
     acc2 = tl.dot(a, tl.trans(w2))
-    for k0 in range(k_lo + BK, k_lo + K_PER_SPLIT, BK):
+    for i in range(1, NB):
+        if STAGGER:
+            k0 = k_lo + ((i + rot) % NB) * BK
+        else:
+            k0 = k_lo + i * BK
         offs_k = k0 + tl.arange(0, BK)
         k_ok = offs_k < K
         if W_TMA:
@@ -349,7 +363,7 @@ def _launch(a, wt, epi, split, block, num_warps, num_stages, workspace, pdl=Fals
         d_norm, eps,
         EPI=epi, NORM_A=ss_in is not None, NSS_IN=nss_in, STORE=store, HAS_BIAS=bias is not None, SPLIT=split,
         NQ=num_heads, HD=head_dim, BM=BM, BH=BH, BK=BK, PDL=pdl, PDL_EARLY=pdl and PDL_EARLY, PREFETCH=prefetch, KP=k_per, LINE=line, num_warps=num_warps, num_stages=num_stages,
-        EARLY=bool(EARLY_EPI), **ts, **tma, **pdl_kwargs(pdl))
+        EARLY=bool(EARLY_EPI), STAGGER=bool(STAGGER), **ts, **tma, **pdl_kwargs(pdl))
 
 
 def skinny_residual(a, wt, x, xa, ss_out, bias=None, store=False, ss_in=None, nss_in=1, d_norm=1, eps=1e-6,

@@ -30,6 +30,8 @@ PEAK_TFLOPS, PEAK_TBPS = 700.0, 3.0  # DESIGN.md "Performance" floor rates (H100
 
 
 def commit() -> str:
+    if os.environ.get("PI0_COMMIT"):  # the device copy of the tree has no (or a stale) .git: the caller says
+        return os.environ["PI0_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short=12", "HEAD"], stderr=subprocess.DEVNULL,
                                        cwd=os.path.dirname(os.path.abspath(__file__))).decode().strip()

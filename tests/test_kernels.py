@@ -257,10 +257,18 @@ def test_skinny_residual(dtype, split, mode, tma, gen):
     assert torch.equal(outs[0], outs[1]), "split-K must be deterministic"
 
 
+@pytest.fixture
+def stagger(request):
+    SK.STAGGER = request.param
+    yield request.param
+    SK.STAGGER = False
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("split", [1, 2])
 @pytest.mark.parametrize("tma", TMA, indirect=True)
-def test_skinny_geglu(dtype, split, tma, gen):
+@pytest.mark.parametrize("stagger", [False, True], indirect=True)
+def test_skinny_geglu(dtype, split, tma, stagger, gen):
     M, K, F, BH = 37, 72, 64, 16
     a = randn(M, K, dtype=dtype, gen=gen)
     wg, wu = randn(K, F, scale=K**-0.5, dtype=dtype, gen=gen), randn(K, F, scale=K**-0.5, dtype=dtype, gen=gen)
