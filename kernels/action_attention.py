@@ -30,7 +30,7 @@ def _action_attention_kernel(
     q_ptr, k_ptr, v_ptr, valid_ptr, o_ptr, ws_ptr, ml_ptr, cnt_ptr,
     R, T_PRE, TK, row_start, stride_qm, stride_kv, stride_om, CHUNK,
     NQ: tl.constexpr, HD: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PDL: tl.constexpr = False, STAGES: tl.constexpr = 2, PREFETCH: tl.constexpr = False,
+    PDL: tl.constexpr = False, STAGES: tl.constexpr = 2, PREFETCH: tl.constexpr = False, PRELOAD: tl.constexpr = False,
 ):
     if PREFETCH:  # the first row block of each key chunk asks L2 for the chunk's K/V rows (contiguous) before waiting
         if tl.program_id(0) == 0:
@@ -39,12 +39,46 @@ def _action_attention_kernel(
             start = lo.to(tl.int64) * stride_kv
             bulk_prefetch_rows(k_ptr + start, start * 0, nbytes, 1)
             bulk_prefetch_rows(v_ptr + start, start * 0, nbytes, 1)
-    if PDL:  # launched early (programmatic dependent launch): wait for the qkv kernel's q and K/V rows
+    if PDL and PRELOAD:
+        # the chunk's first key block: prefix rows are fixed during the action expert, so they are requested before
+        # waiting on the qkv kernel; its suffix rows (written by that kernel) only after
+        lo = tl.program_id(1) * CHUNK
+        offs_n = lo + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HD)
+        n_ok = offs_n < tl.minimum(lo + CHUNK, TK)
+        pre, suf = n_ok & (offs_n < T_PRE), n_ok & (offs_n >= T_PRE)
+        kv_off = offs_n.to(tl.int64)[:, None] * stride_kv + offs_d[None, :]
+        k0 = tl.load(k_ptr + kv_off, mask=pre[:, None], other=0.0)
+        v0 = tl.load(v_ptr + kv_off, mask=pre[:, None], other=0.0)
         gdc_wait()
         gdc_launch_dependents()
-    _attention_item(tl.program_id(0), tl.program_id(1), q_ptr, k_ptr, v_ptr, valid_ptr, o_ptr, ws_ptr, ml_ptr, cnt_ptr,
-                    R, T_PRE, TK, row_start, stride_qm, stride_kv, stride_om, CHUNK, NQ, HD, SPLIT, BLOCK_M, BLOCK_N,
-                    STAGES, "")
+        k0 += tl.load(k_ptr + kv_off, mask=suf[:, None], other=0.0)
+        v0 += tl.load(v_ptr + kv_off, mask=suf[:, None], other=0.0)
+        _attention_item(tl.program_id(0), tl.program_id(1), q_ptr, k_ptr, v_ptr, valid_ptr, o_ptr, ws_ptr, ml_ptr,
+                        cnt_ptr, R, T_PRE, TK, row_start, stride_qm, stride_kv, stride_om, CHUNK, NQ, HD, SPLIT, BLOCK_M,
+                        BLOCK_N, STAGES, "", True, k0, v0)
+    else:
+        if PDL:  # launched early (programmatic dependent launch): wait for the qkv kernel's q and K/V rows
+            gdc_wait()
+            gdc_launch_dependents()
+        _attention_item(tl.program_id(0), tl.program_id(1), q_ptr, k_ptr, v_ptr, valid_ptr, o_ptr, ws_ptr, ml_ptr,
+                        cnt_ptr, R, T_PRE, TK, row_start, stride_qm, stride_kv, stride_om, CHUNK, NQ, HD, SPLIT, BLOCK_M,
+                        BLOCK_N, STAGES, "", False, None, None)
+
+
+@triton.jit
+def _attn_block(q, k, v, offs_n, n_ok, valid_ptr, T_PRE, rg, m_i, l_i, acc):
+    """Online-softmax update of (m, l, acc) with one key block (OpenPI's prefix-padding + suffix ar mask)."""
+    key_ok = (tl.load(valid_ptr + offs_n, mask=n_ok & (offs_n < T_PRE), other=1) != 0) & n_ok
+    vis = key_ok[None, :] & ((offs_n[None, :] <= T_PRE) | (rg[:, None] > 0))
+    s = tl.dot(q, tl.trans(k))
+    s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -52,10 +86,11 @@ def _attention_item(
     pid_m, pid_s, q_ptr, k_ptr, v_ptr, valid_ptr, o_ptr, ws_ptr, ml_ptr, cnt_ptr,
     R, T_PRE, TK, row_start, stride_qm, stride_kv, stride_om, CHUNK,
     NQ: tl.constexpr, HD: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    STAGES: tl.constexpr, CM: tl.constexpr,
+    STAGES: tl.constexpr, CM: tl.constexpr, PRE: tl.constexpr = False, k_pre=None, v_pre=None,
 ):
     """One (packed row block, key chunk) of the attention: the body of `_action_attention_kernel`, also called by the
-    persistent action-expert kernel (kernels/action_stack.py; CM = ".cg" there, see skinny_matmul._skinny_item)."""
+    persistent action-expert kernel (kernels/action_stack.py; CM = ".cg" there, see skinny_matmul._skinny_item).
+    PRE: the chunk's first key block was loaded by the caller (k_pre, v_pre)."""
     offs_i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # packed (head, row)
     i_ok = offs_i < NQ * R
     head, r = offs_i // R, offs_i % R
@@ -68,23 +103,23 @@ def _attention_item(
     acc = tl.zeros((BLOCK_M, HD), dtype=tl.float32)
     lo = pid_s * CHUNK
     hi = tl.minimum(lo + CHUNK, TK)
-    for n0 in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
+    # first key block peeled (it may come preloaded); K and V of a block are requested together
+    offs_n = lo + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < hi
+    if PRE:
+        k, v = k_pre, v_pre
+    else:
+        kv_off = offs_n.to(tl.int64)[:, None] * stride_kv + offs_d[None, :]
+        k = tl.load(k_ptr + kv_off, mask=n_ok[:, None], other=0.0, cache_modifier=CM)
+        v = tl.load(v_ptr + kv_off, mask=n_ok[:, None], other=0.0, cache_modifier=CM)
+    m_i, l_i, acc = _attn_block(q, k, v, offs_n, n_ok, valid_ptr, T_PRE, rg, m_i, l_i, acc)
+    for n0 in tl.range(lo + BLOCK_N, hi, BLOCK_N, num_stages=STAGES):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < hi
-        key_ok = (tl.load(valid_ptr + offs_n, mask=n_ok & (offs_n < T_PRE), other=1) != 0) & n_ok
-        vis = key_ok[None, :] & ((offs_n[None, :] <= T_PRE) | (rg[:, None] > 0))
-        k = tl.load(k_ptr + offs_n.to(tl.int64)[:, None] * stride_kv + offs_d[None, :], mask=n_ok[:, None], other=0.0,
-                    cache_modifier=CM)
-        s = tl.dot(q, tl.trans(k))
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + offs_n.to(tl.int64)[:, None] * stride_kv + offs_d[None, :], mask=n_ok[:, None], other=0.0,
-                    cache_modifier=CM)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        kv_off = offs_n.to(tl.int64)[:, None] * stride_kv + offs_d[None, :]
+        k = tl.load(k_ptr + kv_off, mask=n_ok[:, None], other=0.0, cache_modifier=CM)
+        v = tl.load(v_ptr + kv_off, mask=n_ok[:, None], other=0.0, cache_modifier=CM)
+        m_i, l_i, acc = _attn_block(q, k, v, offs_n, n_ok, valid_ptr, T_PRE, rg, m_i, l_i, acc)
     o_off = r.to(tl.int64)[:, None] * stride_om + (head * HD)[:, None] + offs_d[None, :]
     if SPLIT == 1:
         tl.store(o_ptr + o_off, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=i_ok[:, None])
@@ -113,7 +148,7 @@ def _attention_item(
 
 def action_attention(q, k, v, key_valid, t_prefix: int, row_start: int, num_heads: int, out=None,
                      split: int = 4, block=(64, 64), num_warps: int = 4, num_stages: int = 2, workspace=None, pdl: bool = False,
-                     prefetch: bool = False):
+                     prefetch: bool = False, preload: bool = False):
     """q [R, NQ*HD] (query rows = suffix rows row_start..row_start+R), k/v cache [T_pre + S, HD],
     key_valid [>= T_pre] int -> out [R, NQ*HD]."""
     R, W = q.shape
@@ -137,6 +172,7 @@ def action_attention(q, k, v, key_valid, t_prefix: int, row_start: int, num_head
                                    q.stride(0), k.stride(0), out.stride(0), chunk,
                                    NQ=num_heads, HD=HD, SPLIT=split, BLOCK_M=BM, BLOCK_N=BN, PDL=pdl, STAGES=num_stages,
                                    PREFETCH=bool(prefetch) and q.is_cuda and not INTERPRET and k.element_size() == 2,
+                                   PRELOAD=bool(preload),
                                    num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl))
     return out
 

@@ -226,7 +226,8 @@ def _action_stack_kernel(
                     for it in range(pid, n_att, NPROG):
                         _attention_item(it // ATT_SPLIT, it % ATT_SPLIT, q_ptr, kl, vl, valid_ptr, o_ptr, aws_ptr, aml_ptr,
                                         cnt_ptr + _CNT_ATT, R, T_PRE, TK, row_start, WA, HD, WA, att_chunk,
-                                        NQ, HD, ATT_SPLIT, ATT_BM, ATT_BN, ATT_STAGES, ".cg")
+                                        NQ, HD, ATT_SPLIT, ATT_BM, ATT_BN, ATT_STAGES, ".cg", False,
+                                        None, None)
                 elif ph == 2:  # o-proj + residual
                     for it in range(pid, NT_RES * SPLIT_O, NPROG):
                         _skinny_item(it % NT_RES, it // NT_RES, o_ptr, wo, ws_ptr, cnt_ptr + _CNT_O, ss_ptr, xs_ptr, xa_ptr,

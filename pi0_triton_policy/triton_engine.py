@@ -115,6 +115,7 @@ class Tuning:
     # prefetch.global.L2 per line, 2 cp.async.bulk.prefetch.L2 per row; attention likewise its K/V chunk
     prefetch: int = 0
     attn_prefetch: bool = False
+    attn_preload: bool = False  # action attention loads its first prefix K/V block before gdc_wait (PDL)
     sk_early_epi: bool = True  # skinny matmuls request their epilogue operands before the K loop
     sk_stagger: bool = False  # skinny matmuls rotate each program's K-block order (spread A reads over L2)
     sk_tma: bool = False  # skinny matmuls read weight tiles through TMA descriptors (the copy engine) instead of cp.async
@@ -433,7 +434,7 @@ class _ViewGraph:
                                    self.vc[i, T + r0:], a.num_heads, a.head_dim, **norm, **sk(t.sk_qkv, bq))
                 AA.action_attention(q, self.kc[i], self.vc[i], self.key_valid, T, r0, a.num_heads, out=o, split=ca[4],
                                     block=ca[:2], num_warps=ca[2], num_stages=ca[3], workspace=ws,
-                                    pdl=t.pdl, prefetch=t.attn_prefetch)
+                                    pdl=t.pdl, prefetch=t.attn_prefetch, preload=t.attn_preload)
                 SK.skinny_residual(o, W.sk_o[i], xs, xa, ss, **sk(t.sk_o, br))
                 SK.skinny_geglu(xa, W.sk_gu[i], h, **norm, **sk(t.sk_gu, bg))
                 SK.skinny_residual(h, W.sk_down[i], xs, xa, ss, **sk(t.sk_down, br))
