@@ -90,9 +90,9 @@ class Tuning:
     sk_down: tuple = (32, 128, 4, 4, 4)
     sk_time: tuple = (32, 64, 4, 4, 8)  # float32 weights (tf32 dot); BH must equal sk_o's / sk_down's
     # action attention on the skinny path per camera count (BM, BN, warps, stages, split; 0: one key block per split)
-    sk_attn1: tuple = (16, 128, 4, 2, 4)
-    sk_attn2: tuple = (16, 64, 4, 2, 8)  # in-engine A/B: 14.68 vs 15.31 ms replay (32,64,4,2,8)
-    sk_attn3: tuple = (16, 64, 4, 2, 8)
+    sk_attn1: tuple = (16, 128, 8, 2, 4)  # 8 warps: 11.9 vs 13.4 ms replay with 4 (NOTES.md, session 4)
+    sk_attn2: tuple = (16, 64, 8, 2, 8)  # 13.9 vs 14.4 (4 warps; earlier (32,64,4,2,8): 15.31)
+    sk_attn3: tuple = (16, 64, 4, 2, 8)  # 16.6 vs 17.1 (8 warps)
     # persistent action expert (kernels/action_stack.py): all layers of a flow step in one launch, grid barriers
     # between phases, L2 prefetch of the weights st_ahead phases ahead. Overrides act_skinny's per-layer kernels
     # (the time MLP and the output/Euler update stay separate kernels).
@@ -115,7 +115,8 @@ class Tuning:
     # prefetch.global.L2 per line, 2 cp.async.bulk.prefetch.L2 per row; attention likewise its K/V chunk
     prefetch: int = 0
     attn_prefetch: bool = False
-    attn_preload: bool = False  # action attention loads its first prefix K/V block before gdc_wait (PDL)
+    # action attention loads its first prefix K/V block before gdc_wait (PDL), per camera count 1, 2, 3
+    attn_preload: tuple = (True, True, False)
     sk_early_epi: bool = True  # skinny matmuls request their epilogue operands before the K loop
     sk_stagger: bool = False  # skinny matmuls rotate each program's K-block order (spread A reads over L2)
     sk_tma: bool = False  # skinny matmuls read weight tiles through TMA descriptors (the copy engine) instead of cp.async
@@ -410,6 +411,8 @@ class _ViewGraph:
                                pdl=t.pdl)
         bq, bg, br = W.sk_bh["qkv"], W.sk_bh["gu"], self.bh_res
         ca = (t.sk_attn1, t.sk_attn2, t.sk_attn3)[min(self.V, 3) - 1]
+        pl = t.attn_preload
+        preload = bool(pl[min(self.V, len(pl)) - 1] if isinstance(pl, (tuple, list)) else pl)
         SK.PDL_EARLY, SK.PREFETCH, SK.W_TMA, SK.EARLY_EPI = t.pdl_early, t.prefetch, t.sk_tma, t.sk_early_epi
         SK.STAGGER = t.sk_stagger
         SK.prep_rows(self.xs[0:1], self.xsa[0:1], self.ss[:, 0:1])  # the state token's row
@@ -434,7 +437,7 @@ class _ViewGraph:
                                    self.vc[i, T + r0:], a.num_heads, a.head_dim, **norm, **sk(t.sk_qkv, bq))
                 AA.action_attention(q, self.kc[i], self.vc[i], self.key_valid, T, r0, a.num_heads, out=o, split=ca[4],
                                     block=ca[:2], num_warps=ca[2], num_stages=ca[3], workspace=ws,
-                                    pdl=t.pdl, prefetch=t.attn_prefetch, preload=t.attn_preload)
+                                    pdl=t.pdl, prefetch=t.attn_prefetch, preload=preload)
                 SK.skinny_residual(o, W.sk_o[i], xs, xa, ss, **sk(t.sk_o, br))
                 SK.skinny_geglu(xa, W.sk_gu[i], h, **norm, **sk(t.sk_gu, bg))
                 SK.skinny_residual(h, W.sk_down[i], xs, xa, ss, **sk(t.sk_down, br))
