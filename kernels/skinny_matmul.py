@@ -63,7 +63,7 @@ def _skinny_kernel(
     BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
     PDL_EARLY: tl.constexpr = False, PREFETCH: tl.constexpr = False, KP: tl.constexpr = 1, LINE: tl.constexpr = 64,
     ts_ptr=None, TS: tl.constexpr = False, W_TMA: tl.constexpr = False, EARLY: tl.constexpr = False,
-    STAGGER: tl.constexpr = False, HALVES: tl.constexpr = 2,
+    STAGGER: tl.constexpr = False,
 ):
     ts = ts_ptr
     if TS:
@@ -72,7 +72,7 @@ def _skinny_kernel(
                  bias_ptr, h_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,
                  M, N, K, K_PER_SPLIT, stride_am, stride_x, stride_xa, stride_ss_in, stride_ss_out, stride_h, stride_q,
                  stride_kv, D_NORM, eps, EPI, NORM_A, NSS_IN, STORE, HAS_BIAS, SPLIT, NQ, HD, BM, BH, BK, PDL,
-                 PDL_EARLY, PREFETCH, KP, LINE, "", ts, TS, W_TMA, EARLY, STAGGER, HALVES)
+                 PDL_EARLY, PREFETCH, KP, LINE, "", ts, TS, W_TMA, EARLY, STAGGER)
 
 
 @triton.jit
@@ -86,7 +86,7 @@ def _skinny_item(
     BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
     PDL_EARLY: tl.constexpr, PREFETCH: tl.constexpr, KP: tl.constexpr, LINE: tl.constexpr, CM: tl.constexpr,
     ts_ptr=None, TS: tl.constexpr = False, W_TMA: tl.constexpr = False, EARLY: tl.constexpr = False,
-    STAGGER: tl.constexpr = False, HALVES: tl.constexpr = 2,
+    STAGGER: tl.constexpr = False,
 ):
     """One (column tile, K split) of the skinny matmul: the body of `_skinny_kernel`, also called by the persistent
     action-expert kernel (kernels/action_stack.py). CM: cache modifier of activation loads (".cg" there: the rows were
@@ -95,7 +95,7 @@ def _skinny_item(
     EARLY: the epilogue's other operands are requested before the K loop instead of after it, so their latency
     hides behind the weight stream: RoPE tables and bias before gdc_wait (inputs of the whole inference), the row
     norms' sums of squares and the residual tile right after it (written by the previous kernel)."""
-    BN: tl.constexpr = HALVES * BH  # HALVES = 1: residual epilogue only, one BH-column tile (no pairing needed)
+    BN: tl.constexpr = 2 * BH
     if TS:
         tl.store(ts_ptr, globaltimer(pid_n))
     offs_m = tl.arange(0, BM)
@@ -131,8 +131,7 @@ def _skinny_item(
             sn = tl.load(sin_ptr + pos[:, None] * HALF + d[None, :], mask=m_ok[:, None], other=0.0)
         if EPI == 0 and HAS_BIAS:
             b1 = tl.load(bias_ptr + pid_n * BN + j).to(tl.float32)
-            if HALVES == 2:
-                b2 = tl.load(bias_ptr + pid_n * BN + BH + j).to(tl.float32)
+            b2 = tl.load(bias_ptr + pid_n * BN + BH + j).to(tl.float32)
     # K blocks in rotated order when STAGGER: program n starts at block n mod NB, so at any moment the column
     # tiles read different A blocks (without it every program asks L2 for the same A lines at the same time)
     NB = K_PER_SPLIT // BK
@@ -145,12 +144,10 @@ def _skinny_item(
     k_ok = offs_k < K
     if W_TMA:
         w1 = wt_ptr.load([pid_n * BN, k_first])
-        if HALVES == 2:
-            w2 = wt_ptr.load([pid_n * BN + BH, k_first])
+        w2 = wt_ptr.load([pid_n * BN + BH, k_first])
     else:
         w1 = tl.load(w1_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0)
-        if HALVES == 2:
-            w2 = tl.load(w2_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+        w2 = tl.load(w2_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0)
     if PDL:
         gdc_wait()  # the previous kernel's outputs (this kernel's A) are visible from here on
         if not PDL_EARLY:
@@ -163,13 +160,10 @@ def _skinny_item(
         if EPI == 0 and not STORE:
             px = x_ptr + offs_m.to(tl.int64)[:, None] * stride_x + (pid_n * BN + j)[None, :]
             xo1 = tl.load(px, mask=m_ok[:, None], other=0.0, cache_modifier=CM)
-            if HALVES == 2:
-                xo2 = tl.load(px + BH, mask=m_ok[:, None], other=0.0, cache_modifier=CM)
+            xo2 = tl.load(px + BH, mask=m_ok[:, None], other=0.0, cache_modifier=CM)
     a = tl.load(a_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0, cache_modifier=CM)
     acc1 = tl.dot(a, tl.trans(w1))
-    acc2 = zt
-    if HALVES == 2:
-        acc2 = tl.dot(a, tl.trans(w2))
+    acc2 = tl.dot(a, tl.trans(w2))
     for i in range(1, NB):
         if STAGGER:
             k0 = k_lo + ((i + rot) % NB) * BK
@@ -179,42 +173,37 @@ def _skinny_item(
         k_ok = offs_k < K
         if W_TMA:
             w1 = wt_ptr.load([pid_n * BN, k0])
-            if HALVES == 2:
-                w2 = wt_ptr.load([pid_n * BN + BH, k0])
+            w2 = wt_ptr.load([pid_n * BN + BH, k0])
         else:
             w1 = tl.load(w1_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0)
-            if HALVES == 2:
-                w2 = tl.load(w2_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+            w2 = tl.load(w2_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0)
         a = tl.load(a_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0, cache_modifier=CM)
         acc1 += tl.dot(a, tl.trans(w1))
-        if HALVES == 2:
-            acc2 += tl.dot(a, tl.trans(w2))
+        acc2 += tl.dot(a, tl.trans(w2))
     if TS:
         tl.store(ts_ptr + 2, globaltimer(tl.sum(tl.sum(acc1, 1), 0).to(tl.int32)))
     if SPLIT > 1:
         p1 = ws_ptr + pid_k * BM * N + offs_m[:, None] * N + r1[None, :]
         tl.store(p1, acc1, mask=m_ok[:, None])  # padded rows (>= M) are neither stored nor read back
-        if HALVES == 2:
-            tl.store(p1 + BH, acc2, mask=m_ok[:, None])
+        tl.store(p1 + BH, acc2, mask=m_ok[:, None])
         if arrive_last(cnt_ptr + pid_n, SPLIT):
             acc1 = tl.zeros((BM, BH), dtype=tl.float32)
             acc2 = tl.zeros((BM, BH), dtype=tl.float32)
             for s in tl.static_range(SPLIT):
                 p = ws_ptr + s * BM * N + offs_m[:, None] * N + r1[None, :]
                 acc1 += tl.load(p, mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
-                if HALVES == 2:
-                    acc2 += tl.load(p + BH, mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
+                acc2 += tl.load(p + BH, mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
             _skinny_epilogue(acc1, acc2, pid_n, offs_m, m_ok, ss_in_ptr, x_ptr, xa_ptr, ss_out_ptr, bias_ptr, h_ptr,
                              pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, stride_x, stride_xa, stride_ss_in,
                              stride_ss_out, stride_h, stride_q, stride_kv, D_NORM, eps,
                              EPI, NORM_A, NSS_IN, STORE, HAS_BIAS, NQ, HD, BM, BH, CM,
-                             EARLY, rstd, xo1, xo2, cs, sn, b1, b2, HALVES)
+                             EARLY, rstd, xo1, xo2, cs, sn, b1, b2)
     else:
         _skinny_epilogue(acc1, acc2, pid_n, offs_m, m_ok, ss_in_ptr, x_ptr, xa_ptr, ss_out_ptr, bias_ptr, h_ptr,
                          pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, stride_x, stride_xa, stride_ss_in,
                          stride_ss_out, stride_h, stride_q, stride_kv, D_NORM, eps,
                          EPI, NORM_A, NSS_IN, STORE, HAS_BIAS, NQ, HD, BM, BH, CM,
-                         EARLY, rstd, xo1, xo2, cs, sn, b1, b2, HALVES)
+                         EARLY, rstd, xo1, xo2, cs, sn, b1, b2)
     if TS:
         tl.debug_barrier()
         tl.store(ts_ptr + 3, globaltimer(pid_n))
@@ -237,7 +226,7 @@ def _skinny_epilogue(acc1, acc2, pid_n, offs_m, m_ok, ss_in_ptr, x_ptr, xa_ptr, 
                      EPI: tl.constexpr, NORM_A: tl.constexpr, NSS_IN: tl.constexpr, STORE: tl.constexpr,
                      HAS_BIAS: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr,
                      CM: tl.constexpr = "", EARLY: tl.constexpr = False, rstd=None, xo1=None, xo2=None, cs=None, sn=None,
-                     b1=None, b2=None, HALVES: tl.constexpr = 2):
+                     b1=None, b2=None):
     if NORM_A:
         if not EARLY:
             rstd = _row_rstd(ss_in_ptr, stride_ss_in, offs_m, m_ok, D_NORM, eps, NSS_IN, BM, CM)
@@ -246,16 +235,14 @@ def _skinny_epilogue(acc1, acc2, pid_n, offs_m, m_ok, ss_in_ptr, x_ptr, xa_ptr, 
     rows = offs_m.to(tl.int64)[:, None]
     j = tl.arange(0, BH)
     if EPI == 0:
-        c1 = pid_n * HALVES * BH + j
+        c1 = pid_n * 2 * BH + j
         c2 = c1 + BH
         if HAS_BIAS:
             if not EARLY:
                 b1 = tl.load(bias_ptr + c1).to(tl.float32)
-                if HALVES == 2:
-                    b2 = tl.load(bias_ptr + c2).to(tl.float32)
+                b2 = tl.load(bias_ptr + c2).to(tl.float32)
             acc1 += b1[None, :]
-            if HALVES == 2:
-                acc2 += b2[None, :]
+            acc2 += b2[None, :]
         p1 = x_ptr + rows * stride_x + c1[None, :]
         mk = m_ok[:, None]
         if STORE:
@@ -264,21 +251,15 @@ def _skinny_epilogue(acc1, acc2, pid_n, offs_m, m_ok, ss_in_ptr, x_ptr, xa_ptr, 
         else:
             if not EARLY:
                 xo1 = tl.load(p1, mask=mk, other=0.0, cache_modifier=CM)
-                if HALVES == 2:
-                    xo2 = tl.load(p1 + BH, mask=mk, other=0.0, cache_modifier=CM)
+                xo2 = tl.load(p1 + BH, mask=mk, other=0.0, cache_modifier=CM)
             x1 = acc1 + xo1
-            x2 = acc2
-            if HALVES == 2:
-                x2 = acc2 + xo2
-        pa = xa_ptr + rows * stride_xa + c1[None, :]
+            x2 = acc2 + xo2
         tl.store(p1, x1, mask=mk)
+        tl.store(p1 + BH, x2, mask=mk)
+        pa = xa_ptr + rows * stride_xa + c1[None, :]
         tl.store(pa, x1.to(xa_ptr.dtype.element_ty), mask=mk)
-        sq = tl.sum(x1 * x1, 1)
-        if HALVES == 2:
-            tl.store(p1 + BH, x2, mask=mk)
-            tl.store(pa + BH, x2.to(xa_ptr.dtype.element_ty), mask=mk)
-            sq += tl.sum(x2 * x2, 1)
-        tl.store(ss_out_ptr + pid_n * stride_ss_out + offs_m, sq, mask=m_ok)
+        tl.store(pa + BH, x2.to(xa_ptr.dtype.element_ty), mask=mk)
+        tl.store(ss_out_ptr + pid_n * stride_ss_out + offs_m, tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1), mask=m_ok)
     elif EPI == 1:
         hcol = pid_n * BH + j
         hv = gelu_tanh(acc1) * acc2
@@ -340,19 +321,18 @@ def transpose_weight(w: torch.Tensor, perm: torch.Tensor | None = None, dtype=No
 # ---------------------------------------------------------------- launcher
 def _launch(a, wt, epi, split, block, num_warps, num_stages, workspace, pdl=False, ss_in=None, d_norm=1, nss_in=1, eps=1e-6,
             x=None, xa=None, ss_out=None, bias=None, store=False, h=None, pos=None, cos=None, sin=None, q=None, k=None,
-            v=None, num_heads=1, head_dim=2, halves=2):
+            v=None, num_heads=1, head_dim=2):
     M, K = a.shape
     N, K2 = wt.shape
     assert K == K2 and a.stride(1) == 1 and wt.is_contiguous(), (a.shape, wt.shape)
     BM, BH, BK = block
     BM = max(BM, triton.next_power_of_2(M))
     pdl = bool(pdl) and HAS_PDL and a.is_cuda
-    assert halves in (1, 2) and (halves == 2 or epi == EPI_RES), "one-half tiles: residual epilogue only"
-    assert M <= BM and N % (halves * BH) == 0, (M, N, BH, halves)
+    assert M <= BM and N % (2 * BH) == 0, (M, N, BH)
     split = max(1, min(split, triton.cdiv(K, BK)))
     k_per = triton.cdiv(triton.cdiv(K, split), BK) * BK
     split = triton.cdiv(K, k_per)
-    grid = (N // (halves * BH), split)
+    grid = (N // (2 * BH), split)
     line = 128 // wt.element_size()
     prefetch = int(PREFETCH) if a.is_cuda and not INTERPRET else 0
     if prefetch == 1 and not (k_per % line == 0 and (k_per // line) & (k_per // line - 1) == 0):
@@ -383,19 +363,18 @@ def _launch(a, wt, epi, split, block, num_warps, num_stages, workspace, pdl=Fals
         d_norm, eps,
         EPI=epi, NORM_A=ss_in is not None, NSS_IN=nss_in, STORE=store, HAS_BIAS=bias is not None, SPLIT=split,
         NQ=num_heads, HD=head_dim, BM=BM, BH=BH, BK=BK, PDL=pdl, PDL_EARLY=pdl and PDL_EARLY, PREFETCH=prefetch, KP=k_per, LINE=line, num_warps=num_warps, num_stages=num_stages,
-        EARLY=bool(EARLY_EPI), STAGGER=bool(STAGGER), HALVES=halves, **ts, **tma, **pdl_kwargs(pdl))
+        EARLY=bool(EARLY_EPI), STAGGER=bool(STAGGER), **ts, **tma, **pdl_kwargs(pdl))
 
 
 def skinny_residual(a, wt, x, xa, ss_out, bias=None, store=False, ss_in=None, nss_in=1, d_norm=1, eps=1e-6,
-                    split=1, block=(64, 32, 128), num_warps=4, num_stages=4, workspace=None, pdl=False, halves=2):
+                    split=1, block=(64, 32, 128), num_warps=4, num_stages=4, workspace=None, pdl=False):
     """x [M, N] fp32 (+)= a [M, K] @ wt.T (+ bias); xa [M, N] = x in xa's dtype; ss_out [N/BN, >=M] = per-tile
-    row sums of x^2 (BN = halves * BH: halves=1 gives narrower tiles, twice as many programs per K split).
-    With ss_in the product is row-scaled by rsqrt(sum ss_in / d_norm + eps) first."""
+    row sums of x^2. With ss_in the product is row-scaled by rsqrt(sum ss_in / d_norm + eps) first."""
     M = a.shape[0]
     assert x.shape == (M, wt.shape[0]) and x.dtype == torch.float32 and x.stride(1) == 1 and xa.stride(1) == 1
-    assert ss_out.shape[0] == wt.shape[0] // (halves * block[1]) and ss_out.stride(1) == 1
+    assert ss_out.shape[0] == wt.shape[0] // (2 * block[1]) and ss_out.stride(1) == 1
     _launch(a, wt, EPI_RES, split, block, num_warps, num_stages, workspace, pdl, ss_in=ss_in, d_norm=d_norm, nss_in=nss_in,
-            eps=eps, x=x, xa=xa, ss_out=ss_out, bias=bias, store=store, halves=halves)
+            eps=eps, x=x, xa=xa, ss_out=ss_out, bias=bias, store=store)
     return x
 
 

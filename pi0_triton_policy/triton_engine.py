@@ -118,7 +118,6 @@ class Tuning:
     # action attention loads its first prefix K/V block before gdc_wait (PDL), per camera count 1, 2, 3
     attn_preload: tuple = (True, True, False)
     sk_early_epi: bool = True  # skinny matmuls request their epilogue operands before the K loop
-    sk_res_halves: int = 2  # 1: residual matmuls (o, down, time MLP) on BH-wide tiles (no column pairing needed)
     sk_stagger: bool = False  # skinny matmuls rotate each program's K-block order (spread A reads over L2)
     sk_tma: bool = False  # skinny matmuls read weight tiles through TMA descriptors (the copy engine) instead of cp.async
 
@@ -280,9 +279,7 @@ class _ViewGraph:
         # skinny path: the residual stream's A-operand copy, its per-tile sums of squares, the time MLP hidden
         assert t.act_stack or t.sk_o[0] == t.sk_down[0], "residual skinny matmuls share BH (norm statistics tiles)"
         self.bh_res = _fit_bh(t.st_res[0] if t.act_stack else t.sk_o[0], a.width // 2)
-        hv = 1 if (t.sk_res_halves == 1 and not t.act_stack) else 2
-        self.res_halves = hv
-        self.nss = a.width // (hv * self.bh_res)
+        self.nss = a.width // (2 * self.bh_res)
         self.xsa = z(S, a.width, dtype=dt)
         self.ss = z(self.nss, S)
         self.ht = z(S - 1, a.width)
@@ -425,7 +422,7 @@ class _ViewGraph:
             r0 = 0 if step == 0 else 1
             SK.swish_in(self.x_t, self.w1, self.tb[step], self.ht)
             SK.skinny_residual(self.ht, W.sk_time, self.xs[1:], self.xsa[1:], self.ss[:, 1:], bias=W.time_out_b,
-                               store=True, halves=self.res_halves, **sk(t.sk_time, br))
+                               store=True, **sk(t.sk_time, br))
             xs, xa, ss, R = self.xs[r0:], self.xsa[r0:], self.ss[:, r0:], S - r0
             q, o, h = self.q[:R], self.o[:R], self.hs[:R]
             if self.stack_plan is not None:  # every layer of the step in one persistent launch
@@ -441,9 +438,9 @@ class _ViewGraph:
                 AA.action_attention(q, self.kc[i], self.vc[i], self.key_valid, T, r0, a.num_heads, out=o, split=ca[4],
                                     block=ca[:2], num_warps=ca[2], num_stages=ca[3], workspace=ws,
                                     pdl=t.pdl, prefetch=t.attn_prefetch, preload=preload)
-                SK.skinny_residual(o, W.sk_o[i], xs, xa, ss, halves=self.res_halves, **sk(t.sk_o, br))
+                SK.skinny_residual(o, W.sk_o[i], xs, xa, ss, **sk(t.sk_o, br))
                 SK.skinny_geglu(xa, W.sk_gu[i], h, **norm, **sk(t.sk_gu, bg))
-                SK.skinny_residual(h, W.sk_down[i], xs, xa, ss, halves=self.res_halves, **sk(t.sk_down, br))
+                SK.skinny_residual(h, W.sk_down[i], xs, xa, ss, **sk(t.sk_down, br))
             AOE.action_out_euler(self.xs[1:], W.out_w, W.out_b, self.x_t, dt, a.rms_eps)
 
     def capture(self):
