@@ -221,7 +221,7 @@ def _action_stack_kernel(
                                      vl + (T_PRE + row_start) * HD,
                                      R, NQKV, D, D, D, 0, 0, stride_ss, 0, 0, WA, HD, D, eps,
                                      _EPI_QKV, True, NSS, False, False, 1, NQ, HD, BM, BH_QKV, BK_QKV, False,
-                                     False, False, 1, LINE, ".cg", ws_ptr, False, False, False)
+                                     False, False, 1, LINE, ".cg", ws_ptr, False, False)
                 elif ph == 1:  # attention over the prefix + suffix keys
                     for it in range(pid, n_att, NPROG):
                         _attention_item(it // ATT_SPLIT, it % ATT_SPLIT, q_ptr, kl, vl, valid_ptr, o_ptr, aws_ptr, aml_ptr,
@@ -234,21 +234,21 @@ def _action_stack_kernel(
                                      ss_ptr, ws_ptr, h_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, kl, vl,
                                      R, D, WA, WA // SPLIT_O, WA, D, D, 0, stride_ss, 0, 0, 0, 1, eps,
                                      _EPI_RES, False, 1, False, False, SPLIT_O, NQ, HD, BM, BH_RES, BK_O, False,
-                                     False, False, 1, LINE, ".cg", ws_ptr, False, False, False)
+                                     False, False, 1, LINE, ".cg", ws_ptr, False, False)
                 elif ph == 3:  # gate|up + norm + GeGLU
                     for it in range(pid, NT_GU, NPROG):
                         _skinny_item(it, 0, xa_ptr, wg, ws_ptr, cnt_ptr, ss_ptr, xs_ptr, xa_ptr, ss_ptr, ws_ptr, h_ptr,
                                      pos_ptr, cos_ptr, sin_ptr, q_ptr, kl, vl,
                                      R, 2 * F, D, D, D, 0, 0, stride_ss, 0, F, 0, 0, D, eps,
                                      _EPI_GEGLU, True, NSS, False, False, 1, NQ, HD, BM, BH_GU, BK_GU, False,
-                                     False, False, 1, LINE, ".cg", ws_ptr, False, False, False)
+                                     False, False, 1, LINE, ".cg", ws_ptr, False, False)
                 else:  # down + residual
                     for it in range(pid, NT_RES * SPLIT_DN, NPROG):
                         _skinny_item(it % NT_RES, it // NT_RES, h_ptr, wd, ws_ptr, cnt_ptr + _CNT_DN, ss_ptr, xs_ptr,
                                      xa_ptr, ss_ptr, ws_ptr, h_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, kl, vl,
                                      R, D, F, F // SPLIT_DN, F, D, D, 0, stride_ss, 0, 0, 0, 1, eps,
                                      _EPI_RES, False, 1, False, False, SPLIT_DN, NQ, HD, BM, BH_RES, BK_DN, False,
-                                     False, False, 1, LINE, ".cg", ws_ptr, False, False, False)
+                                     False, False, 1, LINE, ".cg", ws_ptr, False, False)
 
 
 def _pow2(n: int) -> bool:

@@ -39,9 +39,7 @@ PDL_EARLY = False  # set by the engine (Tuning.pdl_early): signal dependents at 
 # after the K loop, end.
 TIMESTAMPS = None
 TS_LOG: list = []
-STAGGER = False  # set by the engine (Tuning.sk_stagger): rotate each program's K-block order (see _skinny_item)
 EARLY_EPI = True  # set by the engine (Tuning.sk_early_epi): epilogue operands loaded before the K loop (see _skinny_item)
-W_TMA = False  # set by the engine (Tuning.sk_tma): weight tiles through TMA descriptors (Hopper, CUDA only)
 
 
 @triton.jit
@@ -62,8 +60,7 @@ def _skinny_kernel(
     SPLIT: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr,
     BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
     PDL_EARLY: tl.constexpr = False, PREFETCH: tl.constexpr = False, KP: tl.constexpr = 1, LINE: tl.constexpr = 64,
-    ts_ptr=None, TS: tl.constexpr = False, W_TMA: tl.constexpr = False, EARLY: tl.constexpr = False,
-    STAGGER: tl.constexpr = False,
+    ts_ptr=None, TS: tl.constexpr = False, EARLY: tl.constexpr = False,
 ):
     ts = ts_ptr
     if TS:
@@ -72,7 +69,7 @@ def _skinny_kernel(
                  bias_ptr, h_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,
                  M, N, K, K_PER_SPLIT, stride_am, stride_x, stride_xa, stride_ss_in, stride_ss_out, stride_h, stride_q,
                  stride_kv, D_NORM, eps, EPI, NORM_A, NSS_IN, STORE, HAS_BIAS, SPLIT, NQ, HD, BM, BH, BK, PDL,
-                 PDL_EARLY, PREFETCH, KP, LINE, "", ts, TS, W_TMA, EARLY, STAGGER)
+                 PDL_EARLY, PREFETCH, KP, LINE, "", ts, TS, EARLY)
 
 
 @triton.jit
@@ -85,13 +82,11 @@ def _skinny_item(
     SPLIT: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr,
     BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
     PDL_EARLY: tl.constexpr, PREFETCH: tl.constexpr, KP: tl.constexpr, LINE: tl.constexpr, CM: tl.constexpr,
-    ts_ptr=None, TS: tl.constexpr = False, W_TMA: tl.constexpr = False, EARLY: tl.constexpr = False,
-    STAGGER: tl.constexpr = False,
+    ts_ptr=None, TS: tl.constexpr = False, EARLY: tl.constexpr = False,
 ):
     """One (column tile, K split) of the skinny matmul: the body of `_skinny_kernel`, also called by the persistent
     action-expert kernel (kernels/action_stack.py). CM: cache modifier of activation loads (".cg" there: the rows were
-    written by other programs of the same launch, L1 must not serve stale copies). W_TMA: `wt_ptr` is a host tensor
-    descriptor of W^T with block [BH, BK] and weight tiles come through the copy engine (TMA) instead of cp.async.
+    written by other programs of the same launch, L1 must not serve stale copies). TS: profiling stamps (TIMESTAMPS).
     EARLY: the epilogue's other operands are requested before the K loop instead of after it, so their latency
     hides behind the weight stream: RoPE tables and bias before gdc_wait (inputs of the whole inference), the row
     norms' sums of squares and the residual tile right after it (written by the previous kernel)."""
@@ -103,9 +98,8 @@ def _skinny_item(
     r1 = pid_n * BN + tl.arange(0, BH)  # weight rows (= workspace columns) of the two halves
     r2 = r1 + BH
     a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
-    if not W_TMA:
-        w1_rows = wt_ptr + r1.to(tl.int64)[:, None] * K
-        w2_rows = wt_ptr + r2.to(tl.int64)[:, None] * K
+    w1_rows = wt_ptr + r1.to(tl.int64)[:, None] * K
+    w2_rows = wt_ptr + r2.to(tl.int64)[:, None] * K
     k_lo = pid_k * K_PER_SPLIT
     if PDL_EARLY:  # let the next kernel's programs be scheduled as soon as all of ours are
         gdc_launch_dependents()
@@ -132,22 +126,11 @@ def _skinny_item(
         if EPI == 0 and HAS_BIAS:
             b1 = tl.load(bias_ptr + pid_n * BN + j).to(tl.float32)
             b2 = tl.load(bias_ptr + pid_n * BN + BH + j).to(tl.float32)
-    # K blocks in rotated order when STAGGER: program n starts at block n mod NB, so at any moment the column
-    # tiles read different A blocks (without it every program asks L2 for the same A lines at the same time)
-    NB = K_PER_SPLIT // BK
-    rot = 0
-    if STAGGER:
-        rot = pid_n % NB
     # first K block peeled: its weight tiles are requested before waiting on the previous kernel (PDL)
-    k_first = k_lo + rot * BK
-    offs_k = k_first + tl.arange(0, BK)
+    offs_k = k_lo + tl.arange(0, BK)
     k_ok = offs_k < K
-    if W_TMA:
-        w1 = wt_ptr.load([pid_n * BN, k_first])
-        w2 = wt_ptr.load([pid_n * BN + BH, k_first])
-    else:
-        w1 = tl.load(w1_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0)
-        w2 = tl.load(w2_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+    w1 = tl.load(w1_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+    w2 = tl.load(w2_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0)
     if PDL:
         gdc_wait()  # the previous kernel's outputs (this kernel's A) are visible from here on
         if not PDL_EARLY:
@@ -164,19 +147,11 @@ def _skinny_item(
     a = tl.load(a_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0, cache_modifier=CM)
     acc1 = tl.dot(a, tl.trans(w1))
     acc2 = tl.dot(a, tl.trans(w2))
-    for i in range(1, NB):
-        if STAGGER:
-            k0 = k_lo + ((i + rot) % NB) * BK
-        else:
-            k0 = k_lo + i * BK
+    for k0 in range(k_lo + BK, k_lo + K_PER_SPLIT, BK):
         offs_k = k0 + tl.arange(0, BK)
         k_ok = offs_k < K
-        if W_TMA:
-            w1 = wt_ptr.load([pid_n * BN, k0])
-            w2 = wt_ptr.load([pid_n * BN + BH, k0])
-        else:
-            w1 = tl.load(w1_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0)
-            w2 = tl.load(w2_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+        w1 = tl.load(w1_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+        w2 = tl.load(w2_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0)
         a = tl.load(a_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0, cache_modifier=CM)
         acc1 += tl.dot(a, tl.trans(w1))
         acc2 += tl.dot(a, tl.trans(w2))
@@ -341,18 +316,13 @@ def _launch(a, wt, epi, split, block, num_warps, num_stages, workspace, pdl=Fals
         prefetch = 0  # bulk copies need 16-byte aligned rows
     ws, cnt = (workspace or default_workspace(a.device)).need(split * BM * N if split > 1 else 1, grid[0])
     dummy = ws
-    w_arg, tma = wt, {}
-    if W_TMA and a.is_cuda and not INTERPRET and (K * wt.element_size()) % 16 == 0:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        w_arg, tma, prefetch = TensorDescriptor.from_tensor(wt, [BH, BK]), dict(W_TMA=True), 0
     ts = {}
     if TIMESTAMPS is not None and a.is_cuda:
         first = sum(n for _, _, n in TS_LOG) * 4
         TS_LOG.append(({0: "res", 1: "geglu", 2: "qkv"}[epi], first, grid[0] * grid[1]))
         ts = dict(ts_ptr=TIMESTAMPS[first:], TS=True)
     _skinny_kernel[grid](
-        a, w_arg, ws, cnt, ss_in if ss_in is not None else dummy,
+        a, wt, ws, cnt, ss_in if ss_in is not None else dummy,
         x if x is not None else dummy, xa if xa is not None else dummy, ss_out if ss_out is not None else dummy,
         bias if bias is not None else dummy, h if h is not None else dummy,
         pos if pos is not None else cnt, cos if cos is not None else dummy, sin if sin is not None else dummy,
@@ -363,7 +333,7 @@ def _launch(a, wt, epi, split, block, num_warps, num_stages, workspace, pdl=Fals
         d_norm, eps,
         EPI=epi, NORM_A=ss_in is not None, NSS_IN=nss_in, STORE=store, HAS_BIAS=bias is not None, SPLIT=split,
         NQ=num_heads, HD=head_dim, BM=BM, BH=BH, BK=BK, PDL=pdl, PDL_EARLY=pdl and PDL_EARLY, PREFETCH=prefetch, KP=k_per, LINE=line, num_warps=num_warps, num_stages=num_stages,
-        EARLY=bool(EARLY_EPI), STAGGER=bool(STAGGER), **ts, **tma, **pdl_kwargs(pdl))
+        EARLY=bool(EARLY_EPI), **ts, **pdl_kwargs(pdl))
 
 
 def skinny_residual(a, wt, x, xa, ss_out, bias=None, store=False, ss_in=None, nss_in=1, d_norm=1, eps=1e-6,

@@ -118,8 +118,6 @@ class Tuning:
     # action attention loads its first prefix K/V block before gdc_wait (PDL), per camera count 1, 2, 3
     attn_preload: tuple = (True, True, False)
     sk_early_epi: bool = True  # skinny matmuls request their epilogue operands before the K loop
-    sk_stagger: bool = False  # skinny matmuls rotate each program's K-block order (spread A reads over L2)
-    sk_tma: bool = False  # skinny matmuls read weight tiles through TMA descriptors (the copy engine) instead of cp.async
 
 
     @classmethod
@@ -413,8 +411,7 @@ class _ViewGraph:
         ca = (t.sk_attn1, t.sk_attn2, t.sk_attn3)[min(self.V, 3) - 1]
         pl = t.attn_preload
         preload = bool(pl[min(self.V, len(pl)) - 1] if isinstance(pl, (tuple, list)) else pl)
-        SK.PDL_EARLY, SK.PREFETCH, SK.W_TMA, SK.EARLY_EPI = t.pdl_early, t.prefetch, t.sk_tma, t.sk_early_epi
-        SK.STAGGER = t.sk_stagger
+        SK.PDL_EARLY, SK.PREFETCH, SK.EARLY_EPI = t.pdl_early, t.prefetch, t.sk_early_epi
         SK.prep_rows(self.xs[0:1], self.xsa[0:1], self.ss[:, 0:1])  # the state token's row
         if self.stack_plan is not None:
             self.st_bars.zero_()  # one barrier counter per step launch (a memset node in the graph)

@@ -221,16 +221,6 @@ def test_rope_qkv(gen):
 from pi0_triton_policy.kernels import skinny_matmul as SK  # noqa: E402
 
 
-TMA = [False, True] if DEV == "cuda" else [False]  # weight tiles through TMA descriptors: GPU only
-
-
-@pytest.fixture
-def tma(request):
-    SK.W_TMA = request.param
-    yield request.param
-    SK.W_TMA = False
-
-
 def _ss_parts(a, parts=2):
     """Per-column-chunk row sums of squares [parts, M] (what a residual epilogue writes for the next matmul)."""
     return torch.stack([c.float().square().sum(1) for c in a.float().chunk(parts, 1)]).contiguous()
@@ -239,8 +229,7 @@ def _ss_parts(a, parts=2):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("split", [1, 3])
 @pytest.mark.parametrize("mode", ["add", "store_bias_norm"])
-@pytest.mark.parametrize("tma", TMA, indirect=True)
-def test_skinny_residual(dtype, split, mode, tma, gen):
+def test_skinny_residual(dtype, split, mode, gen):
     M, K, N, BH = 37, 200, 96, 16
     a, w = randn(M, K, dtype=dtype, gen=gen), randn(K, N, scale=K**-0.5, dtype=dtype, gen=gen)
     x0, bias = randn(M, N, gen=gen), randn(N, gen=gen)
@@ -259,18 +248,9 @@ def test_skinny_residual(dtype, split, mode, tma, gen):
     assert torch.equal(outs[0], outs[1]), "split-K must be deterministic"
 
 
-@pytest.fixture
-def stagger(request):
-    SK.STAGGER = request.param
-    yield request.param
-    SK.STAGGER = False
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("split", [1, 2])
-@pytest.mark.parametrize("tma", TMA, indirect=True)
-@pytest.mark.parametrize("stagger", [False, True], indirect=True)
-def test_skinny_geglu(dtype, split, tma, stagger, gen):
+def test_skinny_geglu(dtype, split, gen):
     M, K, F, BH = 37, 72, 64, 16
     a = randn(M, K, dtype=dtype, gen=gen)
     wg, wu = randn(K, F, scale=K**-0.5, dtype=dtype, gen=gen), randn(K, F, scale=K**-0.5, dtype=dtype, gen=gen)
@@ -281,8 +261,7 @@ def test_skinny_geglu(dtype, split, tma, stagger, gen):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tma", TMA, indirect=True)
-def test_skinny_qkv_rope(dtype, tma, gen):
+def test_skinny_qkv_rope(dtype, gen):
     M, K, NQ, H, BH = 37, 72, 2, 32, 16
     a, w = randn(M, K, dtype=dtype, gen=gen), randn(K, (NQ + 2) * H, scale=K**-0.5, dtype=dtype, gen=gen)
     pos = torch.randperm(100, generator=gen)[:M].to(DEV, torch.int32)
