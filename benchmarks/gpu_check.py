@@ -106,7 +106,6 @@ def sweep(only, log, out_dir="."):
             wg = torch.randn(2, D, g.mlp_dim, device=dev, dtype=BF) * 0.03
             h = torch.empty(M, g.mlp_dim, device=dev, dtype=BF)
             nb = wg.numel() * 2
-            w2 = wg.reshape(2 * D, -1)[:D]
             wcat = torch.cat([wg[0], wg[1]], 1)
             rec("act", "cublas gate+up 50x1024x8192", "-", bench(lambda: xb @ wcat), nb)
             for cfg in ((64, 32, 128, 4, 4), (64, 64, 128, 4, 4), (64, 32, 64, 4, 4), (64, 16, 128, 4, 4), (64, 32, 256, 4, 3), (64, 64, 64, 4, 5)):

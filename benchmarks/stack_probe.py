@@ -114,7 +114,7 @@ def main():
             SK.TIMESTAMPS = None
             log = SK.TS_LOG[4:12]  # layers 1 and 2: qkv, o, gate|up, down (attention is not stamped)
             t_ref = stamps[log[0][1]:log[0][1] + 4 * log[0][2]].view(-1, 4)[:, 0].min().item()
-            print(f"  timeline (us from layer 1's first qkv program; per kernel min/median/max over programs)")
+            print("  timeline (us from layer 1's first qkv program; per kernel min/median/max over programs)")
             tl_rows = []
             for (name, first, n), label in zip(log, ["qkv", "o", "gu", "down"] * 2):
                 st = (stamps[first:first + 4 * n].view(n, 4).double() - t_ref) / 1000

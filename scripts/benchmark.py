@@ -200,9 +200,9 @@ def main(argv=None):
                     fn()
                 elif name.startswith("triton"):
                     m.graph_for(views)
-                    fn = lambda: m.sample_actions_torch(*a)  # noqa: E731
+                    fn = lambda m=m: m.sample_actions_torch(*a)  # noqa: E731
                 else:
-                    fn = lambda: m.sample_actions_torch(*a)  # noqa: E731
+                    fn = lambda m=m: m.sample_actions_torch(*a)  # noqa: E731
                     fn()
                 torch.cuda.synchronize()
                 warm_s = time.perf_counter() - t0
