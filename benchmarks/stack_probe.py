@@ -58,9 +58,9 @@ def main():
     bf = torch.bfloat16
     w = lambda n, k: (torch.randn(L, n, k, device=dev) * k**-0.5).to(bf)  # noqa: E731
     wqkv, wo, wgu, wdn = w((NQ + 2) * HD, D), w(D, NQ * HD), w(2 * F, D), w(D, F)
-    variants = {"stack": {}, "counter_barrier": {"barrier": 0}, "noprefetch": {"prefetch": 0}, "line_prefetch": {"prefetch": 1},
-                "ahead1": {"ahead": 1}, "ahead3": {"ahead": 3}, "ahead4": {"ahead": 4},
-                "barriers_only": {"work": 0}, "counter_barriers_only": {"work": 0, "barrier": 0},
+    variants = {"stack": {}, "flag_barrier": {"barrier": 1}, "line_prefetch": {"prefetch": 1}, "bulk_prefetch": {"prefetch": 2},
+                "bulk_ahead1": {"prefetch": 2, "ahead": 1}, "bulk_ahead3": {"prefetch": 2, "ahead": 3},
+                "barriers_only": {"work": 0}, "flag_barriers_only": {"work": 0, "barrier": 1},
                 "no_qkv": {"work": 31 - 1}, "no_attn": {"work": 31 - 2},
                 "no_o": {"work": 31 - 4}, "no_gu": {"work": 31 - 8}, "no_down": {"work": 31 - 16}}
     if args.variants:

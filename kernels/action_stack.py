@@ -13,12 +13,19 @@ pipeline fill and split-K tail are paid 900 times. Here one program per SM walks
 with a grid-wide barrier between phases (each phase reads what all programs wrote in the previous one). The
 kernel is the same math as the per-kernel skinny path, item for item, so results are bitwise identical to it.
 
-Weight streaming across barriers: before waiting at a barrier, each program asks L2 for the weight slab (or, for
-attention, its share of the layer's prefix K/V rows) of the phase AHEAD phases later (`prefetch.global.L2`); the
-weights do not depend on activations, so DRAM keeps streaming while programs wait on each other.
+Weight streaming across barriers (PREFETCH): before a barrier each program can ask L2 for the weight slab (or,
+for attention, its share of the layer's K/V rows) of the phase AHEAD phases later: 1 = `prefetch.global.L2` per
+128-byte line, 2 = `cp.async.bulk.prefetch.L2` per weight row, 0 = off. Barriers (BARRIER): 0 = one arrival
+counter (thread 0 of each program polls it), 1 = one flag per program.
+
+Status (benchmarks/NOTES.md, session 4): slower than the per-kernel path with PDL. A grid barrier costs ~2.1 us
+(counter; 3.5 us with flags) against a hardware-resolved PDL boundary, and every phase still costs what its
+separate kernel did (~9.4 us); prefetching made it slower (57.5 us per layer-step without, 65.7 per-line, 85.9
+bulk, vs 46.5 for the per-kernel path). Opt-in (`Tuning.act_stack`), with the best measured settings (counter
+barrier, no prefetch) as defaults, for work on finer-grained dependencies (per-tile flags instead of barriers).
 
 Requirements: all NPROG programs resident at once (NPROG <= SMs, one program per SM fits), which the launcher
-ensures; the barrier counter `bar` is zero at launch (the engine zeroes it once per graph replay). Without a GPU
+ensures; the barrier memory `bar` is zero at launch (the engine zeroes it once per graph replay). Without a GPU
 (TRITON_INTERPRET=1 runs programs one after another, so a barrier would never open) the launcher runs the same
 kernel one (layer, phase) per launch instead: `grid_sync=False`. Activations written inside the launch are read
 with `.cg` (L2) so no SM sees a stale L1 copy from the previous layer.
@@ -260,8 +267,8 @@ class StackPlan:
 
     def __init__(self, D: int, F: int, NQ: int, HD: int, TK: int, bh_qkv: int, bh_gu: int, bh_res: int, bk_qkv=128,
                  bk_gu=128, bk_o=128, split_o=4, bk_dn=128, split_dn=4, attn=(16, 64, 2, 8), nprog: int = 0,
-                 stages: int = 4, num_warps: int = 4, prefetch: int = 2, ahead: int = 2, pdl: bool = True,
-                 barrier: int = 1, device=None):
+                 stages: int = 4, num_warps: int = 4, prefetch: int = 0, ahead: int = 2, pdl: bool = True,
+                 barrier: int = 0, device=None):
         import torch
 
         self.D, self.F, self.NQ, self.HD, self.TK = D, F, NQ, HD, TK

@@ -94,8 +94,8 @@ class Tuning:
     sk_attn2: tuple = (16, 64, 8, 2, 8)  # 13.9 vs 14.4 (4 warps; earlier (32,64,4,2,8): 15.31)
     sk_attn3: tuple = (16, 64, 4, 2, 8)  # 16.6 vs 17.1 (8 warps)
     # persistent action expert (kernels/action_stack.py): all layers of a flow step in one launch, grid barriers
-    # between phases, L2 prefetch of the weights st_ahead phases ahead. Overrides act_skinny's per-layer kernels
-    # (the time MLP and the output/Euler update stay separate kernels).
+    # between phases, optional L2 prefetch of the weights st_ahead phases ahead. Replaces act_skinny's per-layer
+    # kernels when on (the time MLP and the output/Euler update stay separate kernels).
     act_stack: bool = False  # measured slower than the per-layer kernels with PDL (benchmarks/NOTES.md)
     st_qkv: tuple = (16, 128)  # BH (fixed at load: column pairing), BK
     st_gu: tuple = (32, 128)  # BH (fixed at load), BK
@@ -106,9 +106,9 @@ class Tuning:
     st_nprog: int = 0  # programs (0: one per SM)
     st_warps: int = 4
     st_stages: int = 4
-    st_prefetch: int = 2  # 0 off, 1 per-line prefetch.global.L2, 2 cp.async.bulk.prefetch.L2 per weight row
+    st_prefetch: int = 0  # 0 off (fastest measured), 1 per-line prefetch.global.L2, 2 cp.async.bulk.prefetch.L2 per row
     st_ahead: int = 2
-    st_barrier: int = 1  # 1 per-program flags, 0 one arrival counter
+    st_barrier: int = 0  # 0 one arrival counter (fastest measured), 1 per-program flags
     pdl: bool = True  # programmatic dependent launch between the skinny path's kernels (where Triton has it)
     pdl_early: bool = False  # skinny matmuls signal their dependents at entry rather than after gdc_wait
     # skinny matmuls prefetch their whole weight slab into L2 at entry (before gdc_wait): 0 no, 1 one
