@@ -109,9 +109,6 @@ class Tuning:
     st_prefetch: int = 0  # 0 off (fastest measured), 1 per-line prefetch.global.L2, 2 cp.async.bulk.prefetch.L2 per row
     st_ahead: int = 2
     st_barrier: int = 0  # 0 one arrival counter (fastest measured), 1 per-program flags
-    # PDL launch of the persistent kernel: its CTAs (one per SM, 164 KB shared memory) then sit in gdc_wait on
-    # every SM and starve the time MLP kernel before it of SMs (20.6 vs ? ms at 1 camera, NOTES.md session 4)
-    st_pdl: bool = False
     pdl: bool = True  # programmatic dependent launch between the skinny path's kernels (where Triton has it)
     pdl_early: bool = False  # skinny matmuls signal their dependents at entry rather than after gdc_wait
     # skinny matmuls prefetch their whole weight slab into L2 at entry (before gdc_wait): 0 no, 1 one
@@ -296,7 +293,7 @@ class _ViewGraph:
                                            bk_qkv=t.st_qkv[1], bk_gu=t.st_gu[1], bk_o=t.st_res[1], split_o=t.st_res[2],
                                            bk_dn=t.st_res[3], split_dn=t.st_res[4], attn=sa, nprog=t.st_nprog,
                                            stages=t.st_stages, num_warps=t.st_warps, prefetch=t.st_prefetch,
-                                           ahead=t.st_ahead, pdl=t.pdl and t.st_pdl, barrier=t.st_barrier, device=dev)
+                                           ahead=t.st_ahead, pdl=t.pdl, barrier=t.st_barrier, device=dev)
             n_ws, n_aws = self.stack_plan.workspace_numel()
             self.st_ws, self.st_aws = z(n_ws), z(n_aws)
             self.st_cnt = z(4096, dtype=torch.int32)
