@@ -21,8 +21,10 @@ counter (thread 0 of each program polls it), 1 = one flag per program.
 Status (benchmarks/NOTES.md, session 4): slower than the per-kernel path with PDL. A grid barrier costs ~2.1 us
 (counter; 3.5 us with flags) against a hardware-resolved PDL boundary, and every phase still costs what its
 separate kernel did (~9.4 us); prefetching made it slower (57.5 us per layer-step without, 65.7 per-line, 85.9
-bulk, vs 46.5 for the per-kernel path). Opt-in (`Tuning.act_stack`), with the best measured settings (counter
+bulk, vs 46.5 for the per-kernel path). Opt-in (`Tuning.act_stack`), with the probe's best settings (counter
 barrier, no prefetch) as defaults, for work on finer-grained dependencies (per-tile flags instead of barriers).
+End to end these settings measured 20.6 ms at 1 camera, slower than the first version (all threads polling the
+counter, per-line prefetch: 16.7 ms, commit 12f0fe6); that disagreement with the isolated probe is not resolved.
 
 Requirements: all NPROG programs resident at once (NPROG <= SMs, one program per SM fits), which the launcher
 ensures; the barrier memory `bar` is zero at launch (the engine zeroes it once per graph replay). Without a GPU
