@@ -120,9 +120,7 @@ def _skinny_item(
         if EPI == 2:  # positions and RoPE tables: set before the inference, never written by a kernel
             HALF: tl.constexpr = HD // 2
             d = (pid_n % (HALF // BH)) * BH + j
-            pos = tl.load(pos_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
-            cs = tl.load(cos_ptr + pos[:, None] * HALF + d[None, :], mask=m_ok[:, None], other=0.0)
-            sn = tl.load(sin_ptr + pos[:, None] * HALF + d[None, :], mask=m_ok[:, None], other=0.0)
+            cs, sn = _rope_rows(pos_ptr, cos_ptr, sin_ptr, offs_m, m_ok, d, HALF)
         if EPI == 0 and HAS_BIAS:
             b1 = tl.load(bias_ptr + pid_n * BN + j).to(tl.float32)
             b2 = tl.load(bias_ptr + pid_n * BN + BH + j).to(tl.float32)
@@ -182,6 +180,15 @@ def _skinny_item(
     if TS:
         tl.debug_barrier()
         tl.store(ts_ptr + 3, globaltimer(pid_n))
+
+
+@triton.jit
+def _rope_rows(pos_ptr, cos_ptr, sin_ptr, offs_m, m_ok, d, HALF: tl.constexpr):
+    """cos/sin [BM, BH] of the rows' positions at head columns d (split-half RoPE tables [pos, HALF])."""
+    pos = tl.load(pos_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
+    cs = tl.load(cos_ptr + pos[:, None] * HALF + d[None, :], mask=m_ok[:, None], other=0.0)
+    sn = tl.load(sin_ptr + pos[:, None] * HALF + d[None, :], mask=m_ok[:, None], other=0.0)
+    return cs, sn
 
 
 @triton.jit
@@ -247,9 +254,7 @@ def _skinny_epilogue(acc1, acc2, pid_n, offs_m, m_ok, ss_in_ptr, x_ptr, xa_ptr, 
         mk = m_ok[:, None]
         if head <= NQ:
             if not EARLY:
-                pos = tl.load(pos_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
-                cs = tl.load(cos_ptr + pos[:, None] * HALF + d[None, :], mask=mk, other=0.0)
-                sn = tl.load(sin_ptr + pos[:, None] * HALF + d[None, :], mask=mk, other=0.0)
+                cs, sn = _rope_rows(pos_ptr, cos_ptr, sin_ptr, offs_m, m_ok, d, HALF)
             o1 = acc1 * cs - acc2 * sn
             o2 = acc2 * cs + acc1 * sn
         else:
