@@ -5,6 +5,7 @@ a CUDA graph, per step in microseconds, and per layer-step. Phase probes switch 
 stay), so `all - without phase X` is that phase's share.
 
     python benchmarks/stack_probe.py [--views 1 3] [--json out.json] [--variants '{"name": {...StackPlan kwargs...}}']
+        [--pk '{"name": {"o": [32, 128, 8, 1, 8, 2], ...}}'] [--timeline]
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from pi0_triton_policy.kernels._common import Workspace
 
 D, F, NQ, HD, L, S = 1024, 4096, 8, 256, 18, 51
 DEFAULT = dict(bh_qkv=16, bh_gu=32, bh_res=16)
+# the engine's per-kernel shapes (triton_engine.Tuning): (BH, BK, warps, stages, split[, peel]); attention per camera
+# count (BM, BN, warps, stages, split) and whether its first prefix K/V block is loaded before the PDL wait
+PK_BASE = dict(qkv=(32, 64, 4, 3, 2), o=(32, 128, 4, 4, 4), gu=(32, 128, 4, 4, 1), down=(32, 128, 4, 4, 4),
+               attn1=(16, 128, 8, 2, 4), attn2=(16, 64, 8, 2, 8), attn3=(16, 64, 4, 2, 8), preload=(True, True, False))
 
 
 def time_graph(fn, n_inner=20, rounds=7):
@@ -46,13 +51,41 @@ def time_graph(fn, n_inner=20, rounds=7):
     return statistics.median(out)
 
 
+def timeline(per_kernel, res, key):
+    """Per-program %globaltimer stamps of layers 1-2's skinny kernels (eager launches, one step)."""
+    SK.TIMESTAMPS = torch.zeros(1 << 16, dtype=torch.int64, device="cuda")
+    SK.TS_LOG.clear()
+    per_kernel()
+    torch.cuda.synchronize()
+    stamps = SK.TIMESTAMPS.cpu()
+    SK.TIMESTAMPS = None
+    log = SK.TS_LOG[4:12]  # layers 1 and 2: qkv, o, gate|up, down (attention is not stamped)
+    t_ref = stamps[log[0][1]:log[0][1] + 4 * log[0][2]].view(-1, 4)[:, 0].min().item()
+    print("  timeline (us from layer 1's first qkv program; per kernel min/median/max over programs)")
+    tl_rows = []
+    for (name, first, n), label in zip(log, ["qkv", "o", "gu", "down"] * 2):
+        st = (stamps[first:first + 4 * n].view(n, 4).double() - t_ref) / 1000
+        mm = lambda c: (st[:, c].min().item(), st[:, c].median().item(), st[:, c].max().item())  # noqa: E731
+        row = {"kernel": label, "programs": n, "entry": mm(0), "after_wait": mm(1), "loop_end": mm(2), "end": mm(3)}
+        tl_rows.append(row)
+        print(f"  {label:5s} n={n:3d} entry {row['entry'][0]:6.2f}/{row['entry'][1]:6.2f}/{row['entry'][2]:6.2f}"
+              f"  wait-done {row['after_wait'][0]:6.2f}/{row['after_wait'][1]:6.2f}/{row['after_wait'][2]:6.2f}"
+              f"  loop-end {row['loop_end'][0]:6.2f}/{row['loop_end'][1]:6.2f}/{row['loop_end'][2]:6.2f}"
+              f"  end {row['end'][0]:6.2f}/{row['end'][1]:6.2f}/{row['end'][2]:6.2f}")
+    res.setdefault("timeline", {})[key] = tl_rows
+    SK.TS_LOG.clear()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--views", nargs="+", type=int, default=[1, 3])
     ap.add_argument("--json", default=None)
     ap.add_argument("--variants", default=None, help="JSON {name: StackPlan kwargs (+ 'work': phase bit mask)}")
     ap.add_argument("--timeline", action="store_true", help="also print per-program timestamps of the per-kernel path")
+    ap.add_argument("--pk", default=None, help='JSON {name: overrides of PK_BASE} for the per-kernel path ("base" is always run)')
     args = ap.parse_args()
+    pk_variants = {"base": {}}
+    pk_variants.update(json.loads(args.pk) if args.pk else {})
     dev = "cuda"
     torch.manual_seed(0)
     bf = torch.bfloat16
@@ -63,7 +96,7 @@ def main():
                 "barriers_only": {"work": 0}, "flag_barriers_only": {"work": 0, "barrier": 1},
                 "no_qkv": {"work": 31 - 1}, "no_attn": {"work": 31 - 2},
                 "no_o": {"work": 31 - 4}, "no_gu": {"work": 31 - 8}, "no_down": {"work": 31 - 16}}
-    if args.variants:
+    if args.variants is not None:
         variants = json.loads(args.variants)
     res = {"card": torch.cuda.get_device_name(), "rows": []}
     print(f"card {res['card']}  (one flow step = {L} layers; us per step / per layer)")
@@ -85,48 +118,49 @@ def main():
             xs.copy_(xs0)
             SK.prep_rows(xs, xa, ss)
 
-        # per-kernel skinny path (the previous default: 5 launches per layer, PDL), with its tuned shapes
+        # per-kernel skinny path (the engine's default: 5 launches per layer, PDL), with the engine's shapes
+        # (triton_engine.Tuning) or the --pk variants' overrides
         wsp = Workspace(dev, numel=1 << 22)
         wq32 = torch.stack([SK.transpose_weight(wqkv[i].t()) for i in range(L)])  # any column order: timing only
-        norm = dict(ss_in=ss[:, r0:], nss_in=nss, d_norm=D, eps=1e-6)
-        kw = lambda bh, c: dict(block=(64, bh, c[1]), num_warps=c[2], num_stages=c[3], split=c[4], workspace=wsp, pdl=True)  # noqa: E731
+        kw = lambda c: dict(block=(64, c[0], c[1]), num_warps=c[2], num_stages=c[3], split=c[4], workspace=wsp,  # noqa: E731
+                            pdl=True, peel=c[5] if len(c) > 5 else 1)
 
-        def per_kernel(_i=0):
-            for i in range(L):
-                SK.skinny_qkv_rope(xa[r0:], wq32[i], pos[T + r0:], cos, sin, q[:R], kc[i, T + r0:], vc[i, T + r0:], NQ, HD,
-                                   **norm, **kw(32, (32, 64, 4, 3, 2)))
-                AA.action_attention(q[:R], kc[i], vc[i], valid, T, r0, NQ, out=o[:R], split=4 if V == 1 else 8,
-                                    block=(16, 128) if V == 1 else (16, 64), num_warps=4, num_stages=2, workspace=wsp, pdl=True)
-                SK.skinny_residual(o[:R], wo[i], xs[r0:], xa[r0:], ss[:, r0:], **kw(16, (32, 128, 4, 4, 4)))
-                SK.skinny_geglu(xa[r0:], wgu[i], h[:R], **norm, **kw(32, (32, 128, 4, 4, 1)))
-                SK.skinny_residual(h[:R], wdn[i], xs[r0:], xa[r0:], ss[:, r0:], **kw(16, (32, 128, 4, 4, 4)))
+        def per_kernel_fn(cfg):
+            att = cfg["attn%d" % min(V, 3)]
+            preload = cfg["preload"][min(V, 3) - 1]
+            nss_pk = D // (2 * cfg["o"][0])
+            ss_pk = torch.zeros(nss_pk, S, device=dev)
+            norm = dict(ss_in=ss_pk[:, r0:], nss_in=nss_pk, d_norm=D, eps=1e-6)
+            assert cfg["o"][0] == cfg["down"][0]
 
-        reset()
-        t = time_graph(per_kernel)
-        res["rows"].append({"views": V, "variant": "per_kernel", "us_step": t})
-        print(f"views={V} {'per_kernel':14s} {t:8.1f} us/step  {t / L:6.2f} us/layer")
-        if args.timeline:  # %globaltimer stamps of every program of layers 1-2's skinny kernels (eager, one step)
-            SK.TIMESTAMPS = torch.zeros(1 << 16, dtype=torch.int64, device=dev)
-            SK.TS_LOG.clear()
-            per_kernel()
-            torch.cuda.synchronize()
-            stamps = SK.TIMESTAMPS.cpu()
-            SK.TIMESTAMPS = None
-            log = SK.TS_LOG[4:12]  # layers 1 and 2: qkv, o, gate|up, down (attention is not stamped)
-            t_ref = stamps[log[0][1]:log[0][1] + 4 * log[0][2]].view(-1, 4)[:, 0].min().item()
-            print("  timeline (us from layer 1's first qkv program; per kernel min/median/max over programs)")
-            tl_rows = []
-            for (name, first, n), label in zip(log, ["qkv", "o", "gu", "down"] * 2):
-                st = (stamps[first:first + 4 * n].view(n, 4).double() - t_ref) / 1000
-                mm = lambda c: (st[:, c].min().item(), st[:, c].median().item(), st[:, c].max().item())  # noqa: E731
-                row = {"kernel": label, "programs": n, "entry": mm(0), "after_wait": mm(1), "loop_end": mm(2), "end": mm(3)}
-                tl_rows.append(row)
-                print(f"  {label:5s} n={n:3d} entry {row['entry'][0]:6.2f}/{row['entry'][1]:6.2f}/{row['entry'][2]:6.2f}"
-                      f"  wait-done {row['after_wait'][0]:6.2f}/{row['after_wait'][1]:6.2f}/{row['after_wait'][2]:6.2f}"
-                      f"  loop-end {row['loop_end'][0]:6.2f}/{row['loop_end'][1]:6.2f}/{row['loop_end'][2]:6.2f}"
-                      f"  end {row['end'][0]:6.2f}/{row['end'][1]:6.2f}/{row['end'][2]:6.2f}")
-            res.setdefault("timeline", {})[V] = tl_rows
-            SK.TS_LOG.clear()
+            off = set(cfg.get("off", ()))  # kernels left out: `base - without X` is X's share of the chain
+
+            def per_kernel(_i=0):
+                for i in range(L):
+                    if "qkv" not in off:
+                        SK.skinny_qkv_rope(xa[r0:], wq32[i], pos[T + r0:], cos, sin, q[:R], kc[i, T + r0:], vc[i, T + r0:],
+                                           NQ, HD, **norm, **kw(cfg["qkv"]))
+                    if "attn" not in off:
+                        AA.action_attention(q[:R], kc[i], vc[i], valid, T, r0, NQ, out=o[:R], split=att[4], block=att[:2],
+                                            num_warps=att[2], num_stages=att[3], workspace=wsp, pdl=True, preload=preload)
+                    if "o" not in off:
+                        SK.skinny_residual(o[:R], wo[i], xs[r0:], xa[r0:], ss_pk[:, r0:], **kw(cfg["o"]))
+                    if "gu" not in off:
+                        SK.skinny_geglu(xa[r0:], wgu[i], h[:R], **norm, **kw(cfg["gu"]))
+                    if "down" not in off:
+                        SK.skinny_residual(h[:R], wdn[i], xs[r0:], xa[r0:], ss_pk[:, r0:], **kw(cfg["down"]))
+            return per_kernel, ss_pk
+
+        for pk_name, over in pk_variants.items():
+            cfg = dict(PK_BASE, **{k: tuple(v) if isinstance(v, list) else v for k, v in over.items()})
+            per_kernel, ss_pk = per_kernel_fn(cfg)
+            xs.copy_(xs0)
+            SK.prep_rows(xs, xa, ss_pk)
+            t = time_graph(per_kernel)
+            res["rows"].append({"views": V, "variant": "pk_" + pk_name, "us_step": t, "cfg": cfg})
+            print(f"views={V} pk_{pk_name:11s} {t:8.1f} us/step  {t / L:6.2f} us/layer", flush=True)
+            if args.timeline and not cfg.get("off"):  # per-program stamps of layers 1-2 (eager, one step)
+                timeline(per_kernel, res, f"{V}/{pk_name}")
         for name, kwv in variants.items():
             kwv = dict(kwv)
             work = kwv.pop("work", 31)

@@ -60,7 +60,7 @@ def _skinny_kernel(
     SPLIT: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr,
     BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
     PDL_EARLY: tl.constexpr = False, PREFETCH: tl.constexpr = False, KP: tl.constexpr = 1, LINE: tl.constexpr = 64,
-    ts_ptr=None, TS: tl.constexpr = False, EARLY: tl.constexpr = False,
+    ts_ptr=None, TS: tl.constexpr = False, EARLY: tl.constexpr = False, PEEL: tl.constexpr = 1,
 ):
     ts = ts_ptr
     if TS:
@@ -69,7 +69,7 @@ def _skinny_kernel(
                  bias_ptr, h_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,
                  M, N, K, K_PER_SPLIT, stride_am, stride_x, stride_xa, stride_ss_in, stride_ss_out, stride_h, stride_q,
                  stride_kv, D_NORM, eps, EPI, NORM_A, NSS_IN, STORE, HAS_BIAS, SPLIT, NQ, HD, BM, BH, BK, PDL,
-                 PDL_EARLY, PREFETCH, KP, LINE, "", ts, TS, EARLY)
+                 PDL_EARLY, PREFETCH, KP, LINE, "", ts, TS, EARLY, PEEL)
 
 
 @triton.jit
@@ -82,14 +82,17 @@ def _skinny_item(
     SPLIT: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr,
     BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
     PDL_EARLY: tl.constexpr, PREFETCH: tl.constexpr, KP: tl.constexpr, LINE: tl.constexpr, CM: tl.constexpr,
-    ts_ptr=None, TS: tl.constexpr = False, EARLY: tl.constexpr = False,
+    ts_ptr=None, TS: tl.constexpr = False, EARLY: tl.constexpr = False, PEEL: tl.constexpr = 1,
 ):
     """One (column tile, K split) of the skinny matmul: the body of `_skinny_kernel`, also called by the persistent
     action-expert kernel (kernels/action_stack.py). CM: cache modifier of activation loads (".cg" there: the rows were
     written by other programs of the same launch, L1 must not serve stale copies). TS: profiling stamps (TIMESTAMPS).
     EARLY: the epilogue's other operands are requested before the K loop instead of after it, so their latency
     hides behind the weight stream: RoPE tables and bias before gdc_wait (inputs of the whole inference), the row
-    norms' sums of squares and the residual tile right after it (written by the previous kernel)."""
+    norms' sums of squares and the residual tile right after it (written by the previous kernel).
+    PEEL (1-4): K blocks whose weight tiles are loaded (into registers) before gdc_wait; the rest stream through the
+    software-pipelined loop. Without it the loop's first weight requests wait behind the first A tile (in-order
+    issue: the peeled dot stalls on A), one extra DRAM round trip per kernel."""
     BN: tl.constexpr = 2 * BH
     if TS:
         tl.store(ts_ptr, globaltimer(pid_n))
@@ -124,11 +127,17 @@ def _skinny_item(
         if EPI == 0 and HAS_BIAS:
             b1 = tl.load(bias_ptr + pid_n * BN + j).to(tl.float32)
             b2 = tl.load(bias_ptr + pid_n * BN + BH + j).to(tl.float32)
-    # first K block peeled: its weight tiles are requested before waiting on the previous kernel (PDL)
-    offs_k = k_lo + tl.arange(0, BK)
-    k_ok = offs_k < K
-    w1 = tl.load(w1_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0)
-    w2 = tl.load(w2_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+    # the first PEEL K blocks are peeled: their weight tiles are requested before waiting on the previous kernel
+    # (PDL), all at once, so the weight stream does not queue behind the first A tile's round trip
+    k_hi = tl.minimum(K, k_lo + K_PER_SPLIT)
+    offs_k0 = k_lo + tl.arange(0, BK)
+    w1_0, w2_0 = _w_block(w1_rows, w2_rows, offs_k0, k_hi)
+    if PEEL >= 2:
+        w1_1, w2_1 = _w_block(w1_rows, w2_rows, offs_k0 + BK, k_hi)
+    if PEEL >= 3:
+        w1_2, w2_2 = _w_block(w1_rows, w2_rows, offs_k0 + 2 * BK, k_hi)
+    if PEEL >= 4:
+        w1_3, w2_3 = _w_block(w1_rows, w2_rows, offs_k0 + 3 * BK, k_hi)
     if PDL:
         gdc_wait()  # the previous kernel's outputs (this kernel's A) are visible from here on
         if not PDL_EARLY:
@@ -142,10 +151,25 @@ def _skinny_item(
             px = x_ptr + offs_m.to(tl.int64)[:, None] * stride_x + (pid_n * BN + j)[None, :]
             xo1 = tl.load(px, mask=m_ok[:, None], other=0.0, cache_modifier=CM)
             xo2 = tl.load(px + BH, mask=m_ok[:, None], other=0.0, cache_modifier=CM)
-    a = tl.load(a_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0, cache_modifier=CM)
-    acc1 = tl.dot(a, tl.trans(w1))
-    acc2 = tl.dot(a, tl.trans(w2))
-    for k0 in range(k_lo + BK, k_lo + K_PER_SPLIT, BK):
+    a_0 = _a_block(a_rows, offs_k0, m_ok, k_hi, CM)
+    if PEEL >= 2:
+        a_1 = _a_block(a_rows, offs_k0 + BK, m_ok, k_hi, CM)
+    if PEEL >= 3:
+        a_2 = _a_block(a_rows, offs_k0 + 2 * BK, m_ok, k_hi, CM)
+    if PEEL >= 4:
+        a_3 = _a_block(a_rows, offs_k0 + 3 * BK, m_ok, k_hi, CM)
+    acc1 = tl.dot(a_0, tl.trans(w1_0))
+    acc2 = tl.dot(a_0, tl.trans(w2_0))
+    if PEEL >= 2:
+        acc1 += tl.dot(a_1, tl.trans(w1_1))
+        acc2 += tl.dot(a_1, tl.trans(w2_1))
+    if PEEL >= 3:
+        acc1 += tl.dot(a_2, tl.trans(w1_2))
+        acc2 += tl.dot(a_2, tl.trans(w2_2))
+    if PEEL >= 4:
+        acc1 += tl.dot(a_3, tl.trans(w1_3))
+        acc2 += tl.dot(a_3, tl.trans(w2_3))
+    for k0 in range(k_lo + PEEL * BK, k_lo + K_PER_SPLIT, BK):
         offs_k = k0 + tl.arange(0, BK)
         k_ok = offs_k < K
         w1 = tl.load(w1_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0)
@@ -180,6 +204,21 @@ def _skinny_item(
     if TS:
         tl.debug_barrier()
         tl.store(ts_ptr + 3, globaltimer(pid_n))
+
+
+@triton.jit
+def _w_block(w1_rows, w2_rows, offs_k, k_hi):
+    """The two weight half-tiles [BH, BK] of one K block (columns past this program's K range read as 0)."""
+    k_ok = offs_k < k_hi
+    w1 = tl.load(w1_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+    w2 = tl.load(w2_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+    return w1, w2
+
+
+@triton.jit
+def _a_block(a_rows, offs_k, m_ok, k_hi, CM: tl.constexpr):
+    k_ok = offs_k < k_hi
+    return tl.load(a_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0, cache_modifier=CM)
 
 
 @triton.jit
@@ -301,7 +340,7 @@ def transpose_weight(w: torch.Tensor, perm: torch.Tensor | None = None, dtype=No
 # ---------------------------------------------------------------- launcher
 def _launch(a, wt, epi, split, block, num_warps, num_stages, workspace, pdl=False, ss_in=None, d_norm=1, nss_in=1, eps=1e-6,
             x=None, xa=None, ss_out=None, bias=None, store=False, h=None, pos=None, cos=None, sin=None, q=None, k=None,
-            v=None, num_heads=1, head_dim=2):
+            v=None, num_heads=1, head_dim=2, peel=1):
     M, K = a.shape
     N, K2 = wt.shape
     assert K == K2 and a.stride(1) == 1 and wt.is_contiguous(), (a.shape, wt.shape)
@@ -312,6 +351,7 @@ def _launch(a, wt, epi, split, block, num_warps, num_stages, workspace, pdl=Fals
     split = max(1, min(split, triton.cdiv(K, BK)))
     k_per = triton.cdiv(triton.cdiv(K, split), BK) * BK
     split = triton.cdiv(K, k_per)
+    peel = max(1, min(int(peel), 4, k_per // BK))
     grid = (N // (2 * BH), split)
     line = 128 // wt.element_size()
     prefetch = int(PREFETCH) if a.is_cuda and not INTERPRET else 0
@@ -338,37 +378,38 @@ def _launch(a, wt, epi, split, block, num_warps, num_stages, workspace, pdl=Fals
         d_norm, eps,
         EPI=epi, NORM_A=ss_in is not None, NSS_IN=nss_in, STORE=store, HAS_BIAS=bias is not None, SPLIT=split,
         NQ=num_heads, HD=head_dim, BM=BM, BH=BH, BK=BK, PDL=pdl, PDL_EARLY=pdl and PDL_EARLY, PREFETCH=prefetch, KP=k_per, LINE=line, num_warps=num_warps, num_stages=num_stages,
-        EARLY=bool(EARLY_EPI), **ts, **pdl_kwargs(pdl))
+        EARLY=bool(EARLY_EPI), PEEL=peel, **ts, **pdl_kwargs(pdl))
 
 
 def skinny_residual(a, wt, x, xa, ss_out, bias=None, store=False, ss_in=None, nss_in=1, d_norm=1, eps=1e-6,
-                    split=1, block=(64, 32, 128), num_warps=4, num_stages=4, workspace=None, pdl=False):
+                    split=1, block=(64, 32, 128), num_warps=4, num_stages=4, workspace=None, pdl=False, peel=1):
     """x [M, N] fp32 (+)= a [M, K] @ wt.T (+ bias); xa [M, N] = x in xa's dtype; ss_out [N/BN, >=M] = per-tile
     row sums of x^2. With ss_in the product is row-scaled by rsqrt(sum ss_in / d_norm + eps) first."""
     M = a.shape[0]
     assert x.shape == (M, wt.shape[0]) and x.dtype == torch.float32 and x.stride(1) == 1 and xa.stride(1) == 1
     assert ss_out.shape[0] == wt.shape[0] // (2 * block[1]) and ss_out.stride(1) == 1
     _launch(a, wt, EPI_RES, split, block, num_warps, num_stages, workspace, pdl, ss_in=ss_in, d_norm=d_norm, nss_in=nss_in,
-            eps=eps, x=x, xa=xa, ss_out=ss_out, bias=bias, store=store)
+            eps=eps, x=x, xa=xa, ss_out=ss_out, bias=bias, store=store, peel=peel)
     return x
 
 
 def skinny_geglu(a, wt, h, ss_in=None, nss_in=1, d_norm=1, eps=1e-6, split=1, block=(64, 32, 128), num_warps=4,
-                 num_stages=4, workspace=None, pdl=False):
+                 num_stages=4, workspace=None, pdl=False, peel=1):
     """h [M, F] = gelu_tanh(n(a) @ Wg) * (n(a) @ Wu), wt = transpose_weight([Wg | Wu], pair_perm_geglu(F, BH))."""
     assert h.shape == (a.shape[0], wt.shape[0] // 2) and h.stride(1) == 1
     _launch(a, wt, EPI_GEGLU, split, block, num_warps, num_stages, workspace, pdl, ss_in=ss_in, d_norm=d_norm,
-            nss_in=nss_in, eps=eps, h=h)
+            nss_in=nss_in, eps=eps, h=h, peel=peel)
     return h
 
 
 def skinny_qkv_rope(a, wt, pos, cos, sin, q, k, v, num_heads, head_dim, ss_in=None, nss_in=1, d_norm=1, eps=1e-6,
-                    split=1, block=(64, 32, 128), num_warps=4, num_stages=4, workspace=None, pdl=False):
+                    split=1, block=(64, 32, 128), num_warps=4, num_stages=4, workspace=None, pdl=False, peel=1):
     """q [M, NQ*HD], k/v rows [M, HD] = RoPE'd n(a) @ Wqkv, wt = transpose_weight(Wqkv, pair_perm_qkv(NQ, HD, BH))."""
     assert wt.shape[0] == (num_heads + 2) * head_dim and (head_dim // 2) % block[1] == 0
     assert q.stride(1) == 1 and k.stride() == v.stride() and k.stride(1) == 1
     _launch(a, wt, EPI_QKV, split, block, num_warps, num_stages, workspace, pdl, ss_in=ss_in, d_norm=d_norm,
-            nss_in=nss_in, eps=eps, pos=pos, cos=cos, sin=sin, q=q, k=k, v=v, num_heads=num_heads, head_dim=head_dim)
+            nss_in=nss_in, eps=eps, pos=pos, cos=cos, sin=sin, q=q, k=k, v=v, num_heads=num_heads, head_dim=head_dim,
+            peel=peel)
     return q, k, v
 
 

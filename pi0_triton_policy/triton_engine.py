@@ -82,7 +82,8 @@ class Tuning:
     vis_cublas: bool = True
     act_cublas: bool = True  # 14.8 vs 16.7 ms at 1 cam (NOTES.md)
     # weight-streaming skinny matmuls (kernels/skinny_matmul.py) for the action expert; overrides act_cublas.
-    # (BH, BK, warps, stages, split_k): each program owns 2*BH output columns and K/split_k of K.
+    # (BH, BK, warps, stages, split_k[, peel]): each program owns 2*BH output columns and K/split_k of K; the first
+    # `peel` K blocks' weights are requested before the PDL wait (kernels/skinny_matmul.py).
     act_skinny: bool = True
     sk_qkv: tuple = (32, 64, 4, 3, 2)  # BH fixed at load (column pairing); the rest at launch
     sk_gu: tuple = (32, 128, 4, 4, 1)  # BH fixed at load
@@ -406,7 +407,7 @@ class _ViewGraph:
         a, S = cfg.action, self.S
         D, eps, nss = a.width, a.rms_eps, self.nss
         sk = lambda c, bh: dict(block=(64, bh, c[1]), num_warps=c[2], num_stages=c[3], split=c[4], workspace=ws,  # noqa: E731
-                               pdl=t.pdl)
+                               pdl=t.pdl, peel=c[5] if len(c) > 5 else 1)
         bq, bg, br = W.sk_bh["qkv"], W.sk_bh["gu"], self.bh_res
         ca = (t.sk_attn1, t.sk_attn2, t.sk_attn3)[min(self.V, 3) - 1]
         pl = t.attn_preload

@@ -229,7 +229,8 @@ def _ss_parts(a, parts=2):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("split", [1, 3])
 @pytest.mark.parametrize("mode", ["add", "store_bias_norm"])
-def test_skinny_residual(dtype, split, mode, gen):
+@pytest.mark.parametrize("peel", [1, 4])
+def test_skinny_residual(dtype, split, mode, peel, gen):
     M, K, N, BH = 37, 200, 96, 16
     a, w = randn(M, K, dtype=dtype, gen=gen), randn(K, N, scale=K**-0.5, dtype=dtype, gen=gen)
     x0, bias = randn(M, N, gen=gen), randn(N, gen=gen)
@@ -241,7 +242,7 @@ def test_skinny_residual(dtype, split, mode, gen):
         x, xa = x0.clone(), torch.full((M, N), float("nan"), dtype=dtype, device=DEV)
         ss = torch.full((N // (2 * BH), M), float("nan"), device=DEV)
         SK.skinny_residual(a, SK.transpose_weight(w), x, xa, ss, bias=bias if store else None, store=store, split=split,
-                           block=(64, BH, 32), **kw)
+                           block=(64, BH, 32), peel=peel, **kw)
         assert rel(x, ref) < TOL[dtype]
         assert rel(xa, x) < 5e-3 and rel(ss.sum(0), x.square().sum(1)) < 1e-5
         outs.append(x)
@@ -250,18 +251,21 @@ def test_skinny_residual(dtype, split, mode, gen):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("split", [1, 2])
-def test_skinny_geglu(dtype, split, gen):
+@pytest.mark.parametrize("peel", [1, 3])
+def test_skinny_geglu(dtype, split, peel, gen):
     M, K, F, BH = 37, 72, 64, 16
     a = randn(M, K, dtype=dtype, gen=gen)
     wg, wu = randn(K, F, scale=K**-0.5, dtype=dtype, gen=gen), randn(K, F, scale=K**-0.5, dtype=dtype, gen=gen)
     wt = SK.transpose_weight(torch.cat([wg, wu], 1), SK.pair_perm_geglu(F, BH))
     h = torch.full((M, F), float("nan"), dtype=dtype, device=DEV)
-    SK.skinny_geglu(a, wt, h, ss_in=_ss_parts(a), nss_in=2, d_norm=K, split=split, block=(64, BH, 32))
+    SK.skinny_geglu(a, wt, h, ss_in=_ss_parts(a), nss_in=2, d_norm=K, split=split, block=(64, BH, 32),
+                    peel=peel)
     assert rel(h, SK.skinny_geglu_ref(a, wg, wu, norm=True)) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_skinny_qkv_rope(dtype, gen):
+@pytest.mark.parametrize("peel", [1, 2])
+def test_skinny_qkv_rope(dtype, peel, gen):
     M, K, NQ, H, BH = 37, 72, 2, 32, 16
     a, w = randn(M, K, dtype=dtype, gen=gen), randn(K, (NQ + 2) * H, scale=K**-0.5, dtype=dtype, gen=gen)
     pos = torch.randperm(100, generator=gen)[:M].to(DEV, torch.int32)
@@ -270,7 +274,7 @@ def test_skinny_qkv_rope(dtype, gen):
     k = torch.full((M + 5, H), float("nan"), dtype=dtype, device=DEV)
     v = torch.full((M + 5, H), float("nan"), dtype=dtype, device=DEV)
     SK.skinny_qkv_rope(a, SK.transpose_weight(w, SK.pair_perm_qkv(NQ, H, BH)), pos, cos, sin, q, k, v, NQ, H,
-                       ss_in=_ss_parts(a), nss_in=2, d_norm=K, split=2, block=(64, BH, 32))
+                       ss_in=_ss_parts(a), nss_in=2, d_norm=K, split=2, block=(64, BH, 32), peel=peel)
     y = ((a.float() @ w.float()) * SK.rstd_ref(a)).reshape(M, NQ + 2, H)
     for out, ref in ((q, RQR.rope_ref(y[:, :NQ], pos).reshape(M, -1)), (k[:M], RQR.rope_ref(y[:, NQ:NQ + 1], pos)[:, 0]),
                      (v[:M], y[:, -1])):
