@@ -85,7 +85,7 @@ class Tuning:
     # (BH, BK, warps, stages, split_k[, peel]): each program owns 2*BH output columns and K/split_k of K; the first
     # `peel` K blocks' weights are requested before the PDL wait (kernels/skinny_matmul.py).
     act_skinny: bool = True
-    sk_qkv: tuple = (32, 64, 4, 3, 2)  # BH fixed at load (column pairing); the rest at launch
+    sk_qkv: tuple = (16, 128, 4, 4, 1)  # BH fixed at load (column pairing); no split-K: -0.5..-2 us per layer (NOTES.md)
     sk_gu: tuple = (32, 128, 4, 4, 1)  # BH fixed at load
     sk_o: tuple = (32, 128, 4, 4, 4)
     sk_down: tuple = (32, 128, 4, 4, 4)
