@@ -13,10 +13,16 @@ import torch
 import triton
 import triton.language as tl
 
+from pi0_triton_policy.kernels._common import HAS_PDL, gdc_launch_dependents, gdc_wait, pdl_kwargs
+
 
 @triton.jit
 def _add_norm_kernel(x_ptr, y_ptr, b_ptr, xn_ptr, D, stride_x, stride_y, stride_n, eps,
-                     NORM: tl.constexpr, HAS_Y: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
+                     NORM: tl.constexpr, HAS_Y: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr,
+                     PDL: tl.constexpr = False):
+    if PDL:  # launched early (programmatic dependent launch): wait for the previous kernel's writes
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
     ok = offs < D
@@ -35,15 +41,18 @@ def _add_norm_kernel(x_ptr, y_ptr, b_ptr, xn_ptr, D, stride_x, stride_y, stride_
     tl.store(xn_ptr + row * stride_n + offs, xn.to(xn_ptr.dtype.element_ty), mask=ok)
 
 
-def add_norm(x, xn, y=None, bias=None, norm: str = "rms", eps: float = 1e-6, num_warps: int = 4):
-    """x [M, D] fp32 (updated in place when y is given), y [M, D] or None, bias [D] or None -> xn [M, D]."""
+def add_norm(x, xn, y=None, bias=None, norm: str = "rms", eps: float = 1e-6, num_warps: int = 4, pdl: bool = False):
+    """x [M, D] fp32 (updated in place when y is given), y [M, D] or None, bias [D] or None -> xn [M, D].
+    pdl: launched with programmatic dependent launch (it waits for the previous kernel's writes first)."""
+    pdl = bool(pdl) and HAS_PDL and x.is_cuda
     M, D = x.shape
     assert xn.shape == (M, D) and x.stride(1) == 1 and xn.stride(1) == 1
     if y is not None:
         assert y.shape == (M, D) and y.stride(1) == 1
     _add_norm_kernel[(M,)](x, y if y is not None else x, bias if bias is not None else x, xn, D, x.stride(0),
                            y.stride(0) if y is not None else 0, xn.stride(0), eps, NORM={"rms": 0, "layer": 1}[norm],
-                           HAS_Y=y is not None, HAS_BIAS=bias is not None, BLOCK_D=triton.next_power_of_2(D), num_warps=num_warps)
+                           HAS_Y=y is not None, HAS_BIAS=bias is not None, BLOCK_D=triton.next_power_of_2(D), num_warps=num_warps,
+                           PDL=pdl, **pdl_kwargs(pdl))
     return x, xn
 
 

@@ -6,11 +6,14 @@ import torch
 import triton
 import triton.language as tl
 
-from pi0_triton_policy.kernels._common import gelu_tanh, gelu_tanh_ref
+from pi0_triton_policy.kernels._common import HAS_PDL, gdc_launch_dependents, gdc_wait, gelu_tanh, gelu_tanh_ref, pdl_kwargs
 
 
 @triton.jit
-def _geglu_kernel(gu_ptr, h_ptr, F, stride_gu, stride_h, BLOCK: tl.constexpr):
+def _geglu_kernel(gu_ptr, h_ptr, F, stride_gu, stride_h, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # launched early (programmatic dependent launch): wait for the previous kernel's writes
+        gdc_wait()
+        gdc_launch_dependents()
     row, pid = tl.program_id(0).to(tl.int64), tl.program_id(1)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     ok = offs < F
@@ -19,14 +22,16 @@ def _geglu_kernel(gu_ptr, h_ptr, F, stride_gu, stride_h, BLOCK: tl.constexpr):
     tl.store(h_ptr + row * stride_h + offs, (gelu_tanh(g) * u).to(h_ptr.dtype.element_ty), mask=ok)
 
 
-def geglu(gu: torch.Tensor, out: torch.Tensor | None = None, block: int = 2048) -> torch.Tensor:
+def geglu(gu: torch.Tensor, out: torch.Tensor | None = None, block: int = 2048, pdl: bool = False) -> torch.Tensor:
     """gu [M, 2F] -> h [M, F]."""
+    pdl = bool(pdl) and HAS_PDL and gu.is_cuda
     M, F2 = gu.shape
     F = F2 // 2
     if out is None:
         out = torch.empty(M, F, dtype=gu.dtype, device=gu.device)
     assert out.shape == (M, F) and gu.stride(1) == 1 and out.stride(1) == 1
-    _geglu_kernel[(M, triton.cdiv(F, block))](gu, out, F, gu.stride(0), out.stride(0), BLOCK=block, num_warps=4)
+    _geglu_kernel[(M, triton.cdiv(F, block))](gu, out, F, gu.stride(0), out.stride(0), BLOCK=block, num_warps=4,
+                                                   PDL=pdl, **pdl_kwargs(pdl))
     return out
 
 

@@ -12,12 +12,17 @@ import torch
 import triton
 import triton.language as tl
 
+from pi0_triton_policy.kernels._common import HAS_PDL, gdc_launch_dependents, gdc_wait, pdl_kwargs
+
 
 @triton.jit
 def _prefix_attention_kernel(
     q_ptr, k_ptr, v_ptr, valid_ptr, o_ptr, T, stride_qm, stride_kv, stride_om,
-    HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    if PDL:  # launched early (programmatic dependent launch): wait for the previous kernel's writes
+        gdc_wait()
+        gdc_launch_dependents()
     pid_m, head = tl.program_id(0), tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HD)
@@ -45,8 +50,10 @@ def _prefix_attention_kernel(
              mask=m_ok[:, None])
 
 
-def prefix_attention(q, k, v, key_valid, num_heads: int, out=None, block=(64, 64), num_warps: int = 8, num_stages: int = 2):
+def prefix_attention(q, k, v, key_valid, num_heads: int, out=None, block=(64, 64), num_warps: int = 8, num_stages: int = 2,
+                     pdl: bool = False):
     """q [T, NQ*HD], k/v [T, HD] (rows may be strided), key_valid [T] int -> out [T, NQ*HD]."""
+    pdl = bool(pdl) and HAS_PDL and q.is_cuda
     T, W = q.shape
     HD = W // num_heads
     assert k.shape[0] >= T and k.shape[1] == HD and k.stride() == v.stride() and key_valid.shape[0] >= T
@@ -55,7 +62,8 @@ def prefix_attention(q, k, v, key_valid, num_heads: int, out=None, block=(64, 64
     BM, BN = block
     grid = (triton.cdiv(T, BM), num_heads)
     _prefix_attention_kernel[grid](q, k, v, key_valid, out, T, q.stride(0), k.stride(0), out.stride(0),
-                                   HD=HD, BLOCK_M=BM, BLOCK_N=BN, num_warps=num_warps, num_stages=num_stages)
+                                   HD=HD, BLOCK_M=BM, BLOCK_N=BN, num_warps=num_warps, num_stages=num_stages,
+                                   PDL=pdl, **pdl_kwargs(pdl))
     return out
 
 

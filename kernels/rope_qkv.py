@@ -7,10 +7,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from pi0_triton_policy.kernels._common import HAS_PDL, gdc_launch_dependents, gdc_wait, pdl_kwargs
+
 
 @triton.jit
 def _rope_qkv_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, stride_qkv, stride_q, stride_kv,
-                     NQ: tl.constexpr, HD: tl.constexpr):
+                     NQ: tl.constexpr, HD: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # launched early (programmatic dependent launch): wait for the previous kernel's writes
+        gdc_wait()
+        gdc_launch_dependents()
     row, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
     HALF: tl.constexpr = HD // 2
     d = tl.arange(0, HALF)
@@ -36,12 +41,13 @@ def _rope_qkv_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, st
     tl.store(dst + HALF + d, o2.to(dst.dtype.element_ty))
 
 
-def rope_qkv(qkv, pos, cos, sin, q, k, v, num_heads: int, head_dim: int):
+def rope_qkv(qkv, pos, cos, sin, q, k, v, num_heads: int, head_dim: int, pdl: bool = False):
     """qkv [M, (NQ+2)*H] -> q [M, NQ*H], k/v rows [M, H] (rotated q, k)."""
+    pdl = bool(pdl) and HAS_PDL and qkv.is_cuda
     M = qkv.shape[0]
     assert qkv.shape[1] == (num_heads + 2) * head_dim and qkv.stride(1) == 1 and k.stride() == v.stride()
     _rope_qkv_kernel[(M, num_heads + 2)](qkv, pos, cos, sin, q, k, v, qkv.stride(0), q.stride(0), k.stride(0),
-                                         NQ=num_heads, HD=head_dim, num_warps=1)
+                                         NQ=num_heads, HD=head_dim, num_warps=1, PDL=pdl, **pdl_kwargs(pdl))
     return q, k, v
 
 

@@ -11,12 +11,18 @@ import torch
 import triton
 import triton.language as tl
 
+from pi0_triton_policy.kernels._common import HAS_PDL, gdc_launch_dependents, gdc_wait, pdl_kwargs
+
 
 @triton.jit
 def _vision_attention_kernel(
     qkv_ptr, o_ptr, P, stride_qkv, stride_o,
     NH: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # launched early (programmatic dependent launch): wait for the previous kernel's writes
+        gdc_wait()
+        gdc_launch_dependents()
     pid_m, head, view = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     W: tl.constexpr = NH * HD
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -47,8 +53,9 @@ def _vision_attention_kernel(
 
 
 def vision_attention(qkv: torch.Tensor, num_views: int, num_heads: int, out: torch.Tensor | None = None,
-                     block=(64, 64), num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+                     block=(64, 64), num_warps: int = 4, num_stages: int = 2, pdl: bool = False) -> torch.Tensor:
     """qkv [V*P, 3*NH*HD] -> out [V*P, NH*HD] (same dtype)."""
+    pdl = bool(pdl) and HAS_PDL and qkv.is_cuda
     M, W3 = qkv.shape
     W = W3 // 3
     HD = W // num_heads
@@ -60,7 +67,7 @@ def vision_attention(qkv: torch.Tensor, num_views: int, num_heads: int, out: tor
     grid = (triton.cdiv(P, BM), num_heads, num_views)
     _vision_attention_kernel[grid](qkv, out, P, qkv.stride(0), out.stride(0), NH=num_heads, HD=HD,
                                    BLOCK_D=triton.next_power_of_2(HD), BLOCK_M=BM, BLOCK_N=BN,
-                                   num_warps=num_warps, num_stages=num_stages)
+                                   num_warps=num_warps, num_stages=num_stages, PDL=pdl, **pdl_kwargs(pdl))
     return out
 
 

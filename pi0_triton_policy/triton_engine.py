@@ -80,6 +80,7 @@ class Tuning:
     # cuBLAS (torch.mm) for the matmuls + Triton glue (add_norm, rope_qkv, geglu), per phase: measured
     # faster for vision and prefix (compute-bound); see benchmarks/NOTES.md
     vis_cublas: bool = True
+    vis_gelu_epilogue: bool = True  # vision fc1's tanh-GELU in cuBLASLt's epilogue (CUDA) instead of a separate pass
     act_cublas: bool = True  # 14.8 vs 16.7 ms at 1 cam (NOTES.md)
     # weight-streaming skinny matmuls (kernels/skinny_matmul.py) for the action expert; overrides act_cublas.
     # (BH, BK, warps, stages, split_k[, peel]): each program owns 2*BH output columns and K/split_k of K; the first
@@ -111,6 +112,7 @@ class Tuning:
     st_ahead: int = 2
     st_barrier: int = 0  # 0 one arrival counter (fastest measured), 1 per-program flags
     pdl: bool = True  # programmatic dependent launch between the skinny path's kernels (where Triton has it)
+    pdl_glue: bool = True  # the same for the Triton kernels of the vision and prefix phases (norms, RoPE, GeGLU, attention)
     pdl_early: bool = False  # skinny matmuls signal their dependents at entry rather than after gdc_wait
     # skinny matmuls prefetch their whole weight slab into L2 at entry (before gdc_wait): 0 no, 1 one
     # prefetch.global.L2 per line, 2 cp.async.bulk.prefetch.L2 per row; attention likewise its K/V chunk
@@ -119,6 +121,9 @@ class Tuning:
     # action attention loads its first prefix K/V block before gdc_wait (PDL), per camera count 1, 2, 3
     attn_preload: tuple = (True, True, False)
     sk_early_epi: bool = True  # skinny matmuls request their epilogue operands before the K loop
+    # final norm + output projection + Euler step (BM, BK, warps, split-K): split so that 64 programs share D
+    # instead of one program walking it (16.6 us per step at (64, 64, 4, 1))
+    out_euler: tuple = (16, 64, 4, 16)
 
 
     @classmethod
@@ -307,23 +312,28 @@ class _ViewGraph:
         cfg, W, t, ws = self.eng.cfg, self.eng.weights, self.eng.tuning, self.ws
         v, p, a = cfg.vision, cfg.prefix, cfg.action
         V, T, S, M = self.V, self.T, self.S, self.V * self.P
+        self.gelu_epilogue = t.vis_gelu_epilogue and self.xvn.is_cuda
+        pg = t.pdl_glue  # the Triton glue kernels between cuBLAS matmuls (vision, prefix) launch early under PDL
         # ---- SigLIP on the present views: [V*256, 1152]
         PE.patch_embed(self.images, W.patch_w, W.patch_add, out=self.xv, patch_size=v.patch_size)
         bm, bn, bk, nw, ns = t.vis_ln
         rb = t.vis_res
         eps = v.layer_norm_eps
         if t.vis_cublas:
-            AN.add_norm(self.xv, self.xvn, norm="layer", eps=eps)
+            AN.add_norm(self.xv, self.xvn, norm="layer", eps=eps, pdl=pg)
             for i in range(v.depth):
                 torch.addmm(W.v_qkv_bb[i], self.xvn, W.v_qkv_w[i], out=self.v_qkv)
                 VA.vision_attention(self.v_qkv, V, v.num_heads, out=self.v_o, block=t.vis_attn[:2], num_warps=t.vis_attn[2],
-                                    num_stages=t.vis_attn[3])
+                                    num_stages=t.vis_attn[3], pdl=pg)
                 torch.mm(self.v_o, W.v_o_w[i], out=self.tmp_v)
-                AN.add_norm(self.xv, self.xvn, self.tmp_v, W.v_o_b[i], norm="layer", eps=eps)
-                torch.addmm(W.v_fc1_bb[i], self.xvn, W.v_fc1_w[i], out=self.v_h)
-                torch._C._nn.gelu_(self.v_h, approximate="tanh")  # (_addmm_activation's GELU is erf on some paths)
+                AN.add_norm(self.xv, self.xvn, self.tmp_v, W.v_o_b[i], norm="layer", eps=eps, pdl=pg)
+                if self.gelu_epilogue:  # cuBLASLt's GELU epilogue (tanh form on CUDA; tests/test_kernels.py checks)
+                    torch._addmm_activation(W.v_fc1_bb[i], self.xvn, W.v_fc1_w[i], use_gelu=True, out=self.v_h)
+                else:  # on CPU _addmm_activation's GELU is the erf form, SigLIP uses tanh
+                    torch.addmm(W.v_fc1_bb[i], self.xvn, W.v_fc1_w[i], out=self.v_h)
+                    torch._C._nn.gelu_(self.v_h, approximate="tanh")
                 torch.mm(self.v_h, W.v_fc2_w[i], out=self.tmp_v)
-                AN.add_norm(self.xv, self.xvn, self.tmp_v, W.v_fc2_b[i], norm="layer", eps=eps)  # last: encoder_norm
+                AN.add_norm(self.xv, self.xvn, self.tmp_v, W.v_fc2_b[i], norm="layer", eps=eps, pdl=pg)  # last: encoder_norm
             torch.addmm(W.head_bb, self.xvn, W.head_w, out=self.head_out)
             self.xp[:M].copy_(self.head_out)
         else:
@@ -344,20 +354,20 @@ class _ViewGraph:
         ET.embed_tokens(self.tokens, W.embedding, out=self.xp[M:])
         # ---- Gemma prefix: KV cache for all 18 layers
         qb, mb, rb = t.pre_qkv, t.pre_mlp, t.pre_res
-        AN.add_norm(self.xp, self.xpn, eps=p.rms_eps)
+        AN.add_norm(self.xp, self.xpn, eps=p.rms_eps, pdl=pg)
         for i in range(p.depth):
             torch.mm(self.xpn, W.qkv[0][i], out=self.qkv)
-            RK.rope_qkv(self.qkv, self.pos, W.cos, W.sin, self.q, self.kc[i], self.vc[i], p.num_heads, p.head_dim)
+            RK.rope_qkv(self.qkv, self.pos, W.cos, W.sin, self.q, self.kc[i], self.vc[i], p.num_heads, p.head_dim, pdl=pg)
             if i == p.depth - 1:
                 break  # the last layer's attention output and MLP feed nothing: only its K/V are used
             PA.prefix_attention(self.q, self.kc[i], self.vc[i], self.key_valid, p.num_heads, out=self.o,
-                                block=t.pre_attn[:2], num_warps=t.pre_attn[2], num_stages=t.pre_attn[3])
+                                block=t.pre_attn[:2], num_warps=t.pre_attn[2], num_stages=t.pre_attn[3], pdl=pg)
             torch.mm(self.o, W.o[0][i], out=self.tmp_p)
-            AN.add_norm(self.xp, self.xpn, self.tmp_p, eps=p.rms_eps)
+            AN.add_norm(self.xp, self.xpn, self.tmp_p, eps=p.rms_eps, pdl=pg)
             torch.mm(self.xpn, W.gu[0][i], out=self.gu)
-            GG.geglu(self.gu, out=self.hp)
+            GG.geglu(self.gu, out=self.hp, pdl=pg)
             torch.mm(self.hp, W.down[0][i], out=self.tmp_p)
-            AN.add_norm(self.xp, self.xpn, self.tmp_p, eps=p.rms_eps)
+            AN.add_norm(self.xp, self.xpn, self.tmp_p, eps=p.rms_eps, pdl=pg)
         # ---- action expert: 10 Euler steps over (state, 50 actions)
         torch.addmm(W.state_b[None], self.state, W.state_w, out=self.xs[0:1])
         dt = -1.0 / self.num_steps
@@ -398,7 +408,13 @@ class _ViewGraph:
                 RG.rmsnorm_geglu(xs, W.gating[1][i], out=h, eps=a.rms_eps, block=mb[:3], num_warps=mb[3], num_stages=mb[4])
                 LR.linear_residual(h, W.down[1][i], xs, split_k=t.act_split, block=rb[:3], num_warps=rb[3],
                                    num_stages=rb[4], workspace=ws)
-            AOE.action_out_euler(self.xs[1:], W.out_w, W.out_b, self.x_t, dt, a.rms_eps)
+            self._out_euler(dt)
+
+    def _out_euler(self, dt: float):
+        W, t, a = self.eng.weights, self.eng.tuning, self.eng.cfg.action
+        c = t.out_euler
+        AOE.action_out_euler(self.xs[1:], W.out_w, W.out_b, self.x_t, dt, a.rms_eps, block=c[:2], num_warps=c[2], split=c[3],
+                             workspace=self.ws, pdl=t.pdl and t.act_skinny)
 
     def _run_action_skinny(self, T: int, dt: float):
         """The 10 Euler steps on the weight-streaming skinny matmuls (kernels/skinny_matmul.py): per layer
@@ -427,7 +443,7 @@ class _ViewGraph:
                 AS.action_stack(self.stack_plan, xs, xa, ss, q, o, h, self.kc, self.vc, self.key_valid, self.pos[T + r0:],
                                 W.cos, W.sin, W.sk_qkv, W.sk_o, W.sk_gu, W.sk_down, self.st_ws, self.st_cnt, self.st_aws,
                                 self.st_bars[step], T, r0, eps)
-                AOE.action_out_euler(self.xs[1:], W.out_w, W.out_b, self.x_t, dt, a.rms_eps)
+                self._out_euler(dt)
                 continue
             norm = dict(ss_in=ss, nss_in=nss, d_norm=D, eps=eps)
             for i in range(a.depth):
@@ -439,7 +455,7 @@ class _ViewGraph:
                 SK.skinny_residual(o, W.sk_o[i], xs, xa, ss, **sk(t.sk_o, br))
                 SK.skinny_geglu(xa, W.sk_gu[i], h, **norm, **sk(t.sk_gu, bg))
                 SK.skinny_residual(h, W.sk_down[i], xs, xa, ss, **sk(t.sk_down, br))
-            AOE.action_out_euler(self.xs[1:], W.out_w, W.out_b, self.x_t, dt, a.rms_eps)
+            self._out_euler(dt)
 
     def capture(self):
         t0 = time.perf_counter()

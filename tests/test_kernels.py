@@ -168,13 +168,16 @@ def test_action_time_mlp(gen):
         assert rel(out, ATM.action_time_mlp_ref(x, t, in_w, in_b, mi_w, mi_b, mo_w, mo_b)) < (3e-3 if DEV == "cuda" else 1e-5)
 
 
-def test_action_out_euler(gen):
-    R, D, A = 50, 64, 32
+@pytest.mark.parametrize("split", [1, 3])
+def test_action_out_euler(split, gen):
+    R, D, A = 50, 96, 32
     x, s = randn(R, D, gen=gen), randn(D, scale=0.1, gen=gen)
     w, b, xt = randn(D, A, scale=D**-0.5, gen=gen), randn(A, scale=0.1, gen=gen), randn(R, A, gen=gen)
     ref = AOE.action_out_euler_ref(x, s, w, b, xt, -0.1)
-    out = AOE.action_out_euler(x, ((1 + s)[:, None] * w).contiguous(), b, xt.clone(), -0.1, block=(16, 32))
+    wf = ((1 + s)[:, None] * w).contiguous()
+    out = AOE.action_out_euler(x, wf, b, xt.clone(), -0.1, block=(16, 32), split=split)
     assert rel(out, ref) < (1e-3 if DEV == "cuda" else 1e-6)
+    assert torch.equal(out, AOE.action_out_euler(x, wf, b, xt.clone(), -0.1, block=(16, 32), split=split))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -360,3 +363,18 @@ def test_action_stack_matches_per_kernel_path(dtype, row_start, gen):
         for got, ref in zip((xs[r0:], kc, vc), want):
             assert rel(got, ref) < 1e-6
         assert torch.isfinite(xs).all()
+
+
+@pytest.mark.gpu
+def test_cublaslt_gelu_epilogue_is_tanh_form():
+    """The engine puts SigLIP's tanh-GELU into cuBLASLt's epilogue (torch._addmm_activation) on CUDA: it must be the
+    tanh approximation there (on CPU it is the erf form, which the engine does not use)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(256, 1152, device="cuda", generator=g)  # float32: the GELU's form shows above rounding
+    w = torch.randn(1152, 4304, device="cuda", generator=g) * 1152**-0.5
+    b = torch.randn(4304, device="cuda", generator=g)
+    y = torch._addmm_activation(b, x, w, use_gelu=True)
+    pre = torch.addmm(b, x, w)
+    tanh_err = (y - torch.nn.functional.gelu(pre, approximate="tanh")).abs().max().item()
+    erf_err = (y - torch.nn.functional.gelu(pre)).abs().max().item()
+    assert tanh_err < 1e-4 < erf_err, (tanh_err, erf_err)
