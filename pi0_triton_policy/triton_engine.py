@@ -112,7 +112,9 @@ class Tuning:
     st_ahead: int = 2
     st_barrier: int = 0  # 0 one arrival counter (fastest measured), 1 per-program flags
     pdl: bool = True  # programmatic dependent launch between the skinny path's kernels (where Triton has it)
-    pdl_glue: bool = True  # the same for the Triton kernels of the vision and prefix phases (norms, RoPE, GeGLU, attention)
+    # the same for the Triton kernels of the vision and prefix phases (norms, RoPE, GeGLU, attention): off, measured
+    # neutral to slower (replay 11.47 / 13.45 / 16.30 ms on vs 11.54 / 13.40 / 16.16 off, NOTES.md session 5)
+    pdl_glue: bool = False
     pdl_early: bool = False  # skinny matmuls signal their dependents at entry rather than after gdc_wait
     # skinny matmuls prefetch their whole weight slab into L2 at entry (before gdc_wait): 0 no, 1 one
     # prefetch.global.L2 per line, 2 cp.async.bulk.prefetch.L2 per row; attention likewise its K/V chunk
