@@ -52,18 +52,18 @@ def time_graph(fn, n_inner=20, rounds=7):
 
 
 def timeline(per_kernel, res, key):
-    """Per-program %globaltimer stamps of layers 1-2's skinny kernels (eager launches, one step)."""
+    """Per-program %globaltimer stamps of layers 1-2's kernels (eager launches, one step)."""
     SK.TIMESTAMPS = torch.zeros(1 << 16, dtype=torch.int64, device="cuda")
     SK.TS_LOG.clear()
     per_kernel()
     torch.cuda.synchronize()
     stamps = SK.TIMESTAMPS.cpu()
     SK.TIMESTAMPS = None
-    log = SK.TS_LOG[4:12]  # layers 1 and 2: qkv, o, gate|up, down (attention is not stamped)
+    log = SK.TS_LOG[5:15]  # layers 1 and 2: qkv, attention, o, gate|up, down
     t_ref = stamps[log[0][1]:log[0][1] + 4 * log[0][2]].view(-1, 4)[:, 0].min().item()
     print("  timeline (us from layer 1's first qkv program; per kernel min/median/max over programs)")
     tl_rows = []
-    for (name, first, n), label in zip(log, ["qkv", "o", "gu", "down"] * 2):
+    for (name, first, n), label in zip(log, ["qkv", "attn", "o", "gu", "down"] * 2):
         st = (stamps[first:first + 4 * n].view(n, 4).double() - t_ref) / 1000
         mm = lambda c: (st[:, c].min().item(), st[:, c].median().item(), st[:, c].max().item())  # noqa: E731
         row = {"kernel": label, "programs": n, "entry": mm(0), "after_wait": mm(1), "loop_end": mm(2), "end": mm(3)}

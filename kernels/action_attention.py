@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from pi0_triton_policy.kernels._common import (HAS_PDL, INTERPRET, arrive_last, bulk_prefetch_rows, default_workspace,
-                                               gdc_launch_dependents, gdc_wait, pdl_kwargs)
+                                               gdc_launch_dependents, gdc_wait, globaltimer, pdl_kwargs)
 
 
 @triton.jit
@@ -31,7 +31,12 @@ def _action_attention_kernel(
     R, T_PRE, TK, row_start, stride_qm, stride_kv, stride_om, CHUNK,
     NQ: tl.constexpr, HD: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PDL: tl.constexpr = False, STAGES: tl.constexpr = 2, PREFETCH: tl.constexpr = False, PRELOAD: tl.constexpr = False,
+    ts_ptr=None, TS: tl.constexpr = False,
 ):
+    ts = ts_ptr
+    if TS:  # profiling stamps (skinny_matmul.TIMESTAMPS): entry, after the PDL wait, after the key loop, end
+        ts = ts_ptr + (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) * 4
+        tl.store(ts, globaltimer(tl.program_id(0)))
     if PREFETCH:  # the first row block of each key chunk asks L2 for the chunk's K/V rows (contiguous) before waiting
         if tl.program_id(0) == 0:
             lo = tl.program_id(1) * CHUNK
@@ -52,18 +57,22 @@ def _action_attention_kernel(
         v0 = tl.load(v_ptr + kv_off, mask=pre[:, None], other=0.0)
         gdc_wait()
         gdc_launch_dependents()
+        if TS:
+            tl.store(ts + 1, globaltimer(tl.program_id(0)))
         k0 += tl.load(k_ptr + kv_off, mask=suf[:, None], other=0.0)
         v0 += tl.load(v_ptr + kv_off, mask=suf[:, None], other=0.0)
         _attention_item(tl.program_id(0), tl.program_id(1), q_ptr, k_ptr, v_ptr, valid_ptr, o_ptr, ws_ptr, ml_ptr,
                         cnt_ptr, R, T_PRE, TK, row_start, stride_qm, stride_kv, stride_om, CHUNK, NQ, HD, SPLIT, BLOCK_M,
-                        BLOCK_N, STAGES, "", True, k0, v0)
+                        BLOCK_N, STAGES, "", True, k0, v0, ts, TS)
     else:
         if PDL:  # launched early (programmatic dependent launch): wait for the qkv kernel's q and K/V rows
             gdc_wait()
             gdc_launch_dependents()
+        if TS:
+            tl.store(ts + 1, globaltimer(tl.program_id(0)))
         _attention_item(tl.program_id(0), tl.program_id(1), q_ptr, k_ptr, v_ptr, valid_ptr, o_ptr, ws_ptr, ml_ptr,
                         cnt_ptr, R, T_PRE, TK, row_start, stride_qm, stride_kv, stride_om, CHUNK, NQ, HD, SPLIT, BLOCK_M,
-                        BLOCK_N, STAGES, "", False, None, None)
+                        BLOCK_N, STAGES, "", False, None, None, ts, TS)
 
 
 @triton.jit
@@ -86,7 +95,8 @@ def _attention_item(
     pid_m, pid_s, q_ptr, k_ptr, v_ptr, valid_ptr, o_ptr, ws_ptr, ml_ptr, cnt_ptr,
     R, T_PRE, TK, row_start, stride_qm, stride_kv, stride_om, CHUNK,
     NQ: tl.constexpr, HD: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    STAGES: tl.constexpr, CM: tl.constexpr, PRE: tl.constexpr = False, k_pre=None, v_pre=None,
+    STAGES: tl.constexpr, CM: tl.constexpr, PRE: tl.constexpr = False, k_pre=None, v_pre=None, ts=None,
+    TS: tl.constexpr = False,
 ):
     """One (packed row block, key chunk) of the attention: the body of `_action_attention_kernel`, also called by the
     persistent action-expert kernel (kernels/action_stack.py; CM = ".cg" there, see skinny_matmul._skinny_item).
@@ -120,6 +130,8 @@ def _attention_item(
         k = tl.load(k_ptr + kv_off, mask=n_ok[:, None], other=0.0, cache_modifier=CM)
         v = tl.load(v_ptr + kv_off, mask=n_ok[:, None], other=0.0, cache_modifier=CM)
         m_i, l_i, acc = _attn_block(q, k, v, offs_n, n_ok, valid_ptr, T_PRE, rg, m_i, l_i, acc)
+    if TS:
+        tl.store(ts + 2, globaltimer(tl.sum(l_i, 0).to(tl.int32)))
     o_off = r.to(tl.int64)[:, None] * stride_om + (head * HD)[:, None] + offs_d[None, :]
     if SPLIT == 1:
         tl.store(o_ptr + o_off, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=i_ok[:, None])
@@ -144,6 +156,9 @@ def _attention_item(
                                mask=i_ok[:, None], other=0.0, cache_modifier=".cg")
                 o_all += part * f[:, None]
             tl.store(o_ptr + o_off, (o_all / l_all[:, None]).to(o_ptr.dtype.element_ty), mask=i_ok[:, None])
+    if TS:
+        tl.debug_barrier()
+        tl.store(ts + 3, globaltimer(pid_m))
 
 
 def action_attention(q, k, v, key_valid, t_prefix: int, row_start: int, num_heads: int, out=None,
@@ -168,12 +183,19 @@ def action_attention(q, k, v, key_valid, t_prefix: int, row_start: int, num_head
     grid = (triton.cdiv(rows, BM), split)
     ws, cnt = (workspace or default_workspace(q.device)).need(split * rows * (HD + 2) if split > 1 else 1, grid[0])
     ml = ws[split * rows * HD:]
+    from pi0_triton_policy.kernels import skinny_matmul as SK  # profiling stamps share the skinny kernels' buffer
+
+    ts = {}
+    if SK.TIMESTAMPS is not None and q.is_cuda:
+        first = sum(n for _, _, n in SK.TS_LOG) * 4
+        SK.TS_LOG.append(("attn", first, grid[0] * grid[1]))
+        ts = dict(ts_ptr=SK.TIMESTAMPS[first:], TS=True)
     _action_attention_kernel[grid](q, k, v, key_valid, out, ws, ml, cnt, R, t_prefix, TK, row_start,
                                    q.stride(0), k.stride(0), out.stride(0), chunk,
                                    NQ=num_heads, HD=HD, SPLIT=split, BLOCK_M=BM, BLOCK_N=BN, PDL=pdl, STAGES=num_stages,
                                    PREFETCH=bool(prefetch) and q.is_cuda and not INTERPRET and k.element_size() == 2,
                                    PRELOAD=bool(preload),
-                                   num_warps=num_warps, num_stages=num_stages, **pdl_kwargs(pdl))
+                                   num_warps=num_warps, num_stages=num_stages, **ts, **pdl_kwargs(pdl))
     return out
 
 
