@@ -94,7 +94,7 @@ class Tuning:
     # action attention on the skinny path per camera count (BM, BN, warps, stages, split; 0: one key block per split)
     sk_attn1: tuple = (16, 128, 8, 2, 4)  # 8 warps: 11.9 vs 13.4 ms replay with 4 (NOTES.md, session 4)
     sk_attn2: tuple = (16, 64, 8, 2, 8)  # 13.9 vs 14.4 (4 warps; earlier (32,64,4,2,8): 15.31)
-    sk_attn3: tuple = (16, 64, 4, 2, 8)  # 16.6 vs 17.1 (8 warps)
+    sk_attn3: tuple = (16, 128, 8, 2, 4)  # replay 16.02 vs 16.17 ms with (16, 64, 4, 2, 8) (NOTES.md, session 5)
     # persistent action expert (kernels/action_stack.py): all layers of a flow step in one launch, grid barriers
     # between phases, optional L2 prefetch of the weights st_ahead phases ahead. Replaces act_skinny's per-layer
     # kernels when on (the time MLP and the output/Euler update stay separate kernels).
@@ -121,7 +121,7 @@ class Tuning:
     prefetch: int = 0
     attn_prefetch: bool = False
     # action attention loads its first prefix K/V block before gdc_wait (PDL), per camera count 1, 2, 3
-    attn_preload: tuple = (True, True, False)
+    attn_preload: tuple = (True, True, True)
     sk_early_epi: bool = True  # skinny matmuls request their epilogue operands before the K loop
     # final norm + output projection + Euler step (BM, BK, warps, split-K): split so that 64 programs share D
     # instead of one program walking it (16.6 us per step at (64, 64, 4, 1))
