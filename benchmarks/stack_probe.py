@@ -136,6 +136,7 @@ def main():
             off = set(cfg.get("off", ()))  # kernels left out: `base - without X` is X's share of the chain
 
             def per_kernel(_i=0):
+                SK.PREFETCH = cfg.get("prefetch", 0)  # read at launch: 1 / 2 = L2 prefetch of each program's weights
                 for i in range(L):
                     if "qkv" not in off:
                         SK.skinny_qkv_rope(xa[r0:], wq32[i], pos[T + r0:], cos, sin, q[:R], kc[i, T + r0:], vc[i, T + r0:],

@@ -90,9 +90,9 @@ def _skinny_item(
     EARLY: the epilogue's other operands are requested before the K loop instead of after it, so their latency
     hides behind the weight stream: RoPE tables and bias before gdc_wait (inputs of the whole inference), the row
     norms' sums of squares and the residual tile right after it (written by the previous kernel).
-    PEEL (1-4): K blocks whose weight tiles are loaded (into registers) before gdc_wait; the rest stream through the
-    software-pipelined loop. Without it the loop's first weight requests wait behind the first A tile (in-order
-    issue: the peeled dot stalls on A), one extra DRAM round trip per kernel."""
+    PEEL (0-4): K blocks whose weight tiles are loaded (into registers) before gdc_wait; the rest stream through the
+    software-pipelined loop, whose first weight requests wait behind the peeled blocks' A tiles and dots (in-order
+    issue). PEEL 0: nothing before the wait, every tile through the loop's prologue at once."""
     BN: tl.constexpr = 2 * BH
     if TS:
         tl.store(ts_ptr, globaltimer(pid_n))
@@ -131,7 +131,8 @@ def _skinny_item(
     # (PDL), all at once, so the weight stream does not queue behind the first A tile's round trip
     k_hi = tl.minimum(K, k_lo + K_PER_SPLIT)
     offs_k0 = k_lo + tl.arange(0, BK)
-    w1_0, w2_0 = _w_block(w1_rows, w2_rows, offs_k0, k_hi)
+    if PEEL >= 1:
+        w1_0, w2_0 = _w_block(w1_rows, w2_rows, offs_k0, k_hi)
     if PEEL >= 2:
         w1_1, w2_1 = _w_block(w1_rows, w2_rows, offs_k0 + BK, k_hi)
     if PEEL >= 3:
@@ -151,15 +152,20 @@ def _skinny_item(
             px = x_ptr + offs_m.to(tl.int64)[:, None] * stride_x + (pid_n * BN + j)[None, :]
             xo1 = tl.load(px, mask=m_ok[:, None], other=0.0, cache_modifier=CM)
             xo2 = tl.load(px + BH, mask=m_ok[:, None], other=0.0, cache_modifier=CM)
-    a_0 = _a_block(a_rows, offs_k0, m_ok, k_hi, CM)
+    if PEEL >= 1:
+        a_0 = _a_block(a_rows, offs_k0, m_ok, k_hi, CM)
     if PEEL >= 2:
         a_1 = _a_block(a_rows, offs_k0 + BK, m_ok, k_hi, CM)
     if PEEL >= 3:
         a_2 = _a_block(a_rows, offs_k0 + 2 * BK, m_ok, k_hi, CM)
     if PEEL >= 4:
         a_3 = _a_block(a_rows, offs_k0 + 3 * BK, m_ok, k_hi, CM)
-    acc1 = tl.dot(a_0, tl.trans(w1_0))
-    acc2 = tl.dot(a_0, tl.trans(w2_0))
+    if PEEL >= 1:
+        acc1 = tl.dot(a_0, tl.trans(w1_0))
+        acc2 = tl.dot(a_0, tl.trans(w2_0))
+    else:  # nothing peeled: after the wait every weight and A tile goes through the pipelined loop (one round trip)
+        acc1 = tl.zeros((BM, BH), dtype=tl.float32)
+        acc2 = tl.zeros((BM, BH), dtype=tl.float32)
     if PEEL >= 2:
         acc1 += tl.dot(a_1, tl.trans(w1_1))
         acc2 += tl.dot(a_1, tl.trans(w2_1))
@@ -351,7 +357,7 @@ def _launch(a, wt, epi, split, block, num_warps, num_stages, workspace, pdl=Fals
     split = max(1, min(split, triton.cdiv(K, BK)))
     k_per = triton.cdiv(triton.cdiv(K, split), BK) * BK
     split = triton.cdiv(K, k_per)
-    peel = max(1, min(int(peel), 4, k_per // BK))
+    peel = max(0, min(int(peel), 4, k_per // BK))
     grid = (N // (2 * BH), split)
     line = 128 // wt.element_size()
     prefetch = int(PREFETCH) if a.is_cuda and not INTERPRET else 0
