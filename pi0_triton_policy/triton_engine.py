@@ -86,10 +86,12 @@ class Tuning:
     # (BH, BK, warps, stages, split_k[, peel]): each program owns 2*BH output columns and K/split_k of K; the first
     # `peel` K blocks' weights are requested before the PDL wait (kernels/skinny_matmul.py).
     act_skinny: bool = True
-    sk_qkv: tuple = (16, 128, 4, 4, 1)  # BH fixed at load (column pairing); no split-K: -0.5..-2 us per layer (NOTES.md)
-    sk_gu: tuple = (32, 128, 4, 4, 1)  # BH fixed at load
-    sk_o: tuple = (32, 128, 4, 4, 4)
-    sk_down: tuple = (32, 128, 4, 4, 4)
+    # PEEL 0 + 5 stages: nothing requested before the PDL wait, every weight and A tile of the first 4 K blocks in
+    # the pipelined loop's prologue at once (replay 11.41 / 13.36 / 16.02 -> 11.16 / 13.21 / 15.75 ms, NOTES.md s5)
+    sk_qkv: tuple = (16, 128, 4, 5, 1, 0)  # BH fixed at load (column pairing); no split-K (no reduction tail)
+    sk_gu: tuple = (32, 128, 4, 5, 1, 0)  # BH fixed at load
+    sk_o: tuple = (32, 128, 4, 5, 4, 0)
+    sk_down: tuple = (32, 128, 4, 5, 4, 0)
     sk_time: tuple = (32, 64, 4, 4, 8)  # float32 weights (tf32 dot); BH must equal sk_o's / sk_down's
     # action attention on the skinny path per camera count (BM, BN, warps, stages, split; 0: one key block per split)
     sk_attn1: tuple = (16, 128, 8, 2, 4)  # 8 warps: 11.9 vs 13.4 ms replay with 4 (NOTES.md, session 4)
