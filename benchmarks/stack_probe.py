@@ -143,7 +143,8 @@ def main():
                                            NQ, HD, **norm, **kw(cfg["qkv"]))
                     if "attn" not in off:
                         AA.action_attention(q[:R], kc[i], vc[i], valid, T, r0, NQ, out=o[:R], split=att[4], block=att[:2],
-                                            num_warps=att[2], num_stages=att[3], workspace=wsp, pdl=True, preload=preload)
+                                            num_warps=att[2], num_stages=att[3], workspace=wsp, pdl=True, preload=preload,
+                                            peel=bool(att[5]) if len(att) > 5 else True)
                     if "o" not in off:
                         SK.skinny_residual(o[:R], wo[i], xs[r0:], xa[r0:], ss_pk[:, r0:], **kw(cfg["o"]))
                     if "gu" not in off:

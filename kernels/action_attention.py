@@ -31,7 +31,7 @@ def _action_attention_kernel(
     R, T_PRE, TK, row_start, stride_qm, stride_kv, stride_om, CHUNK,
     NQ: tl.constexpr, HD: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PDL: tl.constexpr = False, STAGES: tl.constexpr = 2, PREFETCH: tl.constexpr = False, PRELOAD: tl.constexpr = False,
-    ts_ptr=None, TS: tl.constexpr = False,
+    ts_ptr=None, TS: tl.constexpr = False, PEEL_KV: tl.constexpr = True,
 ):
     ts = ts_ptr
     if TS:  # profiling stamps (skinny_matmul.TIMESTAMPS): entry, after the PDL wait, after the key loop, end
@@ -72,7 +72,7 @@ def _action_attention_kernel(
             tl.store(ts + 1, globaltimer(tl.program_id(0)))
         _attention_item(tl.program_id(0), tl.program_id(1), q_ptr, k_ptr, v_ptr, valid_ptr, o_ptr, ws_ptr, ml_ptr,
                         cnt_ptr, R, T_PRE, TK, row_start, stride_qm, stride_kv, stride_om, CHUNK, NQ, HD, SPLIT, BLOCK_M,
-                        BLOCK_N, STAGES, "", False, None, None, ts, TS)
+                        BLOCK_N, STAGES, "", False, None, None, ts, TS, PEEL_KV)
 
 
 @triton.jit
@@ -96,7 +96,7 @@ def _attention_item(
     R, T_PRE, TK, row_start, stride_qm, stride_kv, stride_om, CHUNK,
     NQ: tl.constexpr, HD: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     STAGES: tl.constexpr, CM: tl.constexpr, PRE: tl.constexpr = False, k_pre=None, v_pre=None, ts=None,
-    TS: tl.constexpr = False,
+    TS: tl.constexpr = False, PEEL_KV: tl.constexpr = True,
 ):
     """One (packed row block, key chunk) of the attention: the body of `_action_attention_kernel`, also called by the
     persistent action-expert kernel (kernels/action_stack.py; CM = ".cg" there, see skinny_matmul._skinny_item).
@@ -113,17 +113,20 @@ def _attention_item(
     acc = tl.zeros((BLOCK_M, HD), dtype=tl.float32)
     lo = pid_s * CHUNK
     hi = tl.minimum(lo + CHUNK, TK)
-    # first key block peeled (it may come preloaded); K and V of a block are requested together
-    offs_n = lo + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < hi
-    if PRE:
-        k, v = k_pre, v_pre
-    else:
-        kv_off = offs_n.to(tl.int64)[:, None] * stride_kv + offs_d[None, :]
-        k = tl.load(k_ptr + kv_off, mask=n_ok[:, None], other=0.0, cache_modifier=CM)
-        v = tl.load(v_ptr + kv_off, mask=n_ok[:, None], other=0.0, cache_modifier=CM)
-    m_i, l_i, acc = _attn_block(q, k, v, offs_n, n_ok, valid_ptr, T_PRE, rg, m_i, l_i, acc)
-    for n0 in tl.range(lo + BLOCK_N, hi, BLOCK_N, num_stages=STAGES):
+    if PRE or PEEL_KV:  # first key block peeled (it may come preloaded); K and V of a block are requested together
+        offs_n = lo + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        if PRE:
+            k, v = k_pre, v_pre
+        else:
+            kv_off = offs_n.to(tl.int64)[:, None] * stride_kv + offs_d[None, :]
+            k = tl.load(k_ptr + kv_off, mask=n_ok[:, None], other=0.0, cache_modifier=CM)
+            v = tl.load(v_ptr + kv_off, mask=n_ok[:, None], other=0.0, cache_modifier=CM)
+        m_i, l_i, acc = _attn_block(q, k, v, offs_n, n_ok, valid_ptr, T_PRE, rg, m_i, l_i, acc)
+        n_start = lo + BLOCK_N
+    else:  # every key block through the pipelined loop (its prologue requests the first STAGES-1 blocks at once)
+        n_start = lo
+    for n0 in tl.range(n_start, hi, BLOCK_N, num_stages=STAGES):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < hi
         kv_off = offs_n.to(tl.int64)[:, None] * stride_kv + offs_d[None, :]
@@ -163,7 +166,7 @@ def _attention_item(
 
 def action_attention(q, k, v, key_valid, t_prefix: int, row_start: int, num_heads: int, out=None,
                      split: int = 4, block=(64, 64), num_warps: int = 4, num_stages: int = 2, workspace=None, pdl: bool = False,
-                     prefetch: bool = False, preload: bool = False):
+                     prefetch: bool = False, preload: bool = False, peel: bool = True):
     """q [R, NQ*HD] (query rows = suffix rows row_start..row_start+R), k/v cache [T_pre + S, HD],
     key_valid [>= T_pre] int -> out [R, NQ*HD]."""
     R, W = q.shape
@@ -194,7 +197,7 @@ def action_attention(q, k, v, key_valid, t_prefix: int, row_start: int, num_head
                                    q.stride(0), k.stride(0), out.stride(0), chunk,
                                    NQ=num_heads, HD=HD, SPLIT=split, BLOCK_M=BM, BLOCK_N=BN, PDL=pdl, STAGES=num_stages,
                                    PREFETCH=bool(prefetch) and q.is_cuda and not INTERPRET and k.element_size() == 2,
-                                   PRELOAD=bool(preload),
+                                   PRELOAD=bool(preload) and bool(peel), PEEL_KV=bool(peel),
                                    num_warps=num_warps, num_stages=num_stages, **ts, **pdl_kwargs(pdl))
     return out
 

@@ -93,7 +93,8 @@ class Tuning:
     sk_o: tuple = (32, 128, 4, 5, 4, 0)
     sk_down: tuple = (32, 128, 4, 5, 4, 0)
     sk_time: tuple = (32, 64, 4, 4, 8)  # float32 weights (tf32 dot); BH must equal sk_o's / sk_down's
-    # action attention on the skinny path per camera count (BM, BN, warps, stages, split; 0: one key block per split)
+    # action attention on the skinny path per camera count (BM, BN, warps, stages, split[, peel]; split 0: one key block
+    # per split; peel 0: no key block loaded outside the pipelined loop, which also turns attn_preload off)
     sk_attn1: tuple = (16, 128, 8, 2, 4)  # 8 warps: 11.9 vs 13.4 ms replay with 4 (NOTES.md, session 4)
     sk_attn2: tuple = (16, 64, 8, 2, 8)  # 13.9 vs 14.4 (4 warps; earlier (32,64,4,2,8): 15.31)
     sk_attn3: tuple = (16, 128, 8, 2, 4)  # replay 16.02 vs 16.17 ms with (16, 64, 4, 2, 8) (NOTES.md, session 5)
@@ -455,7 +456,8 @@ class _ViewGraph:
                                    self.vc[i, T + r0:], a.num_heads, a.head_dim, **norm, **sk(t.sk_qkv, bq))
                 AA.action_attention(q, self.kc[i], self.vc[i], self.key_valid, T, r0, a.num_heads, out=o, split=ca[4],
                                     block=ca[:2], num_warps=ca[2], num_stages=ca[3], workspace=ws,
-                                    pdl=t.pdl, prefetch=t.attn_prefetch, preload=preload)
+                                    pdl=t.pdl, prefetch=t.attn_prefetch, preload=preload,
+                                    peel=bool(ca[5]) if len(ca) > 5 else True)
                 SK.skinny_residual(o, W.sk_o[i], xs, xa, ss, **sk(t.sk_o, br))
                 SK.skinny_geglu(xa, W.sk_gu[i], h, **norm, **sk(t.sk_gu, bg))
                 SK.skinny_residual(h, W.sk_down[i], xs, xa, ss, **sk(t.sk_down, br))

@@ -140,7 +140,8 @@ def test_prefix_attention(dtype, views, gen):
 @pytest.mark.parametrize("row_start", [0, 1])
 @pytest.mark.parametrize("split", [1, 3, 0])
 @pytest.mark.parametrize("pdl", [False] + ([True] if DEV == "cuda" else []))  # PDL: first prefix K/V block preloaded
-def test_action_attention(dtype, row_start, split, pdl, gen):
+@pytest.mark.parametrize("peel", [True, False])  # False: every key block through the pipelined loop
+def test_action_attention(dtype, row_start, split, pdl, peel, gen):
     P, L, NQ, HD, S = 16, 37, 8, 16, 11  # S = state + 10 actions
     t_pre = 2 * P + L
     q = randn(S - row_start, NQ * HD, dtype=dtype, gen=gen)
@@ -148,7 +149,7 @@ def test_action_attention(dtype, row_start, split, pdl, gen):
     valid = torch.ones(t_pre, dtype=torch.int32)
     valid[2 * P + 5 :] = 0
     valid = valid.to(DEV)
-    kw = dict(split=split, block=(16, 16), pdl=pdl, preload=pdl)
+    kw = dict(split=split, block=(16, 16), pdl=pdl, preload=pdl, peel=peel)
     out = AA.action_attention(q, k, v, valid, t_pre, row_start, NQ, **kw)
     assert rel(out, AA.action_attention_ref(q, k, v, valid, t_pre, row_start, NQ)) < TOL[dtype]
     again = AA.action_attention(q, k, v, valid, t_pre, row_start, NQ, **kw)
