@@ -95,11 +95,11 @@ class Tuning:
     sk_time: tuple = (32, 64, 4, 4, 8)  # float32 weights (tf32 dot); BH must equal sk_o's / sk_down's
     # action attention on the skinny path per camera count (BM, BN, warps, stages, split[, peel]; split 0: one key block
     # per split; peel 0: no key block loaded outside the pipelined loop, which also turns attn_preload off)
-    # 1 and 3 cams: every key block through the pipelined loop (peel 0; no preload): replay 11.08 / 15.72 ->
-    # 10.84 / 15.43 ms vs the peeled, preloaded first block (NOTES.md session 5); 2 cams: peeled + preloaded stays
-    # (13.16 vs 13.26)
+    # every key block through the pipelined loop (peel 0, so no preload), replay vs the peeled, preloaded first
+    # block (NOTES.md session 5): 1 cam 11.08 -> 10.84, 2 cams 13.10 -> 12.95 ((16,64), 3 stages, split 8), 3 cams
+    # 15.72 -> 15.43
     sk_attn1: tuple = (16, 128, 8, 2, 4, 0)
-    sk_attn2: tuple = (16, 64, 8, 2, 8)  # 13.9 vs 14.4 (4 warps; earlier (32,64,4,2,8): 15.31)
+    sk_attn2: tuple = (16, 64, 8, 3, 8, 0)
     sk_attn3: tuple = (16, 128, 8, 2, 4, 0)
     # persistent action expert (kernels/action_stack.py): all layers of a flow step in one launch, grid barriers
     # between phases, optional L2 prefetch of the weights st_ahead phases ahead. Replaces act_skinny's per-layer
