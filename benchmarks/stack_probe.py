@@ -26,7 +26,7 @@ D, F, NQ, HD, L, S = 1024, 4096, 8, 256, 18, 51
 DEFAULT = dict(bh_qkv=16, bh_gu=32, bh_res=16)
 # the engine's per-kernel shapes (triton_engine.Tuning): (BH, BK, warps, stages, split[, peel]); attention per camera
 # count (BM, BN, warps, stages, split) and whether its first prefix K/V block is loaded before the PDL wait
-PK_BASE = dict(qkv=(16, 128, 4, 5, 1, 0), o=(32, 128, 4, 5, 4, 0), gu=(32, 128, 4, 5, 1, 0), down=(32, 128, 4, 5, 4, 0),
+PK_BASE = dict(qkv=(16, 128, 4, 5, 1, 0), o=(16, 128, 4, 5, 4, 0), gu=(32, 128, 4, 5, 1, 0), down=(16, 128, 4, 5, 4, 0),
                attn1=(16, 128, 8, 2, 4, 0), attn2=(16, 64, 8, 3, 8, 0), attn3=(16, 128, 8, 2, 4, 0), preload=(True, True, True))
 
 

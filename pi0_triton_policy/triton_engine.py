@@ -90,9 +90,11 @@ class Tuning:
     # the pipelined loop's prologue at once (replay 11.41 / 13.36 / 16.02 -> 11.16 / 13.21 / 15.75 ms, NOTES.md s5)
     sk_qkv: tuple = (16, 128, 4, 5, 1, 0)  # BH fixed at load (column pairing); no split-K (no reduction tail)
     sk_gu: tuple = (32, 128, 4, 5, 1, 0)  # BH fixed at load
-    sk_o: tuple = (32, 128, 4, 5, 4, 0)
-    sk_down: tuple = (32, 128, 4, 5, 4, 0)
-    sk_time: tuple = (32, 64, 4, 4, 8)  # float32 weights (tf32 dot); BH must equal sk_o's / sk_down's
+    # o / down on half-tiles BH 16 (128 programs each; BH fixed at load: the norm-statistics tiles): replay
+    # 10.74 / 12.85 / 15.41 -> 10.63 / 12.82 / 15.25 ms vs BH 32 (64 programs), NOTES.md session 5
+    sk_o: tuple = (16, 128, 4, 5, 4, 0)
+    sk_down: tuple = (16, 128, 4, 5, 4, 0)
+    sk_time: tuple = (16, 64, 4, 4, 8)  # float32 weights (tf32 dot); BH must equal sk_o's / sk_down's
     # action attention on the skinny path per camera count (BM, BN, warps, stages, split[, peel]; split 0: one key block
     # per split; peel 0: no key block loaded outside the pipelined loop, which also turns attn_preload off)
     # every key block through the pipelined loop (peel 0, so no preload), replay vs the peeled, preloaded first
