@@ -257,13 +257,11 @@ class _ViewGraph:
         self.P, self.L, self.S = P, L, S
         self.T = T = num_views * P + L
         z = lambda *s, dtype=torch.float32: torch.zeros(*s, dtype=dtype, device=dev)  # noqa: E731
-        # inputs; tokens, key_valid and positions are views of one int32 buffer, so that one host->device copy (from a
-        # pinned staging buffer on CUDA) sets them all
+        # inputs
         self.images = z(num_views, v.image_size, v.image_size, 3)
-        self.meta = z(L + T + T + S, dtype=torch.int32)
-        self.tokens, self.key_valid, self.pos = self.meta[:L], self.meta[L:L + T], self.meta[L + T:]
-        self.meta_host = torch.zeros(L + T + T + S, dtype=torch.int32, pin_memory=dev.type == "cuda")
-        self.meta_copied = None  # CUDA event after the last copy out of meta_host (it must land before a rewrite)
+        self.tokens = z(L, dtype=torch.int32)
+        self.key_valid = z(T, dtype=torch.int32)
+        self.pos = z(T + S, dtype=torch.int32)
         self.state = z(1, cfg.action_dim)
         self.x_t = z(cfg.action_horizon, cfg.action_dim)  # noise in, actions out
         # activations
@@ -485,38 +483,27 @@ class _ViewGraph:
         self.graph = g
         self.capture_s = time.perf_counter() - t0
 
-    def set_inputs(self, images, tokens, token_mask, state, noise, views=None):
-        """images [V, 224, 224, 3] (present views only; or all slots, with `views` the present slots' indices),
-        tokens/token_mask [L'], state [32], noise [50, 32]: tensors (tokens and mask are read on the host)."""
-        V, P, L, T = self.V, self.P, self.L, self.T
+    def set_inputs(self, images, tokens, token_mask, state, noise):
+        """images [V, 224, 224, 3] (present views only), tokens/token_mask [L'], state [32], noise [50, 32]: tensors."""
+        V, P, L = self.V, self.P, self.L
         n = tokens.shape[0]
         if n > L:
             raise ValueError(f"{n} prompt tokens: at most {L} fit (max_token_len)")
-        mask = torch.zeros(L, dtype=torch.int32)
-        mask[:n] = torch.as_tensor(token_mask).cpu().to(torch.int32)
-        if self.meta_copied is not None:
-            self.meta_copied.synchronize()  # the previous call's copy out of meta_host has landed
-        h = self.meta_host
-        h[:L] = 0
-        h[:n] = torch.as_tensor(tokens).cpu().to(torch.int32)
-        h[L:L + V * P] = 1  # key_valid: image tokens, then the prompt mask
-        h[L + V * P:L + T] = mask
-        pos = h[L + T:]
+        mask = torch.zeros(L, dtype=torch.bool)
+        mask[:n] = torch.as_tensor(token_mask, dtype=torch.bool).cpu()
+        tok = torch.zeros(L, dtype=torch.int32)
+        tok[:n] = torch.as_tensor(tokens).to(torch.int32).cpu()
+        n_valid = int(mask.sum())
+        pos = torch.empty(self.T + self.S, dtype=torch.int32)
         pos[: V * P] = torch.arange(V * P, dtype=torch.int32)
-        pos[V * P : T] = V * P + torch.cumsum(mask, 0) - 1
-        pos[T:] = V * P + int(mask.sum()) + torch.arange(self.S, dtype=torch.int32)
-        self.meta.copy_(h, non_blocking=True)
-        if h.is_pinned():
-            self.meta_copied = torch.cuda.Event()
-            self.meta_copied.record()
-        images = torch.as_tensor(images)
-        if (views is None and images.shape[0] != V) or (views is not None and len(views) != V):
-            raise ValueError(f"{images.shape[0] if views is None else len(views)} camera images for a graph of {V} views")
-        if views is None or list(views) == list(range(V)):
-            self.images.copy_(images[:V] if views is not None else images, non_blocking=True)
-        else:  # absent slots in between: one copy per present view, no gather
-            for j, i in enumerate(views):
-                self.images[j].copy_(images[int(i)], non_blocking=True)
+        pos[V * P : self.T] = V * P + torch.cumsum(mask.to(torch.int32), 0) - 1
+        pos[self.T :] = V * P + n_valid + torch.arange(self.S, dtype=torch.int32)
+        valid = torch.ones(self.T, dtype=torch.int32)
+        valid[V * P :] = mask.to(torch.int32)
+        self.images.copy_(images, non_blocking=True)
+        self.tokens.copy_(tok, non_blocking=True)
+        self.pos.copy_(pos, non_blocking=True)
+        self.key_valid.copy_(valid, non_blocking=True)
         self.state.copy_(torch.as_tensor(state).reshape(1, -1), non_blocking=True)
         self.x_t.copy_(torch.as_tensor(noise), non_blocking=True)
 
@@ -568,17 +555,12 @@ class TritonPi0:
     def sample_actions_torch(self, images, image_mask, tokens, token_mask, state, noise, num_steps: int = 10) -> torch.Tensor:
         """Batched tensors as `TorchPi0.sample_actions_torch`: images [B,3,224,224,3], image_mask [B,3], tokens and
         token_mask [B,L], state [B,32], noise [B,50,32] -> actions [B,50,32] float32 on this device."""
-        # the camera mask and the prompt are read on the host: one device->host transfer for all three when on the GPU
-        image_mask, tokens, token_mask = (torch.as_tensor(x) for x in (image_mask, tokens, token_mask))
-        if image_mask.is_cuda or tokens.is_cuda or token_mask.is_cuda:
-            nm, nt = image_mask.shape[1], tokens.shape[1]
-            meta = torch.cat([x.to(device=self.device, dtype=torch.int32) for x in (image_mask, tokens, token_mask)], 1).cpu()
-            image_mask, tokens, token_mask = meta[:, :nm], meta[:, nm:nm + nt], meta[:, nm + nt:]
         outs = []
         for b in range(state.shape[0]):
-            present = torch.nonzero(image_mask[b].bool()).flatten().tolist()
+            present = torch.nonzero(torch.as_tensor(image_mask[b]).bool().cpu()).flatten()
             g = self.graph_for(len(present), num_steps)
-            g.set_inputs(images[b], tokens[b], token_mask[b], state[b], noise[b], views=present)
+            imgs = images[b][present.to(images.device) if torch.is_tensor(images) else present.numpy()]
+            g.set_inputs(torch.as_tensor(imgs), tokens[b], token_mask[b], state[b], noise[b])
             outs.append(g().clone())
         return torch.stack(outs)
 
