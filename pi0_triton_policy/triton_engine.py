@@ -500,6 +500,9 @@ class _ViewGraph:
         pos[self.T :] = V * P + n_valid + torch.arange(self.S, dtype=torch.int32)
         valid = torch.ones(self.T, dtype=torch.int32)
         valid[V * P :] = mask.to(torch.int32)
+        if tuple(images.shape) != tuple(self.images.shape):  # copy_ would broadcast one image into every view
+            raise ValueError(f"camera images {tuple(images.shape)}: this graph takes {tuple(self.images.shape)} "
+                             "(present views x H x W x 3)")
         self.images.copy_(images, non_blocking=True)
         self.tokens.copy_(tok, non_blocking=True)
         self.pos.copy_(pos, non_blocking=True)

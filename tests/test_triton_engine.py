@@ -87,3 +87,18 @@ def test_tiny_interpreter_matches_reference(path):
     eng = TritonPi0(cfg, params, device="cpu", dtype=torch.float32, use_graphs=False, tuning=tuning)
     args = _inputs(cfg, [1, 0, 1], 37, seed=3)
     assert _rel(eng.sample_actions(*args), TorchPi0(cfg, params).sample_actions(*args)) < 1e-5
+
+
+def test_wrong_camera_count_is_a_clear_error():
+    """A graph for 2 views given 1 image must say so (a tensor copy would broadcast the image into both views)."""
+    from pi0_triton_policy.triton_engine import TritonPi0
+
+    cfg = get_variant("pi0_tiny")
+    eng = TritonPi0(cfg, random_params(cfg, seed=1), device="cpu", dtype=torch.float32, use_graphs=False)
+    imgs, _, tokens, tmask, state, noise = _inputs(cfg, [1, 1, 0], 5, seed=2)
+    g = eng.graph_for(2)
+    with pytest.raises(ValueError, match="camera images"):
+        g.set_inputs(torch.from_numpy(imgs[:1]), torch.from_numpy(tokens), torch.from_numpy(tmask), torch.from_numpy(state),
+                     torch.from_numpy(noise))
+    g.set_inputs(torch.from_numpy(imgs[:2]), torch.from_numpy(tokens), torch.from_numpy(tmask), torch.from_numpy(state),
+                 torch.from_numpy(noise))  # the right count is accepted
