@@ -5,7 +5,7 @@ a CUDA graph, per step in microseconds, and per layer-step. Phase probes switch 
 stay), so `all - without phase X` is that phase's share.
 
     python benchmarks/stack_probe.py [--views 1 3] [--json out.json] [--variants '{"name": {...StackPlan kwargs...}}']
-        [--pk '{"name": {"o": [32, 128, 8, 1, 8, 2], ...}}'] [--timeline]
+        [--pk '{"name": {"o": [16, 128, 4, 5, 4, 0], "off": ["attn"], "prefetch": 1, ...}}'] [--timeline]
 """
 
 from __future__ import annotations

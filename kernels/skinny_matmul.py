@@ -90,9 +90,10 @@ def _skinny_item(
     EARLY: the epilogue's other operands are requested before the K loop instead of after it, so their latency
     hides behind the weight stream: RoPE tables and bias before gdc_wait (inputs of the whole inference), the row
     norms' sums of squares and the residual tile right after it (written by the previous kernel).
-    PEEL (0-4): K blocks whose weight tiles are loaded (into registers) before gdc_wait; the rest stream through the
-    software-pipelined loop, whose first weight requests wait behind the peeled blocks' A tiles and dots (in-order
-    issue). PEEL 0: nothing before the wait, every tile through the loop's prologue at once."""
+    PEEL (0 or 1): whether the first K block's weights are loaded before gdc_wait. 1 makes the loop's weight requests
+    wait behind that block's A tile and dot (in-order issue); 0 (the default) asks for every tile of the first
+    STAGES-1 blocks at once after the wait: faster (benchmarks/NOTES.md session 5; preloading 2-4 blocks into
+    registers was slower still, commit 3a7f2c0 has it)."""
     BN: tl.constexpr = 2 * BH
     if TS:
         tl.store(ts_ptr, globaltimer(pid_n))
@@ -127,18 +128,12 @@ def _skinny_item(
         if EPI == 0 and HAS_BIAS:
             b1 = tl.load(bias_ptr + pid_n * BN + j).to(tl.float32)
             b2 = tl.load(bias_ptr + pid_n * BN + BH + j).to(tl.float32)
-    # the first PEEL K blocks are peeled: their weight tiles are requested before waiting on the previous kernel
-    # (PDL), all at once, so the weight stream does not queue behind the first A tile's round trip
+    # PEEL 1: the first K block's weight tiles are requested before waiting on the previous kernel (PDL) and consumed
+    # by a dot outside the loop. PEEL 0: nothing before the wait; every tile goes through the loop's prologue at once.
     k_hi = tl.minimum(K, k_lo + K_PER_SPLIT)
     offs_k0 = k_lo + tl.arange(0, BK)
-    if PEEL >= 1:
+    if PEEL:
         w1_0, w2_0 = _w_block(w1_rows, w2_rows, offs_k0, k_hi)
-    if PEEL >= 2:
-        w1_1, w2_1 = _w_block(w1_rows, w2_rows, offs_k0 + BK, k_hi)
-    if PEEL >= 3:
-        w1_2, w2_2 = _w_block(w1_rows, w2_rows, offs_k0 + 2 * BK, k_hi)
-    if PEEL >= 4:
-        w1_3, w2_3 = _w_block(w1_rows, w2_rows, offs_k0 + 3 * BK, k_hi)
     if PDL:
         gdc_wait()  # the previous kernel's outputs (this kernel's A) are visible from here on
         if not PDL_EARLY:
@@ -152,29 +147,14 @@ def _skinny_item(
             px = x_ptr + offs_m.to(tl.int64)[:, None] * stride_x + (pid_n * BN + j)[None, :]
             xo1 = tl.load(px, mask=m_ok[:, None], other=0.0, cache_modifier=CM)
             xo2 = tl.load(px + BH, mask=m_ok[:, None], other=0.0, cache_modifier=CM)
-    if PEEL >= 1:
-        a_0 = _a_block(a_rows, offs_k0, m_ok, k_hi, CM)
-    if PEEL >= 2:
-        a_1 = _a_block(a_rows, offs_k0 + BK, m_ok, k_hi, CM)
-    if PEEL >= 3:
-        a_2 = _a_block(a_rows, offs_k0 + 2 * BK, m_ok, k_hi, CM)
-    if PEEL >= 4:
-        a_3 = _a_block(a_rows, offs_k0 + 3 * BK, m_ok, k_hi, CM)
-    if PEEL >= 1:
+    if PEEL:
+        a_0 = tl.load(a_rows + offs_k0[None, :], mask=m_ok[:, None] & (offs_k0 < k_hi)[None, :], other=0.0,
+                      cache_modifier=CM)
         acc1 = tl.dot(a_0, tl.trans(w1_0))
         acc2 = tl.dot(a_0, tl.trans(w2_0))
-    else:  # nothing peeled: after the wait every weight and A tile goes through the pipelined loop (one round trip)
+    else:
         acc1 = tl.zeros((BM, BH), dtype=tl.float32)
         acc2 = tl.zeros((BM, BH), dtype=tl.float32)
-    if PEEL >= 2:
-        acc1 += tl.dot(a_1, tl.trans(w1_1))
-        acc2 += tl.dot(a_1, tl.trans(w2_1))
-    if PEEL >= 3:
-        acc1 += tl.dot(a_2, tl.trans(w1_2))
-        acc2 += tl.dot(a_2, tl.trans(w2_2))
-    if PEEL >= 4:
-        acc1 += tl.dot(a_3, tl.trans(w1_3))
-        acc2 += tl.dot(a_3, tl.trans(w2_3))
     for k0 in range(k_lo + PEEL * BK, k_lo + K_PER_SPLIT, BK):
         offs_k = k0 + tl.arange(0, BK)
         k_ok = offs_k < K
@@ -220,11 +200,6 @@ def _w_block(w1_rows, w2_rows, offs_k, k_hi):
     w2 = tl.load(w2_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0)
     return w1, w2
 
-
-@triton.jit
-def _a_block(a_rows, offs_k, m_ok, k_hi, CM: tl.constexpr):
-    k_ok = offs_k < k_hi
-    return tl.load(a_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0, cache_modifier=CM)
 
 
 @triton.jit
@@ -357,7 +332,7 @@ def _launch(a, wt, epi, split, block, num_warps, num_stages, workspace, pdl=Fals
     split = max(1, min(split, triton.cdiv(K, BK)))
     k_per = triton.cdiv(triton.cdiv(K, split), BK) * BK
     split = triton.cdiv(K, k_per)
-    peel = max(0, min(int(peel), 4, k_per // BK))
+    peel = 1 if peel else 0
     grid = (N // (2 * BH), split)
     line = 128 // wt.element_size()
     prefetch = int(PREFETCH) if a.is_cuda and not INTERPRET else 0

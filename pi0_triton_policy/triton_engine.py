@@ -83,8 +83,8 @@ class Tuning:
     vis_gelu_epilogue: bool = True  # vision fc1's tanh-GELU in cuBLASLt's epilogue (CUDA) instead of a separate pass
     act_cublas: bool = True  # 14.8 vs 16.7 ms at 1 cam (NOTES.md)
     # weight-streaming skinny matmuls (kernels/skinny_matmul.py) for the action expert; overrides act_cublas.
-    # (BH, BK, warps, stages, split_k[, peel]): each program owns 2*BH output columns and K/split_k of K; the first
-    # `peel` K blocks' weights are requested before the PDL wait (kernels/skinny_matmul.py).
+    # (BH, BK, warps, stages, split_k[, peel]): each program owns 2*BH output columns and K/split_k of K; peel 1 (the
+    # default when absent): the first K block's weights are requested before the PDL wait (kernels/skinny_matmul.py).
     act_skinny: bool = True
     # PEEL 0 + 5 stages: nothing requested before the PDL wait, every weight and A tile of the first 4 K blocks in
     # the pipelined loop's prologue at once (replay 11.41 / 13.36 / 16.02 -> 11.16 / 13.21 / 15.75 ms, NOTES.md s5)

@@ -233,7 +233,7 @@ def _ss_parts(a, parts=2):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("split", [1, 3])
 @pytest.mark.parametrize("mode", ["add", "store_bias_norm"])
-@pytest.mark.parametrize("peel", [0, 1, 4])
+@pytest.mark.parametrize("peel", [0, 1])
 def test_skinny_residual(dtype, split, mode, peel, gen):
     M, K, N, BH = 37, 200, 96, 16
     a, w = randn(M, K, dtype=dtype, gen=gen), randn(K, N, scale=K**-0.5, dtype=dtype, gen=gen)
@@ -255,7 +255,7 @@ def test_skinny_residual(dtype, split, mode, peel, gen):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("split", [1, 2])
-@pytest.mark.parametrize("peel", [0, 1, 3])
+@pytest.mark.parametrize("peel", [0, 1])
 def test_skinny_geglu(dtype, split, peel, gen):
     M, K, F, BH = 37, 72, 64, 16
     a = randn(M, K, dtype=dtype, gen=gen)
@@ -268,7 +268,7 @@ def test_skinny_geglu(dtype, split, peel, gen):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("peel", [0, 1, 2])
+@pytest.mark.parametrize("peel", [0, 1])
 def test_skinny_qkv_rope(dtype, peel, gen):
     M, K, NQ, H, BH = 37, 72, 2, 32, 16
     a, w = randn(M, K, dtype=dtype, gen=gen), randn(K, (NQ + 2) * H, scale=K**-0.5, dtype=dtype, gen=gen)
