@@ -1,0 +1,120 @@
+"""Is a weight slab requested before the PDL wait (kernels/slab_matmul.py, Gluon) faster than the Triton skinny
+kernel's loop pipeline? Times the action expert's four matmuls per layer (qkv 1024->2560, o 2048->1024,
+gate|up 1024->8192, down 4096->1024; 50 rows) chained over 18 layers with PDL in a CUDA graph, for several launch
+shapes, after checking each shape against torch. Compare with `stack_probe.py --pk '{"noattn": {"off": ["attn"]}}'`
+(the Triton chain of the same four matmuls with their epilogues) run in the same call.
+
+    python benchmarks/slab_probe.py [--json out.json] [--cfg '{"name": {"qkv": [bn, split, nbuf], ...}}']
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+from pi0_triton_policy.kernels import slab_matmul as SM
+
+D, F, NQ, HD, L, R = 1024, 4096, 8, 256, 18, 50
+SHAPES = dict(qkv=((NQ + 2) * HD, D), o=(D, NQ * HD), gu=(2 * F, D), down=(D, F))  # (N, K) of W^T
+# kernel -> (BN, split, nbuf[, early_trigger]); nbuf 0 = the whole slab in shared memory
+CONFIGS = {
+    "slab64": dict(qkv=(64, 4, 0), o=(64, 8, 0), gu=(64, 2, 0), down=(64, 16, 0)),
+    "ring64": dict(qkv=(64, 4, 0), o=(64, 8, 0), gu=(64, 1, 6), down=(64, 8, 4)),
+    "ring64_early": dict(qkv=(64, 4, 0, 1), o=(64, 8, 0, 1), gu=(64, 1, 6, 1), down=(64, 8, 4, 1)),
+    "bn32": dict(qkv=(32, 2, 0), o=(32, 4, 0), gu=(64, 1, 6), down=(32, 4, 6)),
+    "bn128": dict(qkv=(128, 8, 0), o=(128, 16, 0), gu=(128, 2, 4), down=(128, 16, 0)),
+}
+
+
+def time_graph(fn, n_inner=20, rounds=7):
+    fn()
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=s):
+        for _ in range(n_inner):
+            fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(rounds):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        g.replay()
+        e1.record()
+        torch.cuda.synchronize()
+        out.append(e0.elapsed_time(e1) * 1000 / n_inner)
+    return statistics.median(out)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--cfg", default=None, help="JSON {name: {kernel: [bn, split, nbuf(, early)]}} (replaces the defaults)")
+    ap.add_argument("--no-pdl", action="store_true")
+    args = ap.parse_args()
+    configs = json.loads(args.cfg) if args.cfg else CONFIGS
+    dev = "cuda"
+    torch.manual_seed(0)
+    bf = torch.bfloat16
+    weights = {k: (torch.randn(L, n, kk, device=dev) * kk**-0.5).to(bf) for k, (n, kk) in SHAPES.items()}
+    acts = {n: torch.randn(R, n, device=dev).to(bf) for n in {D, (NQ + 2) * HD, NQ * HD, 2 * F, F}}
+    x, q, att, h8, h = acts[D], acts[(NQ + 2) * HD], acts[NQ * HD], acts[2 * F], acts[F]
+    ins = dict(qkv=x, o=att, gu=x, down=h)
+    outs = dict(qkv=q, o=x, gu=h8, down=x)
+    ws = torch.empty(1 << 22, device=dev)
+    cnt = {k: torch.zeros(4096, dtype=torch.int32, device=dev) for k in SHAPES}
+    res = {"card": torch.cuda.get_device_name(), "rows": []}
+    print(f"card {res['card']}  (4 matmuls x {L} layers, {R} rows, PDL={not args.no_pdl})")
+    for name, cfg in configs.items():
+        plans, descs = {}, {}
+        try:
+            for k, c in cfg.items():
+                bn, split, nbuf = c[:3]
+                plans[k] = [SM.SlabPlan(weights[k][i], bn, split, nbuf) for i in range(L)]
+                descs[k] = plans[k][0].a_desc(ins[k])
+            # correctness of each kernel against torch (layer 0), fresh inputs
+            errs = {}
+            for k, c in cfg.items():
+                a = torch.randn_like(ins[k], dtype=torch.float32).to(bf)
+                ins[k].copy_(a)
+                out = torch.empty_like(outs[k])
+                SM.slab_matmul(plans[k][0], descs[k], R, out, ws, cnt[k], pdl=False)
+                ref = SM.slab_matmul_reference(a, weights[k][0])
+                errs[k] = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+            torch.cuda.synchronize()
+
+            def chain():
+                for i in range(L):
+                    for k, c in cfg.items():
+                        early = bool(c[3]) if len(c) > 3 else False
+                        SM.slab_matmul(plans[k][i], descs[k], R, outs[k], ws, cnt[k], pdl=not args.no_pdl,
+                                       early_trigger=early)
+
+            t = time_graph(chain)
+            per_kernel = {}
+            for k0 in cfg:  # the same chain with one kind of matmul only: its share
+                def only(k0=k0):
+                    for i in range(L):
+                        c = cfg[k0]
+                        SM.slab_matmul(plans[k0][i], descs[k0], R, outs[k0], ws, cnt[k0], pdl=not args.no_pdl,
+                                       early_trigger=bool(c[3]) if len(c) > 3 else False)
+                per_kernel[k0] = round(time_graph(only) / L, 2)
+            smem = {k: plans[k][0].smem_bytes() // 1024 for k in cfg}
+            row = {"variant": name, "us_step": t, "us_layer": t / L, "max_rel_err": errs, "cfg": cfg, "smem_kb": smem,
+                   "us_alone_per_layer": per_kernel}
+            print(f"{name:14s} {t:8.1f} us/step {t / L:6.2f} us/layer  err {max(errs.values()):.1e}  smem KB {smem}  alone us {per_kernel}",
+                  flush=True)
+        except Exception as e:  # one bad shape must not end the sweep
+            row = {"variant": name, "error": repr(e)[:400], "cfg": cfg}
+            print(f"{name:14s} FAILED {repr(e)[:300]}", flush=True)
+        res["rows"].append(row)
+    if args.json:
+        json.dump(res, open(args.json, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
