@@ -53,7 +53,7 @@ if HAS_GLUON:
 
     @gluon.jit
     def _slab_kernel(a_desc, w_desc, out_ptr, ws_ptr, cnt_ptr, M, N, stride_out,
-                     NB: gl.constexpr, NBUF: gl.constexpr, SPLIT: gl.constexpr, PDL: gl.constexpr, EARLY_TRIGGER: gl.constexpr,
+                     NB: gl.constexpr, NBUF: gl.constexpr, SPLIT: gl.constexpr, PDL: gl.constexpr, EARLY_TRIGGER: gl.constexpr, A_ONCE: gl.constexpr,
                      num_warps: gl.constexpr):
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
@@ -82,7 +82,7 @@ if HAS_GLUON:
             _gdc_wait()  # the activations (written by the previous kernel) are visible from here on
             if not EARLY_TRIGGER:
                 _gdc_launch_dependents()
-        for b in gl.static_range(NBUF):
+        for b in gl.static_range(1 if A_ONCE else NBUF):
             mbarrier.expect(a_bar.index(b), a_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(a_desc, [0, k0 + b * BK], a_bar.index(b), a_s.index(b))
 
@@ -90,17 +90,23 @@ if HAS_GLUON:
                                                              instr_shape=[16, BN, 16])
         acc = gl.zeros((BM, BN), dtype=gl.float32, layout=mma_layout)
         for b in gl.static_range(NB):
-            mbarrier.wait(a_bar.index(b % NBUF), (b // NBUF) % 2)
+            if A_ONCE:
+                if b == 0:
+                    mbarrier.wait(a_bar.index(0), 0)
+            else:
+                mbarrier.wait(a_bar.index(b % NBUF), (b // NBUF) % 2)
             mbarrier.wait(w_bar.index(b % NBUF), (b // NBUF) % 2)
-            acc = warpgroup_mma(a_s.index(b % NBUF), w_s.index(b % NBUF).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(a_s.index(0 if A_ONCE else b % NBUF), w_s.index(b % NBUF).permute((1, 0)), acc,
+                                is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
             if b >= 1 and b - 1 + NBUF < NB:  # block b-1's MMA is done: its buffers take block b-1+NBUF (ring)
                 mbarrier.expect(w_bar.index((b - 1) % NBUF), w_desc.block_type.nbytes)
                 tma.async_copy_global_to_shared(w_desc, [n0, k0 + (b - 1 + NBUF) * BK], w_bar.index((b - 1) % NBUF),
                                                 w_s.index((b - 1) % NBUF))
-                mbarrier.expect(a_bar.index((b - 1) % NBUF), a_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(a_desc, [0, k0 + (b - 1 + NBUF) * BK], a_bar.index((b - 1) % NBUF),
-                                                a_s.index((b - 1) % NBUF))
+                if not A_ONCE:
+                    mbarrier.expect(a_bar.index((b - 1) % NBUF), a_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(a_desc, [0, k0 + (b - 1 + NBUF) * BK],
+                                                    a_bar.index((b - 1) % NBUF), a_s.index((b - 1) % NBUF))
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         for i in gl.static_range(NBUF):
             mbarrier.invalidate(w_bar.index(i))
@@ -150,7 +156,7 @@ class SlabPlan:
 
 
 def slab_matmul(plan: SlabPlan, a_desc, M: int, out: torch.Tensor, workspace=None, counters=None, pdl=True,
-                early_trigger=False, num_warps=4):
+                early_trigger=False, num_warps=4, a_once=False):
     """out[:M] = a @ plan.wt.T (a given by its descriptor from plan.a_desc)."""
     if plan.split > 1:
         assert workspace is not None and workspace.numel() >= plan.split * plan.bm * plan.N
@@ -159,6 +165,7 @@ def slab_matmul(plan: SlabPlan, a_desc, M: int, out: torch.Tensor, workspace=Non
         workspace = counters = out
     grid = (plan.N // plan.bn, plan.split)
     _slab_kernel[grid](a_desc, plan.w_desc, out, workspace, counters, M, plan.N, out.stride(0),
-                       NB=plan.nb, NBUF=plan.nbuf, SPLIT=plan.split, PDL=pdl, EARLY_TRIGGER=early_trigger, num_warps=num_warps,
+                       NB=plan.nb, NBUF=plan.nbuf, SPLIT=plan.split, PDL=pdl, EARLY_TRIGGER=early_trigger, A_ONCE=a_once,
+                       num_warps=num_warps,
                        **({"launch_pdl": True} if pdl else {}))
     return out
