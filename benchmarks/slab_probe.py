@@ -4,7 +4,7 @@ gate|up 1024->8192, down 4096->1024; 50 rows) chained over 18 layers with PDL in
 shapes, after checking each shape against torch. Compare with `stack_probe.py --pk '{"noattn": {"off": ["attn"]}}'`
 (the Triton chain of the same four matmuls with their epilogues) run in the same call.
 
-    python benchmarks/slab_probe.py [--json out.json] [--cfg '{"name": {"qkv": [bn, split, nbuf], ...}}']
+    python benchmarks/slab_probe.py [--json out.json] [--cfg '{"name": {"qkv": [bn, split, nw, na], ...}}'] [--timeline]
 """
 
 from __future__ import annotations
@@ -19,15 +19,62 @@ from pi0_triton_policy.kernels import slab_matmul as SM
 
 D, F, NQ, HD, L, R = 1024, 4096, 8, 256, 18, 50
 SHAPES = dict(qkv=((NQ + 2) * HD, D), o=(D, NQ * HD), gu=(2 * F, D), down=(D, F))  # (N, K) of W^T
-# kernel -> (BN, split, nbuf[, early_trigger[, a_once]]); nbuf 0 = the whole slab in shared memory; a_once: only the
-# first activation block is loaded and reused (wrong result; times the weight stream without the activation traffic)
+# kernel -> (BN, split, nw, na[, early_trigger[, a_once]]); nw = weight buffers (0: the whole slab in shared memory),
+# na = activation buffers (0: as many as nw); a_once: only the first activation block is loaded and reused (wrong
+# result; times the weight stream without the activation traffic)
 CONFIGS = {
-    "slab64": dict(qkv=(64, 4, 0), o=(64, 8, 0), gu=(64, 2, 0), down=(64, 16, 0)),
-    "ring64": dict(qkv=(64, 4, 0), o=(64, 8, 0), gu=(64, 1, 6), down=(64, 8, 4)),
-    "ring64_early": dict(qkv=(64, 4, 0, 1), o=(64, 8, 0, 1), gu=(64, 1, 6, 1), down=(64, 8, 4, 1)),
-    "bn32": dict(qkv=(32, 2, 0), o=(32, 4, 0), gu=(64, 1, 6), down=(32, 4, 6)),
-    "bn128": dict(qkv=(128, 8, 0), o=(128, 16, 0), gu=(128, 2, 4), down=(128, 16, 0)),
+    "bn32": dict(qkv=(32, 2, 0, 0), o=(32, 4, 0, 0), gu=(64, 1, 10, 10), down=(32, 4, 6, 6)),
 }
+
+
+def time_links(n_links, programs=128):
+    """us per link of a chain of empty PDL kernels (_pdl_link_kernel): the floor of any kernel-per-op chain."""
+    out = torch.empty(programs, dtype=torch.int32, device="cuda")
+    return time_graph(lambda: [SM.pdl_link(out, programs) for _ in range(n_links)]) / n_links
+
+
+def chain_timeline(plans, descs, outs, ins, ws, cnt, cfg):
+    """Per-program %globaltimer stamps of one graph replay of the chain; per kernel kind, medians over layers 1-16
+    (us): previous kernel's last end -> first entry (negative: resident early) / wait returned (median), wait ->
+    first A block, A -> MMAs done, MMAs done -> end (median and max), and the kernel's span."""
+    nprog = {k: plans[k][0].N // plans[k][0].bn * plans[k][0].split for k in cfg}
+    per_layer = sum(nprog.values())
+    ts = torch.zeros(L * per_layer * 5, dtype=torch.int64, device="cuda")
+    slots = []
+
+    def chain():
+        off = 0
+        for i in range(L):
+            for k, c in cfg.items():
+                SM.slab_matmul(plans[k][i], descs[k], R, outs[k], ws, cnt[k], early_trigger=flag(c, 4),
+                               a_once=flag(c, 5), timestamps=ts[off * 5:])
+                slots.append((k, i, off, nprog[k]))
+                off += nprog[k]
+
+    chain()
+    torch.cuda.synchronize()
+    slots.clear()
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.graph(g, stream=s):
+        chain()
+    g.replay()
+    torch.cuda.synchronize()
+    st = ts.view(-1, 5).cpu().double() / 1000.0
+    rows, prev_end = {}, None
+    for k, i, off, n in slots:
+        t = st[off:off + n]
+        if prev_end is not None and 1 <= i <= L - 2:
+            rows.setdefault(k, []).append([t[:, 0].min() - prev_end, t[:, 1].median() - prev_end,
+                                           (t[:, 2] - t[:, 1]).median(), (t[:, 3] - t[:, 2]).median(),
+                                           (t[:, 4] - t[:, 3]).median(), (t[:, 4] - t[:, 3]).max(),
+                                           t[:, 4].max() - max(prev_end, t[:, 0].min())])
+        prev_end = t[:, 4].max()
+    names = ["prev_end->entry", "prev_end->wait_done", "wait->A", "A->mma_done", "mma->end_med", "mma->end_max",
+             "span"]
+    return {k: dict(zip(names, [round(float(torch.tensor(v)[:, j].median()), 2) for j in range(len(names))]))
+            for k, v in rows.items()}
 
 
 def flag(c, i):
@@ -60,6 +107,7 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--cfg", default=None, help="JSON {name: {kernel: [bn, split, nbuf(, early)]}} (replaces the defaults)")
     ap.add_argument("--no-pdl", action="store_true")
+    ap.add_argument("--timeline", action="store_true", help="per-kernel stamps of the chain (one graph replay)")
     args = ap.parse_args()
     configs = json.loads(args.cfg) if args.cfg else CONFIGS
     dev = "cuda"
@@ -74,12 +122,16 @@ def main():
     cnt = {k: torch.zeros(4096, dtype=torch.int32, device=dev) for k in SHAPES}
     res = {"card": torch.cuda.get_device_name(), "rows": []}
     print(f"card {res['card']}  (4 matmuls x {L} layers, {R} rows, PDL={not args.no_pdl})")
+    for progs in (128, 132):
+        t_link = time_links(4 * L, progs)
+        res["rows"].append({"variant": f"empty_link_{progs}", "us_link": t_link})
+        print(f"empty PDL link ({progs} programs): {t_link:.2f} us per kernel", flush=True)
     for name, cfg in configs.items():
         plans, descs = {}, {}
         try:
             for k, c in cfg.items():
-                bn, split, nbuf = c[:3]
-                plans[k] = [SM.SlabPlan(weights[k][i], bn, split, nbuf) for i in range(L)]
+                bn, split, nw, na = c[:4]
+                plans[k] = [SM.SlabPlan(weights[k][i], bn, split, nw, na) for i in range(L)]
                 descs[k] = plans[k][0].a_desc(ins[k])
             # correctness of each kernel against torch (layer 0), fresh inputs
             errs = {}
@@ -89,14 +141,14 @@ def main():
                 out = torch.empty_like(outs[k])
                 SM.slab_matmul(plans[k][0], descs[k], R, out, ws, cnt[k], pdl=False)
                 ref = SM.slab_matmul_reference(a, weights[k][0])
-                errs[k] = ((out.float() - ref).abs().max() / ref.abs().max()).item() if not flag(c, 4) else None
+                errs[k] = ((out.float() - ref).abs().max() / ref.abs().max()).item() if not flag(c, 5) else None
             torch.cuda.synchronize()
 
             def chain():
                 for i in range(L):
                     for k, c in cfg.items():
                         SM.slab_matmul(plans[k][i], descs[k], R, outs[k], ws, cnt[k], pdl=not args.no_pdl,
-                                       early_trigger=flag(c, 3), a_once=flag(c, 4))
+                                       early_trigger=flag(c, 4), a_once=flag(c, 5))
 
             t = time_graph(chain)
             per_kernel = {}
@@ -105,14 +157,22 @@ def main():
                     for i in range(L):
                         c = cfg[k0]
                         SM.slab_matmul(plans[k0][i], descs[k0], R, outs[k0], ws, cnt[k0], pdl=not args.no_pdl,
-                                       early_trigger=flag(c, 3), a_once=flag(c, 4))
+                                       early_trigger=flag(c, 4), a_once=flag(c, 5))
                 per_kernel[k0] = round(time_graph(only) / L, 2)
             smem = {k: plans[k][0].smem_bytes() // 1024 for k in cfg}
+            if args.timeline:
+                tl_rows = chain_timeline(plans, descs, outs, ins, ws, cnt, cfg)
+                for k, v in tl_rows.items():
+                    print(f"    {k:5s} " + "  ".join(f"{a} {b:6.2f}" for a, b in v.items()), flush=True)
             row = {"variant": name, "us_step": t, "us_layer": t / L, "max_rel_err": errs, "cfg": cfg, "smem_kb": smem,
-                   "us_alone_per_layer": per_kernel}
+                   "us_alone_per_layer": per_kernel, "timeline": tl_rows if args.timeline else None}
             print(f"{name:14s} {t:8.1f} us/step {t / L:6.2f} us/layer  err {max(e for e in errs.values() if e is not None) if any(e is not None for e in errs.values()) else -1:.1e}  smem KB {smem}  alone us {per_kernel}",
                   flush=True)
         except Exception as e:  # one bad shape must not end the sweep
+            if args.timeline:
+                tl_rows = chain_timeline(plans, descs, outs, ins, ws, cnt, cfg)
+                for k, v in tl_rows.items():
+                    print(f"    {k:5s} " + "  ".join(f"{a} {b:6.2f}" for a, b in v.items()), flush=True)
             row = {"variant": name, "error": repr(e)[:400], "cfg": cfg}
             print(f"{name:14s} FAILED {repr(e)[:300]}", flush=True)
         res["rows"].append(row)

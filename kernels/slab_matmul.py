@@ -52,9 +52,17 @@ if HAS_GLUON:
                                   is_pure=False, pack=1)
 
     @gluon.jit
-    def _slab_kernel(a_desc, w_desc, out_ptr, ws_ptr, cnt_ptr, M, N, stride_out,
-                     NB: gl.constexpr, NBUF: gl.constexpr, SPLIT: gl.constexpr, PDL: gl.constexpr, EARLY_TRIGGER: gl.constexpr, A_ONCE: gl.constexpr,
-                     num_warps: gl.constexpr):
+    def _globaltimer():
+        return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _slab_kernel(a_desc, w_desc, out_ptr, ws_ptr, cnt_ptr, ts_ptr, M, N, stride_out,
+                     NB: gl.constexpr, NW: gl.constexpr, NA: gl.constexpr, SPLIT: gl.constexpr, PDL: gl.constexpr,
+                     EARLY_TRIGGER: gl.constexpr, A_ONCE: gl.constexpr, TS: gl.constexpr, num_warps: gl.constexpr):
+        """NB K blocks per program; NW weight buffers (NW == NB: the whole slab, all requested before the PDL wait;
+        NW < NB: a ring whose first NW blocks are requested before the wait), NA activation buffers (a ring filled
+        after the wait). A_ONCE (diagnostic, wrong result): only the first activation block is loaded and reused.
+        TS: 5 %globaltimer stamps per program at ts_ptr (entry, wait returned, first A block ready, MMAs done, end)."""
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = w_desc.block_type.shape[0]
@@ -62,18 +70,21 @@ if HAS_GLUON:
         pid_k = gl.program_id(1)
         n0 = pid_n * BN
         k0 = pid_k * (NB * BK)
+        ts = ts_ptr + (pid_k * gl.num_programs(0) + pid_n) * 5
+        if TS:
+            gl.store(ts, _globaltimer())
 
-        w_s = gl.allocate_shared_memory(w_desc.dtype, [NBUF, BN, BK], w_desc.layout)
-        a_s = gl.allocate_shared_memory(a_desc.dtype, [NBUF, BM, BK], a_desc.layout)
-        w_bar = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
-        a_bar = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(NBUF):
+        w_s = gl.allocate_shared_memory(w_desc.dtype, [NW, BN, BK], w_desc.layout)
+        a_s = gl.allocate_shared_memory(a_desc.dtype, [NA, BM, BK], a_desc.layout)
+        w_bar = gl.allocate_shared_memory(gl.int64, [NW, 1], mbarrier.MBarrierLayout())
+        a_bar = gl.allocate_shared_memory(gl.int64, [NA, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(NW):
             mbarrier.init(w_bar.index(i), count=1)
+        for i in gl.static_range(NA):
             mbarrier.init(a_bar.index(i), count=1)
         fence_async_shared()
-        # the weights: independent of every earlier kernel, so the first NBUF blocks (all NB when NBUF == NB: the
-        # whole slab) are requested before the PDL wait
-        for b in gl.static_range(NBUF):
+        # the weights do not depend on any earlier kernel: the first NW blocks are requested before the PDL wait
+        for b in gl.static_range(NW):
             mbarrier.expect(w_bar.index(b), w_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(w_desc, [n0, k0 + b * BK], w_bar.index(b), w_s.index(b))
         if PDL:
@@ -82,7 +93,9 @@ if HAS_GLUON:
             _gdc_wait()  # the activations (written by the previous kernel) are visible from here on
             if not EARLY_TRIGGER:
                 _gdc_launch_dependents()
-        for b in gl.static_range(1 if A_ONCE else NBUF):
+        if TS:
+            gl.store(ts + 1, _globaltimer())
+        for b in gl.static_range(1 if A_ONCE else NA):
             mbarrier.expect(a_bar.index(b), a_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(a_desc, [0, k0 + b * BK], a_bar.index(b), a_s.index(b))
 
@@ -94,22 +107,30 @@ if HAS_GLUON:
                 if b == 0:
                     mbarrier.wait(a_bar.index(0), 0)
             else:
-                mbarrier.wait(a_bar.index(b % NBUF), (b // NBUF) % 2)
-            mbarrier.wait(w_bar.index(b % NBUF), (b // NBUF) % 2)
-            acc = warpgroup_mma(a_s.index(0 if A_ONCE else b % NBUF), w_s.index(b % NBUF).permute((1, 0)), acc,
+                mbarrier.wait(a_bar.index(b % NA), (b // NA) % 2)
+            if TS:
+                if b == 0:
+                    gl.store(ts + 2, _globaltimer())
+            mbarrier.wait(w_bar.index(b % NW), (b // NW) % 2)
+            acc = warpgroup_mma(a_s.index(0 if A_ONCE else b % NA), w_s.index(b % NW).permute((1, 0)), acc,
                                 is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-            if b >= 1 and b - 1 + NBUF < NB:  # block b-1's MMA is done: its buffers take block b-1+NBUF (ring)
-                mbarrier.expect(w_bar.index((b - 1) % NBUF), w_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(w_desc, [n0, k0 + (b - 1 + NBUF) * BK], w_bar.index((b - 1) % NBUF),
-                                                w_s.index((b - 1) % NBUF))
-                if not A_ONCE:
-                    mbarrier.expect(a_bar.index((b - 1) % NBUF), a_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(a_desc, [0, k0 + (b - 1 + NBUF) * BK],
-                                                    a_bar.index((b - 1) % NBUF), a_s.index((b - 1) % NBUF))
+            # block b-1's MMA is done: its buffers take the blocks NW / NA further on (rings)
+            if b >= 1 and b - 1 + NW < NB:
+                mbarrier.expect(w_bar.index((b - 1) % NW), w_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(w_desc, [n0, k0 + (b - 1 + NW) * BK], w_bar.index((b - 1) % NW),
+                                                w_s.index((b - 1) % NW))
+            if not A_ONCE:
+                if b >= 1 and b - 1 + NA < NB:
+                    mbarrier.expect(a_bar.index((b - 1) % NA), a_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(a_desc, [0, k0 + (b - 1 + NA) * BK], a_bar.index((b - 1) % NA),
+                                                    a_s.index((b - 1) % NA))
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        for i in gl.static_range(NBUF):
+        if TS:
+            gl.store(ts + 3, _globaltimer())
+        for i in gl.static_range(NW):
             mbarrier.invalidate(w_bar.index(i))
+        for i in gl.static_range(NA):
             mbarrier.invalidate(a_bar.index(i))
 
         offs_m = gl.arange(0, BM, layout=gl.SliceLayout(1, mma_layout))
@@ -131,17 +152,34 @@ if HAS_GLUON:
         else:
             gl.store(out_ptr + offs_m[:, None] * stride_out + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
                      mask=m_ok)
+        if TS:
+            gl.thread_barrier()
+            gl.store(ts + 4, _globaltimer())
+
+    @gluon.jit
+    def _pdl_link_kernel(out_ptr, ts_ptr, TS: gl.constexpr):
+        """The cheapest link of a PDL chain (timing floor): wait for the previous kernel, let the next one in, store
+        one value. TS: stamps at entry and after the wait (5 slots per program, like _slab_kernel)."""
+        pid = gl.program_id(0)
+        if TS:
+            gl.store(ts_ptr + pid * 5, _globaltimer())
+        _gdc_wait()
+        _gdc_launch_dependents()
+        if TS:
+            gl.store(ts_ptr + pid * 5 + 1, _globaltimer())
+        gl.store(out_ptr + pid, pid)
 
 
 class SlabPlan:
     """Launch plan of one weight matrix: its TMA descriptor and the shapes. Built once at load."""
 
-    def __init__(self, wt: torch.Tensor, bn: int, split: int, nbuf: int = 0, bk: int = 64, bm: int = 64):
+    def __init__(self, wt: torch.Tensor, bn: int, split: int, nw: int = 0, na: int = 0, bk: int = 64, bm: int = 64):
         N, K = wt.shape
         assert N % bn == 0 and K % (split * bk) == 0, (N, K, bn, split, bk)
         self.N, self.K, self.bn, self.split, self.bk, self.bm = N, K, bn, split, bk, bm
         self.nb = K // (split * bk)
-        self.nbuf = min(nbuf, self.nb) if nbuf else self.nb  # 0: the whole slab in shared memory
+        self.nw = min(nw, self.nb) if nw else self.nb  # weight buffers; 0: the whole slab in shared memory
+        self.na = min(na, self.nb) if na else self.nw  # activation buffers; 0: as many as weight buffers
         w_layout = gl.NVMMASharedLayout.get_default_for([bn, bk], gl.bfloat16)
         self.a_layout = gl.NVMMASharedLayout.get_default_for([bm, bk], gl.bfloat16)
         self.w_desc = TensorDescriptor.from_tensor(wt, [bn, bk], w_layout)
@@ -152,11 +190,12 @@ class SlabPlan:
         return TensorDescriptor.from_tensor(a, [self.bm, self.bk], self.a_layout)
 
     def smem_bytes(self) -> int:
-        return self.nbuf * (self.bn + self.bm) * self.bk * 2
+        return (self.nw * self.bn + self.na * self.bm) * self.bk * 2
 
 
 def slab_matmul(plan: SlabPlan, a_desc, M: int, out: torch.Tensor, workspace=None, counters=None, pdl=True,
-                early_trigger=False, num_warps=4, a_once=False):
+                early_trigger=False, num_warps=4, a_once=False,
+                timestamps=None):
     """out[:M] = a @ plan.wt.T (a given by its descriptor from plan.a_desc)."""
     if plan.split > 1:
         assert workspace is not None and workspace.numel() >= plan.split * plan.bm * plan.N
@@ -164,8 +203,15 @@ def slab_matmul(plan: SlabPlan, a_desc, M: int, out: torch.Tensor, workspace=Non
     else:
         workspace = counters = out
     grid = (plan.N // plan.bn, plan.split)
-    _slab_kernel[grid](a_desc, plan.w_desc, out, workspace, counters, M, plan.N, out.stride(0),
-                       NB=plan.nb, NBUF=plan.nbuf, SPLIT=plan.split, PDL=pdl, EARLY_TRIGGER=early_trigger, A_ONCE=a_once,
+    ts = timestamps if timestamps is not None else counters
+    _slab_kernel[grid](a_desc, plan.w_desc, out, workspace, counters, ts, M, plan.N, out.stride(0),
+                       NB=plan.nb, NW=plan.nw, NA=plan.na, SPLIT=plan.split, TS=timestamps is not None, PDL=pdl, EARLY_TRIGGER=early_trigger, A_ONCE=a_once,
                        num_warps=num_warps,
                        **({"launch_pdl": True} if pdl else {}))
     return out
+
+
+def pdl_link(out: torch.Tensor, programs: int, timestamps=None):
+    """One empty link of a PDL chain (see _pdl_link_kernel): out[:programs] = program ids."""
+    ts = timestamps if timestamps is not None else out
+    _pdl_link_kernel[(programs,)](out, ts, TS=timestamps is not None, num_warps=4, launch_pdl=True)
