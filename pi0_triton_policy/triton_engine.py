@@ -260,8 +260,16 @@ class _ViewGraph:
         # inputs
         self.images = z(num_views, v.image_size, v.image_size, 3)
         self.tokens = z(L, dtype=torch.int32)
+        self.token_mask = z(L, dtype=torch.int32)
+        # positions and key validity: the image part is fixed, the prompt and suffix parts follow token_mask and are
+        # computed inside the graph (run), so a call stages only raw inputs and never reads anything back
+        VP = num_views * P
         self.key_valid = z(T, dtype=torch.int32)
+        self.key_valid[:VP] = 1
         self.pos = z(T + S, dtype=torch.int32)
+        self.pos[:VP] = torch.arange(VP, dtype=torch.int32, device=dev)
+        self.suffix_pos0 = torch.arange(S, dtype=torch.int32, device=dev) + VP  # + number of valid prompt tokens
+        self.prompt_cnt = z(L, dtype=torch.int32)
         self.state = z(1, cfg.action_dim)
         self.x_t = z(cfg.action_horizon, cfg.action_dim)  # noise in, actions out
         # activations
@@ -317,6 +325,15 @@ class _ViewGraph:
         self.graph = None
         self.capture_s = None
 
+    def positions(self):
+        """Positions of the prompt and suffix tokens and the prompt keys' validity from token_mask (OPENPI_SPEC:
+        cumsum(mask) - 1 after the image tokens; the suffix follows the last valid prompt token). Part of run()."""
+        VP, T = self.V * self.P, self.T
+        torch.cumsum(self.token_mask, 0, dtype=torch.int32, out=self.prompt_cnt)
+        torch.add(self.prompt_cnt, VP - 1, out=self.pos[VP:T])
+        torch.add(self.suffix_pos0, self.prompt_cnt[-1:], out=self.pos[T:])
+        self.key_valid[VP:].copy_(self.token_mask)
+
     def run(self):
         """Issue the whole inference (eager); the CUDA graph captures exactly this."""
         cfg, W, t, ws = self.eng.cfg, self.eng.weights, self.eng.tuning, self.ws
@@ -324,6 +341,7 @@ class _ViewGraph:
         V, T, S, M = self.V, self.T, self.S, self.V * self.P
         self.gelu_epilogue = t.vis_gelu_epilogue and self.xvn.is_cuda
         pg = t.pdl_glue  # the Triton glue kernels between cuBLAS matmuls (vision, prefix) launch early under PDL
+        self.positions()
         # ---- SigLIP on the present views: [V*256, 1152]
         PE.patch_embed(self.images, W.patch_w, W.patch_add, out=self.xv, patch_size=v.patch_size)
         bm, bn, bk, nw, ns = t.vis_ln
@@ -485,30 +503,24 @@ class _ViewGraph:
 
     def set_inputs(self, images, tokens, token_mask, state, noise):
         """images [V, 224, 224, 3] (present views only), tokens/token_mask [L'], state [32], noise [50, 32]: tensors."""
-        V, P, L = self.V, self.P, self.L
+        L = self.L
         n = tokens.shape[0]
         if n > L:
             raise ValueError(f"{n} prompt tokens: at most {L} fit (max_token_len)")
-        mask = torch.zeros(L, dtype=torch.bool)
-        mask[:n] = torch.as_tensor(token_mask, dtype=torch.bool).cpu()
-        tok = torch.zeros(L, dtype=torch.int32)
-        tok[:n] = torch.as_tensor(tokens).to(torch.int32).cpu()
-        n_valid = int(mask.sum())
-        pos = torch.empty(self.T + self.S, dtype=torch.int32)
-        pos[: V * P] = torch.arange(V * P, dtype=torch.int32)
-        pos[V * P : self.T] = V * P + torch.cumsum(mask.to(torch.int32), 0) - 1
-        pos[self.T :] = V * P + n_valid + torch.arange(self.S, dtype=torch.int32)
-        valid = torch.ones(self.T, dtype=torch.int32)
-        valid[V * P :] = mask.to(torch.int32)
+        if tuple(token_mask.shape) != (n,):
+            raise ValueError(f"token_mask {tuple(token_mask.shape)}: expected ({n},) like the tokens")
         if tuple(images.shape) != tuple(self.images.shape):  # copy_ would broadcast one image into every view
             raise ValueError(f"camera images {tuple(images.shape)}: this graph takes {tuple(self.images.shape)} "
                              "(present views x H x W x 3)")
+        # raw inputs only (positions are computed in the graph); copies from CUDA tensors stay on the device
         self.images.copy_(images, non_blocking=True)
-        self.tokens.copy_(tok, non_blocking=True)
-        self.pos.copy_(pos, non_blocking=True)
-        self.key_valid.copy_(valid, non_blocking=True)
-        self.state.copy_(torch.as_tensor(state).reshape(1, -1), non_blocking=True)
-        self.x_t.copy_(torch.as_tensor(noise), non_blocking=True)
+        self.tokens[:n].copy_(tokens, non_blocking=True)
+        self.token_mask[:n].copy_(token_mask, non_blocking=True)
+        if n < L:
+            self.tokens[n:].zero_()
+            self.token_mask[n:].zero_()
+        self.state.copy_(state.reshape(1, -1), non_blocking=True)
+        self.x_t.copy_(noise, non_blocking=True)
 
     def __call__(self):
         if self.graph is None:
@@ -560,12 +572,15 @@ class TritonPi0:
         token_mask [B,L], state [B,32], noise [B,50,32] -> actions [B,50,32] float32 on this device."""
         outs = []
         for b in range(state.shape[0]):
-            present = torch.nonzero(torch.as_tensor(image_mask[b]).bool().cpu()).flatten()
+            present = torch.nonzero(torch.as_tensor(image_mask[b]).bool().cpu()).flatten()  # the one host read
             g = self.graph_for(len(present), num_steps)
-            imgs = images[b][present.to(images.device) if torch.is_tensor(images) else present.numpy()]
-            g.set_inputs(torch.as_tensor(imgs), tokens[b], token_mask[b], state[b], noise[b])
+            imgs = torch.as_tensor(images[b])
+            if len(present) < imgs.shape[0]:  # absent cameras are not computed
+                imgs = imgs[present.to(imgs.device)]
+            g.set_inputs(imgs, torch.as_tensor(tokens[b]), torch.as_tensor(token_mask[b]), torch.as_tensor(state[b]),
+                         torch.as_tensor(noise[b]))
             outs.append(g().clone())
-        return torch.stack(outs)
+        return outs[0][None] if len(outs) == 1 else torch.stack(outs)
 
     def sample_actions(self, images, image_mask, tokens, token_mask, state, noise, num_steps: int = 10) -> np.ndarray:
         """The backend call (numpy in, numpy out); a leading batch dimension is optional."""

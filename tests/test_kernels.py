@@ -379,3 +379,31 @@ def test_cublaslt_gelu_epilogue_is_tanh_form():
     tanh_err = (y - torch.nn.functional.gelu(pre, approximate="tanh")).abs().max().item()
     erf_err = (y - torch.nn.functional.gelu(pre)).abs().max().item()
     assert tanh_err < 1e-4 < erf_err, (tanh_err, erf_err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k,bn,split,nw,na", [(2560, 1024, 32, 2, 0, 0), (1024, 2048, 16, 2, 16, 8),
+                                                 (8192, 1024, 64, 1, 10, 10), (1024, 4096, 32, 4, 6, 6)])
+@pytest.mark.parametrize("rows", [1, 37, 50])
+def test_slab_matmul_gluon(n, k, bn, split, nw, na, rows):
+    """The Gluon weight-slab matmul (experimental, benchmarks/slab_probe.py; not used by the engine) against its
+    reference: whole-slab and ring buffering, split-K with the deterministic last-arriver sum, odd row counts."""
+    from pi0_triton_policy.kernels import slab_matmul as SM
+
+    if not SM.HAS_GLUON or torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("needs Gluon and a Hopper GPU")
+    g = torch.Generator(device="cuda").manual_seed(rows + n)
+    wt = (torch.randn(n, k, device="cuda", generator=g) * k**-0.5).to(torch.bfloat16)
+    a = torch.randn(rows, k, device="cuda", generator=g).to(torch.bfloat16)
+    plan = SM.SlabPlan(wt, bn, split, nw, na)
+    ws = torch.empty(split * 64 * n, device="cuda")
+    cnt = torch.zeros(n // bn, dtype=torch.int32, device="cuda")
+    out = torch.empty(rows, n, dtype=torch.bfloat16, device="cuda")
+    outs = []
+    for pdl in (False, True):
+        out.zero_()
+        SM.slab_matmul(plan, plan.a_desc(a), rows, out, ws, cnt, pdl=pdl)
+        outs.append(out.clone())
+    assert rel(outs[0], SM.slab_matmul_reference(a, wt)) < 5e-3
+    assert torch.equal(outs[0], outs[1]), "not deterministic"
+    assert torch.equal(cnt, torch.zeros_like(cnt)), "arrival counters not reset"

@@ -100,5 +100,16 @@ def test_wrong_camera_count_is_a_clear_error():
     with pytest.raises(ValueError, match="camera images"):
         g.set_inputs(torch.from_numpy(imgs[:1]), torch.from_numpy(tokens), torch.from_numpy(tmask), torch.from_numpy(state),
                      torch.from_numpy(noise))
+    with pytest.raises(ValueError, match="token_mask"):
+        g.set_inputs(torch.from_numpy(imgs[:2]), torch.from_numpy(tokens), torch.from_numpy(tmask[:-1]),
+                     torch.from_numpy(state), torch.from_numpy(noise))
     g.set_inputs(torch.from_numpy(imgs[:2]), torch.from_numpy(tokens), torch.from_numpy(tmask), torch.from_numpy(state),
                  torch.from_numpy(noise))  # the right count is accepted
+    n = len(tokens)
+    L, VP = cfg.max_token_len, 2 * cfg.vision.num_patches
+    g.positions()  # (part of the graph) positions and key validity from the mask: cumsum(mask) - 1, suffix after
+    m = torch.zeros(L, dtype=torch.int32)
+    m[:n] = torch.from_numpy(tmask).to(torch.int32)
+    assert torch.equal(g.key_valid[VP:].cpu(), m)
+    assert torch.equal(g.pos[VP:g.T].cpu(), VP + torch.cumsum(m, 0).to(torch.int32) - 1)
+    assert torch.equal(g.pos[g.T:].cpu(), VP + int(m.sum()) + torch.arange(g.S, dtype=torch.int32))
