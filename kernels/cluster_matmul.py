@@ -1,0 +1,297 @@
+"""Skinny matmul with the split-K reduction in distributed shared memory (CUDA C++ via NVRTC, Hopper; experimental).
+
+out[M, N] = a[M, K] @ W[K, N] for M <= 64 rows, W stored transposed (`wt` [N, K]), bf16 in, bf16 out.
+
+Why: the per-program timeline of the action expert's matmul chain (benchmarks/NOTES.md, session 6) shows the split-K
+tail (fp32 partials to global memory, an arrival atomic, the last program's reload, the stragglers it waits for) as
+2-4 us of every o/down link, while a kernel boundary under PDL is 0.7 us. Triton 3.6 (and Gluon) expose no thread
+block clusters, so this kernel is CUDA C++: the SPLIT programs of one column tile form a cluster; each computes its K
+range into shared memory, one cluster barrier, then rank r sums rows r*64/SPLIT.. of all ranks' partials through
+DSMEM in fixed order (deterministic) and stores them. Each program's weight slab is requested with cp.async before
+`griddepcontrol.wait` (it does not depend on the previous kernel); the activations after it.
+
+Compiled at first use with NVRTC (the library torch ships), launched with cuLaunchKernelEx so PDL applies
+(captured in CUDA graphs like any launch). `cluster_matmul_reference` is the plain PyTorch math it is tested against
+(GPU only: no interpreter for CUDA C++).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+BM = 64  # activation rows per program (M <= 64; rows >= M are zero-filled in shared memory and never stored)
+THREADS = 128
+
+_SOURCE = r"""
+#define BN %(BN)d
+#define KC %(KC)d
+#define CS %(CS)d
+#define BM 64
+#define NT 128
+#define NJ (BN / 32)  /* n8 tiles per warp: the 4 warps split the BN columns */
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+    unsigned a;
+    asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %%1; cvt.u32.u64 %%0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%%0], [%%1], 16, %%2;" :: "r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ unsigned long long globaltimer() {
+    unsigned long long t;
+    asm volatile("mov.u64 %%0, %%%%globaltimer;" : "=l"(t));
+    return t;
+}
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+
+extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(NT)
+cluster_matmul_kernel(const unsigned short* __restrict__ a, const unsigned short* __restrict__ wt,
+                      unsigned short* __restrict__ out, unsigned long long* __restrict__ ts,
+                      int M, int K, int lda, int ldo, int use_ts)
+{
+    extern __shared__ __align__(128) unsigned char smem[];
+    unsigned short* w_s = (unsigned short*)smem;            /* [BN][KC], 16-byte chunks XOR-swizzled by row */
+    unsigned short* a_s = w_s + BN * KC;                    /* [BM][KC], same swizzle */
+    float* part = (float*)(a_s + BM * KC);                  /* [BM][BN] this program's partial sum */
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    unsigned rank;
+    asm volatile("mov.u32 %%0, %%%%cluster_ctarank;" : "=r"(rank));
+    const int tile = blockIdx.x / CS;
+    const int n0 = tile * BN, k0 = (int)rank * KC;
+    const int CPR = KC / 8;                                 /* 16-byte chunks per row */
+    unsigned long long* my_ts = ts + (size_t)blockIdx.x * 5;
+    if (use_ts && tid == 0) my_ts[0] = globaltimer();
+
+    /* the weight slab does not depend on the previous kernel: requested before the PDL wait */
+    for (int i = tid; i < BN * CPR; i += NT) {
+        int r = i / CPR, c = i %% CPR;
+        cp_async16(smem_u32(w_s + r * KC + ((c ^ (r & 7)) * 8)), wt + (size_t)(n0 + r) * K + k0 + c * 8, 16);
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+    asm volatile("griddepcontrol.wait;" ::: "memory");     /* the previous kernel's writes are visible from here on */
+    asm volatile("griddepcontrol.launch_dependents;");
+    if (use_ts && tid == 0) my_ts[1] = globaltimer();
+    for (int i = tid; i < BM * CPR; i += NT) {
+        int r = i / CPR, c = i %% CPR;
+        int ok = r < M;
+        cp_async16(smem_u32(a_s + r * KC + ((c ^ (r & 7)) * 8)), a + (size_t)(ok ? r : 0) * lda + k0 + c * 8, ok ? 16 : 0);
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+    asm volatile("cp.async.wait_all;" ::: "memory");
+    __syncthreads();
+    if (use_ts && tid == 0) my_ts[2] = globaltimer();
+
+    float acc[4][NJ][4];
+    #pragma unroll
+    for (int mt = 0; mt < 4; ++mt)
+        #pragma unroll
+        for (int j = 0; j < NJ; ++j)
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mt][j][e] = 0.f;
+
+    #pragma unroll 4
+    for (int ks = 0; ks < KC / 16; ++ks) {
+        unsigned af[4][4];
+        #pragma unroll
+        for (int mt = 0; mt < 4; ++mt) {
+            int r = mt * 16 + (lane & 15), c = ks * 2 + (lane >> 4);
+            asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%%0,%%1,%%2,%%3}, [%%4];"
+                         : "=r"(af[mt][0]), "=r"(af[mt][1]), "=r"(af[mt][2]), "=r"(af[mt][3])
+                         : "r"(smem_u32(a_s + r * KC + ((c ^ (r & 7)) * 8))));
+        }
+        #pragma unroll
+        for (int j = 0; j < NJ; ++j) {
+            unsigned b0, b1;
+            int r = warp * (BN / 4) + j * 8 + (lane & 7), c = ks * 2 + ((lane >> 3) & 1);
+            asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%%0,%%1}, [%%2];"
+                         : "=r"(b0), "=r"(b1) : "r"(smem_u32(w_s + r * KC + ((c ^ (r & 7)) * 8))));
+            #pragma unroll
+            for (int mt = 0; mt < 4; ++mt)
+                asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                             "{%%0,%%1,%%2,%%3}, {%%4,%%5,%%6,%%7}, {%%8,%%9}, {%%0,%%1,%%2,%%3};"
+                             : "+f"(acc[mt][j][0]), "+f"(acc[mt][j][1]), "+f"(acc[mt][j][2]), "+f"(acc[mt][j][3])
+                             : "r"(af[mt][0]), "r"(af[mt][1]), "r"(af[mt][2]), "r"(af[mt][3]), "r"(b0), "r"(b1));
+        }
+    }
+    if (use_ts && tid == 0) my_ts[3] = globaltimer();
+
+    const int g = lane >> 2, q = lane & 3;
+    if (CS == 1) {  /* no split: straight from the accumulators */
+        #pragma unroll
+        for (int mt = 0; mt < 4; ++mt)
+            #pragma unroll
+            for (int j = 0; j < NJ; ++j)
+                #pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    int row = mt * 16 + g + 8 * h, col = n0 + warp * (BN / 4) + j * 8 + 2 * q;
+                    if (row < M) {
+                        unsigned short lo, hi;
+                        asm("cvt.rn.bf16.f32 %%0, %%1;" : "=h"(lo) : "f"(acc[mt][j][2 * h]));
+                        asm("cvt.rn.bf16.f32 %%0, %%1;" : "=h"(hi) : "f"(acc[mt][j][2 * h + 1]));
+                        out[(size_t)row * ldo + col] = lo;
+                        out[(size_t)row * ldo + col + 1] = hi;
+                    }
+                }
+    } else {
+        #pragma unroll
+        for (int mt = 0; mt < 4; ++mt)
+            #pragma unroll
+            for (int j = 0; j < NJ; ++j)
+                #pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    int row = mt * 16 + g + 8 * h, col = warp * (BN / 4) + j * 8 + 2 * q;
+                    part[row * BN + col] = acc[mt][j][2 * h];
+                    part[row * BN + col + 1] = acc[mt][j][2 * h + 1];
+                }
+        cluster_sync();  /* every rank's partial is in its shared memory */
+        const int RPR = BM / CS;
+        for (int i = tid; i < RPR * BN; i += NT) {
+            int row = (int)rank * RPR + i / BN, col = i %% BN;
+            unsigned la = smem_u32(part + row * BN + col);
+            float s = 0.f;
+            #pragma unroll
+            for (int src = 0; src < CS; ++src) {  /* fixed order: deterministic */
+                unsigned ra;
+                float v;
+                asm volatile("mapa.shared::cluster.u32 %%0, %%1, %%2;" : "=r"(ra) : "r"(la), "r"(src));
+                asm volatile("ld.shared::cluster.f32 %%0, [%%1];" : "=f"(v) : "r"(ra) : "memory");
+                s += v;
+            }
+            if (row < M) {
+                unsigned short b;
+                asm("cvt.rn.bf16.f32 %%0, %%1;" : "=h"(b) : "f"(s));
+                out[(size_t)row * ldo + n0 + col] = b;
+            }
+        }
+        cluster_sync();  /* no rank leaves while another still reads its shared memory */
+    }
+    if (use_ts) {
+        __syncthreads();
+        if (tid == 0) my_ts[4] = globaltimer();
+    }
+}
+"""
+
+
+def cluster_matmul_reference(a: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+    """The math of `cluster_matmul`: a @ wt.T in float32."""
+    return a.float() @ wt.float().t()
+
+
+def source(bn: int, kc: int, cs: int) -> str:
+    return _SOURCE % dict(BN=bn, KC=kc, CS=cs)
+
+
+def smem_bytes(bn: int, kc: int) -> int:
+    return (bn + BM) * kc * 2 + BM * bn * 4
+
+
+@functools.lru_cache(maxsize=None)
+def _libcuda():
+    return ctypes.CDLL("libcuda.so.1")
+
+
+def compile_cuda(src: str, name: str, max_dynamic_smem: int = 0) -> ctypes.c_void_p:
+    """NVRTC (the library torch ships) -> cubin for this GPU -> CUfunction in the current context."""
+    from torch.cuda._utils import _get_gpu_rtc_library
+
+    torch.cuda.init()
+    torch.empty(1, device="cuda")  # the primary context is current on this thread
+    rtc = _get_gpu_rtc_library()
+    prog = ctypes.c_void_p()
+    if rtc.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), f"{name}.cu".encode(), 0, None, None) != 0:
+        raise RuntimeError("nvrtcCreateProgram failed")
+    major, minor = torch.cuda.get_device_capability()
+    opts = [f"--gpu-architecture=sm_{major}{minor}".encode(), b"-default-device", b"--std=c++17"]
+    res = rtc.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+    if res != 0:
+        n = ctypes.c_size_t()
+        rtc.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
+        log = ctypes.create_string_buffer(n.value)
+        rtc.nvrtcGetProgramLog(prog, log)
+        raise RuntimeError(f"NVRTC failed on {name}:\n{log.value.decode()}")
+    n = ctypes.c_size_t()
+    rtc.nvrtcGetCUBINSize(prog, ctypes.byref(n))
+    cubin = ctypes.create_string_buffer(n.value)
+    rtc.nvrtcGetCUBIN(prog, cubin)
+    rtc.nvrtcDestroyProgram(ctypes.byref(prog))
+    cu = _libcuda()
+    module, func = ctypes.c_void_p(), ctypes.c_void_p()
+    err = cu.cuModuleLoadData(ctypes.byref(module), cubin)
+    if err == 0:
+        err = cu.cuModuleGetFunction(ctypes.byref(func), module, name.encode())
+    if err != 0:
+        raise RuntimeError(f"loading {name} failed: CUresult {err}")
+    if max_dynamic_smem > 48 * 1024:  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        err = cu.cuFuncSetAttribute(func, 8, max_dynamic_smem)
+        if err != 0:
+            raise RuntimeError(f"cuFuncSetAttribute({max_dynamic_smem} bytes) failed: CUresult {err}")
+    _MODULES.append(module)
+    return func
+
+
+_MODULES: list = []  # loaded modules stay alive with the process
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(bn: int, kc: int, cs: int) -> ctypes.c_void_p:
+    assert bn in (32, 64, 128) and kc % 64 == 0 and cs in (1, 2, 4, 8) and BM % cs == 0, (bn, kc, cs)
+    return compile_cuda(source(bn, kc, cs), "cluster_matmul_kernel", smem_bytes(bn, kc))
+
+
+class _LaunchAttrValue(ctypes.Union):
+    _fields_ = [("pad", ctypes.c_char * 64), ("cluster_dim", ctypes.c_uint * 3), ("flag", ctypes.c_int)]
+
+
+class _LaunchAttr(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint), ("pad", ctypes.c_char * 4), ("value", _LaunchAttrValue)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    _fields_ = [("grid_x", ctypes.c_uint), ("grid_y", ctypes.c_uint), ("grid_z", ctypes.c_uint),
+                ("block_x", ctypes.c_uint), ("block_y", ctypes.c_uint), ("block_z", ctypes.c_uint),
+                ("smem", ctypes.c_uint), ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttr)),
+                ("num_attrs", ctypes.c_uint)]
+
+
+_ATTR_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID
+
+
+def launch(func, grid: int, block: int, smem: int, args: list, pdl: bool):
+    """cuLaunchKernelEx on the current stream; pdl: programmatic stream serialization (the kernel may start while
+    the previous one in the stream finishes; it calls griddepcontrol.wait before reading its inputs)."""
+    lib = _libcuda()
+    keep, ptrs = [], []
+    for x in args:
+        c = ctypes.c_void_p(x.data_ptr()) if isinstance(x, torch.Tensor) else ctypes.c_int(int(x))
+        keep.append(c)
+        ptrs.append(ctypes.cast(ctypes.byref(c), ctypes.c_void_p))
+    arr = (ctypes.c_void_p * len(ptrs))(*ptrs)
+    attrs = (_LaunchAttr * 1)()
+    attrs[0].id = _ATTR_PROGRAMMATIC_STREAM_SERIALIZATION
+    attrs[0].value.flag = 1
+    cfg = _LaunchConfig(grid, 1, 1, block, 1, 1, smem, ctypes.c_void_p(torch.cuda.current_stream().cuda_stream),
+                        attrs, 1 if pdl else 0)
+    err = lib.cuLaunchKernelEx(ctypes.byref(cfg), func, arr, None)
+    if err != 0:
+        raise RuntimeError(f"cuLaunchKernelEx failed: CUresult {err}")
+
+
+def cluster_matmul(a: torch.Tensor, wt: torch.Tensor, out: torch.Tensor, bn: int, split: int, pdl: bool = True,
+                   timestamps: torch.Tensor | None = None):
+    """out[:M] = a @ wt.T with `split` K ranges per column tile reduced inside a cluster of `split` programs."""
+    M, K = a.shape
+    N = wt.shape[0]
+    assert M <= BM and K % (split * 64) == 0 and N % bn == 0 and a.stride(1) == 1 and wt.is_contiguous()
+    kc = K // split
+    k = _kernel(bn, kc, split)
+    ts = timestamps if timestamps is not None else out
+    launch(k, N // bn * split, THREADS, smem_bytes(bn, kc),
+           [a, wt, out, ts, M, K, a.stride(0), out.stride(0), int(timestamps is not None)], pdl)
+    return out
