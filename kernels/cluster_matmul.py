@@ -31,12 +31,20 @@ _SOURCE = r"""
 #define CS %(CS)d
 #define BM 64
 #define NT 128
-#define NJ (BN / 32)  /* n8 tiles per warp: the 4 warps split the BN columns */
+#define NJ (BN / 8)        /* n8 tiles: every warp covers all BN columns ... */
+#define KW (KC / 4)        /* ... of its own quarter of the K range */
 
 __device__ __forceinline__ unsigned smem_u32(const void* p) {
     unsigned a;
     asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %%1; cvt.u32.u64 %%0, t; }" : "=r"(a) : "l"(p));
     return a;
+}
+/* a shared-memory address that the compiler cannot compute before this point (after a barrier): the non-volatile
+   ldmatrix / ld.shared::cluster below depend on it, so they are not hoisted above the barrier */
+__device__ __forceinline__ unsigned pinned_u32(unsigned a) {
+    unsigned r;
+    asm volatile("mov.u32 %%0, %%1;" : "=r"(r) : "r"(a) : "memory");
+    return r;
 }
 __device__ __forceinline__ void cp_async16(unsigned dst, const void* src, int src_bytes) {
     asm volatile("cp.async.cg.shared.global [%%0], [%%1], 16, %%2;" :: "r"(dst), "l"(src), "r"(src_bytes) : "memory");
@@ -49,6 +57,11 @@ __device__ __forceinline__ unsigned long long globaltimer() {
 __device__ __forceinline__ void cluster_sync() {
     asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
+__device__ __forceinline__ unsigned short to_bf16(float x) {
+    unsigned short b;
+    asm("cvt.rn.bf16.f32 %%0, %%1;" : "=h"(b) : "f"(x));
+    return b;
+}
 
 extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(NT)
 cluster_matmul_kernel(const unsigned short* __restrict__ a, const unsigned short* __restrict__ wt,
@@ -58,7 +71,8 @@ cluster_matmul_kernel(const unsigned short* __restrict__ a, const unsigned short
     extern __shared__ __align__(128) unsigned char smem[];
     unsigned short* w_s = (unsigned short*)smem;            /* [BN][KC], 16-byte chunks XOR-swizzled by row */
     unsigned short* a_s = w_s + BN * KC;                    /* [BM][KC], same swizzle */
-    float* part = (float*)(a_s + BM * KC);                  /* [BM][BN] this program's partial sum */
+    float* red = (float*)smem;                              /* after the MMAs: [4 warps][BM][BN] partials */
+    float* part = (float*)(a_s + BM * KC);                  /* [BM][BN]: this program's sum over its warps */
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     unsigned rank;
     asm volatile("mov.u32 %%0, %%%%cluster_ctarank;" : "=r"(rank));
@@ -87,6 +101,7 @@ cluster_matmul_kernel(const unsigned short* __restrict__ a, const unsigned short
     __syncthreads();
     if (use_ts && tid == 0) my_ts[2] = globaltimer();
 
+    const unsigned a_base = pinned_u32(smem_u32(a_s)), w_base = pinned_u32(smem_u32(w_s));
     float acc[4][NJ][4];
     #pragma unroll
     for (int mt = 0; mt < 4; ++mt)
@@ -95,78 +110,86 @@ cluster_matmul_kernel(const unsigned short* __restrict__ a, const unsigned short
             #pragma unroll
             for (int e = 0; e < 4; ++e) acc[mt][j][e] = 0.f;
 
-    #pragma unroll 4
-    for (int ks = 0; ks < KC / 16; ++ks) {
+    #pragma unroll
+    for (int kk = 0; kk < KW / 16; ++kk) {
+        const int ks = warp * (KW / 16) + kk;               /* this warp's k16 step */
         unsigned af[4][4];
         #pragma unroll
         for (int mt = 0; mt < 4; ++mt) {
             int r = mt * 16 + (lane & 15), c = ks * 2 + (lane >> 4);
-            asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%%0,%%1,%%2,%%3}, [%%4];"
-                         : "=r"(af[mt][0]), "=r"(af[mt][1]), "=r"(af[mt][2]), "=r"(af[mt][3])
-                         : "r"(smem_u32(a_s + r * KC + ((c ^ (r & 7)) * 8))));
+            asm("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%%0,%%1,%%2,%%3}, [%%4];"
+                : "=r"(af[mt][0]), "=r"(af[mt][1]), "=r"(af[mt][2]), "=r"(af[mt][3])
+                : "r"(a_base + 2 * (r * KC + ((c ^ (r & 7)) * 8))));
         }
         #pragma unroll
         for (int j = 0; j < NJ; ++j) {
             unsigned b0, b1;
-            int r = warp * (BN / 4) + j * 8 + (lane & 7), c = ks * 2 + ((lane >> 3) & 1);
-            asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%%0,%%1}, [%%2];"
-                         : "=r"(b0), "=r"(b1) : "r"(smem_u32(w_s + r * KC + ((c ^ (r & 7)) * 8))));
+            int r = j * 8 + (lane & 7), c = ks * 2 + ((lane >> 3) & 1);
+            asm("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%%0,%%1}, [%%2];"
+                : "=r"(b0), "=r"(b1) : "r"(w_base + 2 * (r * KC + ((c ^ (r & 7)) * 8))));
             #pragma unroll
             for (int mt = 0; mt < 4; ++mt)
-                asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-                             "{%%0,%%1,%%2,%%3}, {%%4,%%5,%%6,%%7}, {%%8,%%9}, {%%0,%%1,%%2,%%3};"
-                             : "+f"(acc[mt][j][0]), "+f"(acc[mt][j][1]), "+f"(acc[mt][j][2]), "+f"(acc[mt][j][3])
-                             : "r"(af[mt][0]), "r"(af[mt][1]), "r"(af[mt][2]), "r"(af[mt][3]), "r"(b0), "r"(b1));
+                asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                    "{%%0,%%1,%%2,%%3}, {%%4,%%5,%%6,%%7}, {%%8,%%9}, {%%0,%%1,%%2,%%3};"
+                    : "+f"(acc[mt][j][0]), "+f"(acc[mt][j][1]), "+f"(acc[mt][j][2]), "+f"(acc[mt][j][3])
+                    : "r"(af[mt][0]), "r"(af[mt][1]), "r"(af[mt][2]), "r"(af[mt][3]), "r"(b0), "r"(b1));
         }
     }
     if (use_ts && tid == 0) my_ts[3] = globaltimer();
 
+    /* the 4 warps' partials (K quarters) -> shared memory (over the slabs, no longer read) -> summed in fixed order */
+    __syncthreads();
     const int g = lane >> 2, q = lane & 3;
-    if (CS == 1) {  /* no split: straight from the accumulators */
+    #pragma unroll
+    for (int mt = 0; mt < 4; ++mt)
         #pragma unroll
-        for (int mt = 0; mt < 4; ++mt)
+        for (int j = 0; j < NJ; ++j)
             #pragma unroll
-            for (int j = 0; j < NJ; ++j)
-                #pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    int row = mt * 16 + g + 8 * h, col = n0 + warp * (BN / 4) + j * 8 + 2 * q;
-                    if (row < M) {
-                        unsigned short lo, hi;
-                        asm("cvt.rn.bf16.f32 %%0, %%1;" : "=h"(lo) : "f"(acc[mt][j][2 * h]));
-                        asm("cvt.rn.bf16.f32 %%0, %%1;" : "=h"(hi) : "f"(acc[mt][j][2 * h + 1]));
-                        out[(size_t)row * ldo + col] = lo;
-                        out[(size_t)row * ldo + col + 1] = hi;
-                    }
-                }
-    } else {
+            for (int h = 0; h < 2; ++h) {
+                int row = mt * 16 + g + 8 * h, col = j * 8 + 2 * q;
+                *(float2*)(red + (warp * BM + row) * BN + col) = make_float2(acc[mt][j][2 * h], acc[mt][j][2 * h + 1]);
+            }
+    __syncthreads();
+    for (int i = tid * 4; i < BM * BN; i += NT * 4) {
+        float4 s = *(float4*)(red + i);
         #pragma unroll
-        for (int mt = 0; mt < 4; ++mt)
-            #pragma unroll
-            for (int j = 0; j < NJ; ++j)
-                #pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    int row = mt * 16 + g + 8 * h, col = warp * (BN / 4) + j * 8 + 2 * q;
-                    part[row * BN + col] = acc[mt][j][2 * h];
-                    part[row * BN + col + 1] = acc[mt][j][2 * h + 1];
-                }
+        for (int w = 1; w < 4; ++w) {
+            float4 v = *(float4*)(red + w * BM * BN + i);
+            s.x += v.x; s.y += v.y; s.z += v.z; s.w += v.w;
+        }
+        if (CS == 1) {
+            int row = i / BN, col = i %% BN;
+            if (row < M) {
+                unsigned lo = to_bf16(s.x) | ((unsigned)to_bf16(s.y) << 16), hi = to_bf16(s.z) | ((unsigned)to_bf16(s.w) << 16);
+                *(uint2*)(out + (size_t)row * ldo + n0 + col) = make_uint2(lo, hi);
+            }
+        } else {
+            *(float4*)(part + i) = s;
+        }
+    }
+    if (CS > 1) {
         cluster_sync();  /* every rank's partial is in its shared memory */
         const int RPR = BM / CS;
-        for (int i = tid; i < RPR * BN; i += NT) {
+        const unsigned p_base = pinned_u32(smem_u32(part));
+        for (int i = tid * 4; i < RPR * BN; i += NT * 4) {
             int row = (int)rank * RPR + i / BN, col = i %% BN;
-            unsigned la = smem_u32(part + row * BN + col);
-            float s = 0.f;
+            unsigned la = p_base + 4 * (row * BN + col);
+            float4 v[CS];
             #pragma unroll
-            for (int src = 0; src < CS; ++src) {  /* fixed order: deterministic */
+            for (int src = 0; src < CS; ++src) {  /* all ranks' values requested at once ... */
                 unsigned ra;
-                float v;
-                asm volatile("mapa.shared::cluster.u32 %%0, %%1, %%2;" : "=r"(ra) : "r"(la), "r"(src));
-                asm volatile("ld.shared::cluster.f32 %%0, [%%1];" : "=f"(v) : "r"(ra) : "memory");
-                s += v;
+                asm("mapa.shared::cluster.u32 %%0, %%1, %%2;" : "=r"(ra) : "r"(la), "r"(src));
+                asm("ld.shared::cluster.v4.f32 {%%0,%%1,%%2,%%3}, [%%4];"
+                    : "=f"(v[src].x), "=f"(v[src].y), "=f"(v[src].z), "=f"(v[src].w) : "r"(ra));
+            }
+            float4 s = v[0];
+            #pragma unroll
+            for (int src = 1; src < CS; ++src) {  /* ... and summed in fixed order: deterministic */
+                s.x += v[src].x; s.y += v[src].y; s.z += v[src].z; s.w += v[src].w;
             }
             if (row < M) {
-                unsigned short b;
-                asm("cvt.rn.bf16.f32 %%0, %%1;" : "=h"(b) : "f"(s));
-                out[(size_t)row * ldo + n0 + col] = b;
+                unsigned lo = to_bf16(s.x) | ((unsigned)to_bf16(s.y) << 16), hi = to_bf16(s.z) | ((unsigned)to_bf16(s.w) << 16);
+                *(uint2*)(out + (size_t)row * ldo + n0 + col) = make_uint2(lo, hi);
             }
         }
         cluster_sync();  /* no rank leaves while another still reads its shared memory */
@@ -178,7 +201,6 @@ cluster_matmul_kernel(const unsigned short* __restrict__ a, const unsigned short
 }
 """
 
-
 def cluster_matmul_reference(a: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
     """The math of `cluster_matmul`: a @ wt.T in float32."""
     return a.float() @ wt.float().t()
@@ -189,6 +211,8 @@ def source(bn: int, kc: int, cs: int) -> str:
 
 
 def smem_bytes(bn: int, kc: int) -> int:
+    """Slabs (weights + activations, bf16) + this program's partial; the 4 warps' partials reuse the slabs."""
+    assert (bn + BM) * kc * 2 >= 4 * BM * bn * 4, "the slabs must hold the 4 warps' partials"
     return (bn + BM) * kc * 2 + BM * bn * 4
 
 
@@ -241,7 +265,7 @@ _MODULES: list = []  # loaded modules stay alive with the process
 
 @functools.lru_cache(maxsize=None)
 def _kernel(bn: int, kc: int, cs: int) -> ctypes.c_void_p:
-    assert bn in (32, 64, 128) and kc % 64 == 0 and cs in (1, 2, 4, 8) and BM % cs == 0, (bn, kc, cs)
+    assert bn in (32, 64) and kc % 64 == 0 and cs in (1, 2, 4, 8), (bn, kc, cs)  # BN 64: 176 registers
     return compile_cuda(source(bn, kc, cs), "cluster_matmul_kernel", smem_bytes(bn, kc))
 
 
