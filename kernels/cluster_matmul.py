@@ -6,8 +6,9 @@ Why: the per-program timeline of the action expert's matmul chain (benchmarks/NO
 tail (fp32 partials to global memory, an arrival atomic, the last program's reload, the stragglers it waits for) as
 2-4 us of every o/down link, while a kernel boundary under PDL is 0.7 us. Triton 3.6 (and Gluon) expose no thread
 block clusters, so this kernel is CUDA C++: the SPLIT programs of one column tile form a cluster; each computes its K
-range into shared memory, one cluster barrier, then rank r sums rows r*64/SPLIT.. of all ranks' partials through
-DSMEM in fixed order (deterministic) and stores them. Each program's weight slab is requested with cp.async before
+range (its 4 warps take a quarter each, summed in shared memory), pushes rows r*64/SPLIT.. of that partial into rank
+r's shared memory (DSMEM stores), one cluster barrier, then every rank sums the SPLIT slots of its rows in fixed
+order (deterministic) and stores them. Each program's weight slab is requested with cp.async before
 `griddepcontrol.wait` (it does not depend on the previous kernel); the activations after it.
 
 Compiled at first use with NVRTC (the library torch ships), launched with cuLaunchKernelEx so PDL applies
@@ -72,10 +73,12 @@ cluster_matmul_kernel(const unsigned short* __restrict__ a, const unsigned short
     unsigned short* w_s = (unsigned short*)smem;            /* [BN][KC], 16-byte chunks XOR-swizzled by row */
     unsigned short* a_s = w_s + BN * KC;                    /* [BM][KC], same swizzle */
     float* red = (float*)smem;                              /* after the MMAs: [4 warps][BM][BN] partials */
-    float* part = (float*)(a_s + BM * KC);                  /* [BM][BN]: this program's sum over its warps */
+    float* recv = (float*)(a_s + BM * KC);                  /* [CS][BM/CS][BN]: every rank's partial of my rows */
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     unsigned rank;
     asm volatile("mov.u32 %%0, %%%%cluster_ctarank;" : "=r"(rank));
+    if (CS > 1)  /* phase 1 of the cluster barrier: this program has started (its shared memory may be written) */
+        asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
     const int tile = blockIdx.x / CS;
     const int n0 = tile * BN, k0 = (int)rank * KC;
     const int CPR = KC / 8;                                 /* 16-byte chunks per row */
@@ -150,6 +153,8 @@ cluster_matmul_kernel(const unsigned short* __restrict__ a, const unsigned short
                 *(float2*)(red + (warp * BM + row) * BN + col) = make_float2(acc[mt][j][2 * h], acc[mt][j][2 * h + 1]);
             }
     __syncthreads();
+    if (CS > 1)  /* phase 1 completes: every rank of the cluster has started, its shared memory may be written */
+        asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
     for (int i = tid * 4; i < BM * BN; i += NT * 4) {
         float4 s = *(float4*)(red + i);
         #pragma unroll
@@ -157,42 +162,36 @@ cluster_matmul_kernel(const unsigned short* __restrict__ a, const unsigned short
             float4 v = *(float4*)(red + w * BM * BN + i);
             s.x += v.x; s.y += v.y; s.z += v.z; s.w += v.w;
         }
+        int row = i / BN, col = i %% BN;
         if (CS == 1) {
-            int row = i / BN, col = i %% BN;
             if (row < M) {
                 unsigned lo = to_bf16(s.x) | ((unsigned)to_bf16(s.y) << 16), hi = to_bf16(s.z) | ((unsigned)to_bf16(s.w) << 16);
                 *(uint2*)(out + (size_t)row * ldo + n0 + col) = make_uint2(lo, hi);
             }
-        } else {
-            *(float4*)(part + i) = s;
+        } else {  /* push: row belongs to rank row / RPR, which keeps one slot per source rank */
+            const int RPR = BM / CS;
+            unsigned la = smem_u32(recv + (((int)rank * RPR + row %% RPR) * BN + col)), ra;
+            asm volatile("mapa.shared::cluster.u32 %%0, %%1, %%2;" : "=r"(ra) : "r"(la), "r"(row / RPR));
+            asm volatile("st.shared::cluster.v4.f32 [%%0], {%%1,%%2,%%3,%%4};" :: "r"(ra), "f"(s.x), "f"(s.y), "f"(s.z), "f"(s.w)
+                         : "memory");
         }
     }
     if (CS > 1) {
-        cluster_sync();  /* every rank's partial is in its shared memory */
+        cluster_sync();  /* phase 2: every rank's partial of my rows is in my shared memory */
         const int RPR = BM / CS;
-        const unsigned p_base = pinned_u32(smem_u32(part));
         for (int i = tid * 4; i < RPR * BN; i += NT * 4) {
             int row = (int)rank * RPR + i / BN, col = i %% BN;
-            unsigned la = p_base + 4 * (row * BN + col);
-            float4 v[CS];
+            float4 t = *(float4*)(recv + i);
             #pragma unroll
-            for (int src = 0; src < CS; ++src) {  /* all ranks' values requested at once ... */
-                unsigned ra;
-                asm("mapa.shared::cluster.u32 %%0, %%1, %%2;" : "=r"(ra) : "r"(la), "r"(src));
-                asm("ld.shared::cluster.v4.f32 {%%0,%%1,%%2,%%3}, [%%4];"
-                    : "=f"(v[src].x), "=f"(v[src].y), "=f"(v[src].z), "=f"(v[src].w) : "r"(ra));
-            }
-            float4 s = v[0];
-            #pragma unroll
-            for (int src = 1; src < CS; ++src) {  /* ... and summed in fixed order: deterministic */
-                s.x += v[src].x; s.y += v[src].y; s.z += v[src].z; s.w += v[src].w;
+            for (int src = 1; src < CS; ++src) {  /* fixed order: deterministic */
+                float4 v = *(float4*)(recv + src * RPR * BN + i);
+                t.x += v.x; t.y += v.y; t.z += v.z; t.w += v.w;
             }
             if (row < M) {
-                unsigned lo = to_bf16(s.x) | ((unsigned)to_bf16(s.y) << 16), hi = to_bf16(s.z) | ((unsigned)to_bf16(s.w) << 16);
+                unsigned lo = to_bf16(t.x) | ((unsigned)to_bf16(t.y) << 16), hi = to_bf16(t.z) | ((unsigned)to_bf16(t.w) << 16);
                 *(uint2*)(out + (size_t)row * ldo + n0 + col) = make_uint2(lo, hi);
             }
         }
-        cluster_sync();  /* no rank leaves while another still reads its shared memory */
     }
     if (use_ts) {
         __syncthreads();
@@ -200,6 +199,7 @@ cluster_matmul_kernel(const unsigned short* __restrict__ a, const unsigned short
     }
 }
 """
+
 
 def cluster_matmul_reference(a: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
     """The math of `cluster_matmul`: a @ wt.T in float32."""
@@ -211,7 +211,8 @@ def source(bn: int, kc: int, cs: int) -> str:
 
 
 def smem_bytes(bn: int, kc: int) -> int:
-    """Slabs (weights + activations, bf16) + this program's partial; the 4 warps' partials reuse the slabs."""
+    """Slabs (weights + activations, bf16) + the receive slots of this program's rows; the 4 warps' partials reuse
+    the slabs."""
     assert (bn + BM) * kc * 2 >= 4 * BM * bn * 4, "the slabs must hold the 4 warps' partials"
     return (bn + BM) * kc * 2 + BM * bn * 4
 
