@@ -407,3 +407,27 @@ def test_slab_matmul_gluon(n, k, bn, split, nw, na, rows):
     assert rel(outs[0], SM.slab_matmul_reference(a, wt)) < 5e-3
     assert torch.equal(outs[0], outs[1]), "not deterministic"
     assert torch.equal(cnt, torch.zeros_like(cnt)), "arrival counters not reset"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k,bn,split", [(2560, 1024, 32, 1), (1024, 2048, 32, 4), (1024, 4096, 32, 8),
+                                          (2560, 1024, 64, 4), (1024, 2048, 64, 8), (1024, 1024, 64, 2)])
+@pytest.mark.parametrize("rows", [1, 37, 50])
+def test_cluster_matmul_cuda(n, k, bn, split, rows):
+    """The CUDA C++ cluster matmul (experimental, benchmarks/cluster_probe.py; not used by the engine) against its
+    reference: split-K summed through distributed shared memory in fixed order (bitwise deterministic), with and
+    without PDL, odd row counts."""
+    from pi0_triton_policy.kernels import cluster_matmul as CM
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread block clusters need Hopper")
+    g = torch.Generator(device="cuda").manual_seed(rows + n + split)
+    wt = (torch.randn(n, k, device="cuda", generator=g) * k**-0.5).to(torch.bfloat16)
+    a = torch.randn(rows, k, device="cuda", generator=g).to(torch.bfloat16)
+    outs = []
+    for pdl in (False, True, True):
+        out = torch.full((rows, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+        CM.cluster_matmul(a, wt, out, bn, split, pdl=pdl)
+        outs.append(out)
+    assert rel(outs[0], CM.cluster_matmul_reference(a, wt)) < 5e-3
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2]), "not deterministic"
