@@ -431,3 +431,29 @@ def test_cluster_matmul_cuda(n, k, bn, split, rows):
         outs.append(out)
     assert rel(outs[0], CM.cluster_matmul_reference(a, wt)) < 5e-3
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2]), "not deterministic"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("views", [1, 3])
+@pytest.mark.parametrize("row_start", [0, 1])
+@pytest.mark.parametrize("kc", [64, 128])
+def test_cluster_attention_cuda(views, row_start, kc):
+    """The CUDA C++ cluster attention (experimental, benchmarks/attention_probe.py; not used by the engine) against the
+    float32 reference: prompt padding, the state row's mask (row_start 0), 1 and 3 cameras, bitwise deterministic."""
+    from pi0_triton_policy.kernels import cluster_attention as CA
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread block clusters need Hopper")
+    g = torch.Generator(device="cuda").manual_seed(views * 10 + row_start)
+    T, S, NQ = 256 * views + 48, 51, 8
+    R = S - row_start
+    k = torch.randn(T + S, 256, device="cuda", generator=g).to(torch.bfloat16)
+    v = torch.randn(T + S, 256, device="cuda", generator=g).to(torch.bfloat16)
+    q = (torch.randn(R, NQ * 256, device="cuda", generator=g) / 16).to(torch.bfloat16)
+    valid = torch.ones(T, dtype=torch.int32, device="cuda")
+    valid[T - 11:] = 0  # a 37-token prompt
+    outs = [torch.empty(R, NQ * 256, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
+    for o, pdl in zip(outs, (False, True)):
+        CA.cluster_attention(q, k, v, valid, T, row_start, NQ, o, kc=kc, pdl=pdl)
+    assert rel(outs[0], AA.action_attention_ref(q, k, v, valid, T, row_start, NQ)) < 1e-2
+    assert torch.equal(outs[0], outs[1]), "not deterministic"
