@@ -50,6 +50,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--views", nargs="+", type=int, default=[1, 2, 3])
     ap.add_argument("--kc", nargs="+", type=int, default=[64, 128])
+    ap.add_argument("--rows", nargs="+", type=int, default=[16, 32])
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     dev, bf = "cuda", torch.bfloat16
@@ -80,19 +81,21 @@ def main():
             row = {"views": V, "row_start": r0, "triton_err": rel(o_tr, ref)}
             if r0 == 1:
                 row["triton_us"] = time_graph(lambda: [triton_call(i) for i in range(L)]) / L
-            for k in args.kc:
+            for k, rw in [(k, rw) for k in args.kc for rw in args.rows]:
                 kcp, cs = CA.plan(TK, k)
+                name = f"cl{k}r{rw}"
                 o1 = torch.empty(R, NQ * HD, dtype=bf, device=dev)
                 o2 = torch.empty(R, NQ * HD, dtype=bf, device=dev)
-                CA.cluster_attention(q, kc[0], vc[0], valid, T, r0, NQ, o1, kc=k, pdl=False)
-                CA.cluster_attention(q, kc[0], vc[0], valid, T, r0, NQ, o2, kc=k, pdl=True)
+                CA.cluster_attention(q, kc[0], vc[0], valid, T, r0, NQ, o1, kc=k, rows=rw, pdl=False)
+                CA.cluster_attention(q, kc[0], vc[0], valid, T, r0, NQ, o2, kc=k, rows=rw, pdl=True)
                 torch.cuda.synchronize()
-                row[f"cluster{k}_err"] = rel(o1, ref)
-                row[f"cluster{k}_det"] = bool(torch.equal(o1, o2))
-                row[f"cluster{k}_plan"] = (kcp, cs)
+                row[f"{name}_err"] = rel(o1, ref)
+                row[f"{name}_det"] = bool(torch.equal(o1, o2))
+                row[f"{name}_plan"] = (kcp, cs)
                 if r0 == 1:
-                    row[f"cluster{k}_us"] = time_graph(
-                        lambda: [CA.cluster_attention(q, kc[i], vc[i], valid, T, r0, NQ, o1, kc=k) for i in range(L)]) / L
+                    row[f"{name}_us"] = time_graph(
+                        lambda: [CA.cluster_attention(q, kc[i], vc[i], valid, T, r0, NQ, o1, kc=k, rows=rw)
+                                 for i in range(L)]) / L
             res["rows"].append(row)
             print(json.dumps({a: (round(b, 5) if isinstance(b, float) else b) for a, b in row.items()}), flush=True)
     if args.json:

@@ -3,14 +3,17 @@
 Same math and interface as kernels/action_attention.py (suffix queries over the cached prefix keys/values plus the
 suffix, OpenPI's prefix-padding + suffix ar mask, all NQ heads on one K/V head packed head-major into the row
 dimension), different schedule:
-- one program = 64 packed query rows x one chunk of KC keys; the SPLIT = ceil(TK / KC) chunks of a row block form a
-  thread block cluster;
+- one program = 16 or 32 packed query rows x one chunk of KC keys; the SPLIT = ceil(TK / KC) chunks of a row block
+  form a thread block cluster;
 - the chunk's prefix keys/values are fixed during the action expert, so they are requested (cp.async) before
   `griddepcontrol.wait`; the queries and the suffix keys/values (written by the qkv kernel just before) after it;
 - the partial (max, sum, unnormalised output) of every rank is pushed into the shared memory of the rank that owns
   those rows (DSMEM stores), one cluster barrier, and each rank merges its rows in fixed order (deterministic), instead
   of a last-arriving program reloading every partial from L2 (the 3-camera attention link was 14.5 us, mostly that).
-mma.sync m16n8k16 (bf16 in, fp32 accumulate); each warp owns 16 rows.
+mma.sync m16n8k16 (bf16 in, fp32 accumulate); the warps of an m16 tile split the head dim (partial scores summed
+through shared memory in fixed order, then each computes its slice of the output). The first version gave each warp 16
+rows x the whole head dim (64 rows per program): 15-20 us per call against Triton's 8.8-12.3, the per-program
+mma.sync work (commit 3f12641).
 
 `action_attention_ref` (action_attention.py) is the reference; tests/test_kernels.py checks it on the GPU.
 """
@@ -23,15 +26,16 @@ import torch
 
 from pi0_triton_policy.kernels.cluster_matmul import compile_cuda, launch
 
-ROWS = 64  # packed query rows per program
 THREADS = 128
 
 _SOURCE = r"""
 #define HD 256
 #define KC %(KC)d
 #define CS %(CS)d
+#define ROWS %(ROWS)d                /* packed query rows per program: 16 or 32 (one m16 tile per warp group) */
 #define NT 128
-#define ROWS 64
+#define WPR (4 / (ROWS / 16))        /* warps per m16 tile: they split the head dim (QK^T's K, PV's N) */
+#define DW (HD / WPR)                /* head dims per warp */
 #define RPR ((ROWS + CS - 1) / CS)   /* rows merged by each rank */
 #define ROWB (HD * 2)                /* bytes per bf16 row */
 
@@ -61,9 +65,14 @@ __device__ __forceinline__ unsigned short to_bf16(float x) {
 __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
     return (unsigned)to_bf16(lo) | ((unsigned)to_bf16(hi) << 16);
 }
-/* byte offset of 16-byte chunk c of row r in a [rows][HD] bf16 tile: chunks XOR-swizzled by row (conflict-free
-   ldmatrix) */
+/* byte offset of 16-byte chunk c of row r in a [rows][HD] bf16 tile, chunks XOR-swizzled by row (no ldmatrix bank
+   conflicts) */
 __device__ __forceinline__ unsigned sw(int r, int c) { return r * ROWB + ((c ^ (r & 7)) << 4); }
+__device__ __forceinline__ void mma16816(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
+                                         unsigned b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%%0,%%1,%%2,%%3}, {%%4,%%5,%%6,%%7}, {%%8,%%9}, {%%0,%%1,%%2,%%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
 
 extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(NT)
 cluster_attention_kernel(const unsigned short* __restrict__ q, const unsigned short* __restrict__ k,
@@ -75,9 +84,12 @@ cluster_attention_kernel(const unsigned short* __restrict__ q, const unsigned sh
     unsigned char* q_s = smem;                               /* [ROWS][HD] */
     unsigned char* k_s = q_s + ROWS * ROWB;                  /* [KC][HD] */
     unsigned char* v_s = k_s + KC * ROWB;                    /* [KC][HD] */
+    float* sx = (float*)(v_s + KC * ROWB);                   /* [4 warps][16][64]: partial scores over head dims */
     float* recv = (float*)smem;                              /* after the compute: [CS][RPR][HD] partial outputs */
-    float* recv_ml = (float*)(v_s + KC * ROWB);              /* [CS][RPR][2] (max, sum) */
+    float* recv_ml = sx;                                     /* [CS][RPR][2] (max, sum) */
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, qd = lane & 3;
+    const int mt = warp / WPR, dpart = warp %% WPR;          /* this warp: m16 tile, slice of the head dim */
+    const int d0 = dpart * DW;
     unsigned rank = 0;
     if (CS > 1) asm volatile("mov.u32 %%0, %%%%cluster_ctarank;" : "=r"(rank));
     const int rb = blockIdx.x / CS;
@@ -86,7 +98,7 @@ cluster_attention_kernel(const unsigned short* __restrict__ q, const unsigned sh
     unsigned long long* my_ts = ts + (size_t)blockIdx.x * 5;
     if (use_ts && tid == 0) my_ts[0] = globaltimer();
 
-    /* prefix keys/values of this chunk: fixed during the action expert -> before the PDL wait */
+    /* prefix keys/values of this chunk: fixed during the action expert -> requested before the PDL wait */
     for (int i = tid; i < KC * 32; i += NT) {
         int r = i >> 5, c = i & 31, key = key0 + r;
         int ok = key < T_PRE && key < TK;
@@ -119,16 +131,15 @@ cluster_attention_kernel(const unsigned short* __restrict__ q, const unsigned sh
     if (use_ts && tid == 0) my_ts[2] = globaltimer();
 
     const unsigned qb = pinned_u32(smem_u32(q_s)), kb_ = pinned_u32(smem_u32(k_s)), vb = pinned_u32(smem_u32(v_s));
-    /* this thread's two rows (g, g + 8 of the warp's 16) */
     int rg[2];
     #pragma unroll
     for (int h = 0; h < 2; ++h) {
-        int p = rb * ROWS + warp * 16 + g + 8 * h;
+        int p = rb * ROWS + mt * 16 + g + 8 * h;
         rg[h] = (p < rows ? p %% R : 0) + row_start;
     }
-    float o[32][4];
+    float o[DW / 8][4];
     #pragma unroll
-    for (int t = 0; t < 32; ++t)
+    for (int t = 0; t < DW / 8; ++t)
         #pragma unroll
         for (int e = 0; e < 4; ++e) o[t][e] = 0.f;
     float m[2] = {-1e30f, -1e30f}, l[2] = {0.f, 0.f};
@@ -137,31 +148,50 @@ cluster_attention_kernel(const unsigned short* __restrict__ q, const unsigned sh
     for (int blk = 0; blk < KC / 64; ++blk) {
         const int kbase = blk * 64;
         if (key0 + kbase >= TK) break;
+        /* partial scores of the 16 rows x 64 keys over this warp's head dims */
         float s[8][4];
         #pragma unroll
         for (int t = 0; t < 8; ++t)
             #pragma unroll
             for (int e = 0; e < 4; ++e) s[t][e] = 0.f;
         #pragma unroll
-        for (int ks = 0; ks < HD / 16; ++ks) {
+        for (int ks = 0; ks < DW / 16; ++ks) {
+            const int kc16 = d0 / 16 + ks;
             unsigned a0, a1, a2, a3;
             {
-                int r = warp * 16 + (lane & 15), c = ks * 2 + (lane >> 4);
+                int r = mt * 16 + (lane & 15), c = kc16 * 2 + (lane >> 4);
                 asm("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%%0,%%1,%%2,%%3}, [%%4];"
                     : "=r"(a0), "=r"(a1), "=r"(a2), "=r"(a3) : "r"(qb + sw(r, c)));
             }
             #pragma unroll
             for (int np = 0; np < 4; ++np) {
                 unsigned b0, b1, b2, b3;
-                int r = kbase + np * 16 + (lane & 7) + ((lane >> 4) << 3), c = ks * 2 + ((lane >> 3) & 1);
+                int r = kbase + np * 16 + (lane & 7) + ((lane >> 4) << 3), c = kc16 * 2 + ((lane >> 3) & 1);
                 asm("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%%0,%%1,%%2,%%3}, [%%4];"
                     : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3) : "r"(kb_ + sw(r, c)));
-                asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%%0,%%1,%%2,%%3}, {%%4,%%5,%%6,%%7}, {%%8,%%9}, {%%0,%%1,%%2,%%3};"
-                    : "+f"(s[2 * np][0]), "+f"(s[2 * np][1]), "+f"(s[2 * np][2]), "+f"(s[2 * np][3])
-                    : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-                asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%%0,%%1,%%2,%%3}, {%%4,%%5,%%6,%%7}, {%%8,%%9}, {%%0,%%1,%%2,%%3};"
-                    : "+f"(s[2 * np + 1][0]), "+f"(s[2 * np + 1][1]), "+f"(s[2 * np + 1][2]), "+f"(s[2 * np + 1][3])
-                    : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b2), "r"(b3));
+                mma16816(s[2 * np], a0, a1, a2, a3, b0, b1);
+                mma16816(s[2 * np + 1], a0, a1, a2, a3, b2, b3);
+            }
+        }
+        /* sum the WPR partials of this m16 tile in fixed order (every warp of the tile gets the same scores) */
+        if (WPR > 1) {
+            __syncthreads();  /* the previous block's partials have been read */
+            #pragma unroll
+            for (int t = 0; t < 8; ++t) {
+                *(float2*)(sx + (warp * 16 + g) * 64 + t * 8 + 2 * qd) = make_float2(s[t][0], s[t][1]);
+                *(float2*)(sx + (warp * 16 + g + 8) * 64 + t * 8 + 2 * qd) = make_float2(s[t][2], s[t][3]);
+            }
+            __syncthreads();
+            #pragma unroll
+            for (int t = 0; t < 8; ++t) {
+                float2 x0 = make_float2(0.f, 0.f), x1 = make_float2(0.f, 0.f);
+                #pragma unroll
+                for (int w = 0; w < WPR; ++w) {
+                    float2 y0 = *(float2*)(sx + ((mt * WPR + w) * 16 + g) * 64 + t * 8 + 2 * qd);
+                    float2 y1 = *(float2*)(sx + ((mt * WPR + w) * 16 + g + 8) * 64 + t * 8 + 2 * qd);
+                    x0.x += y0.x; x0.y += y0.y; x1.x += y1.x; x1.y += y1.y;
+                }
+                s[t][0] = x0.x; s[t][1] = x0.y; s[t][2] = x1.x; s[t][3] = x1.y;
             }
         }
         /* mask (prefix padding, keys past the end, the state token sees no action key) + online softmax */
@@ -194,27 +224,23 @@ cluster_attention_kernel(const unsigned short* __restrict__ q, const unsigned sh
                 l[e >> 1] += pv;
             }
         #pragma unroll
-        for (int t = 0; t < 32; ++t) {
+        for (int t = 0; t < DW / 8; ++t) {
             o[t][0] *= alpha[0]; o[t][1] *= alpha[0];
             o[t][2] *= alpha[1]; o[t][3] *= alpha[1];
         }
-        /* o += p @ v: p from the score registers (m16n8k16 A layout), v through ldmatrix.trans */
+        /* o[:, d0:d0+DW] += p @ v[:, d0:d0+DW]: p from the score registers (m16n8k16 A layout), v via ldmatrix.trans */
         #pragma unroll
         for (int kt = 0; kt < 4; ++kt) {
             unsigned a0 = pack_bf16(s[2 * kt][0], s[2 * kt][1]), a1 = pack_bf16(s[2 * kt][2], s[2 * kt][3]);
             unsigned a2 = pack_bf16(s[2 * kt + 1][0], s[2 * kt + 1][1]), a3 = pack_bf16(s[2 * kt + 1][2], s[2 * kt + 1][3]);
             #pragma unroll
-            for (int dp = 0; dp < 16; ++dp) {
+            for (int dp = 0; dp < DW / 16; ++dp) {
                 unsigned b0, b1, b2, b3;
-                int r = kbase + kt * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), c = dp * 2 + (lane >> 4);
+                int r = kbase + kt * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), c = d0 / 8 + dp * 2 + (lane >> 4);
                 asm("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%%0,%%1,%%2,%%3}, [%%4];"
                     : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3) : "r"(vb + sw(r, c)));
-                asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%%0,%%1,%%2,%%3}, {%%4,%%5,%%6,%%7}, {%%8,%%9}, {%%0,%%1,%%2,%%3};"
-                    : "+f"(o[2 * dp][0]), "+f"(o[2 * dp][1]), "+f"(o[2 * dp][2]), "+f"(o[2 * dp][3])
-                    : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-                asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%%0,%%1,%%2,%%3}, {%%4,%%5,%%6,%%7}, {%%8,%%9}, {%%0,%%1,%%2,%%3};"
-                    : "+f"(o[2 * dp + 1][0]), "+f"(o[2 * dp + 1][1]), "+f"(o[2 * dp + 1][2]), "+f"(o[2 * dp + 1][3])
-                    : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b2), "r"(b3));
+                mma16816(o[2 * dp], a0, a1, a2, a3, b0, b1);
+                mma16816(o[2 * dp + 1], a0, a1, a2, a3, b2, b3);
             }
         }
     }
@@ -228,12 +254,12 @@ cluster_attention_kernel(const unsigned short* __restrict__ q, const unsigned sh
     if (CS == 1) {
         #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            int p = rb * ROWS + warp * 16 + g + 8 * h;
+            int p = rb * ROWS + mt * 16 + g + 8 * h;
             if (p < rows) {
                 float inv = 1.f / l[h];
-                unsigned short* dst = out + (size_t)(p %% R) * so + (p / R) * HD + 2 * qd;
+                unsigned short* dst = out + (size_t)(p %% R) * so + (p / R) * HD + d0 + 2 * qd;
                 #pragma unroll
-                for (int t = 0; t < 32; ++t)
+                for (int t = 0; t < DW / 8; ++t)
                     *(unsigned*)(dst + t * 8) = pack_bf16(o[t][2 * h] * inv, o[t][2 * h + 1] * inv);
             }
         }
@@ -242,13 +268,13 @@ cluster_attention_kernel(const unsigned short* __restrict__ q, const unsigned sh
         asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
         #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            int row = warp * 16 + g + 8 * h, dst_rank = row / RPR, slot = ((int)rank * RPR + row %% RPR);
-            unsigned la = smem_u32(recv + slot * HD + 2 * qd), ra;
+            int row = mt * 16 + g + 8 * h, dst_rank = row / RPR, slot = (int)rank * RPR + row %% RPR;
+            unsigned la = smem_u32(recv + slot * HD + d0 + 2 * qd), ra;
             asm volatile("mapa.shared::cluster.u32 %%0, %%1, %%2;" : "=r"(ra) : "r"(la), "r"(dst_rank));
             #pragma unroll
-            for (int t = 0; t < 32; ++t)
+            for (int t = 0; t < DW / 8; ++t)
                 asm volatile("st.shared::cluster.v2.f32 [%%0], {%%1,%%2};" :: "r"(ra + t * 32), "f"(o[t][2 * h]), "f"(o[t][2 * h + 1]) : "memory");
-            if (qd == 0) {
+            if (qd == 0 && dpart == 0) {
                 unsigned lm = smem_u32(recv_ml + slot * 2), rm;
                 asm volatile("mapa.shared::cluster.u32 %%0, %%1, %%2;" : "=r"(rm) : "r"(lm), "r"(dst_rank));
                 asm volatile("st.shared::cluster.v2.f32 [%%0], {%%1,%%2};" :: "r"(rm), "f"(m[h]), "f"(l[h]) : "memory");
@@ -283,21 +309,23 @@ cluster_attention_kernel(const unsigned short* __restrict__ q, const unsigned sh
 """
 
 
-def source(kc: int, cs: int) -> str:
-    return _SOURCE % dict(KC=kc, CS=cs)
+def source(kc: int, cs: int, rows: int) -> str:
+    return _SOURCE % dict(KC=kc, CS=cs, ROWS=rows)
 
 
-def smem_bytes(kc: int, cs: int) -> int:
-    rpr = -(-ROWS // cs)
-    tiles = (ROWS + 2 * kc) * 256 * 2
+def smem_bytes(kc: int, cs: int, rows: int) -> int:
+    """Query, key and value tiles (bf16) + the warps' partial scores; the partial outputs of the merge reuse the tiles,
+    their (max, sum) pairs the score buffer."""
+    rpr = -(-rows // cs)
+    tiles = (rows + 2 * kc) * 256 * 2
     assert cs == 1 or cs * rpr * 256 * 4 <= tiles, "the partials must fit over the tiles"
-    return tiles + cs * rpr * 2 * 4
+    return tiles + 4 * 16 * 64 * 4
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(kc: int, cs: int):
-    assert kc % 64 == 0 and 1 <= cs <= 8, (kc, cs)
-    return compile_cuda(source(kc, cs), "cluster_attention_kernel", smem_bytes(kc, cs))
+def _kernel(kc: int, cs: int, rows: int):
+    assert kc % 64 == 0 and 1 <= cs <= 8 and rows in (16, 32), (kc, cs, rows)
+    return compile_cuda(source(kc, cs, rows), "cluster_attention_kernel", smem_bytes(kc, cs, rows))
 
 
 def plan(tk: int, kc: int) -> tuple[int, int]:
@@ -310,16 +338,16 @@ def plan(tk: int, kc: int) -> tuple[int, int]:
 
 
 def cluster_attention(q, k, v, key_valid, t_prefix: int, row_start: int, num_heads: int, out, kc: int = 64,
-                      pdl: bool = True, timestamps=None):
+                      rows: int = 16, pdl: bool = True, timestamps=None):
     """q [R, NQ*256] bf16 (suffix rows row_start..), k/v cache [TK, 256], key_valid [>= T_pre] int32 -> out."""
     R, W = q.shape
     TK, HD = k.shape
     assert HD == 256 and W == num_heads * HD and k.stride() == v.stride() and k.stride(1) == 1
     assert q.dtype == k.dtype == torch.bfloat16 and key_valid.dtype == torch.int32 and out.dtype == torch.bfloat16
     kc, cs = plan(TK, kc)
-    rb = -(-(num_heads * R) // ROWS)
+    rb = -(-(num_heads * R) // rows)
     ts = timestamps if timestamps is not None else out
-    launch(_kernel(kc, cs), rb * cs, THREADS, smem_bytes(kc, cs),
+    launch(_kernel(kc, cs, rows), rb * cs, THREADS, smem_bytes(kc, cs, rows),
            [q, k, v, key_valid, out, ts, R, num_heads, t_prefix, TK, row_start, q.stride(0), k.stride(0),
             out.stride(0), int(timestamps is not None)], pdl)
     return out

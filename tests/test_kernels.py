@@ -437,7 +437,8 @@ def test_cluster_matmul_cuda(n, k, bn, split, rows):
 @pytest.mark.parametrize("views", [1, 3])
 @pytest.mark.parametrize("row_start", [0, 1])
 @pytest.mark.parametrize("kc", [64, 128])
-def test_cluster_attention_cuda(views, row_start, kc):
+@pytest.mark.parametrize("rows", [16, 32])
+def test_cluster_attention_cuda(views, row_start, kc, rows):
     """The CUDA C++ cluster attention (experimental, benchmarks/attention_probe.py; not used by the engine) against the
     float32 reference: prompt padding, the state row's mask (row_start 0), 1 and 3 cameras, bitwise deterministic."""
     from pi0_triton_policy.kernels import cluster_attention as CA
@@ -454,6 +455,6 @@ def test_cluster_attention_cuda(views, row_start, kc):
     valid[T - 11:] = 0  # a 37-token prompt
     outs = [torch.empty(R, NQ * 256, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
     for o, pdl in zip(outs, (False, True)):
-        CA.cluster_attention(q, k, v, valid, T, row_start, NQ, o, kc=kc, pdl=pdl)
+        CA.cluster_attention(q, k, v, valid, T, row_start, NQ, o, kc=kc, rows=rows, pdl=pdl)
     assert rel(outs[0], AA.action_attention_ref(q, k, v, valid, T, row_start, NQ)) < 1e-2
     assert torch.equal(outs[0], outs[1]), "not deterministic"
