@@ -127,6 +127,14 @@ def main():
 
         def per_kernel_fn(cfg):
             att = cfg["attn%d" % min(V, 3)]
+            gu_gluon = None
+            if cfg.get("gu_gluon"):  # gate|up on the Gluon slab matmul (plain bf16 store, no GeGLU): does the early
+                from pi0_triton_policy.kernels import slab_matmul as SM  # weight stream pay inside the real chain?
+
+                bn, split, nw, na = cfg["gu_gluon"]
+                plans = [SM.SlabPlan(wgu[i], bn, split, nw, na) for i in range(L)]
+                h8 = torch.empty(S, 2 * F, dtype=bf, device=dev)
+                gu_gluon = (plans, plans[0].a_desc(xa[r0:]), h8)
             preload = cfg["preload"][min(V, 3) - 1]
             nss_pk = D // (2 * cfg["o"][0])
             ss_pk = torch.zeros(nss_pk, S, device=dev)
@@ -147,7 +155,9 @@ def main():
                                             peel=bool(att[5]) if len(att) > 5 else True)
                     if "o" not in off:
                         SK.skinny_residual(o[:R], wo[i], xs[r0:], xa[r0:], ss_pk[:, r0:], **kw(cfg["o"]))
-                    if "gu" not in off:
+                    if "gu" not in off and gu_gluon is not None:
+                        SM.slab_matmul(gu_gluon[0][i], gu_gluon[1], R, gu_gluon[2][:R], pdl=True)
+                    elif "gu" not in off:
                         SK.skinny_geglu(xa[r0:], wgu[i], h[:R], **norm, **kw(cfg["gu"]))
                     if "down" not in off:
                         SK.skinny_residual(h[:R], wdn[i], xs[r0:], xa[r0:], ss_pk[:, r0:], **kw(cfg["down"]))
