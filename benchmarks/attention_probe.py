@@ -9,37 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 
 from pi0_triton_policy.kernels import action_attention as AA
 from pi0_triton_policy.kernels import cluster_attention as CA
 from pi0_triton_policy.kernels._common import Workspace
+from stack_probe import time_graph  # noqa: E402 (benchmarks/ is the script's directory)
 
 NQ, HD, L, S = 8, 256, 18, 51
 TRITON_SHAPES = {1: (16, 128, 8, 2, 4, 0), 2: (16, 64, 8, 3, 8, 0), 3: (16, 128, 8, 2, 4, 0)}  # triton_engine.Tuning
-
-
-def time_graph(fn, n_inner=10, rounds=7):
-    fn()
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=s):
-        for _ in range(n_inner):
-            fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(rounds):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        g.replay()
-        e1.record()
-        torch.cuda.synchronize()
-        out.append(e0.elapsed_time(e1) * 1000 / n_inner)
-    return statistics.median(out)
 
 
 def rel(a, b):

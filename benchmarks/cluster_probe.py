@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 
 from pi0_triton_policy.kernels import cluster_matmul as CM
+from stack_probe import summarize_stamps, time_graph  # noqa: E402 (benchmarks/ is the script's directory)
 
 D, F, NQ, HD, L, R = 1024, 4096, 8, 256, 18, 50
 SHAPES = dict(qkv=((NQ + 2) * HD, D), o=(D, NQ * HD), gu=(2 * F, D), down=(D, F))  # (N, K) of W^T
@@ -27,27 +27,6 @@ extern "C" __global__ void pdl_link(int* out) {
     if (threadIdx.x == 0) out[blockIdx.x] = blockIdx.x;
 }
 """
-
-
-def time_graph(fn, n_inner=20, rounds=7):
-    fn()
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=s):
-        for _ in range(n_inner):
-            fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(rounds):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        g.replay()
-        e1.record()
-        torch.cuda.synchronize()
-        out.append(e0.elapsed_time(e1) * 1000 / n_inner)
-    return statistics.median(out)
 
 
 def main():
@@ -115,20 +94,7 @@ def main():
                     chain(ts=ts, slots=slots)
                 g.replay()
                 torch.cuda.synchronize()
-                st = ts.view(-1, 5).cpu().double() / 1000.0
-                rows, prev_end = {}, None
-                for k, i, off, n in slots:
-                    tt = st[off:off + n]
-                    if prev_end is not None and 1 <= i <= L - 2:
-                        rows.setdefault(k, []).append([tt[:, 0].min() - prev_end, tt[:, 1].median() - prev_end,
-                                                       (tt[:, 2] - tt[:, 1]).median(), (tt[:, 3] - tt[:, 2]).median(),
-                                                       (tt[:, 4] - tt[:, 3]).median(), (tt[:, 4] - tt[:, 3]).max(),
-                                                       tt[:, 4].max() - max(prev_end, tt[:, 0].min())])
-                    prev_end = tt[:, 4].max()
-                names = ["prev_end->entry", "prev_end->wait_done", "wait->A_ready", "A->mma_done", "mma->end_med",
-                         "mma->end_max", "span"]
-                tl_rows = {k: dict(zip(names, [round(float(torch.tensor(v)[:, j].median()), 2) for j in range(7)]))
-                           for k, v in rows.items()}
+                tl_rows = summarize_stamps(ts, slots)
                 for k, v in tl_rows.items():
                     print(f"    {k:5s} " + "  ".join(f"{a} {b:6.2f}" for a, b in v.items()), flush=True)
             smem = {k: CM.smem_bytes(cfg[k][0], SHAPES[k][1] // cfg[k][1]) // 1024 for k in cfg}

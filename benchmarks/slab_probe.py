@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 
 from pi0_triton_policy.kernels import slab_matmul as SM
+from stack_probe import summarize_stamps, time_graph  # noqa: E402 (benchmarks/ is the script's directory)
 
 D, F, NQ, HD, L, R = 1024, 4096, 8, 256, 18, 50
 SHAPES = dict(qkv=((NQ + 2) * HD, D), o=(D, NQ * HD), gu=(2 * F, D), down=(D, F))  # (N, K) of W^T
@@ -34,9 +34,8 @@ def time_links(n_links, programs=128):
 
 
 def chain_timeline(plans, descs, outs, ins, ws, cnt, cfg):
-    """Per-program %globaltimer stamps of one graph replay of the chain; per kernel kind, medians over layers 1-16
-    (us): previous kernel's last end -> first entry (negative: resident early) / wait returned (median), wait ->
-    first A block, A -> MMAs done, MMAs done -> end (median and max), and the kernel's span."""
+    """Per-program %globaltimer stamps of one graph replay of the chain, summarised per kernel kind
+    (stack_probe.summarize_stamps)."""
     nprog = {k: plans[k][0].N // plans[k][0].bn * plans[k][0].split for k in cfg}
     per_layer = sum(nprog.values())
     ts = torch.zeros(L * per_layer * 5, dtype=torch.int64, device="cuda")
@@ -61,45 +60,11 @@ def chain_timeline(plans, descs, outs, ins, ws, cnt, cfg):
         chain()
     g.replay()
     torch.cuda.synchronize()
-    st = ts.view(-1, 5).cpu().double() / 1000.0
-    rows, prev_end = {}, None
-    for k, i, off, n in slots:
-        t = st[off:off + n]
-        if prev_end is not None and 1 <= i <= L - 2:
-            rows.setdefault(k, []).append([t[:, 0].min() - prev_end, t[:, 1].median() - prev_end,
-                                           (t[:, 2] - t[:, 1]).median(), (t[:, 3] - t[:, 2]).median(),
-                                           (t[:, 4] - t[:, 3]).median(), (t[:, 4] - t[:, 3]).max(),
-                                           t[:, 4].max() - max(prev_end, t[:, 0].min())])
-        prev_end = t[:, 4].max()
-    names = ["prev_end->entry", "prev_end->wait_done", "wait->A", "A->mma_done", "mma->end_med", "mma->end_max",
-             "span"]
-    return {k: dict(zip(names, [round(float(torch.tensor(v)[:, j].median()), 2) for j in range(len(names))]))
-            for k, v in rows.items()}
+    return summarize_stamps(ts, slots)
 
 
 def flag(c, i):
     return bool(c[i]) if len(c) > i else False
-
-
-def time_graph(fn, n_inner=20, rounds=7):
-    fn()
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=s):
-        for _ in range(n_inner):
-            fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(rounds):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        g.replay()
-        e1.record()
-        torch.cuda.synchronize()
-        out.append(e0.elapsed_time(e1) * 1000 / n_inner)
-    return statistics.median(out)
 
 
 def main():

@@ -30,7 +30,9 @@ PK_BASE = dict(qkv=(16, 128, 4, 5, 1, 0), o=(16, 128, 4, 5, 4, 0), gu=(32, 128, 
                attn1=(16, 128, 8, 2, 4, 0), attn2=(16, 64, 8, 3, 8, 0), attn3=(16, 128, 8, 2, 4, 0), preload=(True, True, True))
 
 
-def time_graph(fn, n_inner=20, rounds=7):
+def time_graph(fn, n_inner=20, rounds=7, indexed=False):
+    """us per fn() (fn(i), i = its position in the graph, when indexed): median over rounds of n_inner calls
+    captured in one CUDA graph. Also used by slab_probe, cluster_probe and attention_probe."""
     fn()
     torch.cuda.synchronize()
     s = torch.cuda.Stream()
@@ -38,7 +40,7 @@ def time_graph(fn, n_inner=20, rounds=7):
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g, stream=s):
         for i in range(n_inner):
-            fn(i)
+            fn(i) if indexed else fn()
     torch.cuda.synchronize()
     out = []
     for _ in range(rounds):
@@ -49,6 +51,26 @@ def time_graph(fn, n_inner=20, rounds=7):
         torch.cuda.synchronize()
         out.append(e0.elapsed_time(e1) * 1000 / n_inner)
     return statistics.median(out)
+
+
+def summarize_stamps(ts, slots, layers=L):
+    """Per kernel kind, medians over layers 1..layers-2 (us) of the 5 %globaltimer stamps per program (entry, wait
+    returned, first activations ready, MMAs done, end) of one chain: previous kernel's last end -> first entry
+    (negative: resident early) / wait returned (median), wait -> activations, -> MMAs done, -> end (median and max),
+    and the kernel's span. slots: (kind, layer, first program, programs) per launch, in launch order."""
+    st = ts.view(-1, 5).cpu().double() / 1000.0
+    rows, prev_end = {}, None
+    for k, i, off, n in slots:
+        t = st[off:off + n]
+        if prev_end is not None and 1 <= i <= layers - 2:
+            rows.setdefault(k, []).append([t[:, 0].min() - prev_end, t[:, 1].median() - prev_end,
+                                           (t[:, 2] - t[:, 1]).median(), (t[:, 3] - t[:, 2]).median(),
+                                           (t[:, 4] - t[:, 3]).median(), (t[:, 4] - t[:, 3]).max(),
+                                           t[:, 4].max() - max(prev_end, t[:, 0].min())])
+        prev_end = t[:, 4].max()
+    names = ["prev_end->entry", "prev_end->wait_done", "wait->A", "A->mma_done", "mma->end_med", "mma->end_max", "span"]
+    return {k: dict(zip(names, [round(float(torch.tensor(v)[:, j].median()), 2) for j in range(len(names))]))
+            for k, v in rows.items()}
 
 
 def timeline(per_kernel, res, key):
@@ -192,7 +214,7 @@ def main():
                                 sin, wqkv, wo, wgu, wdn, ws, cnt, aws, bars[i], T, r0, 1e-6)
 
             reset()
-            t = time_graph(stack)
+            t = time_graph(stack, indexed=True)
             res["rows"].append({"views": V, "variant": name, "us_step": t, "nprog": plan.nprog})
             print(f"views={V} {name:14s} {t:8.1f} us/step  {t / L:6.2f} us/layer", flush=True)
     if args.json:

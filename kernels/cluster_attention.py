@@ -24,7 +24,7 @@ import functools
 
 import torch
 
-from pi0_triton_policy.kernels.cluster_matmul import compile_cuda, launch
+from pi0_triton_policy.kernels.cluster_matmul import CUDA_HELPERS, compile_cuda, launch
 
 THREADS = 128
 
@@ -39,30 +39,7 @@ _SOURCE = r"""
 #define RPR ((ROWS + CS - 1) / CS)   /* rows merged by each rank */
 #define ROWB (HD * 2)                /* bytes per bf16 row */
 
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-    unsigned a;
-    asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %%1; cvt.u32.u64 %%0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
-__device__ __forceinline__ unsigned pinned_u32(unsigned a) {
-    unsigned r;
-    asm volatile("mov.u32 %%0, %%1;" : "=r"(r) : "r"(a) : "memory");
-    return r;
-}
-__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, int src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%%0], [%%1], 16, %%2;" :: "r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ unsigned long long globaltimer() {
-    unsigned long long t;
-    asm volatile("mov.u64 %%0, %%%%globaltimer;" : "=l"(t));
-    return t;
-}
-__device__ __forceinline__ unsigned short to_bf16(float x) {
-    unsigned short b;
-    asm("cvt.rn.bf16.f32 %%0, %%1;" : "=h"(b) : "f"(x));
-    return b;
-}
-__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+%(HELPERS)s__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
     return (unsigned)to_bf16(lo) | ((unsigned)to_bf16(hi) << 16);
 }
 /* byte offset of 16-byte chunk c of row r in a [rows][HD] bf16 tile, chunks XOR-swizzled by row (no ldmatrix bank
@@ -310,7 +287,7 @@ cluster_attention_kernel(const unsigned short* __restrict__ q, const unsigned sh
 
 
 def source(kc: int, cs: int, rows: int) -> str:
-    return _SOURCE % dict(KC=kc, CS=cs, ROWS=rows)
+    return _SOURCE % dict(KC=kc, CS=cs, ROWS=rows, HELPERS=CUDA_HELPERS % {})
 
 
 def smem_bytes(kc: int, cs: int, rows: int) -> int:

@@ -26,15 +26,8 @@ import torch
 BM = 64  # activation rows per program (M <= 64; rows >= M are zero-filled in shared memory and never stored)
 THREADS = 128
 
-_SOURCE = r"""
-#define BN %(BN)d
-#define KC %(KC)d
-#define CS %(CS)d
-#define BM 64
-#define NT 128
-#define NJ (BN / 8)        /* n8 tiles: every warp covers all BN columns ... */
-#define KW (KC / 4)        /* ... of its own quarter of the K range */
-
+# device helpers shared by the CUDA C++ kernels here and in cluster_attention.py ("%%" for the % formatting)
+CUDA_HELPERS = r"""
 __device__ __forceinline__ unsigned smem_u32(const void* p) {
     unsigned a;
     asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %%1; cvt.u32.u64 %%0, t; }" : "=r"(a) : "l"(p));
@@ -64,6 +57,17 @@ __device__ __forceinline__ unsigned short to_bf16(float x) {
     return b;
 }
 
+"""
+
+_SOURCE = r"""
+#define BN %(BN)d
+#define KC %(KC)d
+#define CS %(CS)d
+#define BM 64
+#define NT 128
+#define NJ (BN / 8)        /* n8 tiles: every warp covers all BN columns ... */
+#define KW (KC / 4)        /* ... of its own quarter of the K range */
+%(HELPERS)s
 extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(NT)
 cluster_matmul_kernel(const unsigned short* __restrict__ a, const unsigned short* __restrict__ wt,
                       unsigned short* __restrict__ out, unsigned long long* __restrict__ ts,
@@ -207,7 +211,7 @@ def cluster_matmul_reference(a: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
 
 
 def source(bn: int, kc: int, cs: int) -> str:
-    return _SOURCE % dict(BN=bn, KC=kc, CS=cs)
+    return _SOURCE % dict(BN=bn, KC=kc, CS=cs, HELPERS=CUDA_HELPERS % {})
 
 
 def smem_bytes(bn: int, kc: int) -> int:
