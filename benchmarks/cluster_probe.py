@@ -14,10 +14,9 @@ import json
 import torch
 
 from pi0_triton_policy.kernels import cluster_matmul as CM
-from stack_probe import summarize_stamps, time_graph  # noqa: E402 (benchmarks/ is the script's directory)
+from slab_probe import L, R, SHAPES, chain_setup  # noqa: E402 (benchmarks/ is the script's directory)
+from stack_probe import summarize_stamps, time_graph  # noqa: E402
 
-D, F, NQ, HD, L, R = 1024, 4096, 8, 256, 18, 50
-SHAPES = dict(qkv=((NQ + 2) * HD, D), o=(D, NQ * HD), gu=(2 * F, D), down=(D, F))  # (N, K) of W^T
 CONFIGS = {"c1": dict(qkv=(32, 2), o=(64, 8), gu=(128, 2), down=(32, 8))}
 
 _LINK = r"""
@@ -37,13 +36,8 @@ def main():
     args = ap.parse_args()
     configs = json.loads(args.cfg) if args.cfg else CONFIGS
     dev = "cuda"
-    torch.manual_seed(0)
     bf = torch.bfloat16
-    weights = {k: (torch.randn(L, n, kk, device=dev) * kk**-0.5).to(bf) for k, (n, kk) in SHAPES.items()}
-    acts = {n: torch.randn(R, n, device=dev).to(bf) for n in {D, (NQ + 2) * HD, NQ * HD, 2 * F, F}}
-    x, q, att, h8, h = acts[D], acts[(NQ + 2) * HD], acts[NQ * HD], acts[2 * F], acts[F]
-    ins = dict(qkv=x, o=att, gu=x, down=h)
-    outs = dict(qkv=q, o=x, gu=h8, down=x)
+    weights, ins, outs = chain_setup(dev)
     res = {"card": torch.cuda.get_device_name(), "rows": []}
     print(f"card {res['card']}  (4 matmuls x {L} layers, {R} rows, PDL)")
     link = CM.compile_cuda(_LINK, "pdl_link")

@@ -63,6 +63,18 @@ def chain_timeline(plans, descs, outs, ins, ws, cnt, cfg):
     return summarize_stamps(ts, slots)
 
 
+def chain_setup(dev="cuda"):
+    """Random full-size weights of the four matmuls ({kind: [L, N, K]}, W^T, bf16) and the chain's activation
+    buffers: qkv x -> q, o att -> x, gate|up x -> h8, down h -> x (timing only: no data dependence is needed, the
+    PDL waits order the chain). Shared with cluster_probe.py."""
+    torch.manual_seed(0)
+    bf = torch.bfloat16
+    weights = {k: (torch.randn(L, n, kk, device=dev) * kk**-0.5).to(bf) for k, (n, kk) in SHAPES.items()}
+    acts = {n: torch.randn(R, n, device=dev).to(bf) for n in {D, (NQ + 2) * HD, NQ * HD, 2 * F, F}}
+    x, q, att, h8, h = acts[D], acts[(NQ + 2) * HD], acts[NQ * HD], acts[2 * F], acts[F]
+    return weights, dict(qkv=x, o=att, gu=x, down=h), dict(qkv=q, o=x, gu=h8, down=x)
+
+
 def flag(c, i):
     return bool(c[i]) if len(c) > i else False
 
@@ -70,19 +82,14 @@ def flag(c, i):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
-    ap.add_argument("--cfg", default=None, help="JSON {name: {kernel: [bn, split, nbuf(, early)]}} (replaces the defaults)")
+    ap.add_argument("--cfg", default=None, help="JSON {name: {kernel: [bn, split, nw, na(, early(, a_once))]}} (replaces the defaults)")
     ap.add_argument("--no-pdl", action="store_true")
     ap.add_argument("--timeline", action="store_true", help="per-kernel stamps of the chain (one graph replay)")
     args = ap.parse_args()
     configs = json.loads(args.cfg) if args.cfg else CONFIGS
     dev = "cuda"
-    torch.manual_seed(0)
     bf = torch.bfloat16
-    weights = {k: (torch.randn(L, n, kk, device=dev) * kk**-0.5).to(bf) for k, (n, kk) in SHAPES.items()}
-    acts = {n: torch.randn(R, n, device=dev).to(bf) for n in {D, (NQ + 2) * HD, NQ * HD, 2 * F, F}}
-    x, q, att, h8, h = acts[D], acts[(NQ + 2) * HD], acts[NQ * HD], acts[2 * F], acts[F]
-    ins = dict(qkv=x, o=att, gu=x, down=h)
-    outs = dict(qkv=q, o=x, gu=h8, down=x)
+    weights, ins, outs = chain_setup(dev)
     ws = torch.empty(1 << 22, device=dev)
     cnt = {k: torch.zeros(4096, dtype=torch.int32, device=dev) for k in SHAPES}
     res = {"card": torch.cuda.get_device_name(), "rows": []}
