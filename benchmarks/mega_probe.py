@@ -1,0 +1,93 @@
+"""Does a persistent kernel whose weight stream never stops (kernels/mega_chain.py) beat the kernel-per-op chain?
+Same four matmuls, shapes and weights as slab_probe / cluster_probe (qkv, o, gate|up, down; 50 rows; 18 layers):
+checks the kernel against torch (1 and 18 layers, bitwise repeatability), times one flow step in a CUDA graph, and
+prints a per-op timeline (%globaltimer per program). Compare with
+`stack_probe.py --views 1 --pk '{"noattn": {"off": ["attn"]}}'` (the engine's Triton chain) run in the same call.
+
+    python benchmarks/mega_probe.py [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from pi0_triton_policy.kernels import mega_chain as MC
+from slab_probe import L, chain_setup  # noqa: E402 (benchmarks/ is the script's directory)
+from stack_probe import time_graph  # noqa: E402
+
+OPS = ("qkv", "o", "gu", "down")
+COLS = dict(x=1024, q=2560, x2=1024, h8=8192)
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def timeline(ts, programs, layers=L):
+    """Per op, medians over layers 1..layers-2 (us): previous op's last publish -> this unit's activations ready
+    (median over programs), activation load, MMAs (incl. any wait for the ring), reduce + store + publish (median,
+    max), and the span: previous op's last publish -> this op's last publish (the link cost on the critical path)."""
+    st = ts.view(programs, layers, 4, 4).cpu().double() / 1000.0
+    rows = {op: [] for op in OPS}
+    for i in range(1, layers - 1):
+        for p, op in enumerate(OPS):
+            t = st[:, i, p]
+            pl, pp = (i, p - 1) if p > 0 else (i - 1, 3)
+            prev_last = st[:, pl, pp, 3].max()
+            rows[op].append([(t[:, 0] - prev_last).median(), (t[:, 1] - t[:, 0]).median(), (t[:, 2] - t[:, 1]).median(),
+                             (t[:, 3] - t[:, 2]).median(), (t[:, 3] - t[:, 2]).max(), t[:, 3].max() - prev_last])
+    names = ["prev_pub->ready", "A_load", "mma", "pub_med", "pub_max", "span"]
+    return {op: dict(zip(names, [round(float(torch.tensor(v)[:, j].median()), 2) for j in range(len(names))]))
+            for op, v in rows.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    bf = torch.bfloat16
+    weights, _, _ = chain_setup("cuda")
+    plan = MC.plan_for_this_gpu()
+    prepared = {op: plan.prepare(weights[op], op) for op in OPS}
+    acts = {k: torch.zeros(MC.R, c, dtype=bf, device="cuda") for k, c in COLS.items()}
+    ctr = torch.zeros(L * 32, dtype=torch.int32, device="cuda")
+    res = {"card": torch.cuda.get_device_name(), "rows": []}
+    print(f"card {res['card']}  mega_chain: {plan.programs} programs, ring {MC.NS} x {MC.SLOT // 1024} KB, "
+          f"smem {MC.SMEM // 1024} KB", flush=True)
+
+    errs = {}
+    for layers in (1, L):
+        x0 = torch.randn(MC.R, 1024, device="cuda").to(bf)
+        acts["x"].copy_(x0)
+        MC.mega_chain(plan, prepared, acts, ctr, layers)
+        torch.cuda.synchronize()
+        ref = MC.mega_chain_reference(x0, weights, layers)
+        errs[layers] = {k: round(rel(acts[k], ref[k]), 5) for k in COLS}
+        first = {k: v.clone() for k, v in acts.items()}
+        acts["x"].copy_(x0)
+        MC.mega_chain(plan, prepared, acts, ctr, layers)
+        torch.cuda.synchronize()
+        errs[f"{layers}_bitwise_repeat"] = all(torch.equal(first[k], acts[k]) for k in COLS)
+    print("max rel err vs torch:", errs, flush=True)
+
+    t = time_graph(lambda: MC.mega_chain(plan, prepared, acts, ctr, L))
+    ts = torch.zeros(plan.programs * L * 16, dtype=torch.int64, device="cuda")
+    MC.mega_chain(plan, prepared, acts, ctr, L, timestamps=ts)
+    torch.cuda.synchronize()
+    tl = timeline(ts, plan.programs)
+    print(f"mega_chain {t:8.1f} us/step {t / L:6.2f} us/layer (4 matmuls, weights {sum(w[0].numel() for w in weights.values()) * 2 / 1e6:.1f} MB/layer)")
+    for op, v in tl.items():
+        print(f"    {op:5s} " + "  ".join(f"{a} {b:6.2f}" for a, b in v.items()), flush=True)
+    res["rows"].append({"variant": "mega_chain", "us_step": t, "us_layer": t / L, "errors": errs, "timeline": tl,
+                        "ring": [MC.NS, MC.SLOT], "ops": MC.OPS,
+                        "programs": plan.programs, "wait": plan.wait})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
