@@ -4,7 +4,7 @@ checks the kernel against torch (1 and 18 layers, bitwise repeatability), times 
 prints a per-op timeline (%globaltimer per program). Compare with
 `stack_probe.py --views 1 --pk '{"noattn": {"off": ["attn"]}}'` (the engine's Triton chain) run in the same call.
 
-    python benchmarks/mega_probe.py [--json out.json]
+    python benchmarks/mega_probe.py [--json out.json] [--ahead 0 2 4]
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ def rel(a, b):
 
 def timeline(ts, programs, layers=L):
     """Per op, medians over layers 1..layers-2 (us): previous op's last publish -> this unit's activations ready
-    (median over programs), activation load, MMAs (incl. any wait for the ring), reduce + store + publish (median,
-    max), and the span: previous op's last publish -> this op's last publish (the link cost on the critical path)."""
-    st = ts.view(programs, layers, 4, 4).cpu().double() / 1000.0
+    (median over programs), activation load, MMAs (incl. any wait for the ring; warp 0: its wait for ring chunks
+    and the rest), reduce + store + publish (median, max), and the span: previous op's last publish -> this op's last publish (the link cost on the critical path)."""
+    st = ts.view(programs, layers, 4, 8).cpu().double() / 1000.0
     rows = {op: [] for op in OPS}
     for i in range(1, layers - 1):
         for p, op in enumerate(OPS):
@@ -38,8 +38,9 @@ def timeline(ts, programs, layers=L):
             pl, pp = (i, p - 1) if p > 0 else (i - 1, 3)
             prev_last = st[:, pl, pp, 3].max()
             rows[op].append([(t[:, 0] - prev_last).median(), (t[:, 1] - t[:, 0]).median(), (t[:, 2] - t[:, 1]).median(),
+                             t[:, 4].median(), (t[:, 5] - t[:, 1] - t[:, 4]).median(),
                              (t[:, 3] - t[:, 2]).median(), (t[:, 3] - t[:, 2]).max(), t[:, 3].max() - prev_last])
-    names = ["prev_pub->ready", "A_load", "mma", "pub_med", "pub_max", "span"]
+    names = ["prev_pub->ready", "A_load", "mma", "w0_ring_wait", "w0_mma", "pub_med", "pub_max", "span"]
     return {op: dict(zip(names, [round(float(torch.tensor(v)[:, j].median()), 2) for j in range(len(names))]))
             for op, v in rows.items()}
 
@@ -47,6 +48,7 @@ def timeline(ts, programs, layers=L):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
+    ap.add_argument("--ahead", type=int, nargs="+", default=[MC.AHEAD], help="L2 prefetch distances (ops) to time")
     args = ap.parse_args()
     bf = torch.bfloat16
     weights, _, _ = chain_setup("cuda")
@@ -73,17 +75,19 @@ def main():
         errs[f"{layers}_bitwise_repeat"] = all(torch.equal(first[k], acts[k]) for k in COLS)
     print("max rel err vs torch:", errs, flush=True)
 
-    t = time_graph(lambda: MC.mega_chain(plan, prepared, acts, ctr, L))
-    ts = torch.zeros(plan.programs * L * 16, dtype=torch.int64, device="cuda")
-    MC.mega_chain(plan, prepared, acts, ctr, L, timestamps=ts)
-    torch.cuda.synchronize()
-    tl = timeline(ts, plan.programs)
-    print(f"mega_chain {t:8.1f} us/step {t / L:6.2f} us/layer (4 matmuls, weights {sum(w[0].numel() for w in weights.values()) * 2 / 1e6:.1f} MB/layer)")
-    for op, v in tl.items():
-        print(f"    {op:5s} " + "  ".join(f"{a} {b:6.2f}" for a, b in v.items()), flush=True)
-    res["rows"].append({"variant": "mega_chain", "us_step": t, "us_layer": t / L, "errors": errs, "timeline": tl,
-                        "ring": [MC.NS, MC.SLOT], "ops": MC.OPS,
-                        "programs": plan.programs, "wait": plan.wait})
+    for ahead in args.ahead:
+        t = time_graph(lambda: MC.mega_chain(plan, prepared, acts, ctr, L, ahead=ahead))
+        ts = torch.zeros(plan.programs * L * 32, dtype=torch.int64, device="cuda")
+        MC.mega_chain(plan, prepared, acts, ctr, L, timestamps=ts, ahead=ahead)
+        torch.cuda.synchronize()
+        tl = timeline(ts, plan.programs)
+        print(f"mega_chain ahead {ahead}: {t:8.1f} us/step {t / L:6.2f} us/layer (4 matmuls, "
+              f"{sum(w[0].numel() for w in weights.values()) * 2 / 1e6:.1f} MB of weights per layer)")
+        for op, v in tl.items():
+            print(f"    {op:5s} " + "  ".join(f"{a} {b:6.2f}" for a, b in v.items()), flush=True)
+        res["rows"].append({"variant": f"mega_chain_ahead{ahead}", "us_step": t, "us_layer": t / L, "errors": errs,
+                            "timeline": tl, "ring": [MC.NS, MC.SLOT], "ops": MC.OPS, "programs": plan.programs,
+                            "wait": plan.wait})
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1, default=str)

@@ -59,6 +59,7 @@ _SOURCE = r"""
 #define RECV_BYTES @RECV_BYTES@
 #define BNS @BN_SPLIT_MAX@
 #define NC 128                       /* consumer threads */
+#define AHEAD @AHEAD@                  /* ops of L2 prefetch ahead of the ring (0: none) */
 @HELPERS@
 typedef unsigned short bf16;
 
@@ -76,7 +77,7 @@ struct Args {
     bf16* act[4];          /* x, q, x2, h8: op P reads act[P] and writes act[(P + 1) % 4] */
     const int4* meta;      /* [4 ops][programs]: first column, columns, weight block offset (elements), - */
     unsigned* ctr;         /* [L][4 ops][8 ranges] arrival counters, zero before the launch */
-    unsigned long long* ts;/* [programs][L][4][4] stamps (use_ts) */
+    unsigned long long* ts;/* [programs][L][4][8] stamps (use_ts) */
     int L, use_ts, programs, pad;
     unsigned wait[4][8];   /* op P's unit of K range r waits until the producing op's counter r reaches wait[P][r] */
 };
@@ -128,6 +129,26 @@ template <int P> __device__ __forceinline__ void produce(const Args& g, int l, i
     }
 }
 
+/* the whole weight block of (layer l, op P) of this program, asked into L2 (no shared memory): DRAM keeps streaming
+   while the consumers are busy with dependencies and the ring is full */
+template <int P> __device__ __forceinline__ void prefetch_l2(const Args& g, int l, int prog) {
+    typedef Op<P> O;
+    const int4 m = g.meta[P * g.programs + prog];
+    const unsigned bytes = m.y * (O::K / O::SPLIT) * 2;
+    const char* blk = (const char*)(g.w[P] + (size_t)l * O::N * O::K + m.z);
+    for (unsigned off = 0; off < bytes; off += 16384)
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(blk + off), "r"(bytes - off < 16384 ? bytes - off : 16384) : "memory");
+}
+__device__ __forceinline__ void prefetch_op(const Args& g, int t, int prog) {  /* t = layer * 4 + op */
+    if (t >= g.L * 4) return;
+    switch (t & 3) {
+        case 0: prefetch_l2<0>(g, t >> 2, prog); break;
+        case 1: prefetch_l2<1>(g, t >> 2, prog); break;
+        case 2: prefetch_l2<2>(g, t >> 2, prog); break;
+        default: prefetch_l2<3>(g, t >> 2, prog); break;
+    }
+}
+
 template <int P> __device__ __forceinline__ void consume(const Args& g, int l, int prog, unsigned char* smem,
                                                          int& ci, int& su) {
     typedef Op<P> O;
@@ -137,7 +158,7 @@ template <int P> __device__ __forceinline__ void consume(const Args& g, int l, i
     const int n0 = m.x, bn = m.y, nj = bn / 8;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int rank = O::SPLIT == 1 ? 0 : (prog & 3), k0 = rank * KC;
-    unsigned long long* ts = g.ts + ((size_t)(prog * g.L + l) * 4 + P) * 4;
+    unsigned long long* ts = g.ts + ((size_t)(prog * g.L + l) * 4 + P) * 8;
     const unsigned a_u32 = smem_u32(smem), recv_u32 = smem_u32(smem + A_BYTES);
     const unsigned ring = smem_u32(smem + A_BYTES + RECV_BYTES), bars = ring + NS * SLOT;
     float* red = (float*)smem;
@@ -173,9 +194,13 @@ template <int P> __device__ __forceinline__ void consume(const Args& g, int l, i
             #pragma unroll
             for (int e = 0; e < 4; ++e) acc[mt][j][e] = 0.f;
     const unsigned a_base = pinned_u32(a_u32);
+    const bool stamp = g.use_ts && tid == 0;
+    unsigned long long waited = 0;
     for (int ch = warp; ch < NCH; ch += 4) {
         const int slot = (ci + ch) % NS, use = (ci + ch) / NS;
+        const unsigned long long w0 = stamp ? globaltimer() : 0;
         while (!mbar_try(bars + 8 * slot, use & 1)) {}
+        if (stamp) waited += globaltimer() - w0;
         const unsigned w_base = pinned_u32(ring + slot * SLOT);
         #pragma unroll
         for (int ks = 0; ks < O::CK / 16; ++ks) {
@@ -209,6 +234,7 @@ template <int P> __device__ __forceinline__ void consume(const Args& g, int l, i
         if (lane == 0) mbar_arrive(bars + 8 * (NS + slot));  /* the slot may be refilled */
     }
     ci += NCH;
+    if (stamp) { ts[4] = waited; ts[5] = globaltimer(); }  /* warp 0: time spent waiting for its chunks, its MMAs done */
 
     /* 4. the warps' K partials -> shared memory (over the activations) -> summed in fixed order */
     bar_consumers();
@@ -308,10 +334,15 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(160, 1) m
     if (tid >= NC) {
         if (tid == NC) {
             int ci = 0;
+            for (int t = 0; t < AHEAD; ++t) prefetch_op(g, t, prog);
             for (int l = 0; l < g.L; ++l) {
+                if (AHEAD) prefetch_op(g, l * 4 + 0 + AHEAD, prog);
                 produce<0>(g, l, prog, ring, bars, ci);
+                if (AHEAD) prefetch_op(g, l * 4 + 1 + AHEAD, prog);
                 produce<1>(g, l, prog, ring, bars, ci);
+                if (AHEAD) prefetch_op(g, l * 4 + 2 + AHEAD, prog);
                 produce<2>(g, l, prog, ring, bars, ci);
+                if (AHEAD) prefetch_op(g, l * 4 + 3 + AHEAD, prog);
                 produce<3>(g, l, prog, ring, bars, ci);
             }
         }
@@ -330,9 +361,12 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(160, 1) m
 """
 
 
-def source() -> str:
+AHEAD = 2  # default L2 prefetch distance in ops
+
+
+def source(ahead: int = AHEAD) -> str:
     text = _SOURCE
-    consts = dict(NS=NS, SLOT=SLOT, A_BYTES=A_BYTES, RECV_BYTES=RECV_BYTES, BN_SPLIT_MAX=BN_SPLIT_MAX,
+    consts = dict(AHEAD=ahead, NS=NS, SLOT=SLOT, A_BYTES=A_BYTES, RECV_BYTES=RECV_BYTES, BN_SPLIT_MAX=BN_SPLIT_MAX,
                   HELPERS=CUDA_HELPERS % {})
     for k, v in consts.items():
         text = text.replace(f"@{k}@", str(v))
@@ -414,8 +448,8 @@ class MegaPlan:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel_and_programs():
-    func = compile_cuda(source(), "mega_chain_kernel", SMEM)
+def _kernel_and_programs(ahead: int = AHEAD):
+    func = compile_cuda(source(ahead), "mega_chain_kernel", SMEM)
     cfg = _LaunchConfig(128, 1, 1, THREADS, 1, 1, SMEM, None, None, 0)
     n = ctypes.c_int()
     err = _libcuda().cuOccupancyMaxActiveClusters(ctypes.byref(n), func, ctypes.byref(cfg))
@@ -430,10 +464,10 @@ def plan_for_this_gpu() -> MegaPlan:
 
 
 def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tensor, layers: int,
-               timestamps: torch.Tensor | None = None):
+               timestamps: torch.Tensor | None = None, ahead: int = AHEAD):
     """Run `layers` layers of the chain on acts = {x, q, x2, h8} (bf16, 50 rows, row strides 1024 / 2560 / 1024 /
     8192); counters: >= layers * 32 int32 (zeroed here, inside the stream)."""
-    func, programs = _kernel_and_programs()
+    func, programs = _kernel_and_programs(ahead)
     assert plan.programs == programs, (plan.programs, programs)
     for name, cols in dict(x=1024, q=2560, x2=1024, h8=8192).items():
         t = acts[name]
