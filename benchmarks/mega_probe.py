@@ -28,8 +28,8 @@ def rel(a, b):
 
 def timeline(ts, programs, layers=L):
     """Per op, medians over layers 1..layers-2 (us): previous op's last publish -> this unit's activations ready
-    (median over programs), activation load, MMAs (incl. any wait for the ring; warp 0: its wait for ring chunks
-    and the rest), reduce + store + publish (median, max), and the span: previous op's last publish -> this op's last publish (the link cost on the critical path)."""
+    (median over programs), activation load, MMAs (incl. any wait for the ring), reduce + store + publish (median,
+    max), and the span: previous op's last publish -> this op's last publish (the link cost on the critical path)."""
     st = ts.view(programs, layers, 4, 8).cpu().double() / 1000.0
     rows = {op: [] for op in OPS}
     for i in range(1, layers - 1):
@@ -38,9 +38,8 @@ def timeline(ts, programs, layers=L):
             pl, pp = (i, p - 1) if p > 0 else (i - 1, 3)
             prev_last = st[:, pl, pp, 3].max()
             rows[op].append([(t[:, 0] - prev_last).median(), (t[:, 1] - t[:, 0]).median(), (t[:, 2] - t[:, 1]).median(),
-                             t[:, 4].median(), (t[:, 5] - t[:, 1] - t[:, 4]).median(),
                              (t[:, 3] - t[:, 2]).median(), (t[:, 3] - t[:, 2]).max(), t[:, 3].max() - prev_last])
-    names = ["prev_pub->ready", "A_load", "mma", "w0_ring_wait", "w0_mma", "pub_med", "pub_max", "span"]
+    names = ["prev_pub->ready", "A_load", "mma", "pub_med", "pub_max", "span"]
     return {op: dict(zip(names, [round(float(torch.tensor(v)[:, j].median()), 2) for j in range(len(names))]))
             for op, v in rows.items()}
 

@@ -226,8 +226,9 @@ def _libcuda():
     return ctypes.CDLL("libcuda.so.1")
 
 
-def compile_cuda(src: str, name: str, max_dynamic_smem: int = 0) -> ctypes.c_void_p:
-    """NVRTC (the library torch ships) -> cubin for this GPU -> CUfunction in the current context."""
+def compile_cuda(src: str, name: str, max_dynamic_smem: int = 0, arch_suffix: str = "") -> ctypes.c_void_p:
+    """NVRTC (the library torch ships) -> cubin for this GPU -> CUfunction in the current context. arch_suffix "a":
+    the architecture-specific target (sm_90a: wgmma)."""
     from torch.cuda._utils import _get_gpu_rtc_library
 
     torch.cuda.init()
@@ -237,7 +238,7 @@ def compile_cuda(src: str, name: str, max_dynamic_smem: int = 0) -> ctypes.c_voi
     if rtc.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), f"{name}.cu".encode(), 0, None, None) != 0:
         raise RuntimeError("nvrtcCreateProgram failed")
     major, minor = torch.cuda.get_device_capability()
-    opts = [f"--gpu-architecture=sm_{major}{minor}".encode(), b"-default-device", b"--std=c++17"]
+    opts = [f"--gpu-architecture=sm_{major}{minor}{arch_suffix}".encode(), b"-default-device", b"--std=c++17"]
     res = rtc.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
     if res != 0:
         n = ctypes.c_size_t()

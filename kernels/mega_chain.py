@@ -40,15 +40,16 @@ from pi0_triton_policy.kernels.cluster_matmul import CUDA_HELPERS, _LaunchConfig
 
 R = 50  # activation rows (the action tokens)
 CLUSTER, THREADS = 4, 160  # 4 consumer warps + 1 producer warp
-NS, SLOT = 10, 10240  # weight ring: slots x bytes
-A_BYTES = 51 * 1024 * 2  # activations [50 rows + a zero row][KC <= 1024] bf16 (also the warps' partial sums)
+NS, SLOT = 10, 9216  # weight ring: slots x bytes (1024-aligned: wgmma's 128-byte swizzle atoms)
+A_BLOCK = 56 * 128  # one 64-column block of the activations: 56 rows of 128 B (see consume)
+A_BYTES = 16 * A_BLOCK  # KC <= 1024
 BN_SPLIT_MAX = 40  # widest column tile of a split op (o, down)
 RECV_BYTES = 2 * 4 * 16 * BN_SPLIT_MAX * 4  # [parity][source rank][16 owned rows][BN] fp32
 SMEM = A_BYTES + RECV_BYTES + NS * SLOT + 8 * (2 * NS + 2)
 NAMES = ("qkv", "o", "gu", "down")
 # op: (N, K, SPLIT, CK, NJMAX); CK = K columns per ring chunk, NJMAX = most n8 column groups a program gets (with 120
 # programs); the widest chunk (gu: 72 x 64, o / down: 40 x 128) stays <= SLOT
-OPS = dict(qkv=(2560, 1024, 1, 128, 3), o=(1024, 2048, 4, 128, 5), gu=(8192, 1024, 1, 64, 9), down=(1024, 4096, 4, 128, 5))
+OPS = dict(qkv=(2560, 1024, 1, 64, 3), o=(1024, 2048, 4, 64, 5), gu=(8192, 1024, 1, 64, 9), down=(1024, 4096, 4, 64, 5))
 RANGE = dict(qkv=512, o=0, gu=1024, down=0)  # columns per arrival counter of the op's output (the next op's K range)
 
 _SOURCE = r"""
@@ -56,6 +57,7 @@ _SOURCE = r"""
 #define NS @NS@
 #define SLOT @SLOT@
 #define A_BYTES @A_BYTES@
+#define A_BLOCK @A_BLOCK@
 #define RECV_BYTES @RECV_BYTES@
 #define BNS @BN_SPLIT_MAX@
 #define NC 128                       /* consumer threads */
@@ -67,10 +69,10 @@ typedef unsigned short bf16;
    program, activation and output row strides, and the column width of one arrival counter of its output (0: one
    counter for the whole op) */
 template <int P> struct Op;
-template <> struct Op<0> { enum { N = 2560, K = 1024, SPLIT = 1, CK = 128, NJMAX = 3, LDA = 1024, LDO = 2560, RANGE = 512 }; };
-template <> struct Op<1> { enum { N = 1024, K = 2048, SPLIT = 4, CK = 128, NJMAX = 5, LDA = 2560, LDO = 1024, RANGE = 0 }; };
+template <> struct Op<0> { enum { N = 2560, K = 1024, SPLIT = 1, CK = 64, NJMAX = 3, LDA = 1024, LDO = 2560, RANGE = 512 }; };
+template <> struct Op<1> { enum { N = 1024, K = 2048, SPLIT = 4, CK = 64, NJMAX = 5, LDA = 2560, LDO = 1024, RANGE = 0 }; };
 template <> struct Op<2> { enum { N = 8192, K = 1024, SPLIT = 1, CK = 64,  NJMAX = 9, LDA = 1024, LDO = 8192, RANGE = 1024 }; };
-template <> struct Op<3> { enum { N = 1024, K = 4096, SPLIT = 4, CK = 128, NJMAX = 5, LDA = 8192, LDO = 1024, RANGE = 0 }; };
+template <> struct Op<3> { enum { N = 1024, K = 4096, SPLIT = 4, CK = 64, NJMAX = 5, LDA = 8192, LDO = 1024, RANGE = 0 }; };
 
 struct Args {
     const bf16* w[4];      /* prepared weights per op: [L][N * K], program p's block at meta.z: [KC / CK][bn][CK] */
@@ -149,20 +151,118 @@ __device__ __forceinline__ void prefetch_op(const Args& g, int t, int prog) {  /
     }
 }
 
+@WGMMA@
+/* wgmma descriptor of a K-major bf16 tile in the 128-byte swizzle: rows of 64 elements (128 B), 8-row atoms 1024 B
+   apart (stride byte offset), 1024-aligned; +32 B on the address steps K by 16 inside the atom */
+__device__ __forceinline__ unsigned long long sw128_desc(unsigned addr) {
+    return (unsigned long long)((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((unsigned long long)(1024 >> 4) << 32) | (1ull << 62);
+}
+
+/* the MMA and epilogue of one unit whose tile is NJ x 8 columns wide (one warpgroup: 64 rows x NJ*8, K = KC) */
+template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g, int l, int prog, unsigned char* smem,
+                                                                  int& ci, int& su, int n0, int rank,
+                                                                  unsigned long long* ts) {
+    typedef Op<P> O;
+    constexpr int KC = O::K / O::SPLIT, NCH = KC / 64;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const unsigned a_u32 = smem_u32(smem), recv_u32 = smem_u32(smem + A_BYTES);
+    const unsigned ring = smem_u32(smem + A_BYTES + RECV_BYTES), bars = ring + NS * SLOT;
+    float* recv = (float*)(smem + A_BYTES);
+    const bool stamp = g.use_ts && tid == 0;
+    float d[NJ * 4];
+    #pragma unroll
+    for (int i = 0; i < NJ * 4; ++i) d[i] = 0.f;
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+    for (int ch = 0; ch < NCH; ++ch) {
+        const int slot = (ci + ch) % NS, use = (ci + ch) / NS;
+        while (!mbar_try(bars + 8 * slot, use & 1)) {}
+        const unsigned long long da = sw128_desc(a_u32 + ch * A_BLOCK), db = sw128_desc(ring + slot * SLOT);
+        #pragma unroll
+        for (int s = 0; s < 4; ++s) wgmma_n<NJ * 8>(d, da + 2 * s, db + 2 * s, 1);
+        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+        if (ch > 0) {  /* the previous chunk's MMAs are done: its slot may be refilled */
+            asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+            mbar_arrive(bars + 8 * (NS + (ci + ch - 1) % NS));  /* all 128 threads: no divergent path near wgmma */
+        }
+    }
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+    mbar_arrive(bars + 8 * (NS + (ci + NCH - 1) % NS));
+    ci += NCH;
+
+    /* accumulator fragment: warp w holds rows 16w + lane/4 (+8), columns 8j + 2 (lane % 4) (+1) */
+    const int r0 = 16 * warp + (lane >> 2), c0 = 2 * (lane & 3);
+    bf16* out = g.act[(P + 1) % 4];
+    if (stamp) ts[2] = globaltimer();
+    if (O::SPLIT == 1) {
+        #pragma unroll
+        for (int j = 0; j < NJ; ++j)
+            #pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int row = r0 + 8 * h;
+                if (row < R)
+                    *(unsigned*)(out + (size_t)row * O::LDO + n0 + 8 * j + c0) =
+                        to_bf16(d[4 * j + 2 * h]) | ((unsigned)to_bf16(d[4 * j + 2 * h + 1]) << 16);
+            }
+    } else {
+        /* the rows of warp w belong to rank w: pushed there (st.async: the bytes complete that rank's mbarrier;
+           two parities: a rank can be one unit ahead of the owner, never two, because every unit needs every push) */
+        const int buf = su & 1;
+        const unsigned parity = (su >> 1) & 1;
+        ++su;
+        const unsigned rbar = bars + 8 * (2 * NS + buf);
+        if (tid == 0) {
+            const int mine = (R - rank * 16) < 16 ? (R - rank * 16) : 16;
+            asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(rbar), "r"(3 * mine * NJ * 8 * 4) : "memory");
+        }
+        #pragma unroll
+        for (int j = 0; j < NJ; ++j)
+            #pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int row = r0 + 8 * h;
+                if (row >= R) continue;
+                const int slot_off = ((buf * 4 + rank) * 16 + (row & 15)) * BNS + 8 * j + c0;
+                if (warp == rank) *(float2*)(recv + slot_off) = make_float2(d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
+                else asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.f32 [%0], {%1,%2}, [%3];"
+                                  :: "r"(mapa(recv_u32 + 4 * slot_off, warp)), "f"(d[4 * j + 2 * h]), "f"(d[4 * j + 2 * h + 1]),
+                                     "r"(mapa(rbar, warp)) : "memory");
+            }
+        bar_consumers();  /* this rank's own partial is in shared memory */
+        while (!mbar_try_cluster(rbar, parity)) {}
+        for (int i = tid * 4; i < 16 * BNS; i += NC * 4) {
+            const int rr = i / BNS, col = i % BNS, row = rank * 16 + rr;
+            if (row >= R || col >= NJ * 8) continue;
+            float4 s = *(float4*)(recv + (buf * 4 * 16) * BNS + i);
+            #pragma unroll
+            for (int src = 1; src < 4; ++src) {  /* fixed order: deterministic */
+                const float4 v = *(float4*)(recv + ((buf * 4 + src) * 16) * BNS + i);
+                s.x += v.x; s.y += v.y; s.z += v.z; s.w += v.w;
+            }
+            const unsigned lo = to_bf16(s.x) | ((unsigned)to_bf16(s.y) << 16), hi = to_bf16(s.z) | ((unsigned)to_bf16(s.w) << 16);
+            *(uint2*)(out + (size_t)row * O::LDO + n0 + col) = make_uint2(lo, hi);
+        }
+    }
+    /* publish: every consumer's stores, then one release add on each counter the unit's columns touch */
+    bar_consumers();
+    if (tid == 0) {
+        asm volatile("fence.acq_rel.gpu;" ::: "memory");
+        const int bn = NJ * 8;
+        const int q0 = O::RANGE ? n0 / O::RANGE : 0, q1 = O::RANGE ? (n0 + bn - 1) / O::RANGE : 0;
+        for (int q = q0; q <= q1; ++q)
+            asm volatile("red.release.gpu.global.add.u32 [%0], 1;" :: "l"(g.ctr + (l * 4 + P) * 8 + q) : "memory");
+        if (g.use_ts) ts[3] = globaltimer();
+    }
+}
+
 template <int P> __device__ __forceinline__ void consume(const Args& g, int l, int prog, unsigned char* smem,
                                                          int& ci, int& su) {
     typedef Op<P> O;
-    constexpr int KC = O::K / O::SPLIT, NCH = KC / O::CK, NJ = O::NJMAX, CPR = KC / 8;
-    constexpr int BNR = O::SPLIT == 1 ? NJ * 8 : BNS;   /* row stride of the partial sums */
+    constexpr int KC = O::K / O::SPLIT, CPR = KC / 8;
     const int4 m = g.meta[P * g.programs + prog];
-    const int n0 = m.x, bn = m.y, nj = bn / 8;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int n0 = m.x, nj = m.y / 8;
+    const int tid = threadIdx.x;
     const int rank = O::SPLIT == 1 ? 0 : (prog & 3), k0 = rank * KC;
     unsigned long long* ts = g.ts + ((size_t)(prog * g.L + l) * 4 + P) * 8;
-    const unsigned a_u32 = smem_u32(smem), recv_u32 = smem_u32(smem + A_BYTES);
-    const unsigned ring = smem_u32(smem + A_BYTES + RECV_BYTES), bars = ring + NS * SLOT;
-    float* red = (float*)smem;
-    float* recv = (float*)(smem + A_BYTES);
+    const unsigned a_u32 = smem_u32(smem);
 
     /* 1. the producing op's arrivals for this unit's K range */
     if (tid == 0) {
@@ -175,147 +275,20 @@ template <int P> __device__ __forceinline__ void consume(const Args& g, int l, i
     }
     bar_consumers();
 
-    /* 2. activations [50][KC] (+ a zero row for the MMA's padding rows), swizzled in 16-byte chunks */
+    /* 2. activations [50][KC] as KC/64 blocks of [56 rows][64] in the 128-byte swizzle (rows 50..63 of a block are
+       never stored: whatever they read becomes output rows that are dropped) */
     const bf16* a = g.act[P];
-    for (int i = tid; i < 51 * CPR; i += NC) {
-        const int r = i / CPR, c = i % CPR, ok = r < R;
-        cp_async16(a_u32 + 2 * (r * KC + ((c ^ (r & 7)) * 8)), a + (size_t)(ok ? r : 0) * O::LDA + k0 + c * 8, ok ? 16 : 0);
+    for (int i = tid; i < R * CPR; i += NC) {
+        const int r = i / CPR, c = i % CPR;
+        cp_async16(a_u32 + (c >> 3) * A_BLOCK + r * 128 + (((c & 7) ^ (r & 7)) * 16), a + (size_t)r * O::LDA + k0 + c * 8, 16);
     }
-    asm volatile("cp.async.commit_group;\n\tcp.async.wait_all;" ::: "memory");
+    asm volatile("cp.async.commit_group;\n\tcp.async.wait_all;\n\tfence.proxy.async.shared::cta;" ::: "memory");
     bar_consumers();
     if (tid == 0 && g.use_ts) ts[1] = globaltimer();
 
-    /* 3. warp w takes chunks w, w + 4, ... (a K range each); rows >= 50 read the zero row */
-    float acc[4][NJ][4];
-    #pragma unroll
-    for (int mt = 0; mt < 4; ++mt)
-        #pragma unroll
-        for (int j = 0; j < NJ; ++j)
-            #pragma unroll
-            for (int e = 0; e < 4; ++e) acc[mt][j][e] = 0.f;
-    const unsigned a_base = pinned_u32(a_u32);
-    const bool stamp = g.use_ts && tid == 0;
-    unsigned long long waited = 0;
-    for (int ch = warp; ch < NCH; ch += 4) {
-        const int slot = (ci + ch) % NS, use = (ci + ch) / NS;
-        const unsigned long long w0 = stamp ? globaltimer() : 0;
-        while (!mbar_try(bars + 8 * slot, use & 1)) {}
-        if (stamp) waited += globaltimer() - w0;
-        const unsigned w_base = pinned_u32(ring + slot * SLOT);
-        #pragma unroll
-        for (int ks = 0; ks < O::CK / 16; ++ks) {
-            unsigned af[4][4];
-            #pragma unroll
-            for (int mt = 0; mt < 4; ++mt) {
-                int r = mt * 16 + (lane & 15);
-                r = r < R ? r : R;
-                const int c = ch * (O::CK / 8) + ks * 2 + (lane >> 4);
-                asm("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                    : "=r"(af[mt][0]), "=r"(af[mt][1]), "=r"(af[mt][2]), "=r"(af[mt][3])
-                    : "r"(a_base + 2 * (r * KC + ((c ^ (r & 7)) * 8))));
-            }
-            #pragma unroll
-            for (int j = 0; j < NJ; ++j) {
-                if (j < nj) {
-                    unsigned b0, b1;
-                    const int r = j * 8 + (lane & 7), c = ks * 2 + ((lane >> 3) & 1);
-                    asm("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];"
-                        : "=r"(b0), "=r"(b1) : "r"(w_base + 2 * (r * O::CK + ((c ^ (r & 7)) * 8))));
-                    #pragma unroll
-                    for (int mt = 0; mt < 4; ++mt)
-                        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-                            "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                            : "+f"(acc[mt][j][0]), "+f"(acc[mt][j][1]), "+f"(acc[mt][j][2]), "+f"(acc[mt][j][3])
-                            : "r"(af[mt][0]), "r"(af[mt][1]), "r"(af[mt][2]), "r"(af[mt][3]), "r"(b0), "r"(b1));
-                }
-            }
-        }
-        __syncwarp();
-        if (lane == 0) mbar_arrive(bars + 8 * (NS + slot));  /* the slot may be refilled */
-    }
-    ci += NCH;
-    if (stamp) { ts[4] = waited; ts[5] = globaltimer(); }  /* warp 0: time spent waiting for its chunks, its MMAs done */
-
-    /* 4. the warps' K partials -> shared memory (over the activations) -> summed in fixed order */
-    bar_consumers();
-    const int gq = lane >> 2, q4 = lane & 3;
-    #pragma unroll
-    for (int mt = 0; mt < 4; ++mt)
-        #pragma unroll
-        for (int j = 0; j < NJ; ++j)
-            if (j < nj)
-                #pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const int row = mt * 16 + gq + 8 * h, col = j * 8 + 2 * q4;
-                    *(float2*)(red + (warp * 64 + row) * BNR + col) = make_float2(acc[mt][j][2 * h], acc[mt][j][2 * h + 1]);
-                }
-    bar_consumers();
-    if (tid == 0 && g.use_ts) ts[2] = globaltimer();
-    bf16* out = g.act[(P + 1) % 4];
-    if (O::SPLIT == 1) {
-        for (int i = tid * 4; i < R * BNR; i += NC * 4) {
-            const int row = i / BNR, col = i % BNR;
-            if (col >= bn) continue;
-            float4 s = *(float4*)(red + i);
-            #pragma unroll
-            for (int w = 1; w < 4; ++w) {
-                const float4 v = *(float4*)(red + w * 64 * BNR + i);
-                s.x += v.x; s.y += v.y; s.z += v.z; s.w += v.w;
-            }
-            const unsigned lo = to_bf16(s.x) | ((unsigned)to_bf16(s.y) << 16), hi = to_bf16(s.z) | ((unsigned)to_bf16(s.w) << 16);
-            *(uint2*)(out + (size_t)row * O::LDO + n0 + col) = make_uint2(lo, hi);
-        }
-    } else {
-        /* push: row belongs to rank row / 16, which keeps one slot per source rank (two parities: a rank can be one
-           unit ahead of the owner, never two, because every unit needs every rank's push). Remote rows go by
-           st.async, which counts its bytes on the owner's mbarrier: the phase completes when all partials are in. */
-        const int buf = su & 1;
-        const unsigned parity = (su >> 1) & 1;
-        ++su;
-        const unsigned rbar = bars + 8 * (2 * NS + buf);
-        if (tid == 0) {
-            const int mine = (R - rank * 16) < 16 ? (R - rank * 16) : 16;
-            asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(rbar), "r"(3 * mine * bn * 4) : "memory");
-        }
-        for (int i = tid * 4; i < R * BNR; i += NC * 4) {
-            const int row = i / BNR, col = i % BNR, owner = row >> 4;
-            if (col >= bn) continue;
-            float4 s = *(float4*)(red + i);
-            #pragma unroll
-            for (int w = 1; w < 4; ++w) {
-                const float4 v = *(float4*)(red + w * 64 * BNR + i);
-                s.x += v.x; s.y += v.y; s.z += v.z; s.w += v.w;
-            }
-            const int slot_off = ((buf * 4 + rank) * 16 + (row & 15)) * BNR + col;
-            if (owner == rank) *(float4*)(recv + slot_off) = s;
-            else asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.f32 [%0], {%1,%2,%3,%4}, [%5];"
-                              :: "r"(mapa(recv_u32 + 4 * slot_off, owner)), "f"(s.x), "f"(s.y), "f"(s.z), "f"(s.w),
-                                 "r"(mapa(rbar, owner)) : "memory");
-        }
-        bar_consumers();  /* this rank's own partial is in shared memory */
-        while (!mbar_try_cluster(rbar, parity)) {}
-        for (int i = tid * 4; i < 16 * BNR; i += NC * 4) {
-            const int rr = i / BNR, col = i % BNR, row = rank * 16 + rr;
-            if (row >= R || col >= bn) continue;
-            float4 s = *(float4*)(recv + (buf * 4 * 16) * BNR + i);
-            #pragma unroll
-            for (int src = 1; src < 4; ++src) {  /* fixed order: deterministic */
-                const float4 v = *(float4*)(recv + ((buf * 4 + src) * 16) * BNR + i);
-                s.x += v.x; s.y += v.y; s.z += v.z; s.w += v.w;
-            }
-            const unsigned lo = to_bf16(s.x) | ((unsigned)to_bf16(s.y) << 16), hi = to_bf16(s.z) | ((unsigned)to_bf16(s.w) << 16);
-            *(uint2*)(out + (size_t)row * O::LDO + n0 + col) = make_uint2(lo, hi);
-        }
-    }
-    /* 5. publish: every consumer's stores, then one release add on each counter the unit's columns touch */
-    bar_consumers();
-    if (tid == 0) {
-        asm volatile("fence.acq_rel.gpu;" ::: "memory");
-        const int r0 = O::RANGE ? n0 / O::RANGE : 0, r1 = O::RANGE ? (n0 + bn - 1) / O::RANGE : 0;
-        for (int r = r0; r <= r1; ++r)
-            asm volatile("red.release.gpu.global.add.u32 [%0], 1;" :: "l"(g.ctr + (l * 4 + P) * 8 + r) : "memory");
-        if (g.use_ts) ts[3] = globaltimer();
-    }
+    /* 3. MMA + epilogue, specialised on the tile width (programs differ by one column group at most) */
+    if (nj == O::NJMAX) unit_body<P, O::NJMAX>(g, l, prog, smem, ci, su, n0, rank, ts);
+    else unit_body<P, O::NJMAX - 1>(g, l, prog, smem, ci, su, n0, rank, ts);
 }
 
 extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(160, 1) mega_chain_kernel(const Args g)
@@ -323,15 +296,18 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(160, 1) m
     extern __shared__ __align__(1024) unsigned char smem[];
     const int tid = threadIdx.x, prog = blockIdx.x;
     const unsigned ring = smem_u32(smem + A_BYTES + RECV_BYTES), bars = ring + NS * SLOT;
+    if (smem_u32(smem) & 1023) asm volatile("trap;");  /* the swizzle atoms assume a 1024-aligned window */
     if (tid == 0) {
-        for (int s = 0; s < NS; ++s) { mbar_init(bars + 8 * s, 1); mbar_init(bars + 8 * (NS + s), 1); }
+        for (int s = 0; s < NS; ++s) { mbar_init(bars + 8 * s, 1); mbar_init(bars + 8 * (NS + s), NC); }
         mbar_init(bars + 8 * (2 * NS), 1);      /* the owner's expect_tx; the partials' bytes complete it */
         mbar_init(bars + 8 * (2 * NS + 1), 1);
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
     cluster_sync();  /* every rank's mbarriers exist before anyone arrives on them */
-    if (tid >= NC) {
+    /* the role as a warp-uniform value (shfl): ptxas then knows the consumer warpgroup's wgmma path is not divergent */
+    const int producer = __shfl_sync(0xffffffff, tid >= NC, 0);
+    if (producer) {
         if (tid == NC) {
             int ci = 0;
             for (int t = 0; t < AHEAD; ++t) prefetch_op(g, t, prog);
@@ -361,12 +337,28 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(160, 1) m
 """
 
 
-AHEAD = 2  # default L2 prefetch distance in ops
+AHEAD = 0  # default L2 prefetch distance in ops (0: off; 2-8 measured slower, benchmarks/NOTES.md)
+
+
+def _wgmma_functions() -> str:
+    """wgmma_n<N>(d, desc_a, desc_b, accumulate) for the tile widths the plan deals (N/2 accumulator registers per
+    thread: written out, inline asm takes no register arrays)."""
+    widths = sorted({8 * nj for (_, _, _, _, njmax) in OPS.values() for nj in (njmax, njmax - 1)})
+    out = ["template <int N> __device__ __forceinline__ void wgmma_n(float* d, unsigned long long da, unsigned long long db, int acc);"]
+    for n in widths:
+        regs = ",".join(f"%{i}" for i in range(n // 2))
+        ops = ", ".join(f'"+f"(d[{i}])' for i in range(n // 2))
+        out.append(
+            f"template <> __device__ __forceinline__ void wgmma_n<{n}>(float* d, unsigned long long da, unsigned long long db, int acc) {{\n"
+            f'    asm volatile("{{ .reg .pred p; setp.ne.b32 p, %{n // 2 + 2}, 0; '
+            f'wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 {{{regs}}}, %{n // 2}, %{n // 2 + 1}, p, 1, 1, 0, 0; }}"\n'
+            f'                 : {ops} : "l"(da), "l"(db), "r"(acc) : "memory");\n}}')
+    return "\n".join(out)
 
 
 def source(ahead: int = AHEAD) -> str:
     text = _SOURCE
-    consts = dict(AHEAD=ahead, NS=NS, SLOT=SLOT, A_BYTES=A_BYTES, RECV_BYTES=RECV_BYTES, BN_SPLIT_MAX=BN_SPLIT_MAX,
+    consts = dict(AHEAD=ahead, A_BLOCK=A_BLOCK, WGMMA=_wgmma_functions(), NS=NS, SLOT=SLOT, A_BYTES=A_BYTES, RECV_BYTES=RECV_BYTES, BN_SPLIT_MAX=BN_SPLIT_MAX,
                   HELPERS=CUDA_HELPERS % {})
     for k, v in consts.items():
         text = text.replace(f"@{k}@", str(v))
@@ -396,7 +388,7 @@ class MegaPlan:
         for op, (n, k, split, ck, njmax) in OPS.items():
             owners = programs if split == 1 else programs // CLUSTER
             widths = [8 * g for g in deal(n // 8, owners)]
-            assert max(widths) <= 8 * njmax and max(widths) * ck * 2 <= SLOT, (op, max(widths))
+            assert set(widths) <= {8 * njmax, 8 * njmax - 8} and max(widths) * ck * 2 <= SLOT, (op, set(widths))
             assert split == 1 or max(widths) <= BN_SPLIT_MAX
             starts = [sum(widths[:i]) for i in range(owners)]
             rows = []
@@ -449,7 +441,7 @@ class MegaPlan:
 
 @functools.lru_cache(maxsize=None)
 def _kernel_and_programs(ahead: int = AHEAD):
-    func = compile_cuda(source(ahead), "mega_chain_kernel", SMEM)
+    func = compile_cuda(source(ahead), "mega_chain_kernel", SMEM, arch_suffix="a")
     cfg = _LaunchConfig(128, 1, 1, THREADS, 1, 1, SMEM, None, None, 0)
     n = ctypes.c_int()
     err = _libcuda().cuOccupancyMaxActiveClusters(ctypes.byref(n), func, ctypes.byref(cfg))
