@@ -4,7 +4,7 @@ checks the kernel against torch (1 and 18 layers, bitwise repeatability), times 
 prints a per-op timeline (%globaltimer per program). Compare with
 `stack_probe.py --views 1 --pk '{"noattn": {"off": ["attn"]}}'` (the engine's Triton chain) run in the same call.
 
-    python benchmarks/mega_probe.py [--json out.json] [--ahead 0 2 4]
+    python benchmarks/mega_probe.py [--json out.json] [--ahead 0 2 4] [--a-pipe 0 1]
 """
 
 from __future__ import annotations
@@ -48,12 +48,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
     ap.add_argument("--ahead", type=int, nargs="+", default=[MC.AHEAD], help="L2 prefetch distances (ops) to time")
+    ap.add_argument("--a-pipe", type=int, nargs="+", default=[MC.A_PIPE], help="activation load in 4 groups (1) or whole (0)")
     args = ap.parse_args()
     bf = torch.bfloat16
     weights, _, _ = chain_setup("cuda")
     plan = MC.plan_for_this_gpu()
     prepared = {op: plan.prepare(weights[op], op) for op in OPS}
-    acts = {k: torch.zeros(MC.R, c, dtype=bf, device="cuda") for k, c in COLS.items()}
+    acts = {k: torch.zeros(MC.blocked_size(c), dtype=bf, device="cuda") for k, c in COLS.items()}
     ctr = torch.zeros(L * 32, dtype=torch.int32, device="cuda")
     res = {"card": torch.cuda.get_device_name(), "rows": []}
     print(f"card {res['card']}  mega_chain: {plan.programs} programs, ring {MC.NS} x {MC.SLOT // 1024} KB, "
@@ -62,29 +63,39 @@ def main():
     errs = {}
     for layers in (1, L):
         x0 = torch.randn(MC.R, 1024, device="cuda").to(bf)
-        acts["x"].copy_(x0)
+        MC.to_blocked(x0, acts["x"])
         MC.mega_chain(plan, prepared, acts, ctr, layers)
         torch.cuda.synchronize()
         ref = MC.mega_chain_reference(x0, weights, layers)
-        errs[layers] = {k: round(rel(acts[k], ref[k]), 5) for k in COLS}
+        errs[layers] = {k: round(rel(MC.from_blocked(acts[k], c), ref[k]), 5) for k, c in COLS.items()}
         first = {k: v.clone() for k, v in acts.items()}
-        acts["x"].copy_(x0)
+        MC.to_blocked(x0, acts["x"])
         MC.mega_chain(plan, prepared, acts, ctr, layers)
         torch.cuda.synchronize()
         errs[f"{layers}_bitwise_repeat"] = all(torch.equal(first[k], acts[k]) for k in COLS)
     print("max rel err vs torch:", errs, flush=True)
 
-    for ahead in args.ahead:
-        t = time_graph(lambda: MC.mega_chain(plan, prepared, acts, ctr, L, ahead=ahead))
+    for ahead, a_pipe in [(a, p) for a in args.ahead for p in args.a_pipe]:
+        if a_pipe != MC.A_PIPE or ahead != MC.AHEAD:  # the variant's result must match the default's
+            x0 = torch.randn(MC.R, 1024, device="cuda").to(bf)
+            MC.to_blocked(x0, acts["x"])
+            MC.mega_chain(plan, prepared, acts, ctr, L)
+            ref = {k: v.clone() for k, v in acts.items()}
+            MC.to_blocked(x0, acts["x"])
+            MC.mega_chain(plan, prepared, acts, ctr, L, ahead=ahead, a_pipe=a_pipe)
+            torch.cuda.synchronize()
+            errs[f"ahead{ahead}_apipe{a_pipe}_equal_to_default"] = all(torch.equal(ref[k], acts[k]) for k in COLS)
+            print(errs, flush=True)
+        t = time_graph(lambda: MC.mega_chain(plan, prepared, acts, ctr, L, ahead=ahead, a_pipe=a_pipe))
         ts = torch.zeros(plan.programs * L * 32, dtype=torch.int64, device="cuda")
-        MC.mega_chain(plan, prepared, acts, ctr, L, timestamps=ts, ahead=ahead)
+        MC.mega_chain(plan, prepared, acts, ctr, L, timestamps=ts, ahead=ahead, a_pipe=a_pipe)
         torch.cuda.synchronize()
         tl = timeline(ts, plan.programs)
-        print(f"mega_chain ahead {ahead}: {t:8.1f} us/step {t / L:6.2f} us/layer (4 matmuls, "
+        print(f"mega_chain ahead {ahead} a_pipe {a_pipe}: {t:8.1f} us/step {t / L:6.2f} us/layer (4 matmuls, "
               f"{sum(w[0].numel() for w in weights.values()) * 2 / 1e6:.1f} MB of weights per layer)")
         for op, v in tl.items():
             print(f"    {op:5s} " + "  ".join(f"{a} {b:6.2f}" for a, b in v.items()), flush=True)
-        res["rows"].append({"variant": f"mega_chain_ahead{ahead}", "us_step": t, "us_layer": t / L, "errors": errs,
+        res["rows"].append({"variant": f"mega_chain_ahead{ahead}_apipe{a_pipe}", "us_step": t, "us_layer": t / L, "errors": errs,
                             "timeline": tl, "ring": [MC.NS, MC.SLOT], "ops": MC.OPS, "programs": plan.programs,
                             "wait": plan.wait})
     if args.json:

@@ -45,7 +45,7 @@ A_BLOCK = 56 * 128  # one 64-column block of the activations: 56 rows of 128 B (
 A_BYTES = 16 * A_BLOCK  # KC <= 1024
 BN_SPLIT_MAX = 40  # widest column tile of a split op (o, down)
 RECV_BYTES = 2 * 4 * 16 * BN_SPLIT_MAX * 4  # [parity][source rank][16 owned rows][BN] fp32
-SMEM = A_BYTES + RECV_BYTES + NS * SLOT + 8 * (2 * NS + 2)
+SMEM = A_BYTES + RECV_BYTES + NS * SLOT + 8 * (2 * NS + 6)
 NAMES = ("qkv", "o", "gu", "down")
 # op: (N, K, SPLIT, CK, NJMAX); CK = K columns per ring chunk, NJMAX = most n8 column groups a program gets (with 120
 # programs); the widest chunk (gu: 72 x 64, o / down: 40 x 128) stays <= SLOT
@@ -61,18 +61,18 @@ _SOURCE = r"""
 #define RECV_BYTES @RECV_BYTES@
 #define BNS @BN_SPLIT_MAX@
 #define NC 128                       /* consumer threads */
+#define A_PIPE @A_PIPE@                /* 1: activations in four commit groups, MMAs start on the first */
 #define AHEAD @AHEAD@                  /* ops of L2 prefetch ahead of the ring (0: none) */
 @HELPERS@
 typedef unsigned short bf16;
 
 /* per op: columns, K, K split (1, or the cluster's 4 ranks), K columns per ring chunk, most n8 column groups per
-   program, activation and output row strides, and the column width of one arrival counter of its output (0: one
-   counter for the whole op) */
+   program, and the column width of one arrival counter of its output (0: one counter for the whole op) */
 template <int P> struct Op;
-template <> struct Op<0> { enum { N = 2560, K = 1024, SPLIT = 1, CK = 64, NJMAX = 3, LDA = 1024, LDO = 2560, RANGE = 512 }; };
-template <> struct Op<1> { enum { N = 1024, K = 2048, SPLIT = 4, CK = 64, NJMAX = 5, LDA = 2560, LDO = 1024, RANGE = 0 }; };
-template <> struct Op<2> { enum { N = 8192, K = 1024, SPLIT = 1, CK = 64,  NJMAX = 9, LDA = 1024, LDO = 8192, RANGE = 1024 }; };
-template <> struct Op<3> { enum { N = 1024, K = 4096, SPLIT = 4, CK = 64, NJMAX = 5, LDA = 8192, LDO = 1024, RANGE = 0 }; };
+template <> struct Op<0> { enum { N = 2560, K = 1024, SPLIT = 1, CK = 64, NJMAX = 3, RANGE = 512 }; };
+template <> struct Op<1> { enum { N = 1024, K = 2048, SPLIT = 4, CK = 64, NJMAX = 5, RANGE = 0 }; };
+template <> struct Op<2> { enum { N = 8192, K = 1024, SPLIT = 1, CK = 64,  NJMAX = 9, RANGE = 1024 }; };
+template <> struct Op<3> { enum { N = 1024, K = 4096, SPLIT = 4, CK = 64, NJMAX = 5, RANGE = 0 }; };
 
 struct Args {
     const bf16* w[4];      /* prepared weights per op: [L][N * K], program p's block at meta.z: [KC / CK][bn][CK] */
@@ -152,6 +152,12 @@ __device__ __forceinline__ void prefetch_op(const Args& g, int t, int prog) {  /
 }
 
 @WGMMA@
+/* element offset of (row, col) in the activations' global layout: blocks of 64 columns x 56 rows of 128 B, the
+   16-byte groups of a row XOR-swizzled by row (the shared-memory layout wgmma reads, so a K range is one bulk copy) */
+__device__ __forceinline__ size_t blocked(int row, int col) {
+    return (size_t)(col >> 6) * (A_BLOCK / 2) + row * 64 + ((((col & 63) >> 3) ^ (row & 7)) << 3) + (col & 7);
+}
+
 /* wgmma descriptor of a K-major bf16 tile in the 128-byte swizzle: rows of 64 elements (128 B), 8-row atoms 1024 B
    apart (stride byte offset), 1024-aligned; +32 B on the address steps K by 16 inside the atom */
 __device__ __forceinline__ unsigned long long sw128_desc(unsigned addr) {
@@ -160,7 +166,7 @@ __device__ __forceinline__ unsigned long long sw128_desc(unsigned addr) {
 
 /* the MMA and epilogue of one unit whose tile is NJ x 8 columns wide (one warpgroup: 64 rows x NJ*8, K = KC) */
 template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g, int l, int prog, unsigned char* smem,
-                                                                  int& ci, int& su, int n0, int rank,
+                                                                  int& ci, int& su, int n0, int rank, unsigned aparity,
                                                                   unsigned long long* ts) {
     typedef Op<P> O;
     constexpr int KC = O::K / O::SPLIT, NCH = KC / 64;
@@ -174,6 +180,8 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
     for (int i = 0; i < NJ * 4; ++i) d[i] = 0.f;
     asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
     for (int ch = 0; ch < NCH; ++ch) {
+        if (A_PIPE && ch % (NCH / 4) == 0)  /* the next quarter of the activations has landed */
+            while (!mbar_try(bars + 8 * (2 * NS + 2 + ch / (NCH / 4)), aparity)) {}
         const int slot = (ci + ch) % NS, use = (ci + ch) / NS;
         while (!mbar_try(bars + 8 * slot, use & 1)) {}
         const unsigned long long da = sw128_desc(a_u32 + ch * A_BLOCK), db = sw128_desc(ring + slot * SLOT);
@@ -200,7 +208,7 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
             for (int h = 0; h < 2; ++h) {
                 const int row = r0 + 8 * h;
                 if (row < R)
-                    *(unsigned*)(out + (size_t)row * O::LDO + n0 + 8 * j + c0) =
+                    *(unsigned*)(out + blocked(row, n0 + 8 * j + c0)) =
                         to_bf16(d[4 * j + 2 * h]) | ((unsigned)to_bf16(d[4 * j + 2 * h + 1]) << 16);
             }
     } else {
@@ -238,10 +246,12 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
                 s.x += v.x; s.y += v.y; s.z += v.z; s.w += v.w;
             }
             const unsigned lo = to_bf16(s.x) | ((unsigned)to_bf16(s.y) << 16), hi = to_bf16(s.z) | ((unsigned)to_bf16(s.w) << 16);
-            *(uint2*)(out + (size_t)row * O::LDO + n0 + col) = make_uint2(lo, hi);
+            *(uint2*)(out + blocked(row, n0 + col)) = make_uint2(lo, hi);
         }
     }
-    /* publish: every consumer's stores, then one release add on each counter the unit's columns touch */
+    /* publish: every consumer's stores (ordered before the consumers' bulk-copy reads), then one release add on each
+       counter the unit's columns touch */
+    asm volatile("fence.proxy.async.global;" ::: "memory");
     bar_consumers();
     if (tid == 0) {
         asm volatile("fence.acq_rel.gpu;" ::: "memory");
@@ -254,15 +264,16 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
 }
 
 template <int P> __device__ __forceinline__ void consume(const Args& g, int l, int prog, unsigned char* smem,
-                                                         int& ci, int& su) {
+                                                         int& ci, int& su, int& au) {
     typedef Op<P> O;
-    constexpr int KC = O::K / O::SPLIT, CPR = KC / 8;
+    constexpr int KC = O::K / O::SPLIT;
     const int4 m = g.meta[P * g.programs + prog];
     const int n0 = m.x, nj = m.y / 8;
     const int tid = threadIdx.x;
     const int rank = O::SPLIT == 1 ? 0 : (prog & 3), k0 = rank * KC;
     unsigned long long* ts = g.ts + ((size_t)(prog * g.L + l) * 4 + P) * 8;
     const unsigned a_u32 = smem_u32(smem);
+    const unsigned bars = smem_u32(smem + A_BYTES + RECV_BYTES) + NS * SLOT;
 
     /* 1. the producing op's arrivals for this unit's K range */
     if (tid == 0) {
@@ -277,18 +288,29 @@ template <int P> __device__ __forceinline__ void consume(const Args& g, int l, i
 
     /* 2. activations [50][KC] as KC/64 blocks of [56 rows][64] in the 128-byte swizzle (rows 50..63 of a block are
        never stored: whatever they read becomes output rows that are dropped) */
-    const bf16* a = g.act[P];
-    for (int i = tid; i < R * CPR; i += NC) {
-        const int r = i / CPR, c = i % CPR;
-        cp_async16(a_u32 + (c >> 3) * A_BLOCK + r * 128 + (((c & 7) ^ (r & 7)) * 16), a + (size_t)r * O::LDA + k0 + c * 8, 16);
+    /* the activations live in global memory in the same blocked, swizzled layout (every op stores its output so):
+       the unit's K range is one contiguous run of KC/64 blocks, one bulk copy (A_PIPE: four, one mbarrier each, so
+       the MMAs start on the first quarter) */
+    const unsigned abar = bars + 8 * (2 * NS + 2);
+    const unsigned aparity = au & 1;
+    ++au;
+    if (tid == 0) {
+        asm volatile("fence.proxy.async.global;" ::: "memory");  /* generic-proxy stores of other SMs -> async-proxy reads */
+        const char* src = (const char*)(g.act[P] + (size_t)(k0 / 64) * (A_BLOCK / 2));
+        constexpr unsigned PARTS = A_PIPE ? 4 : 1, BYTES = KC / 64 * A_BLOCK / PARTS;
+        #pragma unroll
+        for (unsigned part = 0; part < PARTS; ++part) {
+            asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(abar + 8 * part), "r"(BYTES) : "memory");
+            asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                         :: "r"(a_u32 + part * BYTES), "l"(src + part * BYTES), "r"(BYTES), "r"(abar + 8 * part) : "memory");
+        }
     }
-    asm volatile("cp.async.commit_group;\n\tcp.async.wait_all;\n\tfence.proxy.async.shared::cta;" ::: "memory");
-    bar_consumers();
+    if (!A_PIPE) while (!mbar_try(abar, aparity)) {}
     if (tid == 0 && g.use_ts) ts[1] = globaltimer();
 
     /* 3. MMA + epilogue, specialised on the tile width (programs differ by one column group at most) */
-    if (nj == O::NJMAX) unit_body<P, O::NJMAX>(g, l, prog, smem, ci, su, n0, rank, ts);
-    else unit_body<P, O::NJMAX - 1>(g, l, prog, smem, ci, su, n0, rank, ts);
+    if (nj == O::NJMAX) unit_body<P, O::NJMAX>(g, l, prog, smem, ci, su, n0, rank, aparity, ts);
+    else unit_body<P, O::NJMAX - 1>(g, l, prog, smem, ci, su, n0, rank, aparity, ts);
 }
 
 extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(160, 1) mega_chain_kernel(const Args g)
@@ -301,6 +323,7 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(160, 1) m
         for (int s = 0; s < NS; ++s) { mbar_init(bars + 8 * s, 1); mbar_init(bars + 8 * (NS + s), NC); }
         mbar_init(bars + 8 * (2 * NS), 1);      /* the owner's expect_tx; the partials' bytes complete it */
         mbar_init(bars + 8 * (2 * NS + 1), 1);
+        for (int part = 0; part < 4; ++part) mbar_init(bars + 8 * (2 * NS + 2 + part), 1);  /* activations */
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
@@ -324,12 +347,12 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(160, 1) m
         }
         __syncwarp();
     } else {
-        int ci = 0, su = 0;
+        int ci = 0, su = 0, au = 0;
         for (int l = 0; l < g.L; ++l) {
-            consume<0>(g, l, prog, smem, ci, su);
-            consume<1>(g, l, prog, smem, ci, su);
-            consume<2>(g, l, prog, smem, ci, su);
-            consume<3>(g, l, prog, smem, ci, su);
+            consume<0>(g, l, prog, smem, ci, su, au);
+            consume<1>(g, l, prog, smem, ci, su, au);
+            consume<2>(g, l, prog, smem, ci, su, au);
+            consume<3>(g, l, prog, smem, ci, su, au);
         }
     }
     cluster_sync();  /* no rank leaves while another may still write its shared memory */
@@ -337,6 +360,7 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(160, 1) m
 """
 
 
+A_PIPE = 1  # default: activations in four bulk copies, the MMAs start on the first (0: one copy; measured slower)
 AHEAD = 0  # default L2 prefetch distance in ops (0: off; 2-8 measured slower, benchmarks/NOTES.md)
 
 
@@ -356,9 +380,9 @@ def _wgmma_functions() -> str:
     return "\n".join(out)
 
 
-def source(ahead: int = AHEAD) -> str:
+def source(ahead: int = AHEAD, a_pipe: int = A_PIPE) -> str:
     text = _SOURCE
-    consts = dict(AHEAD=ahead, A_BLOCK=A_BLOCK, WGMMA=_wgmma_functions(), NS=NS, SLOT=SLOT, A_BYTES=A_BYTES, RECV_BYTES=RECV_BYTES, BN_SPLIT_MAX=BN_SPLIT_MAX,
+    consts = dict(AHEAD=ahead, A_PIPE=a_pipe, A_BLOCK=A_BLOCK, WGMMA=_wgmma_functions(), NS=NS, SLOT=SLOT, A_BYTES=A_BYTES, RECV_BYTES=RECV_BYTES, BN_SPLIT_MAX=BN_SPLIT_MAX,
                   HELPERS=CUDA_HELPERS % {})
     for k, v in consts.items():
         text = text.replace(f"@{k}@", str(v))
@@ -440,8 +464,8 @@ class MegaPlan:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel_and_programs(ahead: int = AHEAD):
-    func = compile_cuda(source(ahead), "mega_chain_kernel", SMEM, arch_suffix="a")
+def _kernel_and_programs(ahead: int = AHEAD, a_pipe: int = A_PIPE):
+    func = compile_cuda(source(ahead, a_pipe), "mega_chain_kernel", SMEM, arch_suffix="a")
     cfg = _LaunchConfig(128, 1, 1, THREADS, 1, 1, SMEM, None, None, 0)
     n = ctypes.c_int()
     err = _libcuda().cuOccupancyMaxActiveClusters(ctypes.byref(n), func, ctypes.byref(cfg))
@@ -456,14 +480,14 @@ def plan_for_this_gpu() -> MegaPlan:
 
 
 def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tensor, layers: int,
-               timestamps: torch.Tensor | None = None, ahead: int = AHEAD):
-    """Run `layers` layers of the chain on acts = {x, q, x2, h8} (bf16, 50 rows, row strides 1024 / 2560 / 1024 /
-    8192); counters: >= layers * 32 int32 (zeroed here, inside the stream)."""
-    func, programs = _kernel_and_programs(ahead)
+               timestamps: torch.Tensor | None = None, ahead: int = AHEAD, a_pipe: int = A_PIPE):
+    """Run `layers` layers of the chain on acts = {x, q, x2, h8}: [50, 1024 / 2560 / 1024 / 8192] bf16 in the blocked
+    layout (`to_blocked` / `from_blocked`); counters: >= layers * 32 int32 (zeroed here, inside the stream)."""
+    func, programs = _kernel_and_programs(ahead, a_pipe)
     assert plan.programs == programs, (plan.programs, programs)
     for name, cols in dict(x=1024, q=2560, x2=1024, h8=8192).items():
         t = acts[name]
-        assert t.shape == (R, cols) and t.is_contiguous() and t.dtype == torch.bfloat16, (name, t.shape)
+        assert t.shape == (blocked_size(cols),) and t.dtype == torch.bfloat16, (name, t.shape)
     assert counters.numel() >= layers * 32
     counters.zero_()
     args = _Args()
@@ -484,6 +508,29 @@ def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tenso
     err = _libcuda().cuLaunchKernelEx(ctypes.byref(cfg), func, params, None)
     if err != 0:
         raise RuntimeError(f"cuLaunchKernelEx(mega_chain) failed: CUresult {err}")
+
+
+def blocked_size(cols: int) -> int:
+    """bf16 elements of a [50, cols] activation in the kernel's global layout."""
+    return cols // 64 * A_BLOCK // 2
+
+
+def _blocked_index(cols: int, device) -> torch.Tensor:
+    row = torch.arange(R, device=device).view(R, 1)
+    col = torch.arange(cols, device=device).view(1, cols)
+    return (col // 64) * (A_BLOCK // 2) + row * 64 + ((((col % 64) // 8) ^ (row % 8)) * 8) + col % 8
+
+
+def to_blocked(t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[50, cols] -> the kernel's blocked, swizzled global layout (rows 50..55 of a block zero)."""
+    cols = t.shape[1]
+    out = torch.zeros(blocked_size(cols), dtype=t.dtype, device=t.device) if out is None else out
+    out.view(-1)[_blocked_index(cols, t.device).view(-1)] = t.reshape(-1)
+    return out
+
+
+def from_blocked(buf: torch.Tensor, cols: int) -> torch.Tensor:
+    return buf.view(-1)[_blocked_index(cols, buf.device)]
 
 
 def mega_chain_reference(x: torch.Tensor, weights: dict, layers: int) -> dict:

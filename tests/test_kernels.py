@@ -458,3 +458,71 @@ def test_cluster_attention_cuda(views, row_start, kc, rows):
         CA.cluster_attention(q, k, v, valid, T, row_start, NQ, o, kc=kc, rows=rows, pdl=pdl)
     assert rel(outs[0], AA.action_attention_ref(q, k, v, valid, T, row_start, NQ)) < 1e-2
     assert torch.equal(outs[0], outs[1]), "not deterministic"
+
+
+def test_mega_chain_plan_layout():
+    """The persistent chain's work plan (kernels/mega_chain.py, experimental; CPU): every weight element is dealt to
+    exactly one program and lands in its chunk at the swizzled position wgmma reads; the arrival counts each unit
+    waits for match the units that publish; the blocked activation layout round-trips."""
+    from pi0_triton_policy.kernels import mega_chain as MC
+
+    g = torch.Generator().manual_seed(7)
+    for programs in (120, 128):
+        plan = MC.MegaPlan(programs)
+        for op, (n, k, split, ck, njmax) in MC.OPS.items():
+            wt = torch.randn(1, n, k, generator=g)
+            prepared = plan.prepare(wt, op)
+            kc = k // split
+            cover = torch.zeros(n, k, dtype=torch.int32)
+            seen = set()
+            for p in range(programs):
+                n0, bn, off = plan.meta[op][p]
+                rank = 0 if split == 1 else p % MC.CLUSTER
+                assert bn in (8 * njmax, 8 * njmax - 8)
+                if (n0, rank) in seen:
+                    continue
+                seen.add((n0, rank))
+                cover[n0:n0 + bn, rank * kc:(rank + 1) * kc] += 1
+                blk = prepared[0, off:off + bn * kc].view(kc // ck, bn, ck // 8, 8)
+                groups = torch.arange(ck // 8).view(1, -1) ^ (torch.arange(bn).view(-1, 1) % 8)  # logical group held
+                expect = wt[0, n0:n0 + bn, rank * kc:(rank + 1) * kc].reshape(bn, kc // ck, ck // 8, 8).permute(1, 0, 2, 3)
+                assert torch.equal(blk, torch.gather(expect, 2, groups.view(1, bn, ck // 8, 1).expand_as(expect))), (op, p)
+            assert (cover == 1).all(), op
+        # o / down rank r wait for the qkv / gu units whose columns touch K range r; qkv / gu for every unit
+        assert plan.wait[0][0] == plan.wait[2][0] == programs
+        for nxt, prev, width in ((1, "qkv", 512), (3, "gu", 1024)):
+            for r in range(4):
+                touching = sum(1 for n0, bn, _ in plan.meta[prev] if n0 < (r + 1) * width and n0 + bn > r * width)
+                assert plan.wait[nxt][r] == touching, (nxt, r)
+    x = torch.randn(MC.R, 2560, generator=g)
+    assert torch.equal(MC.from_blocked(MC.to_blocked(x), 2560), x)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layers", [1, 2])
+def test_mega_chain_cuda(layers):
+    """The persistent four-matmul chain (CUDA C++, wgmma; experimental, benchmarks/mega_probe.py; not used by the
+    engine) against its float32 reference with bf16 rounding after every op; bitwise repeatable."""
+    from pi0_triton_policy.kernels import mega_chain as MC
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("wgmma / sm_90a")
+    g = torch.Generator(device="cuda").manual_seed(layers)
+    bf = torch.bfloat16
+    weights = {op: (torch.randn(layers, n, k, device="cuda", generator=g) * k**-0.5).to(bf)
+               for op, (n, k, *_) in MC.OPS.items()}
+    plan = MC.plan_for_this_gpu()
+    prepared = {op: plan.prepare(w, op) for op, w in weights.items()}
+    cols = dict(x=1024, q=2560, x2=1024, h8=8192)
+    x0 = torch.randn(MC.R, 1024, device="cuda", generator=g).to(bf)
+    ctr = torch.zeros(layers * 32, dtype=torch.int32, device="cuda")
+    runs = []
+    for _ in range(2):
+        acts = {k: torch.full((MC.blocked_size(c),), float("nan"), dtype=bf, device="cuda") for k, c in cols.items()}
+        MC.to_blocked(x0, acts["x"])
+        MC.mega_chain(plan, prepared, acts, ctr, layers)
+        runs.append({k: MC.from_blocked(acts[k], c) for k, c in cols.items()})
+    ref = MC.mega_chain_reference(x0, weights, layers)
+    for k in cols:
+        assert rel(runs[0][k], ref[k]) < 1e-2, k
+        assert torch.equal(runs[0][k], runs[1][k]), f"{k} not deterministic"
