@@ -6,14 +6,15 @@ Chain (the same one slab_probe/cluster_probe time kernel by kernel; plain bf16 o
 
 Why: sessions 4-6 measured every dependent link of the kernel-per-op chain at ~5.5 us (wait + activations + MMA +
 split-K tail), whatever generated the kernel, and the weight stream stops at every link. Here the weight stream never
-stops: 128 resident programs (32 clusters of 4), each with a producer warp that walks the program's whole schedule
-(every layer, every op) and keeps a ring of shared-memory slots full with 1-D bulk copies (cp.async.bulk, completion
-on an mbarrier), independent of the data dependencies. The 4 consumer warps of a program wait only for the
-activations of their unit: a per-(layer, op, column range) arrival counter in global memory, so a split-K unit of o /
-down waits only for the producing op's tiles of its own K range. Split-K partials are reduced inside the cluster:
-each rank pushes the rows another rank owns into that rank's shared memory with st.async, whose bytes complete
-the owner's mbarrier;
-the owner sums the 4 slots in fixed order (bitwise deterministic).
+stops: one resident program per SM, each with a producer warp that walks the program's whole schedule (every layer,
+every op) and keeps a ring of shared-memory slots full with 1-D bulk copies (cp.async.bulk, completion on an
+mbarrier), independent of the data dependencies. The consumer warpgroup of a program waits only for the activations
+of its unit: a per-(layer, op, K range) arrival counter in global memory, so a split-K unit of o / down waits only for
+the producing op's tiles of its own K range. It multiplies with wgmma (m64nNk16, bf16 -> fp32) straight from the
+ring: weight chunks are [N][64] tiles in the 128-byte swizzle, and the activations live in global memory in the same
+blocked, swizzled layout (`to_blocked`), so a unit's K range arrives by four bulk copies and the MMAs start on the
+first. Split-K partials are reduced inside the cluster: the warp holding rows 16r.. sends them with st.async into rank
+r's shared memory, whose mbarrier counts the bytes; the owner sums the 4 slots in fixed order (bitwise deterministic).
 
 Work units: as many programs as clusters of 4 fit at once (30 on an H100 SXM: its GPCs hold 120 programs in
 clusters of 4, not 132), rank = program % 4. Columns are dealt in groups of 8 as evenly as possible:
@@ -23,8 +24,8 @@ clusters of 4, not 132), rank = program % 4. Columns are dealt in groups of 8 as
     down N 1024 K 4096: every cluster its own 32-40 columns, its 4 ranks a K range of 1024 each
 A unit publishes on the counter of every K range of the next op its columns touch; the host counts how many
 arrivals each range waits for. Weights are re-laid out once (`MegaPlan.prepare`) so every chunk a slot receives is one
-contiguous block, already in the XOR-swizzled order ldmatrix reads without bank conflicts. All programs must be
-resident at once (they spin on each other): the plan sizes itself with cuOccupancyMaxActiveClusters.
+contiguous block, already swizzled. All programs must be resident at once (they spin on each other): the plan sizes
+itself with cuOccupancyMaxActiveClusters. Measured in benchmarks/NOTES.md (session 7).
 
 `mega_chain_reference` is the plain PyTorch math (bf16 rounding after every op, like the kernel's stores).
 """
