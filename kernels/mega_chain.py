@@ -437,7 +437,7 @@ class MegaPlan:
 
     def prepare(self, wt: torch.Tensor, op: str) -> torch.Tensor:
         """W^T [L, N, K] -> [L, N * K]: per program, its columns' K range (rank) as KC / CK chunks of [bn][CK]
-        contiguous, the 16-byte groups of each row XOR-swizzled by row (the order ldmatrix reads)."""
+        contiguous, the 16-byte groups of each row XOR-swizzled by row (the 128-byte swizzle wgmma reads)."""
         n, k, split, ck, _ = OPS[op]
         L = wt.shape[0]
         assert wt.shape[1:] == (n, k), (wt.shape, op)
