@@ -4,7 +4,7 @@ checks the kernel against torch (1 and 18 layers, bitwise repeatability), times 
 prints a per-op timeline (%globaltimer per program). Compare with
 `stack_probe.py --views 1 --pk '{"noattn": {"off": ["attn"]}}'` (the engine's Triton chain) run in the same call.
 
-    python benchmarks/mega_probe.py [--json out.json] [--ahead 0 2 4] [--a-pipe 0 1]
+    python benchmarks/mega_probe.py [--json out.json] [--ahead 0 2 4] [--a-pipe 0 1] [--pub 0 1 2] [--wgd 1 2 3]
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--ahead", type=int, nargs="+", default=[MC.AHEAD], help="L2 prefetch distances (ops) to time")
     ap.add_argument("--a-pipe", type=int, nargs="+", default=[MC.A_PIPE], help="activation load in 4 groups (1) or whole (0)")
+    ap.add_argument("--pub", type=int, nargs="+", default=[MC.PUB], help="publish variants (kernels/mega_chain.py)")
+    ap.add_argument("--wgd", type=int, nargs="+", default=[MC.WGD], help="wgmma groups in flight before a slot is freed")
     args = ap.parse_args()
     bf = torch.bfloat16
     weights, _, _ = chain_setup("cuda")
@@ -75,27 +77,30 @@ def main():
         errs[f"{layers}_bitwise_repeat"] = all(torch.equal(first[k], acts[k]) for k in COLS)
     print("max rel err vs torch:", errs, flush=True)
 
-    for ahead, a_pipe in [(a, p) for a in args.ahead for p in args.a_pipe]:
-        if a_pipe != MC.A_PIPE or ahead != MC.AHEAD:  # the variant's result must match the default's
+    variants = [dict(ahead=a, a_pipe=p, pub=u, wgd=w) for a in args.ahead for p in args.a_pipe for u in args.pub
+                for w in args.wgd]
+    for v in variants:
+        name = "_".join(f"{k}{x}" for k, x in v.items())
+        if v != dict(ahead=MC.AHEAD, a_pipe=MC.A_PIPE, pub=MC.PUB, wgd=MC.WGD):  # must match the default's result
             x0 = torch.randn(MC.R, 1024, device="cuda").to(bf)
             MC.to_blocked(x0, acts["x"])
             MC.mega_chain(plan, prepared, acts, ctr, L)
             ref = {k: v.clone() for k, v in acts.items()}
             MC.to_blocked(x0, acts["x"])
-            MC.mega_chain(plan, prepared, acts, ctr, L, ahead=ahead, a_pipe=a_pipe)
+            MC.mega_chain(plan, prepared, acts, ctr, L, **v)
             torch.cuda.synchronize()
-            errs[f"ahead{ahead}_apipe{a_pipe}_equal_to_default"] = all(torch.equal(ref[k], acts[k]) for k in COLS)
-            print(errs, flush=True)
-        t = time_graph(lambda: MC.mega_chain(plan, prepared, acts, ctr, L, ahead=ahead, a_pipe=a_pipe))
+            errs[f"{name}_equal_to_default"] = all(torch.equal(ref[k], acts[k]) for k in COLS)
+            print(f"{name} bitwise equal to the default: {errs[f'{name}_equal_to_default']}", flush=True)
+        t = time_graph(lambda: MC.mega_chain(plan, prepared, acts, ctr, L, **v))
         ts = torch.zeros(plan.programs * L * 32, dtype=torch.int64, device="cuda")
-        MC.mega_chain(plan, prepared, acts, ctr, L, timestamps=ts, ahead=ahead, a_pipe=a_pipe)
+        MC.mega_chain(plan, prepared, acts, ctr, L, timestamps=ts, **v)
         torch.cuda.synchronize()
         tl = timeline(ts, plan.programs)
-        print(f"mega_chain ahead {ahead} a_pipe {a_pipe}: {t:8.1f} us/step {t / L:6.2f} us/layer (4 matmuls, "
+        print(f"mega_chain {name}: {t:8.1f} us/step {t / L:6.2f} us/layer (4 matmuls, "
               f"{sum(w[0].numel() for w in weights.values()) * 2 / 1e6:.1f} MB of weights per layer)")
         for op, v in tl.items():
             print(f"    {op:5s} " + "  ".join(f"{a} {b:6.2f}" for a, b in v.items()), flush=True)
-        res["rows"].append({"variant": f"mega_chain_ahead{ahead}_apipe{a_pipe}", "us_step": t, "us_layer": t / L, "errors": errs,
+        res["rows"].append({"variant": f"mega_chain_{name}", "us_step": t, "us_layer": t / L, "errors": errs,
                             "timeline": tl, "ring": [MC.NS, MC.SLOT], "ops": MC.OPS, "programs": plan.programs,
                             "wait": plan.wait})
     if args.json:

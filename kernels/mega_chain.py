@@ -63,6 +63,9 @@ _SOURCE = r"""
 #define BNS @BN_SPLIT_MAX@
 #define NC 128                       /* consumer threads */
 #define A_PIPE @A_PIPE@                /* 1: activations in four commit groups, MMAs start on the first */
+#define PUB @PUB@                     /* publish variant (unit_body) */
+#define WGD @WGD@                     /* wgmma groups in flight before a ring slot is released */
+#define WGD_S "@WGD@"
 #define AHEAD @AHEAD@                  /* ops of L2 prefetch ahead of the ring (0: none) */
 @HELPERS@
 typedef unsigned short bf16;
@@ -189,13 +192,14 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
         #pragma unroll
         for (int s = 0; s < 4; ++s) wgmma_n<NJ * 8>(d, da + 2 * s, db + 2 * s, 1);
         asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-        if (ch > 0) {  /* the previous chunk's MMAs are done: its slot may be refilled */
-            asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
-            mbar_arrive(bars + 8 * (NS + (ci + ch - 1) % NS));  /* all 128 threads: no divergent path near wgmma */
+        if (ch >= WGD) {  /* the MMAs of chunk ch - WGD are done: its slot may be refilled */
+            asm volatile("wgmma.wait_group.sync.aligned " WGD_S ";" ::: "memory");
+            mbar_arrive(bars + 8 * (NS + (ci + ch - WGD) % NS));  /* all 128 threads: no divergent path near wgmma */
         }
     }
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-    mbar_arrive(bars + 8 * (NS + (ci + NCH - 1) % NS));
+    #pragma unroll
+    for (int back = WGD; back >= 1; --back) mbar_arrive(bars + 8 * (NS + (ci + NCH - back) % NS));
     ci += NCH;
 
     /* accumulator fragment: warp w holds rows 16w + lane/4 (+8), columns 8j + 2 (lane % 4) (+1) */
@@ -250,17 +254,19 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
             *(uint2*)(out + blocked(row, n0 + col)) = make_uint2(lo, hi);
         }
     }
-    /* publish: every consumer's stores (ordered before the consumers' bulk-copy reads), then one release add on each
-       counter the unit's columns touch */
-    asm volatile("fence.proxy.async.global;" ::: "memory");
-    bar_consumers();
-    if (tid == 0) {
+    /* publish: the unit's stores (ordered before the consumers' bulk-copy reads), then a release add on each counter
+       the unit's columns touch. PUB 0: one add per unit after a warpgroup barrier; PUB 1: the same without the proxy
+       fence here (the consumer fences); PUB 2: every warp publishes its own stores (4 adds per unit, no barrier) */
+    if (PUB != 1) asm volatile("fence.proxy.async.global;" ::: "memory");
+    if (PUB == 2) __syncwarp();
+    else bar_consumers();
+    if (PUB == 2 ? lane == 0 : tid == 0) {
         asm volatile("fence.acq_rel.gpu;" ::: "memory");
         const int bn = NJ * 8;
         const int q0 = O::RANGE ? n0 / O::RANGE : 0, q1 = O::RANGE ? (n0 + bn - 1) / O::RANGE : 0;
         for (int q = q0; q <= q1; ++q)
             asm volatile("red.release.gpu.global.add.u32 [%0], 1;" :: "l"(g.ctr + (l * 4 + P) * 8 + q) : "memory");
-        if (g.use_ts) ts[3] = globaltimer();
+        if (g.use_ts && tid == 0) ts[3] = globaltimer();
     }
 }
 
@@ -362,6 +368,8 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(160, 1) m
 
 
 A_PIPE = 1  # default: activations in four bulk copies, the MMAs start on the first (0: one copy; measured slower)
+PUB = 0  # default publish variant (unit_body's comment)
+WGD = 1  # default wgmma groups in flight before a ring slot is released
 AHEAD = 0  # default L2 prefetch distance in ops (0: off; 2-8 measured slower, benchmarks/NOTES.md)
 
 
@@ -381,9 +389,9 @@ def _wgmma_functions() -> str:
     return "\n".join(out)
 
 
-def source(ahead: int = AHEAD, a_pipe: int = A_PIPE) -> str:
+def source(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = WGD) -> str:
     text = _SOURCE
-    consts = dict(AHEAD=ahead, A_PIPE=a_pipe, A_BLOCK=A_BLOCK, WGMMA=_wgmma_functions(), NS=NS, SLOT=SLOT, A_BYTES=A_BYTES, RECV_BYTES=RECV_BYTES, BN_SPLIT_MAX=BN_SPLIT_MAX,
+    consts = dict(AHEAD=ahead, A_PIPE=a_pipe, PUB=pub, WGD=wgd, A_BLOCK=A_BLOCK, WGMMA=_wgmma_functions(), NS=NS, SLOT=SLOT, A_BYTES=A_BYTES, RECV_BYTES=RECV_BYTES, BN_SPLIT_MAX=BN_SPLIT_MAX,
                   HELPERS=CUDA_HELPERS % {})
     for k, v in consts.items():
         text = text.replace(f"@{k}@", str(v))
@@ -465,8 +473,8 @@ class MegaPlan:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel_and_programs(ahead: int = AHEAD, a_pipe: int = A_PIPE):
-    func = compile_cuda(source(ahead, a_pipe), "mega_chain_kernel", SMEM, arch_suffix="a")
+def _kernel_and_programs(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = WGD):
+    func = compile_cuda(source(ahead, a_pipe, pub, wgd), "mega_chain_kernel", SMEM, arch_suffix="a")
     cfg = _LaunchConfig(128, 1, 1, THREADS, 1, 1, SMEM, None, None, 0)
     n = ctypes.c_int()
     err = _libcuda().cuOccupancyMaxActiveClusters(ctypes.byref(n), func, ctypes.byref(cfg))
@@ -481,10 +489,11 @@ def plan_for_this_gpu() -> MegaPlan:
 
 
 def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tensor, layers: int,
-               timestamps: torch.Tensor | None = None, ahead: int = AHEAD, a_pipe: int = A_PIPE):
+               timestamps: torch.Tensor | None = None, ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB,
+               wgd: int = WGD):
     """Run `layers` layers of the chain on acts = {x, q, x2, h8}: [50, 1024 / 2560 / 1024 / 8192] bf16 in the blocked
     layout (`to_blocked` / `from_blocked`); counters: >= layers * 32 int32 (zeroed here, inside the stream)."""
-    func, programs = _kernel_and_programs(ahead, a_pipe)
+    func, programs = _kernel_and_programs(ahead, a_pipe, pub, wgd)
     assert plan.programs == programs, (plan.programs, programs)
     for name, cols in dict(x=1024, q=2560, x2=1024, h8=8192).items():
         t = acts[name]
@@ -502,7 +511,7 @@ def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tenso
     args.L, args.use_ts, args.programs = layers, int(timestamps is not None), programs
     for p in range(4):
         for r in range(8):
-            args.wait[p][r] = plan.wait[p][r]
+            args.wait[p][r] = plan.wait[p][r] * (4 if pub == 2 else 1)  # PUB 2: every warp publishes
     params = (ctypes.c_void_p * 1)(ctypes.cast(ctypes.byref(args), ctypes.c_void_p))
     cfg = _LaunchConfig(programs, 1, 1, THREADS, 1, 1, SMEM, ctypes.c_void_p(torch.cuda.current_stream().cuda_stream),
                         None, 0)

@@ -1,0 +1,108 @@
+"""Are torch's fused attention kernels (scaled_dot_product_attention: cuDNN, memory-efficient, flash) faster than the
+engine's Triton prefix / vision attention at the engine's shapes? Same inputs, errors against the float32 references,
+timed as 17 (prefix) / 27 (vision) calls in a CUDA graph, including the layout copies SDPA needs around it.
+
+    python benchmarks/sdpa_probe.py [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from pi0_triton_policy.kernels import prefix_attention as PA, vision_attention as VA
+from pi0_triton_policy.triton_engine import Tuning
+from stack_probe import time_graph  # noqa: E402 (benchmarks/ is the script's directory)
+
+BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "flash": SDPBackend.FLASH_ATTENTION}
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def prefix_sdpa(q, k, v, valid, nh, out, backend):
+    T = q.shape[0]
+    qh = q.view(T, nh, -1).transpose(0, 1).unsqueeze(0)
+    mask = valid[:T].bool().view(1, 1, 1, T)
+    with sdpa_kernel([backend]):
+        o = F.scaled_dot_product_attention(qh, k[:T].view(1, 1, T, -1), v[:T].view(1, 1, T, -1), attn_mask=mask,
+                                           scale=1.0, enable_gqa=True)
+    out.view(T, nh, -1).copy_(o[0].transpose(0, 1))
+
+
+def vision_sdpa(qkv, V, nh, out, backend):
+    M, W3 = qkv.shape
+    q, k, v = qkv.view(V, M // V, 3, nh, W3 // 3 // nh).permute(2, 0, 3, 1, 4).unbind(0)
+    with sdpa_kernel([backend]):
+        o = F.scaled_dot_product_attention(q, k, v, scale=1.0)
+    out.view(V, M // V, nh, -1).copy_(o.transpose(1, 2))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    t = Tuning()
+    bf, dev = torch.bfloat16, "cuda"
+    res = {"card": torch.cuda.get_device_name(), "rows": []}
+    print(f"card {res['card']}")
+    g = torch.Generator(device=dev).manual_seed(0)
+    for V in (1, 2, 3):
+        T, nh, hd = 256 * V + 48, 8, 256
+        q = (torch.randn(T, nh * hd, device=dev, generator=g) / 16).to(bf)
+        k = torch.randn(T, hd, device=dev, generator=g).to(bf)
+        v = torch.randn(T, hd, device=dev, generator=g).to(bf)
+        valid = torch.ones(T, dtype=torch.int32, device=dev)
+        valid[T - 11:] = 0  # a 37-token prompt
+        ref = PA.prefix_attention_ref(q, k, v, valid, nh)
+        out = torch.empty(T, nh * hd, dtype=bf, device=dev)
+        runs = {"triton": lambda: PA.prefix_attention(q, k, v, valid, nh, out=out, block=t.pre_attn[:2],
+                                                      num_warps=t.pre_attn[2], num_stages=t.pre_attn[3])}
+        for name, b in BACKENDS.items():
+            runs[name] = lambda b=b: prefix_sdpa(q, k, v, valid, nh, out, b)
+        for name, fn in runs.items():
+            try:
+                out.fill_(float("nan"))
+                fn()
+                torch.cuda.synchronize()
+                err = rel(out, ref)
+                us = time_graph(lambda: [fn() for _ in range(17)]) / 17
+                row = {"phase": "prefix", "views": V, "impl": name, "us_per_call": round(us, 2), "rel_err": err}
+            except Exception as e:  # a backend that refuses the shape or the mask
+                row = {"phase": "prefix", "views": V, "impl": name, "error": repr(e)[:200]}
+            res["rows"].append(row)
+            print(row, flush=True)
+        nhv, hdv = 16, 72
+        qkv = torch.randn(V * 256, 3 * nhv * hdv, device=dev, generator=g).to(bf)
+        qkv[:, :nhv * hdv] *= hdv ** -0.5
+        vref = VA.vision_attention_ref(qkv, V, nhv)
+        vout = torch.empty(V * 256, nhv * hdv, dtype=bf, device=dev)
+        runs = {"triton": lambda: VA.vision_attention(qkv, V, nhv, out=vout, block=t.vis_attn[:2],
+                                                      num_warps=t.vis_attn[2], num_stages=t.vis_attn[3])}
+        for name, b in BACKENDS.items():
+            runs[name] = lambda b=b: vision_sdpa(qkv, V, nhv, vout, b)
+        for name, fn in runs.items():
+            try:
+                vout.fill_(float("nan"))
+                fn()
+                torch.cuda.synchronize()
+                err = rel(vout, vref)
+                us = time_graph(lambda: [fn() for _ in range(27)]) / 27
+                row = {"phase": "vision", "views": V, "impl": name, "us_per_call": round(us, 2), "rel_err": err}
+            except Exception as e:
+                row = {"phase": "vision", "views": V, "impl": name, "error": repr(e)[:200]}
+            res["rows"].append(row)
+            print(row, flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
