@@ -4,7 +4,7 @@ checks the kernel against torch (1 and 18 layers, bitwise repeatability), times 
 prints a per-op timeline (%globaltimer per program). Compare with
 `stack_probe.py --views 1 --pk '{"noattn": {"off": ["attn"]}}'` (the engine's Triton chain) run in the same call.
 
-    python benchmarks/mega_probe.py [--json out.json] [--ahead 0 2 4] [--a-pipe 0 1] [--pub 0 1 2] [--wgd 1 2 3]
+    python benchmarks/mega_probe.py [--json out.json] [--ahead 0 2 4] [--a-pipe 0 1] [--pub 0 1 2] [--wgd 1 2 3] [--loader 0 1]
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ def main():
     ap.add_argument("--ahead", type=int, nargs="+", default=[MC.AHEAD], help="L2 prefetch distances (ops) to time")
     ap.add_argument("--a-pipe", type=int, nargs="+", default=[MC.A_PIPE], help="activation load in 4 groups (1) or whole (0)")
     ap.add_argument("--pub", type=int, nargs="+", default=[MC.PUB], help="publish variants (kernels/mega_chain.py)")
+    ap.add_argument("--loader", type=int, nargs="+", default=[MC.LOADER], help="activation loader warp (1) or not (0)")
     ap.add_argument("--wgd", type=int, nargs="+", default=[MC.WGD], help="wgmma groups in flight before a slot is freed")
     args = ap.parse_args()
     bf = torch.bfloat16
@@ -57,7 +58,7 @@ def main():
     plan = MC.plan_for_this_gpu()
     prepared = {op: plan.prepare(weights[op], op) for op in OPS}
     acts = {k: torch.zeros(MC.blocked_size(c), dtype=bf, device="cuda") for k, c in COLS.items()}
-    ctr = torch.zeros(L * 32, dtype=torch.int32, device="cuda")
+    ctr = torch.zeros(L * 128, dtype=torch.int32, device="cuda")
     res = {"card": torch.cuda.get_device_name(), "rows": []}
     print(f"card {res['card']}  mega_chain: {plan.programs} programs, ring {MC.NS} x {MC.SLOT // 1024} KB, "
           f"smem {MC.SMEM // 1024} KB", flush=True)
@@ -77,11 +78,11 @@ def main():
         errs[f"{layers}_bitwise_repeat"] = all(torch.equal(first[k], acts[k]) for k in COLS)
     print("max rel err vs torch:", errs, flush=True)
 
-    variants = [dict(ahead=a, a_pipe=p, pub=u, wgd=w) for a in args.ahead for p in args.a_pipe for u in args.pub
-                for w in args.wgd]
+    variants = [dict(ahead=a, a_pipe=p, pub=u, wgd=w, loader=d) for a in args.ahead for p in args.a_pipe
+                for u in args.pub for w in args.wgd for d in args.loader]
     for v in variants:
         name = "_".join(f"{k}{x}" for k, x in v.items())
-        if v != dict(ahead=MC.AHEAD, a_pipe=MC.A_PIPE, pub=MC.PUB, wgd=MC.WGD):  # must match the default's result
+        if v != dict(ahead=MC.AHEAD, a_pipe=MC.A_PIPE, pub=MC.PUB, wgd=MC.WGD, loader=MC.LOADER):  # must match the default's result
             x0 = torch.randn(MC.R, 1024, device="cuda").to(bf)
             MC.to_blocked(x0, acts["x"])
             MC.mega_chain(plan, prepared, acts, ctr, L)

@@ -40,18 +40,18 @@ import torch
 from pi0_triton_policy.kernels.cluster_matmul import CUDA_HELPERS, _LaunchConfig, _libcuda, compile_cuda
 
 R = 50  # activation rows (the action tokens)
-CLUSTER, THREADS = 4, 160  # 4 consumer warps + 1 producer warp
+CLUSTER, THREADS = 4, 192  # 4 consumer warps + the weight producer warp + the activation loader warp
 NS, SLOT = 10, 9216  # weight ring: slots x bytes (1024-aligned: wgmma's 128-byte swizzle atoms)
 A_BLOCK = 56 * 128  # one 64-column block of the activations: 56 rows of 128 B (see consume)
 A_BYTES = 16 * A_BLOCK  # KC <= 1024
 BN_SPLIT_MAX = 40  # widest column tile of a split op (o, down)
 RECV_BYTES = 2 * 4 * 16 * BN_SPLIT_MAX * 4  # [parity][source rank][16 owned rows][BN] fp32
-SMEM = A_BYTES + RECV_BYTES + NS * SLOT + 8 * (2 * NS + 6)
+SMEM = A_BYTES + RECV_BYTES + NS * SLOT + 8 * (2 * NS + 7)
 NAMES = ("qkv", "o", "gu", "down")
 # op: (N, K, SPLIT, CK, NJMAX); CK = K columns per ring chunk, NJMAX = most n8 column groups a program gets (with 120
 # programs); the widest chunk (gu: 72 x 64, o / down: 40 x 128) stays <= SLOT
 OPS = dict(qkv=(2560, 1024, 1, 64, 3), o=(1024, 2048, 4, 64, 5), gu=(8192, 1024, 1, 64, 9), down=(1024, 4096, 4, 64, 5))
-RANGE = dict(qkv=512, o=0, gu=1024, down=0)  # columns per arrival counter of the op's output (the next op's K range)
+RANGE = dict(qkv=128, o=256, gu=256, down=256)  # columns per arrival counter of the op's output (a quarter of the next op's K range)
 
 _SOURCE = r"""
 #define R 50
@@ -66,26 +66,28 @@ _SOURCE = r"""
 #define PUB @PUB@                     /* publish variant (unit_body) */
 #define WGD @WGD@                     /* wgmma groups in flight before a ring slot is released */
 #define WGD_S "@WGD@"
+#define LOADER @LOADER@                /* 1: a loader lane waits for the activations' counters and copies them */
 #define AHEAD @AHEAD@                  /* ops of L2 prefetch ahead of the ring (0: none) */
 @HELPERS@
 typedef unsigned short bf16;
 
 /* per op: columns, K, K split (1, or the cluster's 4 ranks), K columns per ring chunk, most n8 column groups per
-   program, and the column width of one arrival counter of its output (0: one counter for the whole op) */
+   program, and the column width of one arrival counter of its output (a quarter of the next op's K range: the
+   activations of a unit arrive in four parts, each behind its own counter) */
 template <int P> struct Op;
-template <> struct Op<0> { enum { N = 2560, K = 1024, SPLIT = 1, CK = 64, NJMAX = 3, RANGE = 512 }; };
-template <> struct Op<1> { enum { N = 1024, K = 2048, SPLIT = 4, CK = 64, NJMAX = 5, RANGE = 0 }; };
-template <> struct Op<2> { enum { N = 8192, K = 1024, SPLIT = 1, CK = 64,  NJMAX = 9, RANGE = 1024 }; };
-template <> struct Op<3> { enum { N = 1024, K = 4096, SPLIT = 4, CK = 64, NJMAX = 5, RANGE = 0 }; };
+template <> struct Op<0> { enum { N = 2560, K = 1024, SPLIT = 1, CK = 64, NJMAX = 3, RANGE = 128 }; };
+template <> struct Op<1> { enum { N = 1024, K = 2048, SPLIT = 4, CK = 64, NJMAX = 5, RANGE = 256 }; };
+template <> struct Op<2> { enum { N = 8192, K = 1024, SPLIT = 1, CK = 64,  NJMAX = 9, RANGE = 256 }; };
+template <> struct Op<3> { enum { N = 1024, K = 4096, SPLIT = 4, CK = 64, NJMAX = 5, RANGE = 256 }; };
 
 struct Args {
     const bf16* w[4];      /* prepared weights per op: [L][N * K], program p's block at meta.z: [KC / CK][bn][CK] */
     bf16* act[4];          /* x, q, x2, h8: op P reads act[P] and writes act[(P + 1) % 4] */
     const int4* meta;      /* [4 ops][programs]: first column, columns, weight block offset (elements), - */
-    unsigned* ctr;         /* [L][4 ops][8 ranges] arrival counters, zero before the launch */
+    unsigned* ctr;         /* [L][4 ops][32 ranges] arrival counters, zero before the launch */
     unsigned long long* ts;/* [programs][L][4][8] stamps (use_ts) */
     int L, use_ts, programs, pad;
-    unsigned wait[4][8];   /* op P's unit of K range r waits until the producing op's counter r reaches wait[P][r] */
+    unsigned wait[4][32];  /* op P's activations of range r are complete when the producing op's counter r reaches wait[P][r] */
 };
 
 __device__ __forceinline__ void bar_consumers() { asm volatile("bar.sync 1, 128;" ::: "memory"); }
@@ -198,6 +200,7 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
         }
     }
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+    if (LOADER) mbar_arrive(bars + 8 * (2 * NS + 6));  /* the loader may overwrite the activations */
     #pragma unroll
     for (int back = WGD; back >= 1; --back) mbar_arrive(bars + 8 * (NS + (ci + NCH - back) % NS));
     ci += NCH;
@@ -263,11 +266,39 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
     if (PUB == 2 ? lane == 0 : tid == 0) {
         asm volatile("fence.acq_rel.gpu;" ::: "memory");
         const int bn = NJ * 8;
-        const int q0 = O::RANGE ? n0 / O::RANGE : 0, q1 = O::RANGE ? (n0 + bn - 1) / O::RANGE : 0;
-        for (int q = q0; q <= q1; ++q)
-            asm volatile("red.release.gpu.global.add.u32 [%0], 1;" :: "l"(g.ctr + (l * 4 + P) * 8 + q) : "memory");
+        for (int q = n0 / O::RANGE; q <= (n0 + bn - 1) / O::RANGE; ++q)
+            asm volatile("red.release.gpu.global.add.u32 [%0], 1;" :: "l"(g.ctr + (l * 4 + P) * 32 + q) : "memory");
         if (g.use_ts && tid == 0) ts[3] = globaltimer();
     }
+}
+
+/* LOADER: one lane of the sixth warp walks the program's units and, for each quarter of a unit's K range, waits for
+   the producing op's counter and asks for that quarter (bulk copy): the consumers only wait on the quarters'
+   mbarriers, and start on the first quarter while the producing op may still be publishing the others */
+template <int P> __device__ __forceinline__ void load_activations(const Args& g, int l, int prog, unsigned char* smem, int& au) {
+    typedef Op<P> O;
+    constexpr int KC = O::K / O::SPLIT;
+    constexpr unsigned BYTES = KC / 64 * A_BLOCK / 4;
+    const int rank = O::SPLIT == 1 ? 0 : (prog & 3), k0 = rank * KC;
+    const unsigned a_u32 = smem_u32(smem), bars = smem_u32(smem + A_BYTES + RECV_BYTES) + NS * SLOT;
+    const char* src = (const char*)(g.act[P] + (size_t)(k0 / 64) * (A_BLOCK / 2));
+    unsigned long long* ts = g.ts + ((size_t)(prog * g.L + l) * 4 + P) * 8;
+    if (au > 0) while (!mbar_try(bars + 8 * (2 * NS + 6), (au - 1) & 1)) {}  /* the previous unit's MMAs are done */
+    ++au;
+    for (int q = 0; q < 4; ++q) {
+        if (P != 0 || l > 0) {
+            const int r = k0 / (KC / 4) + q;
+            const unsigned* c = g.ctr + ((P == 0 ? l - 1 : l) * 4 + (P + 3) % 4) * 32 + r;
+            while (ld_acquire(c) < g.wait[P][r]) {}
+        }
+        if (g.use_ts && q == 0) ts[0] = globaltimer();
+        asm volatile("fence.proxy.async.global;" ::: "memory");  /* generic-proxy stores of other SMs -> async-proxy reads */
+        const unsigned abar = bars + 8 * (2 * NS + 2 + q);
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(abar), "r"(BYTES) : "memory");
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                     :: "r"(a_u32 + q * BYTES), "l"(src + q * BYTES), "r"(BYTES), "r"(abar) : "memory");
+    }
+    if (g.use_ts) ts[1] = globaltimer();
 }
 
 template <int P> __device__ __forceinline__ void consume(const Args& g, int l, int prog, unsigned char* smem,
@@ -282,13 +313,18 @@ template <int P> __device__ __forceinline__ void consume(const Args& g, int l, i
     const unsigned a_u32 = smem_u32(smem);
     const unsigned bars = smem_u32(smem + A_BYTES + RECV_BYTES) + NS * SLOT;
 
-    /* 1. the producing op's arrivals for this unit's K range */
+    const unsigned abar = bars + 8 * (2 * NS + 2);
+    const unsigned aparity = au & 1;
+    ++au;
+    if (!LOADER) {
+    /* 1. the producing op's arrivals for this unit's K range (four counters, one per quarter) */
     if (tid == 0) {
-        if (P != 0 || l > 0) {
-            const int r = O::SPLIT == 1 ? 0 : rank;
-            const unsigned* c = g.ctr + ((P == 0 ? l - 1 : l) * 4 + (P + 3) % 4) * 8 + r;
-            while (ld_acquire(c) < g.wait[P][r]) {}
-        }
+        if (P != 0 || l > 0)
+            for (int q = 0; q < 4; ++q) {
+                const int r = k0 / (KC / 4) + q;
+                const unsigned* c = g.ctr + ((P == 0 ? l - 1 : l) * 4 + (P + 3) % 4) * 32 + r;
+                while (ld_acquire(c) < g.wait[P][r]) {}
+            }
         if (g.use_ts) ts[0] = globaltimer();
     }
     bar_consumers();
@@ -298,9 +334,6 @@ template <int P> __device__ __forceinline__ void consume(const Args& g, int l, i
     /* the activations live in global memory in the same blocked, swizzled layout (every op stores its output so):
        the unit's K range is one contiguous run of KC/64 blocks, one bulk copy (A_PIPE: four, one mbarrier each, so
        the MMAs start on the first quarter) */
-    const unsigned abar = bars + 8 * (2 * NS + 2);
-    const unsigned aparity = au & 1;
-    ++au;
     if (tid == 0) {
         asm volatile("fence.proxy.async.global;" ::: "memory");  /* generic-proxy stores of other SMs -> async-proxy reads */
         const char* src = (const char*)(g.act[P] + (size_t)(k0 / 64) * (A_BLOCK / 2));
@@ -314,13 +347,14 @@ template <int P> __device__ __forceinline__ void consume(const Args& g, int l, i
     }
     if (!A_PIPE) while (!mbar_try(abar, aparity)) {}
     if (tid == 0 && g.use_ts) ts[1] = globaltimer();
+    }
 
     /* 3. MMA + epilogue, specialised on the tile width (programs differ by one column group at most) */
     if (nj == O::NJMAX) unit_body<P, O::NJMAX>(g, l, prog, smem, ci, su, n0, rank, aparity, ts);
     else unit_body<P, O::NJMAX - 1>(g, l, prog, smem, ci, su, n0, rank, aparity, ts);
 }
 
-extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(160, 1) mega_chain_kernel(const Args g)
+extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(192, 1) mega_chain_kernel(const Args g)
 {
     extern __shared__ __align__(1024) unsigned char smem[];
     const int tid = threadIdx.x, prog = blockIdx.x;
@@ -331,6 +365,7 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(160, 1) m
         mbar_init(bars + 8 * (2 * NS), 1);      /* the owner's expect_tx; the partials' bytes complete it */
         mbar_init(bars + 8 * (2 * NS + 1), 1);
         for (int part = 0; part < 4; ++part) mbar_init(bars + 8 * (2 * NS + 2 + part), 1);  /* activations */
+        mbar_init(bars + 8 * (2 * NS + 6), NC);  /* activations consumed (LOADER) */
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
@@ -352,6 +387,15 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(160, 1) m
                 produce<3>(g, l, prog, ring, bars, ci);
             }
         }
+        if (LOADER && tid == NC + 32) {
+            int au = 0;
+            for (int l = 0; l < g.L; ++l) {
+                load_activations<0>(g, l, prog, smem, au);
+                load_activations<1>(g, l, prog, smem, au);
+                load_activations<2>(g, l, prog, smem, au);
+                load_activations<3>(g, l, prog, smem, au);
+            }
+        }
         __syncwarp();
     } else {
         int ci = 0, su = 0, au = 0;
@@ -370,6 +414,7 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(160, 1) m
 A_PIPE = 1  # default: activations in four bulk copies, the MMAs start on the first (0: one copy; measured slower)
 PUB = 0  # default publish variant (unit_body's comment)
 WGD = 1  # default wgmma groups in flight before a ring slot is released
+LOADER = 1  # default: a loader lane waits for the activations and copies them (0: the consumers do; measured slower with per-quarter counters)
 AHEAD = 0  # default L2 prefetch distance in ops (0: off; 2-8 measured slower, benchmarks/NOTES.md)
 
 
@@ -389,9 +434,10 @@ def _wgmma_functions() -> str:
     return "\n".join(out)
 
 
-def source(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = WGD) -> str:
+def source(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = WGD, loader: int = LOADER) -> str:
+    assert a_pipe or not loader, "the loader copies the activations in quarters"
     text = _SOURCE
-    consts = dict(AHEAD=ahead, A_PIPE=a_pipe, PUB=pub, WGD=wgd, A_BLOCK=A_BLOCK, WGMMA=_wgmma_functions(), NS=NS, SLOT=SLOT, A_BYTES=A_BYTES, RECV_BYTES=RECV_BYTES, BN_SPLIT_MAX=BN_SPLIT_MAX,
+    consts = dict(AHEAD=ahead, A_PIPE=a_pipe, PUB=pub, WGD=wgd, LOADER=loader, A_BLOCK=A_BLOCK, WGMMA=_wgmma_functions(), NS=NS, SLOT=SLOT, A_BYTES=A_BYTES, RECV_BYTES=RECV_BYTES, BN_SPLIT_MAX=BN_SPLIT_MAX,
                   HELPERS=CUDA_HELPERS % {})
     for k, v in consts.items():
         text = text.replace(f"@{k}@", str(v))
@@ -401,7 +447,7 @@ def source(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = 
 class _Args(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p * 4), ("act", ctypes.c_void_p * 4), ("meta", ctypes.c_void_p),
                 ("ctr", ctypes.c_void_p), ("ts", ctypes.c_void_p), ("L", ctypes.c_int), ("use_ts", ctypes.c_int),
-                ("programs", ctypes.c_int), ("pad", ctypes.c_int), ("wait", (ctypes.c_uint * 8) * 4)]
+                ("programs", ctypes.c_int), ("pad", ctypes.c_int), ("wait", (ctypes.c_uint * 32) * 4)]
 
 
 def deal(groups: int, parts: int) -> list[int]:
@@ -432,15 +478,16 @@ class MegaPlan:
                 # earlier ranks (widths[o] x K / split each)
                 rows.append((starts[o], widths[o], starts[o] * k + rank * widths[o] * (k // split)))
             self.meta[op] = rows
-        # waits: qkv / gu wait for every unit of down / o; o / down rank r for the qkv / gu units touching range r
-        self.wait = [[0] * 8 for _ in range(4)]
+        # a unit publishes once on every counter its columns touch (the 4 ranks of a split unit each publish their
+        # rows); the quarter r of the next op's K range is complete when all of them have
+        self.wait = [[0] * 32 for _ in range(4)]
         for p_next, (prev, nxt) in enumerate([("down", "qkv"), ("qkv", "o"), ("o", "gu"), ("gu", "down")]):
             rng = RANGE[prev]
+            assert rng * 4 * OPS[nxt][2] == OPS[nxt][1] and OPS[prev][0] // rng <= 32, (prev, nxt)
             for p in range(self.programs):
                 n0, bn, _ = self.meta[prev][p]
-                for r in ({0} if not rng else set(range(n0 // rng, (n0 + bn - 1) // rng + 1))):
-                    if r < 8:
-                        self.wait[p_next][r] += 1
+                for r in range(n0 // rng, (n0 + bn - 1) // rng + 1):
+                    self.wait[p_next][r] += 1
         self.meta_tensor = None
 
     def prepare(self, wt: torch.Tensor, op: str) -> torch.Tensor:
@@ -473,8 +520,9 @@ class MegaPlan:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel_and_programs(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = WGD):
-    func = compile_cuda(source(ahead, a_pipe, pub, wgd), "mega_chain_kernel", SMEM, arch_suffix="a")
+def _kernel_and_programs(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = WGD,
+                         loader: int = LOADER):
+    func = compile_cuda(source(ahead, a_pipe, pub, wgd, loader), "mega_chain_kernel", SMEM, arch_suffix="a")
     cfg = _LaunchConfig(128, 1, 1, THREADS, 1, 1, SMEM, None, None, 0)
     n = ctypes.c_int()
     err = _libcuda().cuOccupancyMaxActiveClusters(ctypes.byref(n), func, ctypes.byref(cfg))
@@ -490,15 +538,15 @@ def plan_for_this_gpu() -> MegaPlan:
 
 def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tensor, layers: int,
                timestamps: torch.Tensor | None = None, ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB,
-               wgd: int = WGD):
+               wgd: int = WGD, loader: int = LOADER):
     """Run `layers` layers of the chain on acts = {x, q, x2, h8}: [50, 1024 / 2560 / 1024 / 8192] bf16 in the blocked
-    layout (`to_blocked` / `from_blocked`); counters: >= layers * 32 int32 (zeroed here, inside the stream)."""
-    func, programs = _kernel_and_programs(ahead, a_pipe, pub, wgd)
+    layout (`to_blocked` / `from_blocked`); counters: >= layers * 128 int32 (zeroed here, inside the stream)."""
+    func, programs = _kernel_and_programs(ahead, a_pipe, pub, wgd, loader)
     assert plan.programs == programs, (plan.programs, programs)
     for name, cols in dict(x=1024, q=2560, x2=1024, h8=8192).items():
         t = acts[name]
         assert t.shape == (blocked_size(cols),) and t.dtype == torch.bfloat16, (name, t.shape)
-    assert counters.numel() >= layers * 32
+    assert counters.numel() >= layers * 128
     counters.zero_()
     args = _Args()
     for i, op in enumerate(NAMES):
@@ -510,7 +558,7 @@ def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tenso
     args.ts = timestamps.data_ptr() if timestamps is not None else counters.data_ptr()
     args.L, args.use_ts, args.programs = layers, int(timestamps is not None), programs
     for p in range(4):
-        for r in range(8):
+        for r in range(32):
             args.wait[p][r] = plan.wait[p][r] * (4 if pub == 2 else 1)  # PUB 2: every warp publishes
     params = (ctypes.c_void_p * 1)(ctypes.cast(ctypes.byref(args), ctypes.c_void_p))
     cfg = _LaunchConfig(programs, 1, 1, THREADS, 1, 1, SMEM, ctypes.c_void_p(torch.cuda.current_stream().cuda_stream),
