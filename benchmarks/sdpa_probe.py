@@ -44,6 +44,24 @@ def vision_sdpa(qkv, V, nh, out, backend):
     out.view(V, M // V, nh, -1).copy_(o.transpose(1, 2))
 
 
+def measure(phase, views, runs, out, ref, calls):
+    """Each implementation once against the reference (output NaN-filled first), then `calls` of it in a graph."""
+    rows = []
+    for name, fn in runs.items():
+        try:
+            out.fill_(float("nan"))
+            fn()
+            torch.cuda.synchronize()
+            err = rel(out, ref)
+            us = time_graph(lambda: [fn() for _ in range(calls)]) / calls
+            row = {"phase": phase, "views": views, "impl": name, "us_per_call": round(us, 2), "rel_err": err}
+        except Exception as e:  # a backend that refuses the shape or the mask
+            row = {"phase": phase, "views": views, "impl": name, "error": repr(e)[:200]}
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
@@ -66,18 +84,7 @@ def main():
                                                       num_warps=t.pre_attn[2], num_stages=t.pre_attn[3])}
         for name, b in BACKENDS.items():
             runs[name] = lambda b=b: prefix_sdpa(q, k, v, valid, nh, out, b)
-        for name, fn in runs.items():
-            try:
-                out.fill_(float("nan"))
-                fn()
-                torch.cuda.synchronize()
-                err = rel(out, ref)
-                us = time_graph(lambda: [fn() for _ in range(17)]) / 17
-                row = {"phase": "prefix", "views": V, "impl": name, "us_per_call": round(us, 2), "rel_err": err}
-            except Exception as e:  # a backend that refuses the shape or the mask
-                row = {"phase": "prefix", "views": V, "impl": name, "error": repr(e)[:200]}
-            res["rows"].append(row)
-            print(row, flush=True)
+        res["rows"] += measure("prefix", V, runs, out, ref, calls=17)
         nhv, hdv = 16, 72
         qkv = torch.randn(V * 256, 3 * nhv * hdv, device=dev, generator=g).to(bf)
         qkv[:, :nhv * hdv] *= hdv ** -0.5
@@ -87,18 +94,7 @@ def main():
                                                       num_warps=t.vis_attn[2], num_stages=t.vis_attn[3])}
         for name, b in BACKENDS.items():
             runs[name] = lambda b=b: vision_sdpa(qkv, V, nhv, vout, b)
-        for name, fn in runs.items():
-            try:
-                vout.fill_(float("nan"))
-                fn()
-                torch.cuda.synchronize()
-                err = rel(vout, vref)
-                us = time_graph(lambda: [fn() for _ in range(27)]) / 27
-                row = {"phase": "vision", "views": V, "impl": name, "us_per_call": round(us, 2), "rel_err": err}
-            except Exception as e:
-                row = {"phase": "vision", "views": V, "impl": name, "error": repr(e)[:200]}
-            res["rows"].append(row)
-            print(row, flush=True)
+        res["rows"] += measure("vision", V, runs, vout, vref, calls=27)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
