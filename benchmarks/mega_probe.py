@@ -4,7 +4,7 @@ checks the kernel against torch (1 and 18 layers, bitwise repeatability), times 
 prints a per-op timeline (%globaltimer per program). Compare with
 `stack_probe.py --views 1 --pk '{"noattn": {"off": ["attn"]}}'` (the engine's Triton chain) run in the same call.
 
-    python benchmarks/mega_probe.py [--json out.json] [--ahead 0 2 4] [--a-pipe 0 1] [--pub 0 1 2] [--wgd 1 2 3] [--loader 0 1]
+    python benchmarks/mega_probe.py [--json out.json] [--layer] [--ahead 0 2 4] [--a-pipe 0 1] [--pub 0 1 2] [--wgd 1 2 3] [--loader 0 1]
 """
 
 from __future__ import annotations
@@ -44,6 +44,52 @@ def timeline(ts, programs, layers=L):
             for op, v in rows.items()}
 
 
+def layer_mode(weights, ctr):
+    """The chain with the real layer's epilogues (MegaPlan(layer=True)): checked against mega_layer_reference (1 and
+    18 layers, bitwise repeat), then timed like the plain chain."""
+    bf, dev = torch.bfloat16, "cuda"
+    from pi0_triton_policy.kernels.rmsnorm_qkv_rope import rope_tables
+
+    plan = MC.plan_for_this_gpu(layer=True)
+    prepared = {op: plan.prepare(weights[op], op) for op in OPS}
+    cols = dict(x=1024, q=2560, x2=1024, h8=4096)
+    acts = {k: torch.zeros(MC.blocked_size(c), dtype=bf, device=dev) for k, c in cols.items()}
+    cos, sin = rope_tables(1024, 256, device=dev)
+    pos = torch.arange(304, 304 + MC.R, dtype=torch.int32, device=dev)  # the suffix after a 1-camera prefix
+    st = dict(xs=torch.zeros(MC.R, 1024, device=dev), ss=torch.zeros(2, plan.programs // 4, MC.R, device=dev),
+              pos=pos, cos=cos, sin=sin, eps=1e-6)
+    x0 = torch.randn(MC.R, 1024, device=dev)
+
+    def reset():
+        st["xs"].copy_(x0)
+        st["ss"].zero_()
+        st["ss"][0, 0] = x0.pow(2).sum(1)
+        MC.to_blocked(x0.to(bf), acts["x"])
+
+    out = {"variant": "mega_layer"}
+    for layers in (1, L):
+        reset()
+        MC.mega_chain(plan, prepared, acts, ctr, layers, layer_state=st)
+        torch.cuda.synchronize()
+        ref = MC.mega_layer_reference(x0, weights, layers, pos, cos, sin, st["eps"])
+        got = dict(xs=st["xs"].clone(), q=MC.from_blocked(acts["q"], 2560), h=MC.from_blocked(acts["h8"], 4096))
+        out[f"err_{layers}"] = {k: round(rel(got[k], ref[k]), 5) for k in got}
+        reset()
+        MC.mega_chain(plan, prepared, acts, ctr, layers, layer_state=st)
+        torch.cuda.synchronize()
+        out[f"bitwise_repeat_{layers}"] = bool(torch.equal(st["xs"], got["xs"]))
+    print("layer mode vs torch:", out, flush=True)
+    t = time_graph(lambda: MC.mega_chain(plan, prepared, acts, ctr, L, layer_state=st))
+    ts = torch.zeros(plan.programs * L * 32, dtype=torch.int64, device=dev)
+    MC.mega_chain(plan, prepared, acts, ctr, L, timestamps=ts, layer_state=st)
+    torch.cuda.synchronize()
+    out.update(us_step=t, us_layer=t / L, timeline=timeline(ts, plan.programs))
+    print(f"mega_chain LAYER (norm, RoPE, GeGLU, residual epilogues): {t:8.1f} us/step {t / L:6.2f} us/layer")
+    for op, v in out["timeline"].items():
+        print(f"    {op:5s} " + "  ".join(f"{a} {b:6.2f}" for a, b in v.items()), flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
@@ -51,6 +97,7 @@ def main():
     ap.add_argument("--a-pipe", type=int, nargs="+", default=[MC.A_PIPE], help="activation load in 4 groups (1) or whole (0)")
     ap.add_argument("--pub", type=int, nargs="+", default=[MC.PUB], help="publish variants (kernels/mega_chain.py)")
     ap.add_argument("--loader", type=int, nargs="+", default=[MC.LOADER], help="activation loader warp (1) or not (0)")
+    ap.add_argument("--layer", action="store_true", help="also the real layer's epilogues (RMSNorm, RoPE, GeGLU, residual)")
     ap.add_argument("--wgd", type=int, nargs="+", default=[MC.WGD], help="wgmma groups in flight before a slot is freed")
     args = ap.parse_args()
     bf = torch.bfloat16
@@ -104,6 +151,8 @@ def main():
         res["rows"].append({"variant": f"mega_chain_{name}", "us_step": t, "us_layer": t / L, "errors": errs,
                             "timeline": tl, "ring": [MC.NS, MC.SLOT], "ops": MC.OPS, "programs": plan.programs,
                             "wait": plan.wait})
+    if args.layer:
+        res["rows"].append(layer_mode(weights, ctr))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1, default=str)

@@ -41,16 +41,22 @@ from pi0_triton_policy.kernels.cluster_matmul import CUDA_HELPERS, _LaunchConfig
 
 R = 50  # activation rows (the action tokens)
 CLUSTER, THREADS = 4, 192  # 4 consumer warps + the weight producer warp + the activation loader warp
-NS, SLOT = 10, 9216  # weight ring: slots x bytes (1024-aligned: wgmma's 128-byte swizzle atoms)
+NS, SLOT = 8, 10240  # weight ring: slots x bytes (1024-aligned: wgmma's 128-byte swizzle atoms)
 A_BLOCK = 56 * 128  # one 64-column block of the activations: 56 rows of 128 B (see consume)
 A_BYTES = 16 * A_BLOCK  # KC <= 1024
 BN_SPLIT_MAX = 40  # widest column tile of a split op (o, down)
 RECV_BYTES = 2 * 4 * 16 * BN_SPLIT_MAX * 4  # [parity][source rank][16 owned rows][BN] fp32
-SMEM = A_BYTES + RECV_BYTES + NS * SLOT + 8 * (2 * NS + 7)
+ROWSQ_BYTES = 3 * 1024  # LAYER: an owner's new x^2 [16][40] fp32; 3 KB keeps the ring 1024-aligned
+SS_BYTES = 6 * 1024  # LAYER: the clusters' sums of squares [<= 30][50] fp32, copied in by the loader
+SMEM = A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES + NS * SLOT + 8 * (2 * NS + 8)
+assert (A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES) % 1024 == 0 and SLOT % 1024 == 0, "wgmma's swizzle atoms are 1024-aligned"
 NAMES = ("qkv", "o", "gu", "down")
 # op: (N, K, SPLIT, CK, NJMAX); CK = K columns per ring chunk, NJMAX = most n8 column groups a program gets (with 120
 # programs); the widest chunk (gu: 72 x 64, o / down: 40 x 128) stays <= SLOT
 OPS = dict(qkv=(2560, 1024, 1, 64, 3), o=(1024, 2048, 4, 64, 5), gu=(8192, 1024, 1, 64, 9), down=(1024, 4096, 4, 64, 5))
+# LAYER (the real layer's epilogues): qkv and gate|up columns are dealt in pairs of 8-column groups (RoPE partners d,
+# d + 128 of a head; gate and up of the same h columns), so the widths per program are 16 / 32 and 64 / 80
+PAIRED = dict(qkv=(4, 2), gu=(10, 8))  # n8 groups per program: the two widths
 RANGE = dict(qkv=128, o=256, gu=256, down=256)  # columns per arrival counter of the op's output (a quarter of the next op's K range)
 
 _SOURCE = r"""
@@ -62,6 +68,9 @@ _SOURCE = r"""
 #define RECV_BYTES @RECV_BYTES@
 #define BNS @BN_SPLIT_MAX@
 #define NC 128                       /* consumer threads */
+#define LAYER @LAYER@                  /* 1: the real layer's epilogues (RMSNorm row scale, RoPE, GeGLU, fp32 residual) */
+#define ROWSQ_BYTES @ROWSQ_BYTES@
+#define SS_BYTES @SS_BYTES@
 #define A_PIPE @A_PIPE@                /* 1: activations in four commit groups, MMAs start on the first */
 #define PUB @PUB@                     /* publish variant (unit_body) */
 #define WGD @WGD@                     /* wgmma groups in flight before a ring slot is released */
@@ -75,10 +84,10 @@ typedef unsigned short bf16;
    program, and the column width of one arrival counter of its output (a quarter of the next op's K range: the
    activations of a unit arrive in four parts, each behind its own counter) */
 template <int P> struct Op;
-template <> struct Op<0> { enum { N = 2560, K = 1024, SPLIT = 1, CK = 64, NJMAX = 3, RANGE = 128 }; };
-template <> struct Op<1> { enum { N = 1024, K = 2048, SPLIT = 4, CK = 64, NJMAX = 5, RANGE = 256 }; };
-template <> struct Op<2> { enum { N = 8192, K = 1024, SPLIT = 1, CK = 64,  NJMAX = 9, RANGE = 256 }; };
-template <> struct Op<3> { enum { N = 1024, K = 4096, SPLIT = 4, CK = 64, NJMAX = 5, RANGE = 256 }; };
+template <> struct Op<0> { enum { N = 2560, K = 1024, SPLIT = 1, CK = 64, NJMAX = LAYER ? 4 : 3, NJALT = 2, RANGE = 128 }; };
+template <> struct Op<1> { enum { N = 1024, K = 2048, SPLIT = 4, CK = 64, NJMAX = 5, NJALT = 4, RANGE = 256 }; };
+template <> struct Op<2> { enum { N = 8192, K = 1024, SPLIT = 1, CK = 64, NJMAX = LAYER ? 10 : 9, NJALT = 8, RANGE = 256 }; };
+template <> struct Op<3> { enum { N = 1024, K = 4096, SPLIT = 4, CK = 64, NJMAX = 5, NJALT = 4, RANGE = 256 }; };
 
 struct Args {
     const bf16* w[4];      /* prepared weights per op: [L][N * K], program p's block at meta.z: [KC / CK][bn][CK] */
@@ -87,6 +96,14 @@ struct Args {
     unsigned* ctr;         /* [L][4 ops][32 ranges] arrival counters, zero before the launch */
     unsigned long long* ts;/* [programs][L][4][8] stamps (use_ts) */
     int L, use_ts, programs, pad;
+    float* xs;             /* LAYER: the fp32 residual stream [50][1024] (row-major) */
+    float* ss;             /* LAYER: [2 parities][clusters][50] sums of squares of x over each cluster's columns
+                              (parity 0: written by down, read by qkv; 1: by o, read by gate|up) */
+    const int* pos;        /* LAYER: RoPE position of each row */
+    const float* cos_t;    /* LAYER: [positions][128] */
+    const float* sin_t;
+    float eps;
+    int pad2;
     unsigned wait[4][32];  /* op P's activations of range r are complete when the producing op's counter r reaches wait[P][r] */
 };
 
@@ -113,6 +130,10 @@ __device__ __forceinline__ unsigned mapa(unsigned addr, unsigned rank) {
     unsigned r;
     asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(addr), "r"(rank));
     return r;
+}
+__device__ __forceinline__ float gelu_tanh_f(float x) {
+    const float y = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+    return 0.5f * x * (1.f + (1.f - 2.f / (__expf(2.f * y) + 1.f)));
 }
 __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
     unsigned v;
@@ -178,9 +199,24 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
     constexpr int KC = O::K / O::SPLIT, NCH = KC / 64;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const unsigned a_u32 = smem_u32(smem), recv_u32 = smem_u32(smem + A_BYTES);
-    const unsigned ring = smem_u32(smem + A_BYTES + RECV_BYTES), bars = ring + NS * SLOT;
+    const unsigned ring = smem_u32(smem + A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES), bars = ring + NS * SLOT;
     float* recv = (float*)(smem + A_BYTES);
+    float* rowsq = (float*)(smem + A_BYTES + RECV_BYTES);
     const bool stamp = g.use_ts && tid == 0;
+    const int r0 = 16 * warp + (lane >> 2), c0 = 2 * (lane & 3);
+    /* LAYER qkv: the RoPE factors of this thread's rows and columns do not depend on anything: loaded before the MMAs */
+    float2 rc[NJ / 2 > 0 ? NJ / 2 : 1][2], rsn[NJ / 2 > 0 ? NJ / 2 : 1][2];
+    if (LAYER && P == 0) {
+        #pragma unroll
+        for (int j = 0; j < NJ; j += 2)
+            #pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int row = r0 + 8 * h < R ? r0 + 8 * h : R - 1;
+                const int pr = (n0 + 8 * j) / 16, dim = 8 * (pr % 16) + c0;
+                rc[j / 2][h] = *(const float2*)(g.cos_t + (size_t)g.pos[row] * 128 + dim);
+                rsn[j / 2][h] = *(const float2*)(g.sin_t + (size_t)g.pos[row] * 128 + dim);
+            }
+    }
     float d[NJ * 4];
     #pragma unroll
     for (int i = 0; i < NJ * 4; ++i) d[i] = 0.f;
@@ -199,6 +235,25 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
             mbar_arrive(bars + 8 * (NS + (ci + ch - WGD) % NS));  /* all 128 threads: no divergent path near wgmma */
         }
     }
+    /* LAYER: the row scale rsqrt(mean(x^2) + eps) of rows r0, r0 + 8 from the clusters' sums of squares (fixed
+       order), read while the last MMAs run; the activations' last quarter has landed, so they are published */
+    float rs[2] = {1.f, 1.f};
+    if (LAYER && O::SPLIT == 1) {  /* the 4 lanes of a quad share rows: each sums every 4th cluster, then a fixed
+                                      shuffle tree (deterministic) */
+        const float* ssp = (const float*)(smem + A_BYTES + RECV_BYTES + ROWSQ_BYTES);
+        while (!mbar_try(bars + 8 * (2 * NS + 7), P == 0 ? 0 : 1)) {}  /* two such units per layer: qkv even, gu odd */
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int row = r0 + 8 * h < R ? r0 + 8 * h : R - 1;
+            float t = 0.f;
+            #pragma unroll
+            for (int c = lane & 3; c < 32; c += 4)
+                if (c < g.programs / 4) t += ssp[c * R + row];
+            t += __shfl_xor_sync(0xffffffff, t, 1);
+            t += __shfl_xor_sync(0xffffffff, t, 2);
+            rs[h] = rsqrtf(t / 1024.f + g.eps);
+        }
+    }
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
     if (LOADER) mbar_arrive(bars + 8 * (2 * NS + 6));  /* the loader may overwrite the activations */
     #pragma unroll
@@ -206,10 +261,42 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
     ci += NCH;
 
     /* accumulator fragment: warp w holds rows 16w + lane/4 (+8), columns 8j + 2 (lane % 4) (+1) */
-    const int r0 = 16 * warp + (lane >> 2), c0 = 2 * (lane & 3);
     bf16* out = g.act[(P + 1) % 4];
     if (stamp) ts[2] = globaltimer();
-    if (O::SPLIT == 1) {
+    if (LAYER && P == 0) {
+        /* pairs of groups (j, j + 1) = head columns 8g.. and 128 + 8g..: scaled, RoPE'd (q, k), stored in place */
+        #pragma unroll
+        for (int j = 0; j < NJ; j += 2)
+            #pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int row = r0 + 8 * h;
+                if (row >= R) continue;
+                const int pr = (n0 + 8 * j) / 16, head = pr / 16, dim = 8 * (pr % 16) + c0;
+                float a0 = d[4 * j + 2 * h] * rs[h], a1 = d[4 * j + 2 * h + 1] * rs[h];
+                float b0 = d[4 * (j + 1) + 2 * h] * rs[h], b1 = d[4 * (j + 1) + 2 * h + 1] * rs[h];
+                if (head < 9) {
+                    const float2 cs = rc[j / 2][h], sn = rsn[j / 2][h];
+                    const float x0 = a0 * cs.x - b0 * sn.x, y0 = b0 * cs.x + a0 * sn.x;
+                    const float x1 = a1 * cs.y - b1 * sn.y, y1 = b1 * cs.y + a1 * sn.y;
+                    a0 = x0; b0 = y0; a1 = x1; b1 = y1;
+                }
+                *(unsigned*)(out + blocked(row, head * 256 + dim)) = to_bf16(a0) | ((unsigned)to_bf16(a1) << 16);
+                *(unsigned*)(out + blocked(row, head * 256 + 128 + dim)) = to_bf16(b0) | ((unsigned)to_bf16(b1) << 16);
+            }
+    } else if (LAYER && P == 2) {
+        /* pairs of groups (j, j + 1) = gate and up of h columns 8 pr..: h = gelu_tanh(g s) (u s) */
+        #pragma unroll
+        for (int j = 0; j < NJ; j += 2)
+            #pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int row = r0 + 8 * h;
+                if (row >= R) continue;
+                const int col = 8 * ((n0 + 8 * j) / 16) + c0;
+                const float h0 = gelu_tanh_f(d[4 * j + 2 * h] * rs[h]) * (d[4 * (j + 1) + 2 * h] * rs[h]);
+                const float h1 = gelu_tanh_f(d[4 * j + 2 * h + 1] * rs[h]) * (d[4 * (j + 1) + 2 * h + 1] * rs[h]);
+                *(unsigned*)(out + blocked(row, col)) = to_bf16(h0) | ((unsigned)to_bf16(h1) << 16);
+            }
+    } else if (O::SPLIT == 1) {
         #pragma unroll
         for (int j = 0; j < NJ; ++j)
             #pragma unroll
@@ -253,8 +340,24 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
                 const float4 v = *(float4*)(recv + ((buf * 4 + src) * 16) * BNS + i);
                 s.x += v.x; s.y += v.y; s.z += v.z; s.w += v.w;
             }
+            if (LAYER) {  /* x += the sum (fp32); x^2 kept for the row sums below */
+                float4* xp = (float4*)(g.xs + (size_t)row * 1024 + n0 + col);
+                const float4 xo = *xp;
+                s.x += xo.x; s.y += xo.y; s.z += xo.z; s.w += xo.w;
+                *xp = s;
+                *(float4*)(rowsq + rr * BNS + col) = make_float4(s.x * s.x, s.y * s.y, s.z * s.z, s.w * s.w);
+            }
             const unsigned lo = to_bf16(s.x) | ((unsigned)to_bf16(s.y) << 16), hi = to_bf16(s.z) | ((unsigned)to_bf16(s.w) << 16);
             *(uint2*)(out + blocked(row, n0 + col)) = make_uint2(lo, hi);
+        }
+        if (LAYER) {  /* the sums of squares of my rows over this cluster's columns, in fixed order */
+            bar_consumers();
+            const int row = rank * 16 + tid;
+            if (tid < 16 && row < R) {
+                float t = 0.f;
+                for (int col = 0; col < NJ * 8; ++col) t += rowsq[tid * BNS + col];
+                g.ss[((P == 1 ? 1 : 0) * (g.programs / 4) + prog / 4) * R + row] = t;
+            }
         }
     }
     /* publish: the unit's stores (ordered before the consumers' bulk-copy reads), then a release add on each counter
@@ -266,8 +369,19 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
     if (PUB == 2 ? lane == 0 : tid == 0) {
         asm volatile("fence.acq_rel.gpu;" ::: "memory");
         const int bn = NJ * 8;
-        for (int q = n0 / O::RANGE; q <= (n0 + bn - 1) / O::RANGE; ++q)
-            asm volatile("red.release.gpu.global.add.u32 [%0], 1;" :: "l"(g.ctr + (l * 4 + P) * 32 + q) : "memory");
+        unsigned* ctr = g.ctr + (l * 4 + P) * 32;
+        if (LAYER && P == 0) {  /* pairs (head, group): columns head*256 + 8g (range 2 head) and + 128 (2 head + 1);
+                                   counter 31 counts every qkv unit (o's stand-in for attention waits on it) */
+            asm volatile("red.release.gpu.global.add.u32 [%0], 1;" :: "l"(ctr + 31) : "memory");
+            for (int pr = n0 / 16; pr < (n0 + bn) / 16; ++pr)
+                if (pr == n0 / 16 || pr / 16 != (pr - 1) / 16)
+                    for (int q = 2 * (pr / 16); q < 2 * (pr / 16) + 2; ++q)
+                        asm volatile("red.release.gpu.global.add.u32 [%0], 1;" :: "l"(ctr + q) : "memory");
+        } else {
+            const int c0 = LAYER && P == 2 ? n0 / 2 : n0, c1 = LAYER && P == 2 ? (n0 + bn) / 2 : n0 + bn;  /* h columns */
+            for (int q = c0 / O::RANGE; q <= (c1 - 1) / O::RANGE; ++q)
+                asm volatile("red.release.gpu.global.add.u32 [%0], 1;" :: "l"(ctr + q) : "memory");
+        }
         if (g.use_ts && tid == 0) ts[3] = globaltimer();
     }
 }
@@ -280,11 +394,15 @@ template <int P> __device__ __forceinline__ void load_activations(const Args& g,
     constexpr int KC = O::K / O::SPLIT;
     constexpr unsigned BYTES = KC / 64 * A_BLOCK / 4;
     const int rank = O::SPLIT == 1 ? 0 : (prog & 3), k0 = rank * KC;
-    const unsigned a_u32 = smem_u32(smem), bars = smem_u32(smem + A_BYTES + RECV_BYTES) + NS * SLOT;
+    const unsigned a_u32 = smem_u32(smem), bars = smem_u32(smem + A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES) + NS * SLOT;
     const char* src = (const char*)(g.act[P] + (size_t)(k0 / 64) * (A_BLOCK / 2));
     unsigned long long* ts = g.ts + ((size_t)(prog * g.L + l) * 4 + P) * 8;
     if (au > 0) while (!mbar_try(bars + 8 * (2 * NS + 6), (au - 1) & 1)) {}  /* the previous unit's MMAs are done */
     ++au;
+    if (LAYER && P == 1) {  /* as attention would: every q / k / v column of this layer is in (counter 31) */
+        const unsigned* c = g.ctr + (l * 4 + 0) * 32 + 31;
+        while (ld_acquire(c) < g.wait[1][31]) {}
+    }
     for (int q = 0; q < 4; ++q) {
         if (P != 0 || l > 0) {
             const int r = k0 / (KC / 4) + q;
@@ -297,6 +415,13 @@ template <int P> __device__ __forceinline__ void load_activations(const Args& g,
         asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(abar), "r"(BYTES) : "memory");
         asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
                      :: "r"(a_u32 + q * BYTES), "l"(src + q * BYTES), "r"(BYTES), "r"(abar) : "memory");
+    }
+    if (LAYER && O::SPLIT == 1) {  /* every quarter is in, so are the sums of squares published with it */
+        const unsigned sbar = bars + 8 * (2 * NS + 7), bytes = g.programs / 4 * R * 4;
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(sbar), "r"(bytes) : "memory");
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                     :: "r"(smem_u32(smem + A_BYTES + RECV_BYTES + ROWSQ_BYTES)), "l"(g.ss + (P == 0 ? 0 : 1) * (g.programs / 4) * R),
+                        "r"(bytes), "r"(sbar) : "memory");
     }
     if (g.use_ts) ts[1] = globaltimer();
 }
@@ -311,7 +436,7 @@ template <int P> __device__ __forceinline__ void consume(const Args& g, int l, i
     const int rank = O::SPLIT == 1 ? 0 : (prog & 3), k0 = rank * KC;
     unsigned long long* ts = g.ts + ((size_t)(prog * g.L + l) * 4 + P) * 8;
     const unsigned a_u32 = smem_u32(smem);
-    const unsigned bars = smem_u32(smem + A_BYTES + RECV_BYTES) + NS * SLOT;
+    const unsigned bars = smem_u32(smem + A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES) + NS * SLOT;
 
     const unsigned abar = bars + 8 * (2 * NS + 2);
     const unsigned aparity = au & 1;
@@ -351,14 +476,14 @@ template <int P> __device__ __forceinline__ void consume(const Args& g, int l, i
 
     /* 3. MMA + epilogue, specialised on the tile width (programs differ by one column group at most) */
     if (nj == O::NJMAX) unit_body<P, O::NJMAX>(g, l, prog, smem, ci, su, n0, rank, aparity, ts);
-    else unit_body<P, O::NJMAX - 1>(g, l, prog, smem, ci, su, n0, rank, aparity, ts);
+    else unit_body<P, O::NJALT>(g, l, prog, smem, ci, su, n0, rank, aparity, ts);
 }
 
 extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(192, 1) mega_chain_kernel(const Args g)
 {
     extern __shared__ __align__(1024) unsigned char smem[];
     const int tid = threadIdx.x, prog = blockIdx.x;
-    const unsigned ring = smem_u32(smem + A_BYTES + RECV_BYTES), bars = ring + NS * SLOT;
+    const unsigned ring = smem_u32(smem + A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES), bars = ring + NS * SLOT;
     if (smem_u32(smem) & 1023) asm volatile("trap;");  /* the swizzle atoms assume a 1024-aligned window */
     if (tid == 0) {
         for (int s = 0; s < NS; ++s) { mbar_init(bars + 8 * s, 1); mbar_init(bars + 8 * (NS + s), NC); }
@@ -366,6 +491,7 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(192, 1) m
         mbar_init(bars + 8 * (2 * NS + 1), 1);
         for (int part = 0; part < 4; ++part) mbar_init(bars + 8 * (2 * NS + 2 + part), 1);  /* activations */
         mbar_init(bars + 8 * (2 * NS + 6), NC);  /* activations consumed (LOADER) */
+        mbar_init(bars + 8 * (2 * NS + 7), 1);   /* LAYER: sums of squares in shared memory (qkv: phase 0, gu: 1) */
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
@@ -421,7 +547,8 @@ AHEAD = 0  # default L2 prefetch distance in ops (0: off; 2-8 measured slower, b
 def _wgmma_functions() -> str:
     """wgmma_n<N>(d, desc_a, desc_b, accumulate) for the tile widths the plan deals (N/2 accumulator registers per
     thread: written out, inline asm takes no register arrays)."""
-    widths = sorted({8 * nj for (_, _, _, _, njmax) in OPS.values() for nj in (njmax, njmax - 1)})
+    widths = sorted({8 * nj for (_, _, _, _, njmax) in OPS.values() for nj in (njmax, njmax - 1)}
+                    | {8 * nj for pair in PAIRED.values() for nj in pair})
     out = ["template <int N> __device__ __forceinline__ void wgmma_n(float* d, unsigned long long da, unsigned long long db, int acc);"]
     for n in widths:
         regs = ",".join(f"%{i}" for i in range(n // 2))
@@ -434,10 +561,13 @@ def _wgmma_functions() -> str:
     return "\n".join(out)
 
 
-def source(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = WGD, loader: int = LOADER) -> str:
+def source(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = WGD, loader: int = LOADER,
+           layer: int = 0) -> str:
     assert a_pipe or not loader, "the loader copies the activations in quarters"
+    assert loader or not layer, "LAYER: the loader copies the sums of squares"
     text = _SOURCE
-    consts = dict(AHEAD=ahead, A_PIPE=a_pipe, PUB=pub, WGD=wgd, LOADER=loader, A_BLOCK=A_BLOCK, WGMMA=_wgmma_functions(), NS=NS, SLOT=SLOT, A_BYTES=A_BYTES, RECV_BYTES=RECV_BYTES, BN_SPLIT_MAX=BN_SPLIT_MAX,
+    consts = dict(AHEAD=ahead, A_PIPE=a_pipe, PUB=pub, WGD=wgd, LOADER=loader, LAYER=layer, ROWSQ_BYTES=ROWSQ_BYTES,
+                  SS_BYTES=SS_BYTES, A_BLOCK=A_BLOCK, WGMMA=_wgmma_functions(), NS=NS, SLOT=SLOT, A_BYTES=A_BYTES, RECV_BYTES=RECV_BYTES, BN_SPLIT_MAX=BN_SPLIT_MAX,
                   HELPERS=CUDA_HELPERS % {})
     for k, v in consts.items():
         text = text.replace(f"@{k}@", str(v))
@@ -447,7 +577,9 @@ def source(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = 
 class _Args(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p * 4), ("act", ctypes.c_void_p * 4), ("meta", ctypes.c_void_p),
                 ("ctr", ctypes.c_void_p), ("ts", ctypes.c_void_p), ("L", ctypes.c_int), ("use_ts", ctypes.c_int),
-                ("programs", ctypes.c_int), ("pad", ctypes.c_int), ("wait", (ctypes.c_uint * 32) * 4)]
+                ("programs", ctypes.c_int), ("pad", ctypes.c_int), ("xs", ctypes.c_void_p), ("ss", ctypes.c_void_p),
+                ("pos", ctypes.c_void_p), ("cos_t", ctypes.c_void_p), ("sin_t", ctypes.c_void_p),
+                ("eps", ctypes.c_float), ("pad2", ctypes.c_int), ("wait", (ctypes.c_uint * 32) * 4)]
 
 
 def deal(groups: int, parts: int) -> list[int]:
@@ -460,14 +592,19 @@ class MegaPlan:
     """Who computes which columns: per op and program (first column, columns, weight block offset), and how many
     arrivals every unit waits for. `programs` = 4 x the clusters of 4 that can be resident at once."""
 
-    def __init__(self, programs: int):
+    def __init__(self, programs: int, layer: bool = False):
         assert programs % CLUSTER == 0 and programs <= 4 * 32, programs
-        self.programs = programs
+        self.programs, self.layer = programs, layer
         self.meta = {}  # op -> [(n0, bn, offset)] per program
         for op, (n, k, split, ck, njmax) in OPS.items():
             owners = programs if split == 1 else programs // CLUSTER
-            widths = [8 * g for g in deal(n // 8, owners)]
-            assert set(widths) <= {8 * njmax, 8 * njmax - 8} and max(widths) * ck * 2 <= SLOT, (op, set(widths))
+            if layer and op in PAIRED:  # pairs of groups (RoPE partners / gate and up) stay in one program
+                widths = [16 * g for g in deal(n // 16, owners)]
+                allowed = {8 * nj for nj in PAIRED[op]}
+            else:
+                widths = [8 * g for g in deal(n // 8, owners)]
+                allowed = {8 * njmax, 8 * njmax - 8}
+            assert set(widths) <= allowed and max(widths) * ck * 2 <= SLOT, (op, set(widths))
             assert split == 1 or max(widths) <= BN_SPLIT_MAX
             starts = [sum(widths[:i]) for i in range(owners)]
             rows = []
@@ -486,16 +623,39 @@ class MegaPlan:
             assert rng * 4 * OPS[nxt][2] == OPS[nxt][1] and OPS[prev][0] // rng <= 32, (prev, nxt)
             for p in range(self.programs):
                 n0, bn, _ = self.meta[prev][p]
-                for r in range(n0 // rng, (n0 + bn - 1) // rng + 1):
+                for r in self.published_ranges(prev, n0, bn):
                     self.wait[p_next][r] += 1
         self.meta_tensor = None
 
+    def published_ranges(self, op: str, n0: int, bn: int) -> list[int]:
+        """The counters a unit of `op` with weight columns [n0, n0 + bn) adds to (the kernel's publish)."""
+        rng = RANGE[op]
+        if self.layer and op == "qkv":  # pair (head, g) writes head*256 + 8g.. and + 128: ranges 2 head, 2 head + 1;
+            heads = sorted({pr // 16 for pr in range(n0 // 16, (n0 + bn) // 16)})  # 31: every unit (o's wait)
+            return [q for h in heads for q in (2 * h, 2 * h + 1)] + [31]
+        if self.layer and op == "gu":  # h columns
+            n0, bn = n0 // 2, bn // 2
+        return list(range(n0 // rng, (n0 + bn - 1) // rng + 1))
+
+    @staticmethod
+    def paired_columns(op: str) -> torch.Tensor:
+        """LAYER: weight column order -> original column: qkv pairs (head, g) = [head*256 + 8g.., head*256 + 128 +
+        8g..]; gate|up pairs p = [gate 8p.., up 8p..] (up = column 4096 + 8p..)."""
+        if op == "qkv":
+            pr = torch.arange(160).view(160, 1, 1)
+            return ((pr // 16) * 256 + torch.tensor([0, 128]).view(1, 2, 1) + 8 * (pr % 16) + torch.arange(8).view(1, 1, 8)).reshape(-1)
+        pr = torch.arange(512).view(512, 1, 1)
+        return (torch.tensor([0, 4096]).view(1, 2, 1) + 8 * pr + torch.arange(8).view(1, 1, 8)).reshape(-1)
+
     def prepare(self, wt: torch.Tensor, op: str) -> torch.Tensor:
         """W^T [L, N, K] -> [L, N * K]: per program, its columns' K range (rank) as KC / CK chunks of [bn][CK]
-        contiguous, the 16-byte groups of each row XOR-swizzled by row (the 128-byte swizzle wgmma reads)."""
+        contiguous, the 16-byte groups of each row XOR-swizzled by row (the 128-byte swizzle wgmma reads).
+        LAYER: qkv / gate|up columns first put in pair order (`paired_columns`)."""
         n, k, split, ck, _ = OPS[op]
         L = wt.shape[0]
         assert wt.shape[1:] == (n, k), (wt.shape, op)
+        if self.layer and op in PAIRED:
+            wt = wt[:, self.paired_columns(op).to(wt.device)]
         kc = k // split
         out = torch.empty(L, n * k, dtype=wt.dtype, device=wt.device)
         done = set()
@@ -521,8 +681,8 @@ class MegaPlan:
 
 @functools.lru_cache(maxsize=None)
 def _kernel_and_programs(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = WGD,
-                         loader: int = LOADER):
-    func = compile_cuda(source(ahead, a_pipe, pub, wgd, loader), "mega_chain_kernel", SMEM, arch_suffix="a")
+                         loader: int = LOADER, layer: int = 0):
+    func = compile_cuda(source(ahead, a_pipe, pub, wgd, loader, layer), "mega_chain_kernel", SMEM, arch_suffix="a")
     cfg = _LaunchConfig(128, 1, 1, THREADS, 1, 1, SMEM, None, None, 0)
     n = ctypes.c_int()
     err = _libcuda().cuOccupancyMaxActiveClusters(ctypes.byref(n), func, ctypes.byref(cfg))
@@ -532,18 +692,24 @@ def _kernel_and_programs(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PU
     return func, CLUSTER * min(n.value, 32)
 
 
-def plan_for_this_gpu() -> MegaPlan:
-    return MegaPlan(_kernel_and_programs()[1])
+def plan_for_this_gpu(layer: bool = False) -> MegaPlan:
+    return MegaPlan(_kernel_and_programs()[1], layer)
 
 
 def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tensor, layers: int,
                timestamps: torch.Tensor | None = None, ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB,
-               wgd: int = WGD, loader: int = LOADER):
+               wgd: int = WGD, loader: int = LOADER, layer_state: dict | None = None):
     """Run `layers` layers of the chain on acts = {x, q, x2, h8}: [50, 1024 / 2560 / 1024 / 8192] bf16 in the blocked
-    layout (`to_blocked` / `from_blocked`); counters: >= layers * 128 int32 (zeroed here, inside the stream)."""
-    func, programs = _kernel_and_programs(ahead, a_pipe, pub, wgd, loader)
+    layout (`to_blocked` / `from_blocked`); counters: >= layers * 128 int32 (zeroed here, inside the stream).
+    layer_state (a plan made with layer=True): the real layer's epilogues; acts x / x2 are then the bf16 copies of
+    the residual after down / o, h8 is h [50, 4096], and layer_state holds xs (fp32 [50, 1024] residual),
+    ss ([2, clusters, 50] sums of squares; ss[0] of the input must be set), pos (int32 [50]), cos, sin
+    ([positions, 128] fp32), eps."""
+    layer = layer_state is not None
+    assert layer == plan.layer
+    func, programs = _kernel_and_programs(ahead, a_pipe, pub, wgd, loader, int(layer))
     assert plan.programs == programs, (plan.programs, programs)
-    for name, cols in dict(x=1024, q=2560, x2=1024, h8=8192).items():
+    for name, cols in dict(x=1024, q=2560, x2=1024, h8=4096 if layer else 8192).items():
         t = acts[name]
         assert t.shape == (blocked_size(cols),) and t.dtype == torch.bfloat16, (name, t.shape)
     assert counters.numel() >= layers * 128
@@ -557,6 +723,13 @@ def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tenso
     args.ctr = counters.data_ptr()
     args.ts = timestamps.data_ptr() if timestamps is not None else counters.data_ptr()
     args.L, args.use_ts, args.programs = layers, int(timestamps is not None), programs
+    if layer:
+        st = layer_state
+        assert st["xs"].shape == (R, 1024) and st["xs"].dtype == torch.float32 and st["xs"].is_contiguous()
+        assert st["ss"].shape == (2, programs // CLUSTER, R) and st["ss"].dtype == torch.float32
+        assert st["pos"].dtype == torch.int32 and st["cos"].shape[1] == 128 and st["sin"].shape == st["cos"].shape
+        args.xs, args.ss, args.pos = st["xs"].data_ptr(), st["ss"].data_ptr(), st["pos"].data_ptr()
+        args.cos_t, args.sin_t, args.eps = st["cos"].data_ptr(), st["sin"].data_ptr(), float(st["eps"])
     for p in range(4):
         for r in range(32):
             args.wait[p][r] = plan.wait[p][r] * (4 if pub == 2 else 1)  # PUB 2: every warp publishes
@@ -589,6 +762,29 @@ def to_blocked(t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor
 
 def from_blocked(buf: torch.Tensor, cols: int) -> torch.Tensor:
     return buf.view(-1)[_blocked_index(cols, buf.device)]
+
+
+def mega_layer_reference(xs: torch.Tensor, weights: dict, layers: int, pos, cos, sin, eps) -> dict:
+    """The real layer without attention (o reads the RoPE'd q, as the kernel's LAYER mode), in float32 with the
+    engine's bf16 points (kernels/skinny_matmul.py): RMSNorm as a row scale after the matmul of bf16(x), RoPE
+    (split halves) on q and k, h = gelu_tanh(g) * u, fp32 residual adds. weights: W^T [L, N, K] in the original
+    column order."""
+    bf = torch.bfloat16
+    x = xs.float().clone()
+    c, s = cos[pos.long()], sin[pos.long()]
+    for i in range(layers):
+        rs = torch.rsqrt(x.pow(2).mean(1, keepdim=True) + eps)
+        qkv = (x.to(bf).float() @ weights["qkv"][i].float().t()) * rs
+        heads = qkv.view(R, 10, 2, 128)
+        a, b = heads[:, :9, 0], heads[:, :9, 1]
+        rot = torch.stack([a * c[:, None] - b * s[:, None], b * c[:, None] + a * s[:, None]], 2)
+        qkv = torch.cat([rot, heads[:, 9:]], 1).reshape(R, 2560).to(bf)
+        x = x + qkv[:, :2048].float() @ weights["o"][i].float().t()
+        rs = torch.rsqrt(x.pow(2).mean(1, keepdim=True) + eps)
+        gu = (x.to(bf).float() @ weights["gu"][i].float().t()) * rs
+        h = (torch.nn.functional.gelu(gu[:, :4096], approximate="tanh") * gu[:, 4096:]).to(bf)
+        x = x + h.float() @ weights["down"][i].float().t()
+    return dict(xs=x, q=qkv, h=h)
 
 
 def mega_chain_reference(x: torch.Tensor, weights: dict, layers: int) -> dict:

@@ -467,18 +467,23 @@ def test_mega_chain_plan_layout():
     from pi0_triton_policy.kernels import mega_chain as MC
 
     g = torch.Generator().manual_seed(7)
-    for programs in (120, 128):
-        plan = MC.MegaPlan(programs)
+    for programs, layer in ((120, False), (128, False), (120, True)):
+        plan = MC.MegaPlan(programs, layer)
         for op, (n, k, split, ck, njmax) in MC.OPS.items():
+            paired = layer and op in MC.PAIRED
             wt = torch.randn(1, n, k, generator=g)
             prepared = plan.prepare(wt, op)
+            if paired:  # the kernel's column order: RoPE partners / gate and up side by side
+                cols = plan.paired_columns(op)
+                assert torch.equal(torch.sort(cols).values, torch.arange(n))
+                wt = wt[:, cols]
             kc = k // split
             cover = torch.zeros(n, k, dtype=torch.int32)
             seen = set()
             for p in range(programs):
                 n0, bn, off = plan.meta[op][p]
                 rank = 0 if split == 1 else p % MC.CLUSTER
-                assert bn in (8 * njmax, 8 * njmax - 8)
+                assert bn in ((8 * w for w in MC.PAIRED[op]) if paired else (8 * njmax, 8 * njmax - 8))
                 if (n0, rank) in seen:
                     continue
                 seen.add((n0, rank))
@@ -493,8 +498,17 @@ def test_mega_chain_plan_layout():
         for nxt, prev in enumerate(("down", "qkv", "o", "gu")):
             width = MC.RANGE[prev]
             for r in range(MC.OPS[prev][0] // width):
-                touching = sum(1 for n0, bn, _ in plan.meta[prev] if n0 < (r + 1) * width and n0 + bn > r * width)
+                if layer and prev in MC.PAIRED:  # the output columns a unit writes, from the pair order
+                    cols = plan.paired_columns(prev)
+                    out_cols = lambda n0, bn: [c for c in cols[n0:n0 + bn].tolist() if prev == "qkv" or c < 4096]  # noqa: E731
+                    if prev == "gu" and r >= 16:
+                        continue  # h has 4096 columns
+                    touching = sum(1 for n0, bn, _ in plan.meta[prev] if any(c // width == r for c in out_cols(n0, bn)))
+                else:
+                    touching = sum(1 for n0, bn, _ in plan.meta[prev] if n0 < (r + 1) * width and n0 + bn > r * width)
                 assert plan.wait[nxt][r] == touching > 0, (nxt, r)
+        if layer:  # o's stand-in for attention: every qkv unit
+            assert plan.wait[1][31] == programs
     x = torch.randn(MC.R, 2560, generator=g)
     assert torch.equal(MC.from_blocked(MC.to_blocked(x), 2560), x)
 
@@ -525,5 +539,41 @@ def test_mega_chain_cuda(layers):
         runs.append({k: MC.from_blocked(acts[k], c) for k, c in cols.items()})
     ref = MC.mega_chain_reference(x0, weights, layers)
     for k in cols:
+        assert rel(runs[0][k], ref[k]) < 1e-2, k
+        assert torch.equal(runs[0][k], runs[1][k]), f"{k} not deterministic"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layers", [1, 3])
+def test_mega_chain_layer_cuda(layers):
+    """The persistent chain with the real layer's epilogues (RMSNorm row scale from the clusters' sums of squares,
+    RoPE on q/k, GeGLU, fp32 residual; experimental) against mega_layer_reference; bitwise repeatable."""
+    from pi0_triton_policy.kernels import mega_chain as MC
+    from pi0_triton_policy.kernels.rmsnorm_qkv_rope import rope_tables
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("wgmma / sm_90a")
+    g = torch.Generator(device="cuda").manual_seed(10 + layers)
+    bf = torch.bfloat16
+    weights = {op: (torch.randn(layers, n, k, device="cuda", generator=g) * k**-0.5).to(bf)
+               for op, (n, k, *_) in MC.OPS.items()}
+    plan = MC.plan_for_this_gpu(layer=True)
+    prepared = {op: plan.prepare(w, op) for op, w in weights.items()}
+    cols = dict(x=1024, q=2560, x2=1024, h8=4096)
+    cos, sin = rope_tables(1024, 256, device="cuda")
+    pos = torch.arange(560, 560 + MC.R, dtype=torch.int32, device="cuda")
+    x0 = torch.randn(MC.R, 1024, device="cuda", generator=g) * 3
+    ctr = torch.zeros(layers * 128, dtype=torch.int32, device="cuda")
+    runs = []
+    for _ in range(2):
+        acts = {k: torch.full((MC.blocked_size(c),), float("nan"), dtype=bf, device="cuda") for k, c in cols.items()}
+        st = dict(xs=x0.clone(), ss=torch.zeros(2, plan.programs // 4, MC.R, device="cuda"), pos=pos, cos=cos, sin=sin,
+                  eps=1e-6)
+        st["ss"][0, 0] = x0.pow(2).sum(1)
+        MC.to_blocked(x0.to(bf), acts["x"])
+        MC.mega_chain(plan, prepared, acts, ctr, layers, layer_state=st)
+        runs.append(dict(xs=st["xs"], q=MC.from_blocked(acts["q"], 2560), h=MC.from_blocked(acts["h8"], 4096)))
+    ref = MC.mega_layer_reference(x0, weights, layers, pos, cos, sin, 1e-6)
+    for k in ("xs", "q", "h"):
         assert rel(runs[0][k], ref[k]) < 1e-2, k
         assert torch.equal(runs[0][k], runs[1][k]), f"{k} not deterministic"
