@@ -217,6 +217,15 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
                 rsn[j / 2][h] = *(const float2*)(g.sin_t + (size_t)g.pos[row] * 128 + dim);
             }
     }
+    /* LAYER o / down: the residual this thread will add to (its owner rows, written by this program's previous
+       residual op) is read before the MMAs, off the critical path */
+    float4 x_old[2] = {make_float4(0.f, 0.f, 0.f, 0.f), make_float4(0.f, 0.f, 0.f, 0.f)};
+    if (LAYER && O::SPLIT > 1)
+        #pragma unroll
+        for (int k = 0; k < 2; ++k) {
+            const int i = tid * 4 + k * NC * 4, rr = i / BNS, col = i % BNS, row = rank * 16 + rr;
+            if (i < 16 * BNS && row < R && col < NJ * 8) x_old[k] = *(const float4*)(g.xs + (size_t)row * 1024 + n0 + col);
+        }
     float d[NJ * 4];
     #pragma unroll
     for (int i = 0; i < NJ * 4; ++i) d[i] = 0.f;
@@ -331,7 +340,10 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
             }
         bar_consumers();  /* this rank's own partial is in shared memory */
         while (!mbar_try_cluster(rbar, parity)) {}
-        for (int i = tid * 4; i < 16 * BNS; i += NC * 4) {
+        #pragma unroll
+        for (int k = 0; k < 2; ++k) {
+            const int i = tid * 4 + k * NC * 4;
+            if (i >= 16 * BNS) break;
             const int rr = i / BNS, col = i % BNS, row = rank * 16 + rr;
             if (row >= R || col >= NJ * 8) continue;
             float4 s = *(float4*)(recv + (buf * 4 * 16) * BNS + i);
@@ -341,10 +353,9 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
                 s.x += v.x; s.y += v.y; s.z += v.z; s.w += v.w;
             }
             if (LAYER) {  /* x += the sum (fp32); x^2 kept for the row sums below */
-                float4* xp = (float4*)(g.xs + (size_t)row * 1024 + n0 + col);
-                const float4 xo = *xp;
+                const float4 xo = x_old[k];
                 s.x += xo.x; s.y += xo.y; s.z += xo.z; s.w += xo.w;
-                *xp = s;
+                *(float4*)(g.xs + (size_t)row * 1024 + n0 + col) = s;
                 *(float4*)(rowsq + rr * BNS + col) = make_float4(s.x * s.x, s.y * s.y, s.z * s.z, s.w * s.w);
             }
             const unsigned lo = to_bf16(s.x) | ((unsigned)to_bf16(s.y) << 16), hi = to_bf16(s.z) | ((unsigned)to_bf16(s.w) << 16);
