@@ -58,8 +58,8 @@ SS_BYTES = 6 * 1024  # LAYER: the clusters' sums of squares [<= 30][50] fp32, co
 SMEM = A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES + NS * SLOT + 8 * (2 * NS + 8)
 assert (A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES) % 1024 == 0 and SLOT % 1024 == 0, "wgmma's swizzle atoms are 1024-aligned"
 NAMES = ("qkv", "o", "gu", "down")
-# op: (N, K, SPLIT, CK, NJMAX); CK = K columns per ring chunk, NJMAX = most n8 column groups a program gets (with 120
-# programs); the widest chunk (gu: 72 x 64, o / down: 40 x 128) stays <= SLOT
+# op: (N, K, SPLIT, CK, NJMAX); CK = K columns per ring chunk (one 128-byte swizzle atom wide), NJMAX = most n8 column
+# groups a program gets (with 120 programs); the widest chunk (LAYER gate|up: 80 x 64 bf16) fills a SLOT
 OPS = dict(qkv=(2560, 1024, 1, 64, 3), o=(1024, 2048, 4, 64, 5), gu=(8192, 1024, 1, 64, 9), down=(1024, 4096, 4, 64, 5))
 # LAYER (the real layer's epilogues): qkv and gate|up columns are dealt in pairs of 8-column groups (RoPE partners d,
 # d + 128 of a head; gate and up of the same h columns), so the widths per program are 16 / 32 and 64 / 80
@@ -78,7 +78,7 @@ _SOURCE = r"""
 #define LAYER @LAYER@                  /* 1: the real layer's epilogues (RMSNorm row scale, RoPE, GeGLU, fp32 residual) */
 #define ROWSQ_BYTES @ROWSQ_BYTES@
 #define SS_BYTES @SS_BYTES@
-#define A_PIPE @A_PIPE@                /* 1: activations in four commit groups, MMAs start on the first */
+#define A_PIPE @A_PIPE@                /* 1: activations in four bulk copies (one mbarrier each), MMAs start on the first */
 #define PUB @PUB@                     /* publish variant (unit_body) */
 #define WGD @WGD@                     /* wgmma groups in flight before a ring slot is released */
 #define WGD_S "@WGD@"
