@@ -44,13 +44,16 @@ def timeline(ts, programs, layers=L):
             for op, v in rows.items()}
 
 
-def layer_mode(weights, ctr):
+def layer_mode(weights, ctr, attn=False):
     """The chain with the real layer's epilogues (MegaPlan(layer=True)): checked against mega_layer_reference (1 and
     18 layers, bitwise repeat), then timed like the plain chain."""
     bf, dev = torch.bfloat16, "cuda"
     from pi0_triton_policy.kernels.rmsnorm_qkv_rope import rope_tables
 
     plan = MC.plan_for_this_gpu(layer=True)
+    if attn:  # queries scaled by HD^-0.5 as the engine folds it into the weights
+        weights = dict(weights, qkv=weights["qkv"].clone())
+        weights["qkv"][:, :2048] = (weights["qkv"][:, :2048].float() / 16).to(bf)
     prepared = {op: plan.prepare(weights[op], op) for op in OPS}
     cols = dict(x=1024, q=2560, x2=1024, h8=4096)
     acts = {k: torch.zeros(MC.blocked_size(c), dtype=bf, device=dev) for k, c in cols.items()}
@@ -58,6 +61,20 @@ def layer_mode(weights, ctr):
     pos = torch.arange(304, 304 + MC.R, dtype=torch.int32, device=dev)  # the suffix after a 1-camera prefix
     st = dict(xs=torch.zeros(MC.R, 1024, device=dev), ss=torch.zeros(2, plan.programs // 4, MC.R, device=dev),
               pos=pos, cos=cos, sin=sin, eps=1e-6)
+    kv_prefix = None
+    if attn:  # a 1-camera prefix (304 keys, the last 11 prompt keys padding) shared by every layer
+        T = 304
+        g = torch.Generator(device=dev).manual_seed(1)
+        kp = torch.randn(T, 256, device=dev, generator=g).to(bf)
+        vp = torch.randn(T, 256, device=dev, generator=g).to(bf)
+        valid = torch.ones(T, dtype=torch.int32, device=dev)
+        valid[T - 11:] = 0
+        st.update(T=T, kc=torch.cat([kp, torch.zeros(MC.R, 256, dtype=bf, device=dev)]),
+                  vc=torch.cat([vp, torch.zeros(MC.R, 256, dtype=bf, device=dev)]),
+                  key_valid=torch.cat([valid, torch.ones(MC.R, dtype=torch.int32, device=dev),
+                                       torch.zeros(16, dtype=torch.int32, device=dev)]),
+                  att=torch.zeros(MC.blocked_size(2048), dtype=bf, device=dev))
+        kv_prefix = (kp, vp, valid)
     x0 = torch.randn(MC.R, 1024, device=dev)
 
     def reset():
@@ -66,12 +83,12 @@ def layer_mode(weights, ctr):
         st["ss"][0, 0] = x0.pow(2).sum(1)
         MC.to_blocked(x0.to(bf), acts["x"])
 
-    out = {"variant": "mega_layer"}
+    out = {"variant": "mega_layer_attn" if attn else "mega_layer"}
     for layers in (1, L):
         reset()
         MC.mega_chain(plan, prepared, acts, ctr, layers, layer_state=st)
         torch.cuda.synchronize()
-        ref = MC.mega_layer_reference(x0, weights, layers, pos, cos, sin, st["eps"])
+        ref = MC.mega_layer_reference(x0, weights, layers, pos, cos, sin, st["eps"], kv_prefix)
         got = dict(xs=st["xs"].clone(), q=MC.from_blocked(acts["q"], 2560), h=MC.from_blocked(acts["h8"], 4096))
         out[f"err_{layers}"] = {k: round(rel(got[k], ref[k]), 5) for k in got}
         reset()
@@ -84,7 +101,23 @@ def layer_mode(weights, ctr):
     MC.mega_chain(plan, prepared, acts, ctr, L, timestamps=ts, layer_state=st)
     torch.cuda.synchronize()
     out.update(us_step=t, us_layer=t / L, timeline=timeline(ts, plan.programs))
-    print(f"mega_chain LAYER (norm, RoPE, GeGLU, residual epilogues): {t:8.1f} us/step {t / L:6.2f} us/layer")
+    if attn:  # the attention units (programs 0..31, o's stamp slots 4..7): Q in -> keys done -> merged -> published
+        st_ = ts.view(plan.programs, L, 4, 8)[:32, 1:L - 1, 1].cpu().double() / 1000.0
+        qkv_last = ts.view(plan.programs, L, 4, 8)[:, 1:L - 1, 0, 3].cpu().double().max(0).values / 1000.0
+        out["attention_unit_us"] = {
+            "qkv_last_pub->Q_in": round(float((st_[:, :, 4] - qkv_last).median()), 2),
+            "keys_loop": round(float((st_[:, :, 5] - st_[:, :, 4]).median()), 2),
+            "merge+store": round(float((st_[:, :, 6] - st_[:, :, 5]).median()), 2),
+            "merge+store_max": round(float((st_[:, :, 6] - st_[:, :, 5]).max()), 2),
+            "publish": round(float((st_[:, :, 7] - st_[:, :, 6]).median()), 2)}
+        s0 = ts.view(plan.programs, L, 4, 8)[:32, 1:L - 1, 0].cpu().double() / 1000.0
+        out["attention_unit_us"].update({
+            "keys_done->partials_in": round(float((s0[:, :, 4] - st_[:, :, 5]).median()), 2),
+            "partials_in_max_over_cluster_minus_min_keys_done": round(float((s0[:, :, 4] - st_[:, :, 5]).max()), 2),
+            "owner_merge": round(float((s0[:, :, 5] - s0[:, :, 4]).median()), 2)})
+        print("attention unit:", out["attention_unit_us"], flush=True)
+    print(f"mega_chain LAYER{' + ATTN' if attn else ''} (norm, RoPE, GeGLU, residual epilogues): {t:8.1f} us/step "
+          f"{t / L:6.2f} us/layer")
     for op, v in out["timeline"].items():
         print(f"    {op:5s} " + "  ".join(f"{a} {b:6.2f}" for a, b in v.items()), flush=True)
     return out
@@ -98,6 +131,8 @@ def main():
     ap.add_argument("--pub", type=int, nargs="+", default=[MC.PUB], help="publish variants (kernels/mega_chain.py)")
     ap.add_argument("--loader", type=int, nargs="+", default=[MC.LOADER], help="activation loader warp (1) or not (0)")
     ap.add_argument("--layer", action="store_true", help="also the real layer's epilogues (RMSNorm, RoPE, GeGLU, residual)")
+    ap.add_argument("--attn", action="store_true", help="also the layer with its attention link (1-camera prefix)")
+    ap.add_argument("--skip-plain", action="store_true", help="only the --layer / --attn runs")
     ap.add_argument("--wgd", type=int, nargs="+", default=[MC.WGD], help="wgmma groups in flight before a slot is freed")
     args = ap.parse_args()
     bf = torch.bfloat16
@@ -127,7 +162,7 @@ def main():
 
     variants = [dict(ahead=a, a_pipe=p, pub=u, wgd=w, loader=d) for a in args.ahead for p in args.a_pipe
                 for u in args.pub for w in args.wgd for d in args.loader]
-    for v in variants:
+    for v in ([] if args.skip_plain else variants):
         name = "_".join(f"{k}{x}" for k, x in v.items())
         if v != dict(ahead=MC.AHEAD, a_pipe=MC.A_PIPE, pub=MC.PUB, wgd=MC.WGD, loader=MC.LOADER):  # must match the default's result
             x0 = torch.randn(MC.R, 1024, device="cuda").to(bf)
@@ -153,6 +188,8 @@ def main():
                             "wait": plan.wait})
     if args.layer:
         res["rows"].append(layer_mode(weights, ctr))
+    if args.attn:
+        res["rows"].append(layer_mode(weights, ctr, attn=True))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1, default=str)

@@ -55,7 +55,7 @@ BN_SPLIT_MAX = 40  # widest column tile of a split op (o, down)
 RECV_BYTES = 2 * 4 * 16 * BN_SPLIT_MAX * 4  # [parity][source rank][16 owned rows][BN] fp32
 ROWSQ_BYTES = 3 * 1024  # LAYER: an owner's new x^2 [16][40] fp32; 3 KB keeps the ring 1024-aligned
 SS_BYTES = 6 * 1024  # LAYER: the clusters' sums of squares [<= 30][50] fp32, copied in by the loader
-SMEM = A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES + NS * SLOT + 8 * (2 * NS + 8)
+SMEM = A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES + NS * SLOT + 8 * (2 * NS + 9)
 assert (A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES) % 1024 == 0 and SLOT % 1024 == 0, "wgmma's swizzle atoms are 1024-aligned"
 NAMES = ("qkv", "o", "gu", "down")
 # op: (N, K, SPLIT, CK, NJMAX); CK = K columns per ring chunk (one 128-byte swizzle atom wide), NJMAX = most n8 column
@@ -82,6 +82,7 @@ _SOURCE = r"""
 #define PUB @PUB@                     /* publish variant (unit_body) */
 #define WGD @WGD@                     /* wgmma groups in flight before a ring slot is released */
 #define WGD_S "@WGD@"
+#define ATTN @ATTN@                    /* LAYER probe: the attention link too (attention_unit) */
 #define LOADER @LOADER@                /* 1: a loader lane waits for the activations' counters and copies them */
 #define AHEAD @AHEAD@                  /* ops of L2 prefetch ahead of the ring (0: none) */
 @HELPERS@
@@ -111,6 +112,11 @@ struct Args {
     const float* sin_t;
     float eps;
     int pad2;
+    bf16* att;             /* ATTN: attention output [50][2048], blocked (o's activations) */
+    bf16* kc;              /* ATTN: K / V [TK][256] row-major: rows < T fixed (the prefix), T.. written by qkv */
+    bf16* vc;
+    const int* key_valid;  /* ATTN: [TK + 16]: prefix keys (prompt padding = 0), 1 for the suffix, 0 past TK */
+    int T, TK;
     unsigned wait[4][32];  /* op P's activations of range r are complete when the producing op's counter r reaches wait[P][r] */
 };
 
@@ -298,6 +304,11 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
                 }
                 *(unsigned*)(out + blocked(row, head * 256 + dim)) = to_bf16(a0) | ((unsigned)to_bf16(a1) << 16);
                 *(unsigned*)(out + blocked(row, head * 256 + 128 + dim)) = to_bf16(b0) | ((unsigned)to_bf16(b1) << 16);
+                if (ATTN && head >= 8) {  /* k / v of the suffix rows -> the key / value cache */
+                    bf16* kv = (head == 8 ? g.kc : g.vc) + (size_t)(g.T + row) * 256 + dim;
+                    *(unsigned*)kv = to_bf16(a0) | ((unsigned)to_bf16(a1) << 16);
+                    *(unsigned*)(kv + 128) = to_bf16(b0) | ((unsigned)to_bf16(b1) << 16);
+                }
             }
     } else if (LAYER && P == 2) {
         /* pairs of groups (j, j + 1) = gate and up of h columns 8 pr..: h = gelu_tanh(g s) (u s) */
@@ -413,16 +424,19 @@ template <int P> __device__ __forceinline__ void load_activations(const Args& g,
     constexpr unsigned BYTES = KC / 64 * A_BLOCK / 4;
     const int rank = O::SPLIT == 1 ? 0 : (prog & 3), k0 = rank * KC;
     const unsigned a_u32 = smem_u32(smem), bars = smem_u32(smem + A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES) + NS * SLOT;
-    const char* src = (const char*)(g.act[P] + (size_t)(k0 / 64) * (A_BLOCK / 2));
+    const char* src = (const char*)((ATTN && P == 1 ? g.att : g.act[P]) + (size_t)(k0 / 64) * (A_BLOCK / 2));
     unsigned long long* ts = g.ts + ((size_t)(prog * g.L + l) * 4 + P) * 8;
     if (au > 0) while (!mbar_try(bars + 8 * (2 * NS + 6), (au - 1) & 1)) {}  /* the previous unit's MMAs are done */
     ++au;
-    if (LAYER && P == 1) {  /* as attention would: every q / k / v column of this layer is in (counter 31) */
+    if (LAYER && !ATTN && P == 1) {  /* as attention would: every q / k / v column of this layer is in (counter 31) */
         const unsigned* c = g.ctr + (l * 4 + 0) * 32 + 31;
         while (ld_acquire(c) < g.wait[1][31]) {}
     }
     for (int q = 0; q < 4; ++q) {
-        if (P != 0 || l > 0) {
+        if (ATTN && P == 1) {  /* the heads of this quarter: 4 key-quarter units each */
+            const unsigned* c = g.ctr + (l * 4 + 0) * 32 + 20 + (k0 + q * (KC / 4)) / 256;
+            while (ld_acquire(c) < 4u) {}
+        } else if (P != 0 || l > 0) {
             const int r = k0 / (KC / 4) + q;
             const unsigned* c = g.ctr + ((P == 0 ? l - 1 : l) * 4 + (P + 3) % 4) * 32 + r;
             while (ld_acquire(c) < g.wait[P][r]) {}
@@ -497,6 +511,227 @@ template <int P> __device__ __forceinline__ void consume(const Args& g, int l, i
     else unit_body<P, O::NJALT>(g, l, prog, smem, ci, su, n0, rank, aparity, ts);
 }
 
+/* ATTN (LAYER probe): the attention link inside the persistent kernel. Unit = (head h, key quarter c) on the
+   programs of cluster h (rank c): flash attention over the quarter's keys in sub-blocks of 16 (mma.sync; K / V
+   row-major [key][256] through shared memory by cp.async, double-buffered), then the 4 quarters merged in fixed order
+   on the rank that owns the rows (warp w's rows -> rank w, st.async). Shared memory: Q [4 blocks] at 0, the K / V
+   sub-blocks at ATT_KV, the 3 remote partials at ATT_RECV (all inside the activation region: every qkv unit has
+   published before any attention unit starts, and o's activations end below ATT_RECV). */
+#define ATT_KV (4 * A_BLOCK)
+#define ATT_SB 16                                  /* keys per sub-block */
+#define ATT_SBB (ATT_SB * 512)                     /* bytes of one K (or V) sub-block */
+#define ATT_STAGES 3                               /* sub-blocks in flight */
+#define ATT_VALID (ATT_KV + ATT_STAGES * 2 * ATT_SBB)  /* [stage][16] int: key validity */
+#define ATT_RECV (ATT_VALID + ATT_STAGES * 64)     /* 3 remote partials + my own (slot 3) */
+#define ATT_PART (16 * 256 * 2 + 16 * 2 * 4)       /* one source's partial: O / l [16][256] bf16, then m, l [16] fp32 */
+
+__device__ __forceinline__ void load_kv_sub(const Args& g, unsigned a_u32, int stage, int k0, int tid) {
+    /* keys k0..k0+15 of K and V (rows past TK read row 0: masked) -> [16][256] each, 16-byte groups ^ (key & 7),
+       and their validity (key_valid has >= TK + 16 entries: 1 for the suffix keys, 0 past TK) */
+    const unsigned dst = a_u32 + ATT_KV + stage * 2 * ATT_SBB;
+    for (int i = tid; i < 2 * ATT_SB * 32; i += NC) {
+        const int kv = i / (ATT_SB * 32), r = (i / 32) % ATT_SB, c = i % 32, key = k0 + r;
+        const bf16* src = (kv ? g.vc : g.kc) + (size_t)(key < g.TK ? key : 0) * 256 + c * 8;
+        cp_async16(dst + kv * ATT_SBB + r * 512 + ((c ^ (r & 7)) * 16), src, 16);
+    }
+    if (tid < 4) cp_async16(a_u32 + ATT_VALID + stage * 64 + tid * 16, g.key_valid + k0 + tid * 4, 16);
+    asm volatile("cp.async.commit_group;" ::: "memory");
+}
+
+__device__ __forceinline__ void attention_unit(const Args& g, int l, int prog, unsigned char* smem, int& au) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, h = prog >> 2, c = prog & 3;
+    const unsigned a_u32 = smem_u32(smem), bars = smem_u32(smem + A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES) + NS * SLOT;
+    const unsigned aparity = au & 1;
+    ++au;
+    const int CH = ((g.TK + 3) / 4 + 15) / 16 * 16, kb = c * CH, ke = min(g.TK, kb + CH);
+    const unsigned rbar = bars + 8 * (2 * NS + 8);
+    if (tid == 32 * c)  /* the owner warp of my rows expects the other three quarters' partials */
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(rbar), "r"(3 * ATT_PART) : "memory");
+    const int nsb = kb < ke ? (ke - kb + ATT_SB - 1) / ATT_SB : 0;
+    /* Q (the loader) arriving also means every qkv unit has published: the suffix rows of K / V are in */
+    for (int q = 0; q < 4; ++q) while (!mbar_try(bars + 8 * (2 * NS + 2 + q), aparity)) {}
+    for (int i = 0; i < 2 && i < nsb; ++i) load_kv_sub(g, a_u32, i, kb + i * ATT_SB, tid);
+    unsigned long long* ts = g.ts + ((size_t)(prog * g.L + l) * 4 + 1) * 8;  /* o's slots 4..7: the attention unit */
+    if (g.use_ts && tid == 0) ts[4] = globaltimer();
+
+    /* Q fragments of my warp's 16 rows: 16 k16 steps (A operand of S = Q K^T) */
+    unsigned qf[16][4];
+    const unsigned q_base = pinned_u32(a_u32);  /* after the wait: the ldmatrix below are not volatile */
+    #pragma unroll
+    for (int ks = 0; ks < 16; ++ks) {
+        const int r = 16 * warp + (lane & 15), cc = ks * 2 + (lane >> 4);  /* 16-byte group of the 256-wide row */
+        asm("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(qf[ks][0]), "=r"(qf[ks][1]), "=r"(qf[ks][2]), "=r"(qf[ks][3])
+                     : "r"(q_base + (cc >> 3) * A_BLOCK + r * 128 + (((cc & 7) ^ (r & 7)) * 16)));
+    }
+    float o[32][4], m[2] = {-1e30f, -1e30f}, lsum[2] = {0.f, 0.f};
+    #pragma unroll
+    for (int j = 0; j < 32; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    const int gq = lane >> 2, q4 = lane & 3;
+    for (int i = 0; i < nsb; ++i) {
+        const int k0 = kb + i * ATT_SB, stage = i % ATT_STAGES;
+        if (i + 1 < nsb) asm volatile("cp.async.wait_group 1;" ::: "memory");
+        else asm volatile("cp.async.wait_group 0;" ::: "memory");
+        bar_consumers();
+        if (i + 2 < nsb) load_kv_sub(g, a_u32, (i + 2) % ATT_STAGES, k0 + 2 * ATT_SB, tid);
+        const unsigned kbase = pinned_u32(a_u32 + ATT_KV + stage * 2 * ATT_SBB), vbase = kbase + ATT_SBB;
+        const int* valid = (const int*)(smem + ATT_VALID + stage * 64);
+        float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+        #pragma unroll
+        for (int ks = 0; ks < 16; ++ks)
+            #pragma unroll
+            for (int n = 0; n < 2; ++n) {
+                unsigned b0, b1;
+                const int r = n * 8 + (lane & 7), cc = ks * 2 + ((lane >> 3) & 1);
+                asm("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];"
+                             : "=r"(b0), "=r"(b1) : "r"(kbase + r * 512 + ((cc ^ (r & 7)) * 16)));
+                asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                             : "+f"(s[n][0]), "+f"(s[n][1]), "+f"(s[n][2]), "+f"(s[n][3])
+                             : "r"(qf[ks][0]), "r"(qf[ks][1]), "r"(qf[ks][2]), "r"(qf[ks][3]), "r"(b0), "r"(b1));
+            }
+        /* mask (prefix padding, keys past the quarter) and the online softmax of rows gq, gq + 8 */
+        float mx[2] = {m[0], m[1]};
+        #pragma unroll
+        for (int n = 0; n < 2; ++n)
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = k0 + n * 8 + 2 * q4 + (e & 1);
+                const bool ok = key < ke && valid[key - k0] != 0;
+                s[n][e] = ok ? s[n][e] : -1e30f;
+                mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
+            }
+        #pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffff, mx[hh], 1));
+            mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffff, mx[hh], 2));
+        }
+        float alpha[2], rowsum[2] = {0.f, 0.f};
+        #pragma unroll
+        for (int hh = 0; hh < 2; ++hh) alpha[hh] = __expf(m[hh] - mx[hh]);
+        #pragma unroll
+        for (int n = 0; n < 2; ++n)
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                s[n][e] = s[n][e] <= -1e29f ? 0.f : __expf(s[n][e] - mx[e >> 1]);
+                rowsum[e >> 1] += s[n][e];
+            }
+        #pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            rowsum[hh] += __shfl_xor_sync(0xffffffff, rowsum[hh], 1);
+            rowsum[hh] += __shfl_xor_sync(0xffffffff, rowsum[hh], 2);
+            lsum[hh] = lsum[hh] * alpha[hh] + rowsum[hh];
+            m[hh] = mx[hh];
+        }
+        #pragma unroll
+        for (int j = 0; j < 32; ++j) { o[j][0] *= alpha[0]; o[j][1] *= alpha[0]; o[j][2] *= alpha[1]; o[j][3] *= alpha[1]; }
+        /* P (bf16) as the A operand of O += P V: the two n8 tiles of S are one m16 x k16 fragment */
+        const unsigned p0 = to_bf16(s[0][0]) | ((unsigned)to_bf16(s[0][1]) << 16), p1 = to_bf16(s[0][2]) | ((unsigned)to_bf16(s[0][3]) << 16);
+        const unsigned p2 = to_bf16(s[1][0]) | ((unsigned)to_bf16(s[1][1]) << 16), p3 = to_bf16(s[1][2]) | ((unsigned)to_bf16(s[1][3]) << 16);
+        #pragma unroll
+        for (int j = 0; j < 32; ++j) {  /* V [16 keys][256]: B fragment of dims 8j.. by ldmatrix.trans */
+            unsigned b0, b1;
+            const int r = lane & 15, cc = j;
+            asm("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];"
+                         : "=r"(b0), "=r"(b1) : "r"(vbase + r * 512 + ((cc ^ (r & 7)) * 16)));
+            asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                         : "+f"(o[j][0]), "+f"(o[j][1]), "+f"(o[j][2]), "+f"(o[j][3])
+                         : "r"(p0), "r"(p1), "r"(p2), "r"(p3), "r"(b0), "r"(b1));
+        }
+        bar_consumers();  /* the buffer may be refilled */
+    }
+
+    if (g.use_ts && tid == 0) ts[5] = globaltimer();
+    /* merge: warp w's rows belong to rank w. Partials of the other ranks arrive by st.async into ATT_RECV slots
+       ordered by source rank (mine excluded) */
+    const unsigned recv = a_u32 + ATT_RECV;
+    const float inv_l[2] = {lsum[0] > 0.f ? 1.f / lsum[0] : 0.f, lsum[1] > 0.f ? 1.f / lsum[1] : 0.f};
+    {  /* O / l in bf16 (the precision of the output), m and l in fp32, staged in shared memory (the K / V stages are
+          free now; the owner's own partial goes straight to its slot 3), then one bulk copy into the owner's slot */
+        unsigned char* stage = warp == c ? smem + ATT_RECV + 3 * ATT_PART : smem + ATT_KV + (warp < c ? warp : warp - 1) * ATT_PART;
+        #pragma unroll
+        for (int j = 0; j < 32; ++j)
+            #pragma unroll
+            for (int hh = 0; hh < 2; ++hh)
+                *(unsigned*)(stage + 2 * ((gq + 8 * hh) * 256 + 8 * j + 2 * q4)) =
+                    to_bf16(o[j][2 * hh] * inv_l[hh]) | ((unsigned)to_bf16(o[j][2 * hh + 1] * inv_l[hh]) << 16);
+        if (q4 == 0)
+            #pragma unroll
+            for (int hh = 0; hh < 2; ++hh)
+                *(float2*)(stage + 16 * 256 * 2 + 8 * (gq + 8 * hh)) = make_float2(m[hh], lsum[hh]);
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  /* generic writes -> the bulk copy reads them */
+        __syncwarp();
+        if (lane == 0 && warp != c)
+            asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                         :: "r"(mapa(recv + (c < warp ? c : c - 1) * ATT_PART, warp)), "r"(smem_u32(stage)), "r"(ATT_PART),
+                            "r"(mapa(rbar, warp)) : "memory");
+    }
+    if (warp == c) {  /* a rolled loop over shared memory: the kernel's code is past the instruction cache, so straight-line
+                         code that runs once per layer is fetched cold every time */
+        while (!mbar_try_cluster(rbar, l & 1)) {}
+        unsigned long long* ts0 = g.ts + ((size_t)(prog * g.L + l) * 4 + 0) * 8;  /* qkv's spare slots 4, 5 */
+        if (g.use_ts && lane == 0) ts0[4] = globaltimer();
+        const unsigned char* rv = smem + ATT_RECV;
+        #pragma unroll 1
+        for (int hh = 0; hh < 2; ++hh) {
+            const int row = 16 * c + gq + 8 * hh;
+            float w[4], mm = -1e30f, wsum = 0.f;
+            #pragma unroll
+            for (int src = 0; src < 4; ++src) {
+                const float* pm = (const float*)(rv + (src == c ? 3 : src < c ? src : src - 1) * ATT_PART + 16 * 256 * 2) + 2 * (gq + 8 * hh);
+                w[src] = pm[0];
+                mm = fmaxf(mm, pm[0]);
+            }
+            #pragma unroll
+            for (int src = 0; src < 4; ++src) {  /* the weight of a source's O / l: exp(m - max) l */
+                const float* pm = (const float*)(rv + (src == c ? 3 : src < c ? src : src - 1) * ATT_PART + 16 * 256 * 2) + 2 * (gq + 8 * hh);
+                w[src] = __expf(w[src] - mm) * pm[1];
+                wsum += w[src];
+            }
+            const float inv = 1.f / wsum;
+            #pragma unroll 1
+            for (int j = 0; j < 32; ++j) {
+                float v0 = 0.f, v1 = 0.f;
+                #pragma unroll
+                for (int src = 0; src < 4; ++src) {  /* fixed order: deterministic */
+                    const unsigned pv = *(const unsigned*)(rv + (src == c ? 3 : src < c ? src : src - 1) * ATT_PART
+                                                           + 2 * ((gq + 8 * hh) * 256 + 8 * j + 2 * q4));
+                    v0 += w[src] * __uint_as_float(pv << 16);
+                    v1 += w[src] * __uint_as_float(pv & 0xffff0000u);
+                }
+                if (row < R)
+                    *(unsigned*)(g.att + blocked(row, 256 * h + 8 * j + 2 * q4)) = to_bf16(v0 * inv) | ((unsigned)to_bf16(v1 * inv) << 16);
+            }
+        }
+        if (g.use_ts && lane == 0) ts0[5] = globaltimer();
+    }
+    asm volatile("fence.proxy.async.global;" ::: "memory");
+    bar_consumers();
+    mbar_arrive(bars + 8 * (2 * NS + 6));  /* the loader may overwrite the activation region */
+    if (tid == 0) {
+        if (g.use_ts) ts[6] = globaltimer();
+        asm volatile("fence.acq_rel.gpu;" ::: "memory");
+        asm volatile("red.release.gpu.global.add.u32 [%0], 1;" :: "l"(g.ctr + (l * 4 + 0) * 32 + 20 + h) : "memory");
+        if (g.use_ts) ts[7] = globaltimer();
+    }
+}
+
+/* the loader's part of an attention unit: this head's Q (4 blocks of q) once every qkv unit has published */
+__device__ __forceinline__ void load_attention_q(const Args& g, int l, int prog, unsigned char* smem, int& au) {
+    const unsigned a_u32 = smem_u32(smem), bars = smem_u32(smem + A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES) + NS * SLOT;
+    if (au > 0) while (!mbar_try(bars + 8 * (2 * NS + 6), (au - 1) & 1)) {}
+    ++au;
+    const unsigned* c = g.ctr + (l * 4 + 0) * 32 + 31;
+    while (ld_acquire(c) < g.wait[1][31]) {}
+    asm volatile("fence.proxy.async.global;" ::: "memory");
+    for (int q = 0; q < 4; ++q) {  /* one block per activation mbarrier: every unit completes all four phases */
+        const unsigned abar = bars + 8 * (2 * NS + 2 + q);
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(abar), "r"(A_BLOCK) : "memory");
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                     :: "r"(a_u32 + q * A_BLOCK), "l"(g.act[1] + (size_t)(4 * (prog >> 2) + q) * (A_BLOCK / 2)), "r"(A_BLOCK),
+                        "r"(abar) : "memory");
+    }
+}
+
 extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(192, 1) mega_chain_kernel(const Args g)
 {
     extern __shared__ __align__(1024) unsigned char smem[];
@@ -510,6 +745,7 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(192, 1) m
         for (int part = 0; part < 4; ++part) mbar_init(bars + 8 * (2 * NS + 2 + part), 1);  /* activations */
         mbar_init(bars + 8 * (2 * NS + 6), NC);  /* activations consumed (LOADER) */
         mbar_init(bars + 8 * (2 * NS + 7), 1);   /* LAYER: sums of squares in shared memory (qkv: phase 0, gu: 1) */
+        mbar_init(bars + 8 * (2 * NS + 8), 1);   /* ATTN: the other key quarters' partials of my rows */
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
@@ -535,6 +771,7 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(192, 1) m
             int au = 0;
             for (int l = 0; l < g.L; ++l) {
                 load_activations<0>(g, l, prog, smem, au);
+                if (ATTN && prog < 32) load_attention_q(g, l, prog, smem, au);
                 load_activations<1>(g, l, prog, smem, au);
                 load_activations<2>(g, l, prog, smem, au);
                 load_activations<3>(g, l, prog, smem, au);
@@ -545,6 +782,7 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(192, 1) m
         int ci = 0, su = 0, au = 0;
         for (int l = 0; l < g.L; ++l) {
             consume<0>(g, l, prog, smem, ci, su, au);
+            if (ATTN && prog < 32) attention_unit(g, l, prog, smem, au);
             consume<1>(g, l, prog, smem, ci, su, au);
             consume<2>(g, l, prog, smem, ci, su, au);
             consume<3>(g, l, prog, smem, ci, su, au);
@@ -580,11 +818,12 @@ def _wgmma_functions() -> str:
 
 
 def source(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = WGD, loader: int = LOADER,
-           layer: int = 0) -> str:
+           layer: int = 0, attn: int = 0) -> str:
     assert a_pipe or not loader, "the loader copies the activations in quarters"
     assert loader or not layer, "LAYER: the loader copies the sums of squares"
     text = _SOURCE
-    consts = dict(AHEAD=ahead, A_PIPE=a_pipe, PUB=pub, WGD=wgd, LOADER=loader, LAYER=layer, ROWSQ_BYTES=ROWSQ_BYTES,
+    assert layer or not attn, "ATTN is part of the LAYER probe"
+    consts = dict(AHEAD=ahead, A_PIPE=a_pipe, PUB=pub, WGD=wgd, LOADER=loader, LAYER=layer, ATTN=attn, ROWSQ_BYTES=ROWSQ_BYTES,
                   SS_BYTES=SS_BYTES, A_BLOCK=A_BLOCK, WGMMA=_wgmma_functions(), NS=NS, SLOT=SLOT, A_BYTES=A_BYTES, RECV_BYTES=RECV_BYTES, BN_SPLIT_MAX=BN_SPLIT_MAX,
                   HELPERS=CUDA_HELPERS % {})
     for k, v in consts.items():
@@ -597,7 +836,9 @@ class _Args(ctypes.Structure):
                 ("ctr", ctypes.c_void_p), ("ts", ctypes.c_void_p), ("L", ctypes.c_int), ("use_ts", ctypes.c_int),
                 ("programs", ctypes.c_int), ("pad", ctypes.c_int), ("xs", ctypes.c_void_p), ("ss", ctypes.c_void_p),
                 ("pos", ctypes.c_void_p), ("cos_t", ctypes.c_void_p), ("sin_t", ctypes.c_void_p),
-                ("eps", ctypes.c_float), ("pad2", ctypes.c_int), ("wait", (ctypes.c_uint * 32) * 4)]
+                ("eps", ctypes.c_float), ("pad2", ctypes.c_int), ("att", ctypes.c_void_p), ("kc", ctypes.c_void_p),
+                ("vc", ctypes.c_void_p), ("key_valid", ctypes.c_void_p), ("T", ctypes.c_int), ("TK", ctypes.c_int),
+                ("wait", (ctypes.c_uint * 32) * 4)]
 
 
 def deal(groups: int, parts: int) -> list[int]:
@@ -699,8 +940,8 @@ class MegaPlan:
 
 @functools.lru_cache(maxsize=None)
 def _kernel_and_programs(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = WGD,
-                         loader: int = LOADER, layer: int = 0):
-    func = compile_cuda(source(ahead, a_pipe, pub, wgd, loader, layer), "mega_chain_kernel", SMEM, arch_suffix="a")
+                         loader: int = LOADER, layer: int = 0, attn: int = 0):
+    func = compile_cuda(source(ahead, a_pipe, pub, wgd, loader, layer, attn), "mega_chain_kernel", SMEM, arch_suffix="a")
     cfg = _LaunchConfig(128, 1, 1, THREADS, 1, 1, SMEM, None, None, 0)
     n = ctypes.c_int()
     err = _libcuda().cuOccupancyMaxActiveClusters(ctypes.byref(n), func, ctypes.byref(cfg))
@@ -724,8 +965,9 @@ def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tenso
     ss ([2, clusters, 50] sums of squares; ss[0] of the input must be set), pos (int32 [50]), cos, sin
     ([positions, 128] fp32), eps."""
     layer = layer_state is not None
+    attn = layer and "kc" in layer_state
     assert layer == plan.layer
-    func, programs = _kernel_and_programs(ahead, a_pipe, pub, wgd, loader, int(layer))
+    func, programs = _kernel_and_programs(ahead, a_pipe, pub, wgd, loader, int(layer), int(attn))
     assert plan.programs == programs, (plan.programs, programs)
     for name, cols in dict(x=1024, q=2560, x2=1024, h8=4096 if layer else 8192).items():
         t = acts[name]
@@ -748,6 +990,13 @@ def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tenso
         assert st["pos"].dtype == torch.int32 and st["cos"].shape[1] == 128 and st["sin"].shape == st["cos"].shape
         args.xs, args.ss, args.pos = st["xs"].data_ptr(), st["ss"].data_ptr(), st["pos"].data_ptr()
         args.cos_t, args.sin_t, args.eps = st["cos"].data_ptr(), st["sin"].data_ptr(), float(st["eps"])
+        if attn:  # att [blocked 50 x 2048], kc / vc [TK, 256] (rows >= T written by the kernel), key_valid
+            # [TK + 16] (the prefix's padding mask, 1 for the suffix keys, 0 past TK)
+            T = int(st["T"])
+            assert st["kc"].shape == st["vc"].shape == (T + R, 256) and st["key_valid"].shape == (T + R + 16,)
+            assert st["att"].shape == (blocked_size(2048),) and programs >= 32
+            args.att, args.kc, args.vc = st["att"].data_ptr(), st["kc"].data_ptr(), st["vc"].data_ptr()
+            args.key_valid, args.T, args.TK = st["key_valid"].data_ptr(), T, T + R
     for p in range(4):
         for r in range(32):
             args.wait[p][r] = plan.wait[p][r] * (4 if pub == 2 else 1)  # PUB 2: every warp publishes
@@ -782,11 +1031,12 @@ def from_blocked(buf: torch.Tensor, cols: int) -> torch.Tensor:
     return buf.view(-1)[_blocked_index(cols, buf.device)]
 
 
-def mega_layer_reference(xs: torch.Tensor, weights: dict, layers: int, pos, cos, sin, eps) -> dict:
+def mega_layer_reference(xs: torch.Tensor, weights: dict, layers: int, pos, cos, sin, eps, kv_prefix=None) -> dict:
     """The real layer without attention (o reads the RoPE'd q, as the kernel's LAYER mode), in float32 with the
     engine's bf16 points (kernels/skinny_matmul.py): RMSNorm as a row scale after the matmul of bf16(x), RoPE
     (split halves) on q and k, h = gelu_tanh(g) * u, fp32 residual adds. weights: W^T [L, N, K] in the original
-    column order."""
+    column order. kv_prefix = (kc, vc, key_valid) of the T prefix keys: o reads attention over the prefix + the
+    layer's 50 suffix keys instead (ATTN)."""
     bf = torch.bfloat16
     x = xs.float().clone()
     c, s = cos[pos.long()], sin[pos.long()]
@@ -797,7 +1047,16 @@ def mega_layer_reference(xs: torch.Tensor, weights: dict, layers: int, pos, cos,
         a, b = heads[:, :9, 0], heads[:, :9, 1]
         rot = torch.stack([a * c[:, None] - b * s[:, None], b * c[:, None] + a * s[:, None]], 2)
         qkv = torch.cat([rot, heads[:, 9:]], 1).reshape(R, 2560).to(bf)
-        x = x + qkv[:, :2048].float() @ weights["o"][i].float().t()
+        o_in = qkv[:, :2048]
+        if kv_prefix is not None:
+            kp, vp, valid = kv_prefix
+            k = torch.cat([kp.float(), qkv[:, 2048:2304].float()])
+            v = torch.cat([vp.float(), qkv[:, 2304:].float()])
+            logits = torch.einsum("rhd,kd->hrk", qkv[:, :2048].float().view(R, 8, 256), k)
+            ok = torch.cat([valid.bool(), torch.ones(R, dtype=torch.bool, device=valid.device)])
+            p = torch.softmax(logits.masked_fill(~ok, float("-inf")), -1)
+            o_in = torch.einsum("hrk,kd->rhd", p, v).reshape(R, 2048).to(bf)
+        x = x + o_in.float() @ weights["o"][i].float().t()
         rs = torch.rsqrt(x.pow(2).mean(1, keepdim=True) + eps)
         gu = (x.to(bf).float() @ weights["gu"][i].float().t()) * rs
         h = (torch.nn.functional.gelu(gu[:, :4096], approximate="tanh") * gu[:, 4096:]).to(bf)

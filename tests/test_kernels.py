@@ -545,9 +545,11 @@ def test_mega_chain_cuda(layers):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("layers", [1, 3])
-def test_mega_chain_layer_cuda(layers):
+@pytest.mark.parametrize("attn", [False, True])
+def test_mega_chain_layer_cuda(layers, attn):
     """The persistent chain with the real layer's epilogues (RMSNorm row scale from the clusters' sums of squares,
-    RoPE on q/k, GeGLU, fp32 residual; experimental) against mega_layer_reference; bitwise repeatable."""
+    RoPE on q/k, GeGLU, fp32 residual; experimental) against mega_layer_reference; with attn, the attention link
+    too (a 37-token prompt's padding in a 1-camera prefix); bitwise repeatable."""
     from pi0_triton_policy.kernels import mega_chain as MC
     from pi0_triton_policy.kernels.rmsnorm_qkv_rope import rope_tables
 
@@ -557,6 +559,12 @@ def test_mega_chain_layer_cuda(layers):
     bf = torch.bfloat16
     weights = {op: (torch.randn(layers, n, k, device="cuda", generator=g) * k**-0.5).to(bf)
                for op, (n, k, *_) in MC.OPS.items()}
+    weights["qkv"][:, :2048] = (weights["qkv"][:, :2048].float() / 16).to(bf)  # queries pre-scaled, as the engine
+    T = 304
+    kp = torch.randn(T, 256, device="cuda", generator=g).to(bf)
+    vp = torch.randn(T, 256, device="cuda", generator=g).to(bf)
+    valid = torch.ones(T, dtype=torch.int32, device="cuda")
+    valid[T - 11:] = 0
     plan = MC.plan_for_this_gpu(layer=True)
     prepared = {op: plan.prepare(w, op) for op, w in weights.items()}
     cols = dict(x=1024, q=2560, x2=1024, h8=4096)
@@ -570,10 +578,16 @@ def test_mega_chain_layer_cuda(layers):
         st = dict(xs=x0.clone(), ss=torch.zeros(2, plan.programs // 4, MC.R, device="cuda"), pos=pos, cos=cos, sin=sin,
                   eps=1e-6)
         st["ss"][0, 0] = x0.pow(2).sum(1)
+        if attn:
+            zeros = torch.zeros(MC.R, 256, dtype=bf, device="cuda")
+            st.update(T=T, kc=torch.cat([kp, zeros]), vc=torch.cat([vp, zeros]),
+                      key_valid=torch.cat([valid, torch.ones(MC.R, dtype=torch.int32, device="cuda"),
+                                           torch.zeros(16, dtype=torch.int32, device="cuda")]),
+                      att=torch.full((MC.blocked_size(2048),), float("nan"), dtype=bf, device="cuda"))
         MC.to_blocked(x0.to(bf), acts["x"])
         MC.mega_chain(plan, prepared, acts, ctr, layers, layer_state=st)
         runs.append(dict(xs=st["xs"], q=MC.from_blocked(acts["q"], 2560), h=MC.from_blocked(acts["h8"], 4096)))
-    ref = MC.mega_layer_reference(x0, weights, layers, pos, cos, sin, 1e-6)
+    ref = MC.mega_layer_reference(x0, weights, layers, pos, cos, sin, 1e-6, (kp, vp, valid) if attn else None)
     for k in ("xs", "q", "h"):
         assert rel(runs[0][k], ref[k]) < 1e-2, k
         assert torch.equal(runs[0][k], runs[1][k]), f"{k} not deterministic"
