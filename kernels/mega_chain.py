@@ -30,7 +30,9 @@ LAYER mode (`MegaPlan(layer=True)`, `mega_chain(..., layer_state=...)`): the rea
 computes them (kernels/skinny_matmul.py): qkv / gate|up columns dealt in pairs of 8-column groups (RoPE partners,
 gate and up), the RMSNorm row scale from per-cluster sums of squares that the o / down owners write next to the fp32
 residual (the loader copies them in), RoPE on q / k, h = gelu_tanh(g) * u, x += o / down in fp32. o reads the RoPE'd q
-where the real layer has attention (`mega_layer_reference` is that math). Weights are re-laid out once (`MegaPlan.prepare`) so every chunk a slot receives is one
+where the real layer has attention (`mega_layer_reference` is that math), or, with ATTN (layer_state with kc / vc / att /
+key_valid / T), the attention link itself (`attention_unit`: correct, deterministic, still 2.8x slower than the engine's
+Triton attention, benchmarks/NOTES.md session 7). Weights are re-laid out once (`MegaPlan.prepare`) so every chunk a slot receives is one
 contiguous block, already swizzled. All programs must be resident at once (they spin on each other): the plan sizes
 itself with cuOccupancyMaxActiveClusters. Measured in benchmarks/NOTES.md (session 7).
 
