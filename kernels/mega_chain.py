@@ -24,7 +24,9 @@ clusters of 4, not 132), rank = program % 4. Columns are dealt in groups of 8 as
     down N 1024 K 4096: every cluster its own 32-40 columns, its 4 ranks a K range of 1024 each
 A unit publishes on the counter of every quarter of the next op's K range its columns touch; the host counts how
 many arrivals each quarter waits for, and a loader lane (sixth warp) waits on them and bulk-copies each quarter, so
-the consumer warpgroup only waits on mbarriers.
+the consumer warpgroup only waits on mbarriers. Weights are re-laid out once (`MegaPlan.prepare`) so every chunk a slot
+receives is one contiguous block, already swizzled. All programs must be resident at once (they spin on each other):
+the plan sizes itself with cuOccupancyMaxActiveClusters. Measured in benchmarks/NOTES.md (session 7).
 
 LAYER mode (`MegaPlan(layer=True)`, `mega_chain(..., layer_state=...)`): the real layer's epilogues as the skinny path
 computes them (kernels/skinny_matmul.py): qkv / gate|up columns dealt in pairs of 8-column groups (RoPE partners,
@@ -32,9 +34,7 @@ gate and up), the RMSNorm row scale from per-cluster sums of squares that the o 
 residual (the loader copies them in), RoPE on q / k, h = gelu_tanh(g) * u, x += o / down in fp32. o reads the RoPE'd q
 where the real layer has attention (`mega_layer_reference` is that math), or, with ATTN (layer_state with kc / vc / att /
 key_valid / T), the attention link itself (`attention_unit`: correct, deterministic, still 2.8x slower than the engine's
-Triton attention, benchmarks/NOTES.md session 7). Weights are re-laid out once (`MegaPlan.prepare`) so every chunk a slot receives is one
-contiguous block, already swizzled. All programs must be resident at once (they spin on each other): the plan sizes
-itself with cuOccupancyMaxActiveClusters. Measured in benchmarks/NOTES.md (session 7).
+Triton attention, benchmarks/NOTES.md session 7).
 
 `mega_chain_reference` is the plain PyTorch math (bf16 rounding after every op, like the kernel's stores).
 """
