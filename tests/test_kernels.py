@@ -113,10 +113,11 @@ def test_rmsnorm_geglu(dtype, gen):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("views", [1, 3])
-def test_vision_attention(dtype, views, gen):
-    P, NH, HD = 40, 2, 24  # non-power-of-2 head_dim like So400m's 72
-    qkv = randn(views * P, 3 * NH * HD, dtype=dtype, gen=gen)
-    out = VA.vision_attention(qkv, views, NH, block=(16, 16))
+@pytest.mark.parametrize("hd,split_d", [(24, False), (24, True), (72, True)])
+def test_vision_attention(dtype, views, hd, split_d, gen):
+    P, NH = 40, 2  # non-power-of-2 head_dim like So400m's 72 (split_d: 64 + a masked 16-column block)
+    qkv = randn(views * P, 3 * NH * hd, dtype=dtype, gen=gen)
+    out = VA.vision_attention(qkv, views, NH, block=(16, 16), split_d=split_d)
     assert rel(out, VA.vision_attention_ref(qkv, views, NH)) < TOL[dtype]
 
 

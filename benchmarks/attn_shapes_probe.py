@@ -1,0 +1,64 @@
+"""Launch shapes of the prefix and vision attention kernels at the engine's sizes (1, 2, 3 cameras), and the vision
+kernel's split head dim (72 = 64 + 16 instead of padding to 128). Each config once against the float32 reference,
+then timed as 17 (prefix) / 27 (vision) chained calls in a CUDA graph, the way the engine runs them.
+
+    python benchmarks/attn_shapes_probe.py [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from pi0_triton_policy.kernels import prefix_attention as PA, vision_attention as VA
+from sdpa_probe import measure  # noqa: E402 (benchmarks/ is the script's directory)
+
+PREFIX = [(64, 64, 8, 2), (32, 64, 4, 2), (32, 64, 4, 3), (32, 128, 4, 2), (32, 128, 8, 2), (16, 64, 4, 2),
+          (16, 128, 4, 2), (64, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)]
+VISION = [(64, 64, 4, 2, False), (64, 64, 4, 2, True), (64, 32, 4, 3, True), (32, 64, 4, 2, True), (32, 32, 4, 3, True),
+          (128, 64, 8, 2, True), (64, 128, 4, 2, True), (32, 128, 4, 2, True), (64, 64, 8, 2, True), (128, 128, 8, 2, True)]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    bf, dev = torch.bfloat16, "cuda"
+    res = {"card": torch.cuda.get_device_name(), "rows": []}
+    print(f"card {res['card']}")
+    g = torch.Generator(device=dev).manual_seed(0)
+    for V in (1, 2, 3):
+        T, nh, hd = 256 * V + 48, 8, 256
+        q = (torch.randn(T, nh * hd, device=dev, generator=g) / 16).to(bf)
+        k = torch.randn(T, hd, device=dev, generator=g).to(bf)
+        v = torch.randn(T, hd, device=dev, generator=g).to(bf)
+        valid = torch.ones(T, dtype=torch.int32, device=dev)
+        valid[T - 11:] = 0  # a 37-token prompt
+        ref = PA.prefix_attention_ref(q, k, v, valid, nh)
+        out = torch.empty(T, nh * hd, dtype=bf, device=dev)
+        runs = {str(c): (lambda c=c: PA.prefix_attention(q, k, v, valid, nh, out=out, block=c[:2], num_warps=c[2],
+                                                         num_stages=c[3])) for c in PREFIX}
+        res["rows"] += measure("prefix", V, runs, out, ref, calls=17)
+        nhv, hdv = 16, 72
+        qkv = torch.randn(V * 256, 3 * nhv * hdv, device=dev, generator=g).to(bf)
+        qkv[:, :nhv * hdv] *= hdv ** -0.5
+        vref = VA.vision_attention_ref(qkv, V, nhv)
+        vout = torch.empty(V * 256, nhv * hdv, dtype=bf, device=dev)
+        runs = {str(c): (lambda c=c: VA.vision_attention(qkv, V, nhv, out=vout, block=c[:2], num_warps=c[2],
+                                                         num_stages=c[3], split_d=c[4])) for c in VISION}
+        res["rows"] += measure("vision", V, runs, vout, vref, calls=27)
+    print("\nphase   views  best configs (us per call)")
+    for phase in ("prefix", "vision"):
+        for V in (1, 2, 3):
+            rows = sorted((r for r in res["rows"] if r["phase"] == phase and r["views"] == V and "us_per_call" in r),
+                          key=lambda r: r["us_per_call"])
+            print(f"{phase:7s} {V}      " + "  ".join(f"{r['impl']} {r['us_per_call']:.2f}" for r in rows[:4]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
