@@ -1,8 +1,10 @@
-"""Launch shapes of the prefix and vision attention kernels at the engine's sizes (1, 2, 3 cameras), and the vision
-kernel's split head dim (72 = 64 + 16 instead of padding to 128). Each config once against the float32 reference,
-then timed as 17 (prefix) / 27 (vision) chained calls in a CUDA graph, the way the engine runs them.
+"""Launch shapes of the prefix and vision attention kernels and of the patch embedding at the engine's sizes (1, 2, 3
+cameras), and the vision kernel's split head dim (72 = 64 + 16 instead of padding to 128). Each config once against
+the float32 reference, then timed as 17 (prefix) / 27 (vision) chained calls in a CUDA graph, the way the engine runs
+them (the patch embedding: 1 call per graph node, 20 nodes).
 
-    python benchmarks/attn_shapes_probe.py [--json out.json]
+    python benchmarks/attn_shapes_probe.py [--json out.json] [--prefix '[[BM, BN, warps, stages], ...]']
+        [--vision '[[BM, BN, warps, stages, split_d], ...]'] [--patch '[[BM, BN, BK, warps], ...]']
 """
 
 from __future__ import annotations
@@ -12,19 +14,25 @@ import json
 
 import torch
 
-from pi0_triton_policy.kernels import prefix_attention as PA, vision_attention as VA
+from pi0_triton_policy.kernels import patch_embed as PE, prefix_attention as PA, vision_attention as VA
 from sdpa_probe import measure  # noqa: E402 (benchmarks/ is the script's directory)
 
 PREFIX = [(64, 64, 8, 2), (32, 64, 4, 2), (32, 64, 4, 3), (32, 128, 4, 2), (32, 128, 8, 2), (16, 64, 4, 2),
           (16, 128, 4, 2), (64, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)]
 VISION = [(64, 64, 4, 2, False), (64, 64, 4, 2, True), (64, 32, 4, 3, True), (32, 64, 4, 2, True), (32, 32, 4, 3, True),
           (128, 64, 8, 2, True), (64, 128, 4, 2, True), (32, 128, 4, 2, True), (64, 64, 8, 2, True), (128, 128, 8, 2, True)]
+PATCH = [(64, 64, 32, 4), (32, 64, 32, 4), (32, 32, 32, 4), (64, 32, 32, 4), (16, 64, 32, 4), (32, 64, 64, 4), (32, 128, 32, 4)]
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
+    ap.add_argument("--prefix", default=None)
+    ap.add_argument("--vision", default=None)
+    ap.add_argument("--patch", default=None)
     args = ap.parse_args()
+    cfgs = {name: [tuple(c) for c in json.loads(getattr(args, name))] if getattr(args, name) else default
+            for name, default in (("prefix", PREFIX), ("vision", VISION), ("patch", PATCH))}
     bf, dev = torch.bfloat16, "cuda"
     res = {"card": torch.cuda.get_device_name(), "rows": []}
     print(f"card {res['card']}")
@@ -39,7 +47,7 @@ def main():
         ref = PA.prefix_attention_ref(q, k, v, valid, nh)
         out = torch.empty(T, nh * hd, dtype=bf, device=dev)
         runs = {str(c): (lambda c=c: PA.prefix_attention(q, k, v, valid, nh, out=out, block=c[:2], num_warps=c[2],
-                                                         num_stages=c[3])) for c in PREFIX}
+                                                         num_stages=c[3])) for c in cfgs['prefix']}
         res["rows"] += measure("prefix", V, runs, out, ref, calls=17)
         nhv, hdv = 16, 72
         qkv = torch.randn(V * 256, 3 * nhv * hdv, device=dev, generator=g).to(bf)
@@ -47,10 +55,18 @@ def main():
         vref = VA.vision_attention_ref(qkv, V, nhv)
         vout = torch.empty(V * 256, nhv * hdv, dtype=bf, device=dev)
         runs = {str(c): (lambda c=c: VA.vision_attention(qkv, V, nhv, out=vout, block=c[:2], num_warps=c[2],
-                                                         num_stages=c[3], split_d=c[4])) for c in VISION}
+                                                         num_stages=c[3], split_d=c[4])) for c in cfgs['vision']}
         res["rows"] += measure("vision", V, runs, vout, vref, calls=27)
+        img = torch.rand(V, 224, 224, 3, device=dev, generator=g) * 2 - 1
+        pw = torch.randn(14 * 14 * 3, 1152, device=dev, generator=g) * 0.04
+        padd = torch.randn(256, 1152, device=dev, generator=g)
+        pref = PE.patch_embed_ref(img, pw, padd)
+        pout = torch.empty(V * 256, 1152, device=dev)
+        runs = {str(c): (lambda c=c: PE.patch_embed(img, pw, padd, out=pout, block=c[:3], num_warps=c[3]))
+                for c in cfgs["patch"]}
+        res["rows"] += measure("patch", V, runs, pout, pref, calls=1)
     print("\nphase   views  best configs (us per call)")
-    for phase in ("prefix", "vision"):
+    for phase in ("prefix", "vision", "patch"):
         for V in (1, 2, 3):
             rows = sorted((r for r in res["rows"] if r["phase"] == phase and r["views"] == V and "us_per_call" in r),
                           key=lambda r: r["us_per_call"])
