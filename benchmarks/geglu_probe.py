@@ -1,0 +1,75 @@
+"""The prefix MLP's gate/up matmul + GeGLU: the engine's cuBLAS matmul followed by the Triton GeGLU pass, against
+kernels/gemm_geglu.py (Triton TMA matmul with the gating in its epilogue) at M = 304 / 560 / 816 rows (1 / 2 / 3
+cameras), K = 2048, 2F = 32768, random bf16 weights. Errors against the float32 reference; each timed as 20 calls
+in a CUDA graph (the weight does not fit in L2, so every call streams it from DRAM, as in the engine).
+
+    python benchmarks/geglu_probe.py [--json out.json] [--configs '[[BM, BN, BK, warps, stages, group_m, persistent], ...]']
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from pi0_triton_policy.kernels import gemm_geglu as GEG, geglu as GG
+from sdpa_probe import measure  # noqa: E402 (benchmarks/ is the script's directory)
+
+CONFIGS = [(128, 256, 64, 8, 3, 8, False), (128, 256, 64, 8, 4, 8, False), (128, 128, 64, 4, 4, 8, False),
+           (128, 128, 64, 8, 4, 8, False), (64, 256, 64, 4, 4, 8, False), (128, 256, 64, 8, 3, 8, True),
+           (128, 128, 64, 8, 4, 8, True), (64, 128, 64, 4, 5, 8, False), (128, 256, 128, 8, 2, 8, False)]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--configs", default=None)
+    args = ap.parse_args()
+    configs = [tuple(c) for c in json.loads(args.configs)] if args.configs else CONFIGS
+    bf, dev = torch.bfloat16, "cuda"
+    res = {"card": torch.cuda.get_device_name(), "rows": []}
+    print(f"card {res['card']}")
+    g = torch.Generator(device=dev).manual_seed(0)
+    K, F = 2048, 16384
+    w_gu = (torch.randn(K, 2 * F, device=dev, generator=g) * K**-0.5).to(bf)
+    w_il = GEG.interleave_gate_up(w_gu)
+    for V in (1, 2, 3):
+        M = 256 * V + 48
+        x = torch.randn(M, K, device=dev, generator=g).to(bf)
+        ref = GG.geglu_ref(x.float() @ w_gu.float())
+        gu = torch.empty(M, 2 * F, dtype=bf, device=dev)
+        h = torch.empty(M, F, dtype=bf, device=dev)
+
+        def cublas_geglu():
+            torch.mm(x, w_gu, out=gu)
+            GG.geglu(gu, out=h)
+
+        runs = {"cublas+geglu": cublas_geglu}
+        for c in configs:
+            runs[str(c)] = (lambda c=c: GEG.gemm_geglu(x, w_il, out=h, block=c[:3], num_warps=c[3], num_stages=c[4],
+                                                       group_m=c[5], persistent=bool(c[6])))
+        rows = measure("gate_up_geglu", V, runs, h, ref, calls=1)
+        flop = 2 * M * K * 2 * F
+        for r in rows:
+            if "us_per_call" in r:
+                r["tflops"] = round(flop / r["us_per_call"] / 1e6, 1)
+        res["rows"] += rows
+        mm_rows = measure("gate_up_mm_only", V, {"cublas": lambda: torch.mm(x, w_gu, out=gu)}, gu,
+                          (x.float() @ w_gu.float()), calls=1)
+        res["rows"] += mm_rows
+    print("\nviews  best (us per call, TFLOP/s)")
+    for V in (1, 2, 3):
+        rows = sorted((r for r in res["rows"] if r["views"] == V and "us_per_call" in r and r["phase"] == "gate_up_geglu"),
+                      key=lambda r: r["us_per_call"])
+        base = next(r for r in rows if r["impl"] == "cublas+geglu")
+        mm = next(r for r in res["rows"] if r["views"] == V and r["phase"] == "gate_up_mm_only")
+        print(f"{V}      cublas+geglu {base['us_per_call']:.1f} (mm alone {mm.get('us_per_call')}) | " +
+              "  ".join(f"{r['impl']} {r['us_per_call']:.1f} ({r['tflops']})" for r in rows[:4]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
