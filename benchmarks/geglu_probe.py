@@ -3,7 +3,7 @@ kernels/gemm_geglu.py (Triton TMA matmul with the gating in its epilogue) at M =
 cameras), K = 2048, 2F = 32768, random bf16 weights. Errors against the float32 reference; each timed as 20 calls
 in a CUDA graph (the weight does not fit in L2, so every call streams it from DRAM, as in the engine).
 
-    python benchmarks/geglu_probe.py [--json out.json] [--configs '[[BM, BN, BK, warps, stages, group_m, persistent], ...]']
+    python benchmarks/geglu_probe.py [--json out.json] [--configs '[[BM, BN, BK, warps, stages, group_m, persistent, flatten, warp_specialize], ...]']
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import torch
 from pi0_triton_policy.kernels import gemm_geglu as GEG, geglu as GG
 from sdpa_probe import measure  # noqa: E402 (benchmarks/ is the script's directory)
 
-CONFIGS = [(128, 256, 64, 8, 3, 8, False), (128, 256, 64, 8, 4, 8, False), (128, 128, 64, 4, 4, 8, False),
-           (128, 128, 64, 8, 4, 8, False), (64, 256, 64, 4, 4, 8, False), (128, 256, 64, 8, 3, 8, True),
-           (128, 128, 64, 8, 4, 8, True), (64, 128, 64, 4, 5, 8, False), (128, 256, 128, 8, 2, 8, False)]
+CONFIGS = [(128, 256, 64, 8, 3, 8, 1, 1, 0), (128, 256, 64, 8, 3, 4, 1, 1, 0), (128, 256, 64, 8, 3, 16, 1, 1, 0),
+           (128, 256, 64, 8, 4, 8, 1, 1, 0), (128, 256, 64, 8, 3, 8, 1, 0, 1), (128, 256, 64, 8, 2, 8, 1, 0, 1),
+           (64, 256, 64, 4, 4, 8, 1, 1, 0), (64, 256, 64, 4, 3, 8, 1, 1, 0), (128, 256, 64, 8, 3, 8, 1, 0, 0),
+           (256, 128, 64, 8, 3, 8, 1, 1, 0), (128, 256, 64, 8, 3, 8, 0, 1, 0)]
 
 
 def main():
@@ -48,7 +49,8 @@ def main():
         runs = {"cublas+geglu": cublas_geglu}
         for c in configs:
             runs[str(c)] = (lambda c=c: GEG.gemm_geglu(x, w_il, out=h, block=c[:3], num_warps=c[3], num_stages=c[4],
-                                                       group_m=c[5], persistent=bool(c[6])))
+                                                       group_m=c[5], persistent=bool(c[6]), flatten=bool(c[7]),
+                                                       warp_specialize=bool(c[8])))
         rows = measure("gate_up_geglu", V, runs, h, ref, calls=1)
         flop = 2 * M * K * 2 * F
         for r in rows:

@@ -33,31 +33,31 @@ def _tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _geglu_tile(a_desc, b_desc, h_desc, tile, num_m, num_n, K,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, STAGES: tl.constexpr):
+    pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in tl.range(0, K, BK, num_stages=STAGES):
+        a = a_desc.load([pid_m * BM, k])
+        b = b_desc.load([pid_n * BN, k])
+        acc = tl.dot(a, b.T, acc)
+    g, u = acc.reshape(BM, BN // 2, 2).split()
+    h_desc.store([pid_m * BM, pid_n * (BN // 2)], (gelu_tanh(g) * u).to(h_desc.dtype))
+
+
+@triton.jit
 def _gemm_geglu_kernel(a_desc, b_desc, h_desc, M, N2, K,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                       STAGES: tl.constexpr, NUM_PROGRAMS: tl.constexpr, PERSISTENT: tl.constexpr):
+                       STAGES: tl.constexpr, NUM_PROGRAMS: tl.constexpr, PERSISTENT: tl.constexpr,
+                       FLATTEN: tl.constexpr = True, WARP_SPECIALIZE: tl.constexpr = False):
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(N2, BN)
-    num_tiles = num_m * num_n
     if PERSISTENT:  # one program per SM walks tiles; flatten lets the next tile's loads overlap this epilogue
-        for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=True):
-            pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
-            for k in tl.range(0, K, BK, num_stages=STAGES):
-                a = a_desc.load([pid_m * BM, k])
-                b = b_desc.load([pid_n * BN, k])
-                acc = tl.dot(a, b.T, acc)
-            g, u = acc.reshape(BM, BN // 2, 2).split()
-            h_desc.store([pid_m * BM, pid_n * (BN // 2)], (gelu_tanh(g) * u).to(h_desc.dtype))
+        for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=FLATTEN,
+                             warp_specialize=WARP_SPECIALIZE):
+            _geglu_tile(a_desc, b_desc, h_desc, tile, num_m, num_n, K, BM, BN, BK, GROUP_M, STAGES)
     else:
-        pid_m, pid_n = _tile_coords(tl.program_id(0), num_m, num_n, GROUP_M)
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k in tl.range(0, K, BK, num_stages=STAGES):
-            a = a_desc.load([pid_m * BM, k])
-            b = b_desc.load([pid_n * BN, k])
-            acc = tl.dot(a, b.T, acc)
-        g, u = acc.reshape(BM, BN // 2, 2).split()
-        h_desc.store([pid_m * BM, pid_n * (BN // 2)], (gelu_tanh(g) * u).to(h_desc.dtype))
+        _geglu_tile(a_desc, b_desc, h_desc, tl.program_id(0), num_m, num_n, K, BM, BN, BK, GROUP_M, STAGES)
 
 
 def interleave_gate_up(w_gu: torch.Tensor) -> torch.Tensor:
@@ -72,7 +72,8 @@ def _num_sms(device) -> int:
 
 
 def gemm_geglu(x: torch.Tensor, w_il: torch.Tensor, out: torch.Tensor | None = None, block=(128, 256, 64),
-               num_warps: int = 8, num_stages: int = 3, group_m: int = 8, persistent: bool = False) -> torch.Tensor:
+               num_warps: int = 8, num_stages: int = 3, group_m: int = 8, persistent: bool = True, flatten: bool = True,
+               warp_specialize: bool = False) -> torch.Tensor:
     """x [M, K], w_il [2F, K] (interleave_gate_up) -> h [M, F] = gelu_tanh(x Wg) * (x Wu), float32 accumulation."""
     M, K = x.shape
     F2, K2 = w_il.shape
@@ -87,7 +88,8 @@ def gemm_geglu(x: torch.Tensor, w_il: torch.Tensor, out: torch.Tensor | None = N
     tiles = triton.cdiv(M, BM) * triton.cdiv(F2, BN)
     nprog = min(tiles, _num_sms(x.device)) if persistent else tiles
     _gemm_geglu_kernel[(nprog,)](a_desc, b_desc, h_desc, M, F2, K, BM=BM, BN=BN, BK=BK, GROUP_M=group_m,
-                                  STAGES=num_stages, NUM_PROGRAMS=nprog, PERSISTENT=persistent, num_warps=num_warps)
+                                  STAGES=num_stages, NUM_PROGRAMS=nprog, PERSISTENT=persistent, FLATTEN=flatten,
+                                  WARP_SPECIALIZE=warp_specialize, num_warps=num_warps)
     return out
 
 

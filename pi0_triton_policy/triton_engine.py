@@ -31,6 +31,7 @@ from pi0_triton_policy.kernels import (
     action_attention as AA,
     add_norm as AN,
     geglu as GG,
+    gemm_geglu as GEG,
     rope_qkv as RK,
     action_out_euler as AOE,
     action_time_mlp as ATM,
@@ -65,12 +66,20 @@ class Tuning:
     vis_ln: tuple = (64, 128, 64, 4, 3)  # BM, BN, BK, warps, stages
     vis_res: tuple = (64, 64, 64, 4, 3)
     vis_split: int = 2
-    vis_attn: tuple = (64, 64, 4, 2)
+    vis_attn: tuple = (64, 64, 4, 3)  # 6.9 / 7.2 / 9.7 us per call vs 7.4 / 7.7 / 9.9 with 2 stages (session 8)
     pre_qkv: tuple = (64, 64, 64, 4, 3)
     pre_mlp: tuple = (128, 128, 64, 8, 3)
     pre_res: tuple = (128, 128, 64, 8, 3)
     pre_split: int = 2
-    pre_attn: tuple = (64, 64, 8, 2)
+    # (64, 64) x 4 warps (one warpgroup): 11.4 / 17.5 / 24.3 us per call vs 15.1 / 24.6 / 34.5 for (64, 64) x 8 warps
+    # (benchmarks/attn_shapes_probe.py, NOTES.md session 8)
+    pre_attn: tuple = (64, 64, 4, 2)
+    # the prefix gate/up matmul with the GeGLU in its epilogue (kernels/gemm_geglu.py: persistent TMA matmul over
+    # interleaved gate/up weight rows, no gate/up intermediate in DRAM): 72.7 / 119.6 / 161.8 us per layer vs cuBLAS +
+    # the GeGLU pass 72.2 / 130.0 / 171.7 (benchmarks/geglu_probe.py). (BM, BN, BK, warps, stages, group_m). Fixed at
+    # load (the weight layout): False keeps cuBLAS's [D, 2F] layout and the separate pass.
+    pre_gu_fused: bool = True
+    pre_gu: tuple = (128, 256, 64, 8, 4, 8)
     act_qkv: tuple = (64, 32, 64, 4, 4)
     act_mlp: tuple = (64, 32, 64, 4, 4)
     act_res: tuple = (64, 32, 256, 4, 3)
@@ -209,7 +218,9 @@ class EngineWeights:
         self.v_fc1_bb = [b.to(dtype) for b in self.v_fc1_b]
         self.head_bb = self.head_b.to(dtype)
         self.gu = [[torch.cat([g[0], g[1]], 1) for g in self.gating[e]] for e in (0, 1)]
-        self.gating[0] = None  # the prefix runs on cuBLAS only (measured faster): keep one copy
+        self.gating[0] = None  # the prefix runs on cuBLAS / gemm_geglu only: keep one copy
+        if tuning.pre_gu_fused:  # gemm_geglu's layout [2F, D], gate/up rows interleaved, replaces the cuBLAS one
+            self.gu[0] = [GEG.interleave_gate_up(w) for w in self.gu[0]]
         self.cos, self.sin = RQR.rope_tables(1024, p.head_dim, p.rope_max_wavelength, device=dev)
         # small float32 projections
         self.state_w, self.state_b = get("state_proj/kernel").to(f32).contiguous(), get("state_proj/bias").to(f32).contiguous()
@@ -292,7 +303,8 @@ class _ViewGraph:
         self.xpn = z(T, p.width, dtype=dt)
         self.qkv = z(T, (p.num_heads + 2) * p.head_dim, dtype=dt)
         self.tmp_p = z(T, p.width, dtype=dt)
-        self.gu = z(T, 2 * p.mlp_dim, dtype=dt)
+        # gate|up output of the prefix MLP (only without the fused gemm_geglu)
+        self.gu = None if eng.tuning.pre_gu_fused else z(T, 2 * p.mlp_dim, dtype=dt)
         self.xsn = z(S, a.width, dtype=dt)
         self.tmp_s = z(S, a.width, dtype=dt)
         self.gus = z(S, 2 * a.mlp_dim, dtype=dt)
@@ -392,8 +404,13 @@ class _ViewGraph:
                                 block=t.pre_attn[:2], num_warps=t.pre_attn[2], num_stages=t.pre_attn[3], pdl=pg)
             torch.mm(self.o, W.o[0][i], out=self.tmp_p)
             AN.add_norm(self.xp, self.xpn, self.tmp_p, eps=p.rms_eps, pdl=pg)
-            torch.mm(self.xpn, W.gu[0][i], out=self.gu)
-            GG.geglu(self.gu, out=self.hp, pdl=pg)
+            if t.pre_gu_fused:
+                gb = t.pre_gu
+                GEG.gemm_geglu(self.xpn, W.gu[0][i], out=self.hp, block=gb[:3], num_warps=gb[3], num_stages=gb[4],
+                               group_m=gb[5])
+            else:
+                torch.mm(self.xpn, W.gu[0][i], out=self.gu)
+                GG.geglu(self.gu, out=self.hp, pdl=pg)
             torch.mm(self.hp, W.down[0][i], out=self.tmp_p)
             AN.add_norm(self.xp, self.xpn, self.tmp_p, eps=p.rms_eps, pdl=pg)
         # ---- action expert: 10 Euler steps over (state, 50 actions)
