@@ -76,9 +76,9 @@ class Tuning:
     pre_attn: tuple = (64, 64, 4, 2)
     # the prefix gate/up matmul with the GeGLU in its epilogue (kernels/gemm_geglu.py: persistent TMA matmul over
     # interleaved gate/up weight rows, no gate/up intermediate in DRAM): 72.7 / 119.6 / 161.8 us per layer vs cuBLAS +
-    # the GeGLU pass 72.2 / 130.0 / 171.7 (benchmarks/geglu_probe.py). (BM, BN, BK, warps, stages, group_m). Fixed at
-    # load (the weight layout): False keeps cuBLAS's [D, 2F] layout and the separate pass.
-    pre_gu_fused: bool = True
+    # the GeGLU pass 72.2 / 130.0 / 171.7 (benchmarks/geglu_probe.py). Per camera count 1, 2, 3; False: cuBLAS on the
+    # same interleaved layout + the GeGLU pass. pre_gu: (BM, BN, BK, warps, stages, group_m)
+    pre_gu_fused: tuple = (True, True, True)
     pre_gu: tuple = (128, 256, 64, 8, 4, 8)
     act_qkv: tuple = (64, 32, 64, 4, 4)
     act_mlp: tuple = (64, 32, 64, 4, 4)
@@ -219,8 +219,8 @@ class EngineWeights:
         self.head_bb = self.head_b.to(dtype)
         self.gu = [[torch.cat([g[0], g[1]], 1) for g in self.gating[e]] for e in (0, 1)]
         self.gating[0] = None  # the prefix runs on cuBLAS / gemm_geglu only: keep one copy
-        if tuning.pre_gu_fused:  # gemm_geglu's layout [2F, D], gate/up rows interleaved, replaces the cuBLAS one
-            self.gu[0] = [GEG.interleave_gate_up(w) for w in self.gu[0]]
+        # the prefix's gate|up in gemm_geglu's layout [2F, D] (gate/up rows interleaved); cuBLAS runs on its transpose
+        self.gu[0] = [GEG.interleave_gate_up(w) for w in self.gu[0]]
         self.cos, self.sin = RQR.rope_tables(1024, p.head_dim, p.rope_max_wavelength, device=dev)
         # small float32 projections
         self.state_w, self.state_b = get("state_proj/kernel").to(f32).contiguous(), get("state_proj/bias").to(f32).contiguous()
@@ -304,7 +304,7 @@ class _ViewGraph:
         self.qkv = z(T, (p.num_heads + 2) * p.head_dim, dtype=dt)
         self.tmp_p = z(T, p.width, dtype=dt)
         # gate|up output of the prefix MLP (only without the fused gemm_geglu)
-        self.gu = None if eng.tuning.pre_gu_fused else z(T, 2 * p.mlp_dim, dtype=dt)
+        self.gu = None if self.gu_fused() else z(T, 2 * p.mlp_dim, dtype=dt)
         self.xsn = z(S, a.width, dtype=dt)
         self.tmp_s = z(S, a.width, dtype=dt)
         self.gus = z(S, 2 * a.mlp_dim, dtype=dt)
@@ -336,6 +336,9 @@ class _ViewGraph:
             self.st_bars = z(max(1, self.tb.shape[0]), max(256, self.stack_plan.nprog), dtype=torch.int32)
         self.graph = None
         self.capture_s = None
+
+    def gu_fused(self) -> bool:
+        return bool(self.eng.tuning.pre_gu_fused[min(self.V, 3) - 1])
 
     def positions(self):
         """Positions of the prompt and suffix tokens and the prompt keys' validity from token_mask (OPENPI_SPEC:
@@ -404,13 +407,13 @@ class _ViewGraph:
                                 block=t.pre_attn[:2], num_warps=t.pre_attn[2], num_stages=t.pre_attn[3], pdl=pg)
             torch.mm(self.o, W.o[0][i], out=self.tmp_p)
             AN.add_norm(self.xp, self.xpn, self.tmp_p, eps=p.rms_eps, pdl=pg)
-            if t.pre_gu_fused:
+            if self.gu_fused():
                 gb = t.pre_gu
                 GEG.gemm_geglu(self.xpn, W.gu[0][i], out=self.hp, block=gb[:3], num_warps=gb[3], num_stages=gb[4],
                                group_m=gb[5])
             else:
-                torch.mm(self.xpn, W.gu[0][i], out=self.gu)
-                GG.geglu(self.gu, out=self.hp, pdl=pg)
+                torch.mm(self.xpn, W.gu[0][i].t(), out=self.gu)
+                GG.geglu(self.gu, out=self.hp, pdl=pg, interleaved=True)
             torch.mm(self.hp, W.down[0][i], out=self.tmp_p)
             AN.add_norm(self.xp, self.xpn, self.tmp_p, eps=p.rms_eps, pdl=pg)
         # ---- action expert: 10 Euler steps over (state, 50 actions)

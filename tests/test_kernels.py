@@ -207,9 +207,13 @@ def test_add_norm(norm, has_y, gen):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_geglu(dtype, gen):
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_geglu(dtype, interleaved, gen):
     gu = randn(37, 2 * 100, dtype=dtype, gen=gen)
-    assert rel(GG.geglu(gu, block=64), GG.geglu_ref(gu)) < TOL[dtype] / 2
+    out = GG.geglu(gu, block=64, interleaved=interleaved)
+    assert rel(out, GG.geglu_ref(gu, interleaved)) < TOL[dtype] / 2
+    if interleaved:  # the same gating as the split layout over the same pairs
+        assert rel(out, GG.geglu_ref(torch.cat([gu[:, 0::2], gu[:, 1::2]], 1))) < TOL[dtype] / 2
 
 
 from pi0_triton_policy.kernels import gemm_geglu as GEG  # noqa: E402
