@@ -44,10 +44,9 @@ from pi0_triton_policy.kernels import (
     skinny_matmul as SK,
     action_stack as AS,
     rmsnorm_qkv_rope as RQR,
-    stage_inputs as SI,
     vision_attention as VA,
 )
-from pi0_triton_policy.kernels._common import INTERPRET, Workspace
+from pi0_triton_policy.kernels._common import Workspace
 
 
 def flow_times(num_steps: int) -> list[float]:
@@ -81,9 +80,6 @@ class Tuning:
     # same interleaved layout + the GeGLU pass. pre_gu: (BM, BN, BK, warps, stages, group_m)
     pre_gu_fused: tuple = (True, True, True)
     pre_gu: tuple = (128, 256, 64, 8, 4, 8)
-    # a call's inputs staged into the graph's buffers by one kernel (kernels/stage_inputs.py) when they are on the
-    # engine's device; False: seven tensor copies
-    stage_kernel: bool = True
     act_qkv: tuple = (64, 32, 64, 4, 4)
     act_mlp: tuple = (64, 32, 64, 4, 4)
     act_res: tuple = (64, 32, 256, 4, 3)
@@ -539,15 +535,16 @@ class _ViewGraph:
         if state.numel() != self.state.numel() or noise.numel() != self.x_t.numel():
             raise ValueError(f"state {tuple(state.shape)} / noise {tuple(noise.shape)}: expected {self.state.shape[1]} "
                              f"values and {tuple(self.x_t.shape)}")
-        # raw inputs only (positions are computed in the graph). Inputs already on the buffers' device go in one
-        # launch (kernels/stage_inputs.py: the seven tensor copies were host time the GPU waited through); others
-        # (host tensors) by tensor copies
-        args = (images, tokens, token_mask, state, noise, self.images, self.tokens, self.token_mask, self.state, self.x_t)
-        dev = self.images.device
-        if self.eng.tuning.stage_kernel and all(t.device == dev for t in args[:5]) and (dev.type == "cuda" or INTERPRET):
-            SI.stage_inputs(*args)
-        else:
-            SI.stage_inputs_ref(*args)
+        # raw inputs only (positions are computed in the graph); copies from CUDA tensors stay on the device. (One
+        # Triton kernel for all seven copies was no faster: its Python launch costs what the copies cost, NOTES.md s8)
+        self.images.copy_(images, non_blocking=True)
+        self.tokens[:n].copy_(tokens, non_blocking=True)
+        self.token_mask[:n].copy_(token_mask, non_blocking=True)
+        if n < L:
+            self.tokens[n:].zero_()
+            self.token_mask[n:].zero_()
+        self.state.copy_(state.reshape(1, -1), non_blocking=True)
+        self.x_t.copy_(noise.reshape(self.x_t.shape), non_blocking=True)
 
     def __call__(self):
         if self.graph is None:

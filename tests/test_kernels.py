@@ -230,7 +230,8 @@ def test_gemm_geglu(dtype, M, block, persistent, gen):
     w_il = GEG.interleave_gate_up(w_gu)
     ref = GG.geglu_ref(x.float() @ w_gu.float())
     assert rel(GEG.gemm_geglu_ref(x, w_il), ref) < 1e-5  # the same math over the interleaved layout
-    out = GEG.gemm_geglu(x, w_il, block=block, num_warps=4, num_stages=2, group_m=2, persistent=persistent)
+    stages = 1 if dtype == torch.float32 and block[1] >= 256 else 2  # float32 128x256 tiles: 2 stages > shared memory
+    out = GEG.gemm_geglu(x, w_il, block=block, num_warps=4, num_stages=stages, group_m=2, persistent=persistent)
     assert out.shape == (M, F) and rel(out, ref) < TOL[dtype]
 
 
@@ -615,23 +616,3 @@ def test_mega_chain_layer_cuda(layers, attn):
         assert rel(runs[0][k], ref[k]) < 1e-2, k
         assert torch.equal(runs[0][k], runs[1][k]), f"{k} not deterministic"
 
-
-from pi0_triton_policy.kernels import stage_inputs as SI  # noqa: E402
-
-
-@pytest.mark.parametrize("n,tok_dtype,mask_dtype", [(37, torch.int64, torch.bool), (48, torch.int32, torch.int32),
-                                                     (1, torch.int64, torch.bool)])
-def test_stage_inputs(n, tok_dtype, mask_dtype, gen):
-    """The one-launch staging equals the tensor copies: casts, the prompt padding zeroed (buffers start dirty)."""
-    L, V = 48, 2
-    src = (randn(V, 28, 28, 3, gen=gen), torch.randint(0, 1000, (n,), generator=gen).to(DEV, tok_dtype),
-           (torch.rand(n, generator=gen) > 0.3).to(DEV, mask_dtype), randn(32, gen=gen), randn(50, 32, gen=gen))
-    bufs = [lambda: torch.full((V, 28, 28, 3), 7.0, device=DEV), lambda: torch.full((L,), 5, dtype=torch.int32, device=DEV),
-            lambda: torch.full((L,), 5, dtype=torch.int32, device=DEV), lambda: torch.full((1, 32), 7.0, device=DEV),
-            lambda: torch.full((50, 32), 7.0, device=DEV)]
-    got, ref = [b() for b in bufs], [b() for b in bufs]
-    SI.stage_inputs(*src, *got, block=512, num_programs=5)
-    SI.stage_inputs_ref(*src, *ref)
-    for g_, r_ in zip(got, ref):
-        assert torch.equal(g_, r_)
-    assert got[1][n:].eq(0).all() and got[2][n:].eq(0).all()

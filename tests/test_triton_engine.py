@@ -103,6 +103,9 @@ def test_wrong_camera_count_is_a_clear_error():
     with pytest.raises(ValueError, match="token_mask"):
         g.set_inputs(torch.from_numpy(imgs[:2]), torch.from_numpy(tokens), torch.from_numpy(tmask[:-1]),
                      torch.from_numpy(state), torch.from_numpy(noise))
+    with pytest.raises(ValueError, match="noise"):  # copy_ would broadcast one noise row into 50
+        g.set_inputs(torch.from_numpy(imgs[:2]), torch.from_numpy(tokens), torch.from_numpy(tmask), torch.from_numpy(state),
+                     torch.from_numpy(noise[:1]))
     g.set_inputs(torch.from_numpy(imgs[:2]), torch.from_numpy(tokens), torch.from_numpy(tmask), torch.from_numpy(state),
                  torch.from_numpy(noise))  # the right count is accepted
     n = len(tokens)
