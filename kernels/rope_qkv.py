@@ -12,7 +12,7 @@ from pi0_triton_policy.kernels._common import HAS_PDL, gdc_launch_dependents, gd
 
 @triton.jit
 def _rope_qkv_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, stride_qkv, stride_q, stride_kv,
-                     NQ: tl.constexpr, HD: tl.constexpr, PDL: tl.constexpr = False):
+                     NQ: tl.constexpr, HD: tl.constexpr, PDL: tl.constexpr = False, INTERLEAVED: tl.constexpr = False):
     if PDL:  # launched early (programmatic dependent launch): wait for the previous kernel's writes
         gdc_wait()
         gdc_launch_dependents()
@@ -20,8 +20,11 @@ def _rope_qkv_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, st
     HALF: tl.constexpr = HD // 2
     d = tl.arange(0, HALF)
     src = qkv_ptr + row * stride_qkv + head * HD
-    x1 = tl.load(src + d).to(tl.float32)
-    x2 = tl.load(src + HALF + d).to(tl.float32)
+    if INTERLEAVED and head <= NQ:  # gemm_rope_qkv's column order: pair j at columns 2j, 2j + 1
+        x1, x2 = tl.load(src + 2 * d[:, None] + tl.arange(0, 2)[None, :]).to(tl.float32).split()
+    else:
+        x1 = tl.load(src + d).to(tl.float32)
+        x2 = tl.load(src + HALF + d).to(tl.float32)
     if head <= NQ:
         pos = tl.load(pos_ptr + row).to(tl.int64)
         c = tl.load(cos_ptr + pos * HALF + d)
@@ -41,13 +44,15 @@ def _rope_qkv_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, st
     tl.store(dst + HALF + d, o2.to(dst.dtype.element_ty))
 
 
-def rope_qkv(qkv, pos, cos, sin, q, k, v, num_heads: int, head_dim: int, pdl: bool = False):
-    """qkv [M, (NQ+2)*H] -> q [M, NQ*H], k/v rows [M, H] (rotated q, k)."""
+def rope_qkv(qkv, pos, cos, sin, q, k, v, num_heads: int, head_dim: int, pdl: bool = False, interleaved: bool = False):
+    """qkv [M, (NQ+2)*H] -> q [M, NQ*H], k/v rows [M, H] (rotated q, k). `interleaved`: the q / k columns of qkv are in
+    gemm_rope_qkv.interleave_rope_pairs' order (the matmul ran on that layout)."""
     pdl = bool(pdl) and HAS_PDL and qkv.is_cuda
     M = qkv.shape[0]
     assert qkv.shape[1] == (num_heads + 2) * head_dim and qkv.stride(1) == 1 and k.stride() == v.stride()
     _rope_qkv_kernel[(M, num_heads + 2)](qkv, pos, cos, sin, q, k, v, qkv.stride(0), q.stride(0), k.stride(0),
-                                         NQ=num_heads, HD=head_dim, num_warps=1, PDL=pdl, **pdl_kwargs(pdl))
+                                         NQ=num_heads, HD=head_dim, num_warps=1, PDL=pdl, INTERLEAVED=interleaved,
+                                         **pdl_kwargs(pdl))
     return q, k, v
 
 

@@ -32,6 +32,7 @@ from pi0_triton_policy.kernels import (
     add_norm as AN,
     geglu as GG,
     gemm_geglu as GEG,
+    gemm_rope_qkv as GRQ,
     rope_qkv as RK,
     action_out_euler as AOE,
     action_time_mlp as ATM,
@@ -80,6 +81,11 @@ class Tuning:
     # same interleaved layout + the GeGLU pass. pre_gu: (BM, BN, BK, warps, stages, group_m)
     pre_gu_fused: tuple = (True, True, True)
     pre_gu: tuple = (128, 256, 64, 8, 4, 8)
+    # the prefix QKV matmul with RoPE in its epilogue (kernels/gemm_rope_qkv.py, writes q and the K/V cache rows),
+    # per camera count; False: cuBLAS on the same (pair-interleaved) layout + the RoPE pass. (BM, BN, BK, warps,
+    # stages, group_m)
+    pre_qkv_fused: tuple = (True, True, True)
+    pre_qkv_g: tuple = (64, 128, 64, 4, 4, 8)
     act_qkv: tuple = (64, 32, 64, 4, 4)
     act_mlp: tuple = (64, 32, 64, 4, 4)
     act_res: tuple = (64, 32, 256, 4, 3)
@@ -208,8 +214,10 @@ class EngineWeights:
         for e, (sfx, g) in enumerate((("", p), ("_1", a))):
             for i in range(g.depth):
                 kv = get(f"{lay}/attn/kv_einsum{sfx}/w")[i]  # [2, 1, D, H]
-                self.qkv[e].append(RQR.fold_qkv(get(f"{lay}/pre_attention_norm{sfx}/scale")[i],
-                                                get(f"{lay}/attn/q_einsum{sfx}/w")[i], kv[0, 0], kv[1, 0], dtype))
+                w = RQR.fold_qkv(get(f"{lay}/pre_attention_norm{sfx}/scale")[i], get(f"{lay}/attn/q_einsum{sfx}/w")[i],
+                                 kv[0, 0], kv[1, 0], dtype)
+                # the prefix's in gemm_rope_qkv's layout [(NQ+2)*H, D] (RoPE pairs interleaved); cuBLAS uses its transpose
+                self.qkv[e].append(GRQ.interleave_rope_pairs(w, g.num_heads, g.head_dim) if e == 0 else w)
                 self.o[e].append(get(f"{lay}/attn/attn_vec_einsum{sfx}/w")[i].reshape(-1, g.width).to(dtype).contiguous())
                 self.gating[e].append(RG.fold_gating(get(f"{lay}/pre_ffw_norm{sfx}/scale")[i], get(f"{lay}/mlp{sfx}/gating_einsum")[i], dtype))
                 self.down[e].append(get(f"{lay}/mlp{sfx}/linear")[i].to(dtype).contiguous())
@@ -399,8 +407,14 @@ class _ViewGraph:
         qb, mb, rb = t.pre_qkv, t.pre_mlp, t.pre_res
         AN.add_norm(self.xp, self.xpn, eps=p.rms_eps, pdl=pg)
         for i in range(p.depth):
-            torch.mm(self.xpn, W.qkv[0][i], out=self.qkv)
-            RK.rope_qkv(self.qkv, self.pos, W.cos, W.sin, self.q, self.kc[i], self.vc[i], p.num_heads, p.head_dim, pdl=pg)
+            if t.pre_qkv_fused[min(self.V, 3) - 1]:
+                qg = t.pre_qkv_g
+                GRQ.gemm_rope_qkv(self.xpn, W.qkv[0][i], self.pos, W.cos, W.sin, self.q, self.kc[i], self.vc[i], p.num_heads,
+                                  p.head_dim, block=qg[:3], num_warps=qg[3], num_stages=qg[4], group_m=qg[5])
+            else:
+                torch.mm(self.xpn, W.qkv[0][i].t(), out=self.qkv)
+                RK.rope_qkv(self.qkv, self.pos, W.cos, W.sin, self.q, self.kc[i], self.vc[i], p.num_heads, p.head_dim,
+                            pdl=pg, interleaved=True)
             if i == p.depth - 1:
                 break  # the last layer's attention output and MLP feed nothing: only its K/V are used
             PA.prefix_attention(self.q, self.kc[i], self.vc[i], self.key_valid, p.num_heads, out=self.o,

@@ -235,6 +235,32 @@ def test_gemm_geglu(dtype, M, block, persistent, gen):
     assert out.shape == (M, F) and rel(out, ref) < TOL[dtype]
 
 
+from pi0_triton_policy.kernels import gemm_rope_qkv as GRQ  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,block", [(37, (16, 16, 16)), (130, (64, 32, 32)), (37, (64, 128, 64))])
+def test_gemm_rope_qkv(dtype, M, block, gen):
+    """QKV matmul + RoPE epilogue over the pair-interleaved layout vs matmul + rope reference; K / V rows go into a
+    longer cache (rows past M untouched), a 37-row prompt-sized M, more tiles than programs, the engine's block."""
+    D, NQ, HD = 64, 4, 32
+    x, w = randn(M, D, dtype=dtype, gen=gen), randn(D, (NQ + 2) * HD, scale=D**-0.5, dtype=dtype, gen=gen)
+    pos = torch.randperm(200, generator=gen)[:M].to(DEV, torch.int32)
+    cos, sin = RQR.rope_tables(256, HD, device=DEV)
+    qr, kr, vr = RK.rope_qkv_ref(x.float() @ w.float(), pos, NQ, HD)
+    q = torch.zeros(M, NQ * HD, dtype=dtype, device=DEV)
+    kc, vc = torch.zeros(M + 7, HD, dtype=dtype, device=DEV), torch.zeros(M + 7, HD, dtype=dtype, device=DEV)
+    GRQ.gemm_rope_qkv(x, GRQ.interleave_rope_pairs(w, NQ, HD), pos, cos, sin, q, kc, vc, NQ, HD, block=block,
+                      num_warps=4, num_stages=2, group_m=2)
+    assert rel(q, qr) < TOL[dtype] and rel(kc[:M], kr) < TOL[dtype] and rel(vc[:M], vr) < TOL[dtype]
+    assert kc[M:].eq(0).all() and vc[M:].eq(0).all()
+    # cuBLAS on the same layout + the interleaved RoPE pass (the engine's unfused path)
+    qkv = x @ GRQ.interleave_rope_pairs(w, NQ, HD).t()
+    q2, k2, v2 = torch.zeros_like(q), torch.zeros(M, HD, dtype=dtype, device=DEV), torch.zeros(M, HD, dtype=dtype, device=DEV)
+    RK.rope_qkv(qkv, pos, cos, sin, q2, k2, v2, NQ, HD, interleaved=True)
+    assert rel(q2, qr) < TOL[dtype] and rel(k2, kr) < TOL[dtype] and rel(v2, vr) < TOL[dtype]
+
+
 def test_rope_qkv(gen):
     M, NQ, H = 37, 8, 16
     qkv = randn(M, (NQ + 2) * H, gen=gen)
