@@ -47,14 +47,14 @@ def _gemm_rope_qkv_kernel(a_desc, b_desc, pos_ptr, cos_ptr, sin_ptr, q_ptr, k_pt
             o1 = x1 * c - x2 * s
             o2 = x2 * c + x1 * s
             if head < NQ:
-                dst = q_ptr + rows.to(tl.int64)[:, None] * stride_q + head * HD + d[None, :]
+                dst_qk = q_ptr + rows.to(tl.int64)[:, None] * stride_q + head * HD + d[None, :]
             else:
-                dst = k_ptr + rows.to(tl.int64)[:, None] * stride_kv + d[None, :]
-            tl.store(dst, o1.to(dst.dtype.element_ty), mask=row_ok)
-            tl.store(dst + HALF, o2.to(dst.dtype.element_ty), mask=row_ok)
-        else:  # v: natural column order
-            dst = v_ptr + rows.to(tl.int64)[:, None] * stride_kv + within + tl.arange(0, BN)[None, :]
-            tl.store(dst, acc.to(dst.dtype.element_ty), mask=row_ok)
+                dst_qk = k_ptr + rows.to(tl.int64)[:, None] * stride_kv + d[None, :]
+            tl.store(dst_qk, o1.to(dst_qk.dtype.element_ty), mask=row_ok)
+            tl.store(dst_qk + HALF, o2.to(dst_qk.dtype.element_ty), mask=row_ok)
+        else:  # v: natural column order (its own names: Triton 3.6 wants one type per name across the branches)
+            dst_v = v_ptr + rows.to(tl.int64)[:, None] * stride_kv + within + tl.arange(0, BN)[None, :]
+            tl.store(dst_v, acc.to(dst_v.dtype.element_ty), mask=row_ok)
 
 
 def interleave_rope_pairs(w: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
