@@ -1,9 +1,9 @@
 """The prefix's fused QKV matmul with RoPE in its epilogue: x [M, D] @ W -> q (rotated) [M, NQ*HD] and the layer's
 K (rotated) / V cache rows, instead of a cuBLAS matmul writing qkv and a separate RoPE pass reading it back.
 
-Layout (made once at load by `interleave_rope_pairs`): w [(NQ+2)*HD, D], D contiguous. Within each q head and the k
-head the columns are reordered so that column 2j is dimension j and 2j + 1 is its RoPE partner j + HD/2; v keeps its
-order. A tile of BN columns (BN divides HD) then holds BN/2 rotation pairs whose two members sit in the same thread of
+Layout (made once at load by `interleave_rope_pairs`): w [(NQ+2)*HD, D], D contiguous. Within each head (q heads, k,
+and v, which is rotated by angle 0) the columns are reordered so that column 2j is dimension j and 2j + 1 is its RoPE
+partner j + HD/2. A tile of BN columns (BN divides HD) then holds BN/2 rotation pairs whose two members sit in the same thread of
 the MMA accumulator, and the rotation happens on the float32 accumulator. Same math as rope_qkv after a matmul (the
 row norm in x, (1 + scale) and HD^-0.5 in the weights: rmsnorm_qkv_rope.fold_qkv), without the bf16 rounding between.
 Persistent TMA matmul as kernels/gemm_geglu.py.
@@ -37,35 +37,38 @@ def _gemm_rope_qkv_kernel(a_desc, b_desc, pos_ptr, cos_ptr, sin_ptr, q_ptr, k_pt
         rows = pid_m * BM + tl.arange(0, BM)
         row_ok = (rows < M)[:, None]
         head = (pid_n * BN) // HD
-        within = (pid_n * BN) % HD
-        if head <= NQ:  # q heads and k: rotate the pairs (d, d + HD/2), d = within/2 ..
-            x1, x2 = acc.reshape(BM, PAIRS, 2).split()
-            d = within // 2 + tl.arange(0, PAIRS)
-            pos = tl.load(pos_ptr + rows, mask=rows < M, other=0).to(tl.int64)
-            c = tl.load(cos_ptr + pos[:, None] * HALF + d[None, :])
-            s = tl.load(sin_ptr + pos[:, None] * HALF + d[None, :])
-            o1 = x1 * c - x2 * s
-            o2 = x2 * c + x1 * s
-            if head < NQ:
-                dst_qk = q_ptr + rows.to(tl.int64)[:, None] * stride_q + head * HD + d[None, :]
-            else:
-                dst_qk = k_ptr + rows.to(tl.int64)[:, None] * stride_kv + d[None, :]
-            tl.store(dst_qk, o1.to(dst_qk.dtype.element_ty), mask=row_ok)
-            tl.store(dst_qk + HALF, o2.to(dst_qk.dtype.element_ty), mask=row_ok)
-        else:  # v: natural column order (its own names: Triton 3.6 wants one type per name across the branches)
-            dst_v = v_ptr + rows.to(tl.int64)[:, None] * stride_kv + within + tl.arange(0, BN)[None, :]
-            tl.store(dst_v, acc.to(dst_v.dtype.element_ty), mask=row_ok)
+        # pairs (d, d + HD/2), d = within/2 ..; v is interleaved the same way and "rotated" by angle 0, so every tile
+        # takes one path (Triton 3.6's pipeliner failed on a data-dependent branch around the split accumulator)
+        x1, x2 = acc.reshape(BM, PAIRS, 2).split()
+        d = ((pid_n * BN) % HD) // 2 + tl.arange(0, PAIRS)
+        rot = head <= NQ
+        pos = tl.load(pos_ptr + rows, mask=rows < M, other=0).to(tl.int64)
+        c = tl.where(rot, tl.load(cos_ptr + pos[:, None] * HALF + d[None, :]), 1.0)
+        s = tl.where(rot, tl.load(sin_ptr + pos[:, None] * HALF + d[None, :]), 0.0)
+        o1 = x1 * c - x2 * s
+        o2 = x2 * c + x1 * s
+        if head < NQ:
+            base = q_ptr + head * HD
+            stride = stride_q
+        elif head == NQ:
+            base = k_ptr
+            stride = stride_kv
+        else:
+            base = v_ptr
+            stride = stride_kv
+        dst = base + rows.to(tl.int64)[:, None] * stride + d[None, :]
+        tl.store(dst, o1.to(dst.dtype.element_ty), mask=row_ok)
+        tl.store(dst + HALF, o2.to(dst.dtype.element_ty), mask=row_ok)
 
 
 def interleave_rope_pairs(w: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
-    """fold_qkv's [D, (NQ+2)*HD] -> [(NQ+2)*HD, D]: in q heads and the k head column 2j = dimension j, 2j + 1 = j + HD/2;
-    v unchanged."""
+    """fold_qkv's [D, (NQ+2)*HD] -> [(NQ+2)*HD, D]: in every head (q heads, k and v) column 2j = dimension j,
+    2j + 1 = j + HD/2."""
     D, N = w.shape
     assert N == (num_heads + 2) * head_dim
     half = head_dim // 2
     pair = torch.stack((torch.arange(half), torch.arange(half) + half), 1).reshape(-1)  # 0, h, 1, h + 1, ...
-    perm = torch.cat([h * head_dim + pair for h in range(num_heads + 1)] +
-                     [(num_heads + 1) * head_dim + torch.arange(head_dim)]).to(w.device)
+    perm = torch.cat([h * head_dim + pair for h in range(num_heads + 2)]).to(w.device)
     return w.t()[perm].contiguous()
 
 

@@ -20,7 +20,7 @@ def _rope_qkv_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, st
     HALF: tl.constexpr = HD // 2
     d = tl.arange(0, HALF)
     src = qkv_ptr + row * stride_qkv + head * HD
-    if INTERLEAVED and head <= NQ:  # gemm_rope_qkv's column order: pair j at columns 2j, 2j + 1
+    if INTERLEAVED:  # gemm_rope_qkv's column order (every head, v too): pair j at columns 2j, 2j + 1
         x1, x2 = tl.load(src + 2 * d[:, None] + tl.arange(0, 2)[None, :]).to(tl.float32).split()
     else:
         x1 = tl.load(src + d).to(tl.float32)

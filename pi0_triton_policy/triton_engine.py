@@ -84,7 +84,7 @@ class Tuning:
     # the prefix QKV matmul with RoPE in its epilogue (kernels/gemm_rope_qkv.py, writes q and the K/V cache rows),
     # per camera count; False: cuBLAS on the same (pair-interleaved) layout + the RoPE pass. (BM, BN, BK, warps,
     # stages, group_m)
-    pre_qkv_fused: tuple = (True, True, True)
+    pre_qkv_fused: tuple = (False, False, False)
     pre_qkv_g: tuple = (64, 128, 64, 4, 4, 8)
     act_qkv: tuple = (64, 32, 64, 4, 4)
     act_mlp: tuple = (64, 32, 64, 4, 4)
