@@ -82,10 +82,11 @@ class Tuning:
     pre_gu_fused: tuple = (True, True, True)
     pre_gu: tuple = (128, 256, 64, 8, 4, 8)
     # the prefix QKV matmul with RoPE in its epilogue (kernels/gemm_rope_qkv.py, writes q and the K/V cache rows),
-    # per camera count; False: cuBLAS on the same (pair-interleaved) layout + the RoPE pass. (BM, BN, BK, warps,
-    # stages, group_m)
-    pre_qkv_fused: tuple = (False, False, False)
-    pre_qkv_g: tuple = (64, 128, 64, 4, 4, 8)
+    # per camera count; False: cuBLAS on the same (pair-interleaved, i.e. transposed) layout + the RoPE pass, which
+    # profiled at 11.7 + 3.8 / 14.6 + 7.1 us per layer (1 / 3 cams). Fused, benchmarks/qkv_rope_probe.py: 11.3 / 16.7 /
+    # 15.8 us with these shapes; pre_qkv_g per camera count: (BM, BN, BK, warps, stages, group_m)
+    pre_qkv_fused: tuple = (True, True, True)
+    pre_qkv_g: tuple = ((64, 128, 64, 4, 4, 8), (128, 128, 64, 8, 4, 8), (64, 256, 64, 4, 4, 8))
     act_qkv: tuple = (64, 32, 64, 4, 4)
     act_mlp: tuple = (64, 32, 64, 4, 4)
     act_res: tuple = (64, 32, 256, 4, 3)
@@ -408,7 +409,7 @@ class _ViewGraph:
         AN.add_norm(self.xp, self.xpn, eps=p.rms_eps, pdl=pg)
         for i in range(p.depth):
             if t.pre_qkv_fused[min(self.V, 3) - 1]:
-                qg = t.pre_qkv_g
+                qg = t.pre_qkv_g[min(self.V, 3) - 1]
                 GRQ.gemm_rope_qkv(self.xpn, W.qkv[0][i], self.pos, W.cos, W.sin, self.q, self.kc[i], self.vc[i], p.num_heads,
                                   p.head_dim, block=qg[:3], num_warps=qg[3], num_stages=qg[4], group_m=qg[5])
             else:
