@@ -15,7 +15,7 @@ import json
 import torch
 
 from pi0_triton_policy.kernels import patch_embed as PE, prefix_attention as PA, vision_attention as VA
-from sdpa_probe import measure  # noqa: E402 (benchmarks/ is the script's directory)
+from sdpa_probe import measure, prefix_inputs, vision_inputs  # noqa: E402 (benchmarks/ is the script's directory)
 
 PREFIX = [(64, 64, 8, 2), (32, 64, 4, 2), (32, 64, 4, 3), (32, 128, 4, 2), (32, 128, 8, 2), (16, 64, 4, 2),
           (16, 128, 4, 2), (64, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)]
@@ -33,27 +33,16 @@ def main():
     args = ap.parse_args()
     cfgs = {name: [tuple(c) for c in json.loads(getattr(args, name))] if getattr(args, name) else default
             for name, default in (("prefix", PREFIX), ("vision", VISION), ("patch", PATCH))}
-    bf, dev = torch.bfloat16, "cuda"
+    dev = "cuda"
     res = {"card": torch.cuda.get_device_name(), "rows": []}
     print(f"card {res['card']}")
     g = torch.Generator(device=dev).manual_seed(0)
     for V in (1, 2, 3):
-        T, nh, hd = 256 * V + 48, 8, 256
-        q = (torch.randn(T, nh * hd, device=dev, generator=g) / 16).to(bf)
-        k = torch.randn(T, hd, device=dev, generator=g).to(bf)
-        v = torch.randn(T, hd, device=dev, generator=g).to(bf)
-        valid = torch.ones(T, dtype=torch.int32, device=dev)
-        valid[T - 11:] = 0  # a 37-token prompt
-        ref = PA.prefix_attention_ref(q, k, v, valid, nh)
-        out = torch.empty(T, nh * hd, dtype=bf, device=dev)
+        q, k, v, valid, ref, out, nh = prefix_inputs(V, g)
         runs = {str(c): (lambda c=c: PA.prefix_attention(q, k, v, valid, nh, out=out, block=c[:2], num_warps=c[2],
                                                          num_stages=c[3])) for c in cfgs['prefix']}
         res["rows"] += measure("prefix", V, runs, out, ref, calls=17)
-        nhv, hdv = 16, 72
-        qkv = torch.randn(V * 256, 3 * nhv * hdv, device=dev, generator=g).to(bf)
-        qkv[:, :nhv * hdv] *= hdv ** -0.5
-        vref = VA.vision_attention_ref(qkv, V, nhv)
-        vout = torch.empty(V * 256, nhv * hdv, dtype=bf, device=dev)
+        qkv, vref, vout, nhv = vision_inputs(V, g)
         runs = {str(c): (lambda c=c: VA.vision_attention(qkv, V, nhv, out=vout, block=c[:2], num_warps=c[2],
                                                          num_stages=c[3], split_d=c[4])) for c in cfgs['vision']}
         res["rows"] += measure("vision", V, runs, vout, vref, calls=27)

@@ -44,6 +44,30 @@ def vision_sdpa(qkv, V, nh, out, backend):
     out.view(V, M // V, nh, -1).copy_(o.transpose(1, 2))
 
 
+def prefix_inputs(V, g, dev="cuda"):
+    """The prefix attention at V cameras: q (pre-scaled), one K/V head, a 37-token prompt's padding, the float32
+    reference and an output buffer (also used by attn_shapes_probe)."""
+    bf = torch.bfloat16
+    T, nh, hd = 256 * V + 48, 8, 256
+    q = (torch.randn(T, nh * hd, device=dev, generator=g) / 16).to(bf)
+    k = torch.randn(T, hd, device=dev, generator=g).to(bf)
+    v = torch.randn(T, hd, device=dev, generator=g).to(bf)
+    valid = torch.ones(T, dtype=torch.int32, device=dev)
+    valid[T - 11:] = 0  # a 37-token prompt
+    ref = PA.prefix_attention_ref(q, k, v, valid, nh)
+    return q, k, v, valid, ref, torch.empty(T, nh * hd, dtype=bf, device=dev), nh
+
+
+def vision_inputs(V, g, dev="cuda"):
+    """SigLIP attention at V cameras: the fused qkv (q pre-scaled), the float32 reference, an output buffer, heads."""
+    bf = torch.bfloat16
+    nhv, hdv = 16, 72
+    qkv = torch.randn(V * 256, 3 * nhv * hdv, device=dev, generator=g).to(bf)
+    qkv[:, :nhv * hdv] *= hdv ** -0.5
+    vref = VA.vision_attention_ref(qkv, V, nhv)
+    return qkv, vref, torch.empty(V * 256, nhv * hdv, dtype=bf, device=dev), nhv
+
+
 def measure(phase, views, runs, out, ref, calls):
     """Each implementation once against the reference (output NaN-filled first), then `calls` of it in a graph."""
     rows = []
@@ -67,29 +91,18 @@ def main():
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     t = Tuning()
-    bf, dev = torch.bfloat16, "cuda"
+    dev = "cuda"
     res = {"card": torch.cuda.get_device_name(), "rows": []}
     print(f"card {res['card']}")
     g = torch.Generator(device=dev).manual_seed(0)
     for V in (1, 2, 3):
-        T, nh, hd = 256 * V + 48, 8, 256
-        q = (torch.randn(T, nh * hd, device=dev, generator=g) / 16).to(bf)
-        k = torch.randn(T, hd, device=dev, generator=g).to(bf)
-        v = torch.randn(T, hd, device=dev, generator=g).to(bf)
-        valid = torch.ones(T, dtype=torch.int32, device=dev)
-        valid[T - 11:] = 0  # a 37-token prompt
-        ref = PA.prefix_attention_ref(q, k, v, valid, nh)
-        out = torch.empty(T, nh * hd, dtype=bf, device=dev)
+        q, k, v, valid, ref, out, nh = prefix_inputs(V, g)
         runs = {"triton": lambda: PA.prefix_attention(q, k, v, valid, nh, out=out, block=t.pre_attn[:2],
                                                       num_warps=t.pre_attn[2], num_stages=t.pre_attn[3])}
         for name, b in BACKENDS.items():
             runs[name] = lambda b=b: prefix_sdpa(q, k, v, valid, nh, out, b)
         res["rows"] += measure("prefix", V, runs, out, ref, calls=17)
-        nhv, hdv = 16, 72
-        qkv = torch.randn(V * 256, 3 * nhv * hdv, device=dev, generator=g).to(bf)
-        qkv[:, :nhv * hdv] *= hdv ** -0.5
-        vref = VA.vision_attention_ref(qkv, V, nhv)
-        vout = torch.empty(V * 256, nhv * hdv, dtype=bf, device=dev)
+        qkv, vref, vout, nhv = vision_inputs(V, g)
         runs = {"triton": lambda: VA.vision_attention(qkv, V, nhv, out=vout, block=t.vis_attn[:2],
                                                       num_warps=t.vis_attn[2], num_stages=t.vis_attn[3])}
         for name, b in BACKENDS.items():

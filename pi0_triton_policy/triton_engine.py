@@ -217,7 +217,7 @@ class EngineWeights:
                 kv = get(f"{lay}/attn/kv_einsum{sfx}/w")[i]  # [2, 1, D, H]
                 w = RQR.fold_qkv(get(f"{lay}/pre_attention_norm{sfx}/scale")[i], get(f"{lay}/attn/q_einsum{sfx}/w")[i],
                                  kv[0, 0], kv[1, 0], dtype)
-                # the prefix's in gemm_rope_qkv's layout [(NQ+2)*H, D] (RoPE pairs interleaved); cuBLAS uses its transpose
+                # the prefix's weights in gemm_rope_qkv's layout [(NQ+2)*H, D] (RoPE pairs interleaved); cuBLAS: its transpose
                 self.qkv[e].append(GRQ.interleave_rope_pairs(w, g.num_heads, g.head_dim) if e == 0 else w)
                 self.o[e].append(get(f"{lay}/attn/attn_vec_einsum{sfx}/w")[i].reshape(-1, g.width).to(dtype).contiguous())
                 self.gating[e].append(RG.fold_gating(get(f"{lay}/pre_ffw_norm{sfx}/scale")[i], get(f"{lay}/mlp{sfx}/gating_einsum")[i], dtype))
