@@ -10,12 +10,12 @@ them (the patch embedding: 1 call per graph node, 20 nodes).
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
 from pi0_triton_policy.kernels import patch_embed as PE, prefix_attention as PA, vision_attention as VA
-from sdpa_probe import measure, prefix_inputs, vision_inputs  # noqa: E402 (benchmarks/ is the script's directory)
+from sdpa_probe import (  # noqa: E402 (benchmarks/ is the script's directory)
+    configs_arg, fastest, finish, measure, prefix_inputs, start, vision_inputs)
 
 PREFIX = [(64, 64, 8, 2), (32, 64, 4, 2), (32, 64, 4, 3), (32, 128, 4, 2), (32, 128, 8, 2), (16, 64, 4, 2),
           (16, 128, 4, 2), (64, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)]
@@ -31,12 +31,10 @@ def main():
     ap.add_argument("--vision", default=None)
     ap.add_argument("--patch", default=None)
     args = ap.parse_args()
-    cfgs = {name: [tuple(c) for c in json.loads(getattr(args, name))] if getattr(args, name) else default
+    cfgs = {name: configs_arg(getattr(args, name), default)
             for name, default in (("prefix", PREFIX), ("vision", VISION), ("patch", PATCH))}
     dev = "cuda"
-    res = {"card": torch.cuda.get_device_name(), "rows": []}
-    print(f"card {res['card']}")
-    g = torch.Generator(device=dev).manual_seed(0)
+    res, g = start(dev)
     for V in (1, 2, 3):
         q, k, v, valid, ref, out, nh = prefix_inputs(V, g)
         runs = {str(c): (lambda c=c: PA.prefix_attention(q, k, v, valid, nh, out=out, block=c[:2], num_warps=c[2],
@@ -57,12 +55,8 @@ def main():
     print("\nphase   views  best configs (us per call)")
     for phase in ("prefix", "vision", "patch"):
         for V in (1, 2, 3):
-            rows = sorted((r for r in res["rows"] if r["phase"] == phase and r["views"] == V and "us_per_call" in r),
-                          key=lambda r: r["us_per_call"])
-            print(f"{phase:7s} {V}      " + "  ".join(f"{r['impl']} {r['us_per_call']:.2f}" for r in rows[:4]))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+            print(f"{phase:7s} {V}      " + "  ".join(f"{r['impl']} {r['us_per_call']:.2f}" for r in fastest(res, phase, V)))
+    finish(res, args.json)
 
 
 if __name__ == "__main__":

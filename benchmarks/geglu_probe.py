@@ -9,12 +9,11 @@ in a CUDA graph (the weight does not fit in L2, so every call streams it from DR
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
 from pi0_triton_policy.kernels import gemm_geglu as GEG, geglu as GG
-from sdpa_probe import measure  # noqa: E402 (benchmarks/ is the script's directory)
+from sdpa_probe import configs_arg, fastest, finish, measure, start  # noqa: E402 (benchmarks/ is the script's directory)
 
 CONFIGS = [(128, 256, 64, 8, 3, 8, 1, 1, 0), (128, 256, 64, 8, 3, 4, 1, 1, 0), (128, 256, 64, 8, 3, 16, 1, 1, 0),
            (128, 256, 64, 8, 4, 8, 1, 1, 0), (128, 256, 64, 8, 3, 8, 1, 0, 1), (128, 256, 64, 8, 2, 8, 1, 0, 1),
@@ -27,11 +26,9 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--configs", default=None)
     args = ap.parse_args()
-    configs = [tuple(c) for c in json.loads(args.configs)] if args.configs else CONFIGS
+    configs = configs_arg(args.configs, CONFIGS)
     bf, dev = torch.bfloat16, "cuda"
-    res = {"card": torch.cuda.get_device_name(), "rows": []}
-    print(f"card {res['card']}")
-    g = torch.Generator(device=dev).manual_seed(0)
+    res, g = start(dev)
     K, F = 2048, 16384
     w_gu = (torch.randn(K, 2 * F, device=dev, generator=g) * K**-0.5).to(bf)
     w_il = GEG.interleave_gate_up(w_gu)
@@ -62,15 +59,12 @@ def main():
         res["rows"] += mm_rows
     print("\nviews  best (us per call, TFLOP/s)")
     for V in (1, 2, 3):
-        rows = sorted((r for r in res["rows"] if r["views"] == V and "us_per_call" in r and r["phase"] == "gate_up_geglu"),
-                      key=lambda r: r["us_per_call"])
-        base = next(r for r in rows if r["impl"] == "cublas+geglu")
+        base = fastest(res, "gate_up_geglu", V, top=None)
+        base = next(r for r in base if r["impl"] == "cublas+geglu")
         mm = next(r for r in res["rows"] if r["views"] == V and r["phase"] == "gate_up_mm_only")
         print(f"{V}      cublas+geglu {base['us_per_call']:.1f} (mm alone {mm.get('us_per_call')}) | " +
-              "  ".join(f"{r['impl']} {r['us_per_call']:.1f} ({r['tflops']})" for r in rows[:4]))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+              "  ".join(f"{r['impl']} {r['us_per_call']:.1f} ({r['tflops']})" for r in fastest(res, "gate_up_geglu", V)))
+    finish(res, args.json)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,11 @@ error reported is the largest of the three); each timed as 20 calls in a CUDA gr
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
 from pi0_triton_policy.kernels import gemm_rope_qkv as GR, rmsnorm_qkv_rope as RQR, rope_qkv as RK
-from sdpa_probe import measure  # noqa: E402 (benchmarks/ is the script's directory)
+from sdpa_probe import configs_arg, fastest, finish, measure, start  # noqa: E402 (benchmarks/ is the script's directory)
 
 CONFIGS = [(64, 128, 64, 4, 4, 8), (64, 128, 64, 4, 5, 8), (128, 128, 64, 8, 3, 8), (128, 128, 64, 8, 4, 8),
            (64, 256, 64, 4, 4, 8), (128, 256, 64, 8, 3, 8), (64, 128, 128, 4, 3, 8), (32, 128, 64, 4, 4, 8)]
@@ -25,11 +24,9 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--configs", default=None)
     args = ap.parse_args()
-    configs = [tuple(c) for c in json.loads(args.configs)] if args.configs else CONFIGS
+    configs = configs_arg(args.configs, CONFIGS)
     bf, dev = torch.bfloat16, "cuda"
-    res = {"card": torch.cuda.get_device_name(), "rows": []}
-    print(f"card {res['card']}")
-    g = torch.Generator(device=dev).manual_seed(0)
+    res, g = start(dev)
     D, NQ, HD = 2048, 8, 256
     w = (torch.randn(D, (NQ + 2) * HD, device=dev, generator=g) * D**-0.5).to(bf)
     w_il = GR.interleave_rope_pairs(w, NQ, HD)
@@ -55,12 +52,10 @@ def main():
         res["rows"] += measure("qkv_rope", V, runs, out, ref, calls=1)
     print("\nviews  best (us per call)")
     for V in (1, 2, 3):
-        rows = sorted((r for r in res["rows"] if r["views"] == V and "us_per_call" in r), key=lambda r: r["us_per_call"])
-        base = next(r for r in rows if r["impl"] == "cublas+rope")
-        print(f"{V}      cublas+rope {base['us_per_call']:.1f} | " + "  ".join(f"{r['impl']} {r['us_per_call']:.1f}" for r in rows[:4]))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+        base = next(r for r in fastest(res, "qkv_rope", V, top=None) if r["impl"] == "cublas+rope")
+        print(f"{V}      cublas+rope {base['us_per_call']:.1f} | " +
+              "  ".join(f"{r['impl']} {r['us_per_call']:.1f}" for r in fastest(res, "qkv_rope", V)))
+    finish(res, args.json)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,30 @@ def vision_sdpa(qkv, V, nh, out, backend):
     out.view(V, M // V, nh, -1).copy_(o.transpose(1, 2))
 
 
+def start(dev="cuda"):
+    """A probe's result record (card name first) and its seeded generator (also used by the session 8 probes)."""
+    res = {"card": torch.cuda.get_device_name(), "rows": []}
+    print(f"card {res['card']}")
+    return res, torch.Generator(device=dev).manual_seed(0)
+
+
+def configs_arg(text, default):
+    """--configs / --prefix ...: a JSON list of launch tuples, or the probe's default list."""
+    return [tuple(c) for c in json.loads(text)] if text else default
+
+
+def fastest(res, phase, views, top=4):
+    """The `top` fastest rows of one phase and camera count."""
+    rows = (r for r in res["rows"] if r["phase"] == phase and r["views"] == views and "us_per_call" in r)
+    return sorted(rows, key=lambda r: r["us_per_call"])[:top]
+
+
+def finish(res, path):
+    if path:
+        with open(path, "w") as f:
+            json.dump(res, f, indent=1)
+
+
 def prefix_inputs(V, g, dev="cuda"):
     """The prefix attention at V cameras: q (pre-scaled), one K/V head, a 37-token prompt's padding, the float32
     reference and an output buffer (also used by attn_shapes_probe)."""
@@ -91,10 +115,7 @@ def main():
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     t = Tuning()
-    dev = "cuda"
-    res = {"card": torch.cuda.get_device_name(), "rows": []}
-    print(f"card {res['card']}")
-    g = torch.Generator(device=dev).manual_seed(0)
+    res, g = start()
     for V in (1, 2, 3):
         q, k, v, valid, ref, out, nh = prefix_inputs(V, g)
         runs = {"triton": lambda: PA.prefix_attention(q, k, v, valid, nh, out=out, block=t.pre_attn[:2],
@@ -108,9 +129,7 @@ def main():
         for name, b in BACKENDS.items():
             runs[name] = lambda b=b: vision_sdpa(qkv, V, nhv, vout, b)
         res["rows"] += measure("vision", V, runs, vout, vref, calls=27)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+    finish(res, args.json)
 
 
 if __name__ == "__main__":
