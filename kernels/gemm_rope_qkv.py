@@ -37,8 +37,9 @@ def _gemm_rope_qkv_kernel(a_desc, b_desc, pos_ptr, cos_ptr, sin_ptr, q_ptr, k_pt
         rows = pid_m * BM + tl.arange(0, BM)
         row_ok = (rows < M)[:, None]
         head = (pid_n * BN) // HD
-        # pairs (d, d + HD/2), d = within/2 ..; v is interleaved the same way and "rotated" by angle 0, so every tile
-        # takes one path (Triton 3.6's pipeliner failed on a data-dependent branch around the split accumulator)
+        # pairs (d, d + HD/2), d from (the tile's first column within its head) / 2; v is interleaved the same way and
+        # "rotated" by angle 0, so every tile takes one path (Triton 3.6's ttgir passes failed on a data-dependent
+        # branch around the split accumulator)
         x1, x2 = acc.reshape(BM, PAIRS, 2).split()
         d = ((pid_n * BN) % HD) // 2 + tl.arange(0, PAIRS)
         rot = head <= NQ
