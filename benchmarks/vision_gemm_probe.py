@@ -1,0 +1,113 @@
+"""SigLIP's four matmuls per layer at 1 / 2 / 3 cameras (M = 256 / 512 / 768 rows): the engine's cuBLAS calls against
+kernels/gemm_splitk.py (persistent TMA matmul, split-K with a fixed-order sum, bias / GELU / residual epilogues).
+
+Each op is timed as 27 calls in a CUDA graph, one per layer with that layer's own random weights (so, as in the
+engine, the weights come from DRAM, not from L2). The o and fc2 projections are timed together with the norm that
+follows them in the engine: cuBLAS mm + add_norm(x += y + b, LayerNorm) against the residual epilogue + a norm-only
+add_norm. Errors are max-abs relative to the float32 reference of one call.
+
+    python benchmarks/vision_gemm_probe.py [--json out.json] [--views 1 2 3] [--ops qkv o fc1 fc2]
+        [--configs '[[BM, BN, BK, warps, stages, split], ...]']
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from pi0_triton_policy.kernels import add_norm as AN, gemm_splitk as GSK
+from sdpa_probe import configs_arg, finish, rel, start  # noqa: E402 (benchmarks/ is the script's directory)
+from stack_probe import time_graph  # noqa: E402
+
+D, F, LAYERS = 1152, 4304, 27
+OPS = {"qkv": (D, 3 * D, "none"), "o": (D, D, "residual"), "fc1": (D, F, "gelu"), "fc2": (F, D, "residual")}
+SHAPES = [(64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 64, 8, 4), (64, 256, 64, 4, 3),
+          (128, 256, 64, 8, 3)]
+SPLITS = [1, 2, 3, 4, 6, 8]
+
+
+def candidates(M, K, N, sms):
+    """Shapes x splits whose unit count fills the SMs without a long second wave (split 1 always kept)."""
+    out = []
+    for bm, bn, bk, nw, ns in SHAPES:
+        tiles = -(-M // bm) * -(-N // bn)
+        for s in SPLITS:
+            units = tiles * s
+            if s == 1 or (units <= 2 * sms and -(-K // bk) >= 2 * s):
+                out.append((bm, bn, bk, nw, ns, s))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--views", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--ops", nargs="+", default=list(OPS))
+    ap.add_argument("--configs", default=None)
+    args = ap.parse_args()
+    bf, dev = torch.bfloat16, "cuda"
+    res, g = start(dev)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    ws = GSK.default_workspace(dev)
+    for op in args.ops:
+        K, N, act = OPS[op]
+        w = [(torch.randn(K, N, device=dev, generator=g) * K**-0.5).to(bf) for _ in range(LAYERS)]
+        b = [(torch.randn(N, device=dev, generator=g) * 0.1).to(bf) for _ in range(LAYERS)]
+        for V in args.views:
+            M = 256 * V
+            a = torch.randn(M, K, device=dev, generator=g).to(bf)
+            x0 = torch.randn(M, N, device=dev, generator=g)
+            x, xn, y = x0.clone(), torch.empty(M, N, dtype=bf, device=dev), torch.empty(M, N, dtype=bf, device=dev)
+            ref = GSK.gemm_splitk_ref(a, w[0], b[0], act, x0)
+            if act == "residual":
+                ref = torch.nn.functional.layer_norm(ref, (N,), eps=1e-6)
+
+            def check(fn):
+                x.copy_(x0)
+                xn.fill_(float("nan"))
+                y.fill_(float("nan"))
+                fn(0)
+                torch.cuda.synchronize()
+                return rel(xn if act == "residual" else y, ref)
+
+            def cublas(i):
+                if act == "none":
+                    torch.addmm(b[i], a, w[i], out=y)
+                elif act == "gelu":
+                    torch._addmm_activation(b[i], a, w[i], use_gelu=True, out=y)
+                else:
+                    torch.mm(a, w[i], out=y)
+                    AN.add_norm(x, xn, y, b[i], norm="layer")
+
+            def ours(i, c):
+                GSK.gemm_splitk(a, w[i], out=y, bias=b[i], act=act, res=x if act == "residual" else None,
+                                block=c[:3], num_warps=c[3], num_stages=c[4], split=c[5], workspace=ws)
+                if act == "residual":
+                    AN.add_norm(x, xn, norm="layer")
+
+            configs = configs_arg(args.configs, None) or candidates(M, K, N, sms)
+            runs = {"cublas": cublas, **{str(c): (lambda i, c=c: ours(i, c)) for c in configs}}
+            for name, fn in runs.items():
+                try:
+                    err = check(fn)
+                    us = time_graph(fn, n_inner=LAYERS, indexed=True)
+                    row = {"op": op, "views": V, "impl": name, "us_per_call": round(us, 2), "rel_err": err,
+                           "tflops": round(2 * M * K * N / us / 1e6, 1)}
+                except Exception as e:  # a shape that does not fit in shared memory
+                    row = {"op": op, "views": V, "impl": name, "error": repr(e)[:200]}
+                res["rows"].append(row)
+                print(row, flush=True)
+    print("\nop   views  cublas us  | best gemm_splitk (us, TFLOP/s, err)")
+    for op in args.ops:
+        for V in args.views:
+            rows = [r for r in res["rows"] if r["op"] == op and r["views"] == V and "us_per_call" in r]
+            cb = next((r for r in rows if r["impl"] == "cublas"), None)
+            best = sorted((r for r in rows if r["impl"] != "cublas"), key=lambda r: r["us_per_call"])[:3]
+            print(f"{op:4} {V}      {cb and cb['us_per_call']:>8}  | " +
+                  "  ".join(f"{r['impl']} {r['us_per_call']} ({r['tflops']}, {r['rel_err']:.1e})" for r in best))
+    finish(res, args.json)
+
+
+if __name__ == "__main__":
+    main()
