@@ -3,7 +3,7 @@ kernels/gemm_geglu.py (Triton TMA matmul with the gating in its epilogue) at M =
 cameras), K = 2048, 2F = 32768, random bf16 weights. Errors against the float32 reference; each timed as 20 calls
 in a CUDA graph (the weight does not fit in L2, so every call streams it from DRAM, as in the engine).
 
-    python benchmarks/geglu_probe.py [--json out.json] [--configs '[[BM, BN, BK, warps, stages, group_m, persistent, flatten, warp_specialize(, tail_bm)], ...]']
+    python benchmarks/geglu_probe.py [--json out.json] [--configs '[[BM, BN, BK, warps, stages, group_m, persistent, flatten, warp_specialize], ...]']
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def main():
         for c in configs:
             runs[str(c)] = (lambda c=c: GEG.gemm_geglu(x, w_il, out=h, block=c[:3], num_warps=c[3], num_stages=c[4],
                                                        group_m=c[5], persistent=bool(c[6]), flatten=bool(c[7]),
-                                                       warp_specialize=bool(c[8]), tail_bm=c[9] if len(c) > 9 else 0))
+                                                       warp_specialize=bool(c[8])))
         rows = measure("gate_up_geglu", V, runs, h, ref, calls=1)
         flop = 2 * M * K * 2 * F
         for r in rows:

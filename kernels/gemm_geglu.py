@@ -33,42 +33,31 @@ def _tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _geglu_tile(a_desc, b_desc, h_desc, off_m, pid_n, K,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr):
+def _geglu_tile(a_desc, b_desc, h_desc, tile, num_m, num_n, K,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, STAGES: tl.constexpr):
+    pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k in tl.range(0, K, BK, num_stages=STAGES):
-        a = a_desc.load([off_m, k])
+        a = a_desc.load([pid_m * BM, k])
         b = b_desc.load([pid_n * BN, k])
         acc = tl.dot(a, b.T, acc)
     g, u = acc.reshape(BM, BN // 2, 2).split()
-    h_desc.store([off_m, pid_n * (BN // 2)], (gelu_tanh(g) * u).to(h_desc.dtype))
+    h_desc.store([pid_m * BM, pid_n * (BN // 2)], (gelu_tanh(g) * u).to(h_desc.dtype))
 
 
 @triton.jit
-def _gemm_geglu_kernel(a_desc, b_desc, h_desc, at_desc, ht_desc, M, N2, K, M_FULL,
+def _gemm_geglu_kernel(a_desc, b_desc, h_desc, M, N2, K,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                        STAGES: tl.constexpr, NUM_PROGRAMS: tl.constexpr, PERSISTENT: tl.constexpr,
-                       FLATTEN: tl.constexpr = True, WARP_SPECIALIZE: tl.constexpr = False, TAIL_BM: tl.constexpr = 0):
-    # TAIL_BM > 0: rows [0, M_FULL) in BM-row tiles and the last M - M_FULL <= TAIL_BM rows in TAIL_BM-row tiles
-    # (at/ht descriptors), so e.g. 304 rows cost 2 x 128 + 64 rows of MMA work instead of 3 x 128
-    num_m = tl.cdiv(M_FULL, BM)
+                       FLATTEN: tl.constexpr = True, WARP_SPECIALIZE: tl.constexpr = False):
+    num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(N2, BN)
-    big = num_m * num_n
     if PERSISTENT:  # one program per SM walks tiles; flatten lets the next tile's loads overlap this epilogue
-        for tile in tl.range(tl.program_id(0), big, NUM_PROGRAMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
-            pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
-            _geglu_tile(a_desc, b_desc, h_desc, pid_m * BM, pid_n, K, BM, BN, BK, STAGES)
-        if TAIL_BM > 0:  # the tail tiles continue the round robin where the full tiles left it
-            first = (tl.program_id(0) + NUM_PROGRAMS - big % NUM_PROGRAMS) % NUM_PROGRAMS
-            for pid_n in tl.range(first, num_n, NUM_PROGRAMS, flatten=FLATTEN):
-                _geglu_tile(at_desc, b_desc, ht_desc, M_FULL, pid_n, K, TAIL_BM, BN, BK, STAGES)
+        for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=FLATTEN,
+                             warp_specialize=WARP_SPECIALIZE):
+            _geglu_tile(a_desc, b_desc, h_desc, tile, num_m, num_n, K, BM, BN, BK, GROUP_M, STAGES)
     else:
-        tile = tl.program_id(0)
-        if tile < big:
-            pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
-            _geglu_tile(a_desc, b_desc, h_desc, pid_m * BM, pid_n, K, BM, BN, BK, STAGES)
-        elif TAIL_BM > 0:
-            _geglu_tile(at_desc, b_desc, ht_desc, M_FULL, tile - big, K, TAIL_BM, BN, BK, STAGES)
+        _geglu_tile(a_desc, b_desc, h_desc, tl.program_id(0), num_m, num_n, K, BM, BN, BK, GROUP_M, STAGES)
 
 
 def interleave_gate_up(w_gu: torch.Tensor) -> torch.Tensor:
@@ -84,9 +73,8 @@ def _num_sms(device) -> int:
 
 def gemm_geglu(x: torch.Tensor, w_il: torch.Tensor, out: torch.Tensor | None = None, block=(128, 256, 64),
                num_warps: int = 8, num_stages: int = 3, group_m: int = 8, persistent: bool = True, flatten: bool = True,
-               warp_specialize: bool = False, tail_bm: int = 0) -> torch.Tensor:
-    """x [M, K], w_il [2F, K] (interleave_gate_up) -> h [M, F] = gelu_tanh(x Wg) * (x Wu), float32 accumulation.
-    tail_bm: when the last row tile would hold at most tail_bm rows, it runs as tail_bm-row tiles (less padding)."""
+               warp_specialize: bool = False) -> torch.Tensor:
+    """x [M, K], w_il [2F, K] (interleave_gate_up) -> h [M, F] = gelu_tanh(x Wg) * (x Wu), float32 accumulation."""
     M, K = x.shape
     F2, K2 = w_il.shape
     assert K == K2 and F2 % 2 == 0 and x.stride(1) == 1 and w_il.is_contiguous(), (x.shape, w_il.shape)
@@ -94,21 +82,14 @@ def gemm_geglu(x: torch.Tensor, w_il: torch.Tensor, out: torch.Tensor | None = N
         out = torch.empty(M, F2 // 2, dtype=x.dtype, device=x.device)
     assert out.shape == (M, F2 // 2) and out.stride(1) == 1
     BM, BN, BK = block
-    m_full = M // BM * BM
-    if not (0 < tail_bm < BM and 0 < M - m_full <= tail_bm):
-        tail_bm, m_full = 0, M  # no tail tiles: every row tile is BM rows (the last one zero-padded by TMA)
     a_desc = TensorDescriptor.from_tensor(x, [BM, BK])
     b_desc = TensorDescriptor.from_tensor(w_il, [BN, BK])
     h_desc = TensorDescriptor.from_tensor(out, [BM, BN // 2])
-    at_desc = TensorDescriptor.from_tensor(x, [tail_bm, BK]) if tail_bm else a_desc
-    ht_desc = TensorDescriptor.from_tensor(out, [tail_bm, BN // 2]) if tail_bm else h_desc
-    num_n = triton.cdiv(F2, BN)
-    tiles = triton.cdiv(m_full, BM) * num_n + (num_n if tail_bm else 0)
+    tiles = triton.cdiv(M, BM) * triton.cdiv(F2, BN)
     nprog = min(tiles, _num_sms(x.device)) if persistent else tiles
-    _gemm_geglu_kernel[(nprog,)](a_desc, b_desc, h_desc, at_desc, ht_desc, M, F2, K, m_full, BM=BM, BN=BN, BK=BK,
-                                  GROUP_M=group_m, STAGES=num_stages, NUM_PROGRAMS=nprog, PERSISTENT=persistent,
-                                  FLATTEN=flatten, WARP_SPECIALIZE=warp_specialize, TAIL_BM=tail_bm,
-                                  num_warps=num_warps)
+    _gemm_geglu_kernel[(nprog,)](a_desc, b_desc, h_desc, M, F2, K, BM=BM, BN=BN, BK=BK, GROUP_M=group_m,
+                                  STAGES=num_stages, NUM_PROGRAMS=nprog, PERSISTENT=persistent, FLATTEN=flatten,
+                                  WARP_SPECIALIZE=warp_specialize, num_warps=num_warps)
     return out
 
 

@@ -78,8 +78,7 @@ class Tuning:
     # the prefix gate/up matmul with the GeGLU in its epilogue (kernels/gemm_geglu.py: persistent TMA matmul over
     # interleaved gate/up weight rows, no gate/up intermediate in DRAM): 72.7 / 119.6 / 161.8 us per layer vs cuBLAS +
     # the GeGLU pass 72.2 / 130.0 / 171.7 (benchmarks/geglu_probe.py). Per camera count 1, 2, 3; False: cuBLAS on the
-    # same interleaved layout + the GeGLU pass. pre_gu: (BM, BN, BK, warps, stages, group_m[, tail_bm]); tail_bm: the
-    # last 48 rows (the prompt) as tail_bm-row tiles instead of a BM-row tile (kernels/gemm_geglu.py)
+    # same interleaved layout + the GeGLU pass. pre_gu: (BM, BN, BK, warps, stages, group_m)
     pre_gu_fused: tuple = (True, True, True)
     pre_gu: tuple = (128, 256, 64, 8, 4, 8)
     # the prefix QKV matmul with RoPE in its epilogue (kernels/gemm_rope_qkv.py, writes q and the K/V cache rows),
@@ -426,7 +425,7 @@ class _ViewGraph:
             if self.gu_fused():
                 gb = t.pre_gu
                 GEG.gemm_geglu(self.xpn, W.gu[0][i], out=self.hp, block=gb[:3], num_warps=gb[3], num_stages=gb[4],
-                               group_m=gb[5], tail_bm=gb[6] if len(gb) > 6 else 0)
+                               group_m=gb[5])
             else:
                 torch.mm(self.xpn, W.gu[0][i].t(), out=self.gu)
                 GG.geglu(self.gu, out=self.hp, pdl=pg, interleaved=True)
