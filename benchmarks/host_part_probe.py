@@ -1,0 +1,93 @@
+"""Where the host part of a call goes (benchmark median - graph replay): the engine's call with CUDA inputs (as
+scripts/benchmark.py times it) against the same call with the camera mask on the host (no device->host read), the
+graph's own staging (set_inputs + replay + output clone, no mask logic) and the bare replay. Host-side seconds per
+piece (perf_counter) and the GPU time between events recorded at the piece boundaries. Random full-size weights.
+
+    python benchmarks/host_part_probe.py [--views 1 3] [--runs 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, "scripts")
+from benchmark import inputs, time_calls, to_torch  # noqa: E402
+
+from pi0_triton_policy.config import get_variant  # noqa: E402
+from pi0_triton_policy.triton_engine import TritonPi0  # noqa: E402
+from pi0_triton_policy.weights import random_params  # noqa: E402
+
+
+def pieces(eng, a, runs):
+    """Host us per piece of sample_actions_torch (one batch row), and GPU us between the pieces' boundaries."""
+    images, image_mask, tokens, token_mask, state, noise = a
+    host = {k: [] for k in ("mask_read", "gather", "set_inputs", "replay", "clone")}
+    gpu = {k: [] for k in ("start->mask", "mask->staged", "staged->replayed", "replayed->cloned")}
+    for _ in range(runs):
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(5)]
+        ev[0].record()
+        t0 = time.perf_counter()
+        present = torch.nonzero(torch.as_tensor(image_mask[0]).cpu().bool()).flatten()
+        t1 = time.perf_counter()
+        ev[1].record()
+        g = eng.graph_for(len(present))
+        imgs = torch.as_tensor(images[0])
+        if len(present) < imgs.shape[0]:
+            imgs = imgs[present.to(imgs.device)]
+        t2 = time.perf_counter()
+        g.set_inputs(imgs, tokens[0], token_mask[0], state[0], noise[0])
+        t3 = time.perf_counter()
+        ev[2].record()
+        out = g()
+        t4 = time.perf_counter()
+        ev[3].record()
+        out.clone()
+        t5 = time.perf_counter()
+        ev[4].record()
+        ev[4].synchronize()
+        for k, (u, v) in zip(host, ((t0, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5))):
+            host[k].append((v - u) * 1e6)
+        for i, k in enumerate(gpu):
+            gpu[k].append(ev[i].elapsed_time(ev[i + 1]) * 1e3)
+    return ({k: round(statistics.median(v), 1) for k, v in host.items()},
+            {k: round(statistics.median(v), 1) for k, v in gpu.items()})
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--views", nargs="+", type=int, default=[1, 3])
+    ap.add_argument("--runs", type=int, default=200)
+    args = ap.parse_args()
+    cfg = get_variant("pi0")
+    eng = TritonPi0(cfg, random_params(cfg, seed=0, device="cuda", dtype=torch.bfloat16), device="cuda")
+    print(f"card {torch.cuda.get_device_name()}")
+    for views in args.views:
+        a = to_torch(inputs(cfg, views, 48, seed=views), "cuda")
+        a[0] = a[0].float()
+        g = eng.graph_for(views)
+        host_mask = list(a)
+        host_mask[1] = a[1].cpu()
+        for rnd in range(2):
+            call, _, _ = time_calls(lambda: eng.sample_actions_torch(*a), args.runs)
+            call_hm, _, _ = time_calls(lambda: eng.sample_actions_torch(*host_mask), args.runs)
+            imgs = a[0][0][a[1][0].cpu().bool().nonzero().flatten().cuda()]
+
+            def staged():
+                g.set_inputs(imgs, a[2][0], a[3][0], a[4][0], a[5][0])
+                g().clone()
+
+            st, _, _ = time_calls(staged, args.runs)
+            rep, _, _ = time_calls(g.graph.replay, args.runs)
+            print(f"views={views} round {rnd}: call {call:.3f} ms | mask on host {call_hm:.3f} | set_inputs+replay+clone "
+                  f"{st:.3f} | replay {rep:.3f} | host part {call - rep:.3f}", flush=True)
+        h, gp = pieces(eng, a, args.runs)
+        print(f"views={views} host us per piece {h}\n          GPU us between pieces {gp}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
