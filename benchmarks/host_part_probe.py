@@ -1,5 +1,5 @@
 """Where the host part of a call goes (benchmark median - graph replay): the engine's call with CUDA inputs (as
-scripts/benchmark.py times it) against the same call with the camera mask on the host (no device->host read), the
+scripts/benchmark.py times it; also the pre-session-9 staging, re-enacted) against the same call with the camera mask on the host (no device->host read), the
 graph's own staging (set_inputs + replay + output clone, no mask logic) and the bare replay. Host-side seconds per
 piece (perf_counter) and the GPU time between events recorded at the piece boundaries. Random full-size weights.
 
@@ -26,21 +26,18 @@ from pi0_triton_policy.weights import random_params  # noqa: E402
 def pieces(eng, a, runs):
     """Host us per piece of sample_actions_torch (one batch row), and GPU us between the pieces' boundaries."""
     images, image_mask, tokens, token_mask, state, noise = a
-    host = {k: [] for k in ("mask_read", "gather", "set_inputs", "replay", "clone")}
+    host = {k: [] for k in ("mask_read", "graph_for", "set_inputs", "replay", "clone")}
     gpu = {k: [] for k in ("start->mask", "mask->staged", "staged->replayed", "replayed->cloned")}
     for _ in range(runs):
         ev = [torch.cuda.Event(enable_timing=True) for _ in range(5)]
         ev[0].record()
         t0 = time.perf_counter()
-        present = torch.nonzero(torch.as_tensor(image_mask[0]).cpu().bool()).flatten()
+        present = [i for i, on in enumerate(torch.as_tensor(image_mask[0]).tolist()) if on]
         t1 = time.perf_counter()
         ev[1].record()
         g = eng.graph_for(len(present))
-        imgs = torch.as_tensor(images[0])
-        if len(present) < imgs.shape[0]:
-            imgs = imgs[present.to(imgs.device)]
         t2 = time.perf_counter()
-        g.set_inputs(imgs, tokens[0], token_mask[0], state[0], noise[0])
+        g.set_inputs(images[0], tokens[0], token_mask[0], state[0], noise[0], views=present)
         t3 = time.perf_counter()
         ev[2].record()
         out = g()
@@ -58,6 +55,24 @@ def pieces(eng, a, runs):
             {k: round(statistics.median(v), 1) for k, v in gpu.items()})
 
 
+def old_call(eng, a):
+    """The call as it was before session 9 (gather of the present slots, five separate copies), re-enacted on the same
+    graph for an A/B in one process."""
+    images, image_mask, tokens, token_mask, state, noise = a
+    present = torch.nonzero(torch.as_tensor(image_mask[0]).cpu().bool()).flatten()
+    g = eng.graph_for(len(present))
+    imgs = torch.as_tensor(images[0])
+    if len(present) < imgs.shape[0]:
+        imgs = imgs[present.to(imgs.device)]
+    n = tokens[0].shape[0]
+    g.images.copy_(imgs, non_blocking=True)
+    g.tokens[:n].copy_(tokens[0], non_blocking=True)
+    g.token_mask[:n].copy_(token_mask[0], non_blocking=True)
+    g.state.copy_(state[0].reshape(1, -1), non_blocking=True)
+    g.x_t.copy_(noise[0].reshape(g.x_t.shape), non_blocking=True)
+    return g().clone()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--views", nargs="+", type=int, default=[1, 3])
@@ -73,6 +88,7 @@ def main():
         host_mask = list(a)
         host_mask[1] = a[1].cpu()
         for rnd in range(2):
+            old, _, _ = time_calls(lambda: old_call(eng, a), args.runs)
             call, _, _ = time_calls(lambda: eng.sample_actions_torch(*a), args.runs)
             call_hm, _, _ = time_calls(lambda: eng.sample_actions_torch(*host_mask), args.runs)
             imgs = a[0][0][a[1][0].cpu().bool().nonzero().flatten().cuda()]
@@ -83,7 +99,7 @@ def main():
 
             st, _, _ = time_calls(staged, args.runs)
             rep, _, _ = time_calls(g.graph.replay, args.runs)
-            print(f"views={views} round {rnd}: call {call:.3f} ms | mask on host {call_hm:.3f} | set_inputs+replay+clone "
+            print(f"views={views} round {rnd}: old call {old:.3f} ms | call {call:.3f} | mask on host {call_hm:.3f} | set_inputs+replay+clone "
                   f"{st:.3f} | replay {rep:.3f} | host part {call - rep:.3f}", flush=True)
         h, gp = pieces(eng, a, args.runs)
         print(f"views={views} host us per piece {h}\n          GPU us between pieces {gp}", flush=True)

@@ -281,6 +281,7 @@ class _ViewGraph:
         self.images = z(num_views, v.image_size, v.image_size, 3)
         self.tokens = z(L, dtype=torch.int32)
         self.token_mask = z(L, dtype=torch.int32)
+        self.zero_prompt = z(L, dtype=torch.int32)  # copied over the unused prompt slots of a shorter prompt
         # positions and key validity: the image part is fixed, the prompt and suffix parts follow token_mask and are
         # computed inside the graph (run), so a call stages only raw inputs and never reads anything back
         VP = num_views * P
@@ -536,30 +537,40 @@ class _ViewGraph:
         self.graph = g
         self.capture_s = time.perf_counter() - t0
 
-    def set_inputs(self, images, tokens, token_mask, state, noise):
-        """images [V, 224, 224, 3] (present views only), tokens/token_mask [L'], state [32], noise [50, 32]: tensors."""
+    def set_inputs(self, images, tokens, token_mask, state, noise, views=None):
+        """images [V, 224, 224, 3] (present views only), or every camera slot [slots, 224, 224, 3] with `views` the
+        present slots' indices; tokens/token_mask [L'], state [32], noise [50, 32]: tensors."""
         L = self.L
         n = tokens.shape[0]
         if n > L:
             raise ValueError(f"{n} prompt tokens: at most {L} fit (max_token_len)")
         if tuple(token_mask.shape) != (n,):
             raise ValueError(f"token_mask {tuple(token_mask.shape)}: expected ({n},) like the tokens")
-        if tuple(images.shape) != tuple(self.images.shape):  # copy_ would broadcast one image into every view
-            raise ValueError(f"camera images {tuple(images.shape)}: this graph takes {tuple(self.images.shape)} "
-                             "(present views x H x W x 3)")
+        frame = tuple(self.images.shape[1:])
+        if views is None:
+            views = range(self.V)
+            if tuple(images.shape) != tuple(self.images.shape):  # copy_ would broadcast one image into every view
+                raise ValueError(f"camera images {tuple(images.shape)}: this graph takes {tuple(self.images.shape)} "
+                                 "(present views x H x W x 3)")
+        elif len(views) != self.V or tuple(images.shape[1:]) != frame or max(views) >= images.shape[0]:
+            raise ValueError(f"camera images {tuple(images.shape)} with present slots {list(views)}: this graph takes "
+                             f"{self.V} present slots of an [slots, {', '.join(map(str, frame))}] array")
         if state.numel() != self.state.numel() or noise.numel() != self.x_t.numel():
             raise ValueError(f"state {tuple(state.shape)} / noise {tuple(noise.shape)}: expected {self.state.shape[1]} "
                              f"values and {tuple(self.x_t.shape)}")
-        # raw inputs only (positions are computed in the graph); copies from CUDA tensors stay on the device. (One
-        # Triton kernel for all seven copies was no faster: its Python launch costs what the copies cost, NOTES.md s8)
-        self.images.copy_(images, non_blocking=True)
-        self.tokens[:n].copy_(tokens, non_blocking=True)
-        self.token_mask[:n].copy_(token_mask, non_blocking=True)
+        # raw inputs only (positions are computed in the graph); copies from CUDA tensors stay on the device. All of
+        # them in ONE call: on the H100 host every torch call costs 10-40 us of Python and the GPU idles meanwhile
+        # (benchmarks/host_part_probe.py). (One Triton kernel for the copies was no faster: NOTES.md session 8.)
+        if len(views) == images.shape[0] == self.V and list(views) == list(range(self.V)):
+            dst, src = [self.images], [images]
+        else:  # the present slots only: absent cameras are not computed
+            dst, src = [self.images[j] for j in range(self.V)], [images[i] for i in views]
+        dst += [self.tokens[:n], self.token_mask[:n], self.state, self.x_t]
+        src += [tokens, token_mask, state.reshape(1, -1), noise.reshape(self.x_t.shape)]
         if n < L:
-            self.tokens[n:].zero_()
-            self.token_mask[n:].zero_()
-        self.state.copy_(state.reshape(1, -1), non_blocking=True)
-        self.x_t.copy_(noise.reshape(self.x_t.shape), non_blocking=True)
+            dst += [self.tokens[n:], self.token_mask[n:]]
+            src += [self.zero_prompt[n:], self.zero_prompt[n:]]
+        torch._foreach_copy_(dst, src, non_blocking=True)
 
     def __call__(self):
         if self.graph is None:
@@ -611,13 +622,10 @@ class TritonPi0:
         token_mask [B,L], state [B,32], noise [B,50,32] -> actions [B,50,32] float32 on this device."""
         outs = []
         for b in range(state.shape[0]):
-            present = torch.nonzero(torch.as_tensor(image_mask[b]).cpu().bool()).flatten()  # the one host read
+            present = [i for i, on in enumerate(torch.as_tensor(image_mask[b]).tolist()) if on]  # the one host read
             g = self.graph_for(len(present), num_steps)
-            imgs = torch.as_tensor(images[b])
-            if len(present) < imgs.shape[0]:  # absent cameras are not computed
-                imgs = imgs[present.to(imgs.device)]
-            g.set_inputs(imgs, torch.as_tensor(tokens[b]), torch.as_tensor(token_mask[b]), torch.as_tensor(state[b]),
-                         torch.as_tensor(noise[b]))
+            g.set_inputs(torch.as_tensor(images[b]), torch.as_tensor(tokens[b]), torch.as_tensor(token_mask[b]),
+                         torch.as_tensor(state[b]), torch.as_tensor(noise[b]), views=present)
             outs.append(g().clone())
         return outs[0][None] if len(outs) == 1 else torch.stack(outs)
 

@@ -116,3 +116,24 @@ def test_wrong_camera_count_is_a_clear_error():
     assert torch.equal(g.key_valid[VP:].cpu(), m)
     assert torch.equal(g.pos[VP:g.T].cpu(), VP + torch.cumsum(m, 0).to(torch.int32) - 1)
     assert torch.equal(g.pos[g.T:].cpu(), VP + int(m.sum()) + torch.arange(g.S, dtype=torch.int32))
+
+
+def test_set_inputs_stages_present_slots_and_clears_the_prompt_tail():
+    """One copy call stages the present camera slots (absent ones are skipped), the prompt and the noise; a shorter
+    prompt after a longer one leaves no stale tokens; slot lists that do not fit the graph are clear errors."""
+    from pi0_triton_policy.triton_engine import TritonPi0
+
+    cfg = get_variant("pi0_tiny")
+    eng = TritonPi0(cfg, random_params(cfg, seed=1), device="cpu", dtype=torch.float32, use_graphs=False)
+    imgs, _, tokens, tmask, state, noise = _inputs(cfg, [1, 0, 1], 48, seed=4)
+    t = [torch.from_numpy(x) for x in (imgs, tokens, tmask, state, noise)]
+    g = eng.graph_for(2)
+    g.set_inputs(t[0], t[1], t[2], t[3], t[4], views=[0, 2])
+    assert torch.equal(g.images, t[0][[0, 2]]) and torch.equal(g.tokens, t[1]) and torch.equal(g.x_t, t[4])
+    assert torch.equal(g.token_mask, t[2].to(torch.int32)) and torch.equal(g.state[0], t[3])
+    g.set_inputs(t[0], t[1][:5], t[2][:5], t[3], t[4], views=[1, 2])
+    assert torch.equal(g.images, t[0][[1, 2]])
+    assert torch.equal(g.tokens[:5], t[1][:5]) and g.tokens[5:].eq(0).all() and g.token_mask[5:].eq(0).all()
+    for bad in ([0], [0, 3]):
+        with pytest.raises(ValueError, match="present slots"):
+            g.set_inputs(t[0], t[1], t[2], t[3], t[4], views=bad)
