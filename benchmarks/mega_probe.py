@@ -44,9 +44,10 @@ def timeline(ts, programs, layers=L):
             for op, v in rows.items()}
 
 
-def layer_mode(weights, ctr, attn=False):
+def layer_mode(weights, ctr, attn=0, T=304):
     """The chain with the real layer's epilogues (MegaPlan(layer=True)): checked against mega_layer_reference (1 and
-    18 layers, bitwise repeat), then timed like the plain chain."""
+    18 layers, bitwise repeat), then timed like the plain chain. attn: the attention link too (1: session 7's unit,
+    2: packed rows on 100 programs; kernels/mega_chain.py) over a T-key prefix (304: 1 camera, 816: 3)."""
     bf, dev = torch.bfloat16, "cuda"
     from pi0_triton_policy.kernels.rmsnorm_qkv_rope import rope_tables
 
@@ -58,12 +59,11 @@ def layer_mode(weights, ctr, attn=False):
     cols = dict(x=1024, q=2560, x2=1024, h8=4096)
     acts = {k: torch.zeros(MC.blocked_size(c), dtype=bf, device=dev) for k, c in cols.items()}
     cos, sin = rope_tables(1024, 256, device=dev)
-    pos = torch.arange(304, 304 + MC.R, dtype=torch.int32, device=dev)  # the suffix after a 1-camera prefix
+    pos = torch.arange(T, T + MC.R, dtype=torch.int32, device=dev)  # the suffix after the prefix
     st = dict(xs=torch.zeros(MC.R, 1024, device=dev), ss=torch.zeros(2, plan.programs // 4, MC.R, device=dev),
               pos=pos, cos=cos, sin=sin, eps=1e-6)
     kv_prefix = None
-    if attn:  # a 1-camera prefix (304 keys, the last 11 prompt keys padding) shared by every layer
-        T = 304
+    if attn:  # a prefix of T keys (the last 11 prompt keys padding) shared by every layer
         g = torch.Generator(device=dev).manual_seed(1)
         kp = torch.randn(T, 256, device=dev, generator=g).to(bf)
         vp = torch.randn(T, 256, device=dev, generator=g).to(bf)
@@ -73,7 +73,7 @@ def layer_mode(weights, ctr, attn=False):
                   vc=torch.cat([vp, torch.zeros(MC.R, 256, dtype=bf, device=dev)]),
                   key_valid=torch.cat([valid, torch.ones(MC.R, dtype=torch.int32, device=dev),
                                        torch.zeros(16, dtype=torch.int32, device=dev)]),
-                  att=torch.zeros(MC.blocked_size(2048), dtype=bf, device=dev))
+                  att=torch.zeros(MC.blocked_size(2048), dtype=bf, device=dev), attn_mode=attn)
         kv_prefix = (kp, vp, valid)
     x0 = torch.randn(MC.R, 1024, device=dev)
 
@@ -83,7 +83,7 @@ def layer_mode(weights, ctr, attn=False):
         st["ss"][0, 0] = x0.pow(2).sum(1)
         MC.to_blocked(x0.to(bf), acts["x"])
 
-    out = {"variant": "mega_layer_attn" if attn else "mega_layer"}
+    out = {"variant": f"mega_layer_attn{attn}_T{T}" if attn else "mega_layer"}
     for layers in (1, L):
         reset()
         MC.mega_chain(plan, prepared, acts, ctr, layers, layer_state=st)
@@ -101,8 +101,9 @@ def layer_mode(weights, ctr, attn=False):
     MC.mega_chain(plan, prepared, acts, ctr, L, timestamps=ts, layer_state=st)
     torch.cuda.synchronize()
     out.update(us_step=t, us_layer=t / L, timeline=timeline(ts, plan.programs))
-    if attn:  # the attention units (programs 0..31, o's stamp slots 4..7): Q in -> keys done -> merged -> published
-        st_ = ts.view(plan.programs, L, 4, 8)[:32, 1:L - 1, 1].cpu().double() / 1000.0
+    if attn:  # the attention units (programs 0..31 / 0..99, o's stamp slots 4..7): Q in -> keys done -> merged -> published
+        na = 32 if attn == 1 else 100
+        st_ = ts.view(plan.programs, L, 4, 8)[:na, 1:L - 1, 1].cpu().double() / 1000.0
         qkv_last = ts.view(plan.programs, L, 4, 8)[:, 1:L - 1, 0, 3].cpu().double().max(0).values / 1000.0
         out["attention_unit_us"] = {
             "qkv_last_pub->Q_in": round(float((st_[:, :, 4] - qkv_last).median()), 2),
@@ -110,13 +111,13 @@ def layer_mode(weights, ctr, attn=False):
             "merge+store": round(float((st_[:, :, 6] - st_[:, :, 5]).median()), 2),
             "merge+store_max": round(float((st_[:, :, 6] - st_[:, :, 5]).max()), 2),
             "publish": round(float((st_[:, :, 7] - st_[:, :, 6]).median()), 2)}
-        s0 = ts.view(plan.programs, L, 4, 8)[:32, 1:L - 1, 0].cpu().double() / 1000.0
+        s0 = ts.view(plan.programs, L, 4, 8)[:na, 1:L - 1, 0].cpu().double() / 1000.0
         out["attention_unit_us"].update({
             "keys_done->partials_in": round(float((s0[:, :, 4] - st_[:, :, 5]).median()), 2),
             "partials_in_max_over_cluster_minus_min_keys_done": round(float((s0[:, :, 4] - st_[:, :, 5]).max()), 2),
             "owner_merge": round(float((s0[:, :, 5] - s0[:, :, 4]).median()), 2)})
         print("attention unit:", out["attention_unit_us"], flush=True)
-    print(f"mega_chain LAYER{' + ATTN' if attn else ''} (norm, RoPE, GeGLU, residual epilogues): {t:8.1f} us/step "
+    print(f"mega_chain LAYER{f' + ATTN {attn}, {T} prefix keys' if attn else ''} (norm, RoPE, GeGLU, residual epilogues): {t:8.1f} us/step "
           f"{t / L:6.2f} us/layer")
     for op, v in out["timeline"].items():
         print(f"    {op:5s} " + "  ".join(f"{a} {b:6.2f}" for a, b in v.items()), flush=True)
@@ -131,7 +132,8 @@ def main():
     ap.add_argument("--pub", type=int, nargs="+", default=[MC.PUB], help="publish variants (kernels/mega_chain.py)")
     ap.add_argument("--loader", type=int, nargs="+", default=[MC.LOADER], help="activation loader warp (1) or not (0)")
     ap.add_argument("--layer", action="store_true", help="also the real layer's epilogues (RMSNorm, RoPE, GeGLU, residual)")
-    ap.add_argument("--attn", action="store_true", help="also the layer with its attention link (1-camera prefix)")
+    ap.add_argument("--attn", type=int, nargs="*", default=[], help="also the layer with its attention link: modes (1, 2)")
+    ap.add_argument("--prefix-keys", type=int, nargs="+", default=[304], help="prefix keys for --attn (304: 1 camera)")
     ap.add_argument("--skip-plain", action="store_true", help="only the --layer / --attn runs")
     ap.add_argument("--wgd", type=int, nargs="+", default=[MC.WGD], help="wgmma groups in flight before a slot is freed")
     args = ap.parse_args()
@@ -188,8 +190,9 @@ def main():
                             "wait": plan.wait})
     if args.layer:
         res["rows"].append(layer_mode(weights, ctr))
-    if args.attn:
-        res["rows"].append(layer_mode(weights, ctr, attn=True))
+    for T in args.prefix_keys:
+        for mode in args.attn:
+            res["rows"].append(layer_mode(weights, ctr, attn=mode, T=T))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1, default=str)

@@ -57,7 +57,7 @@ BN_SPLIT_MAX = 40  # widest column tile of a split op (o, down)
 RECV_BYTES = 2 * 4 * 16 * BN_SPLIT_MAX * 4  # [parity][source rank][16 owned rows][BN] fp32
 ROWSQ_BYTES = 3 * 1024  # LAYER: an owner's new x^2 [16][40] fp32; 3 KB keeps the ring 1024-aligned
 SS_BYTES = 6 * 1024  # LAYER: the clusters' sums of squares [<= 30][50] fp32, copied in by the loader
-SMEM = A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES + NS * SLOT + 8 * (2 * NS + 9)
+SMEM = A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES + NS * SLOT + 8 * (2 * NS + 9 + 2 * 5)  # + ATTN 2's K / V ring mbarriers (A2_SLOTS = 5)
 assert (A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES) % 1024 == 0 and SLOT % 1024 == 0, "wgmma's swizzle atoms are 1024-aligned"
 NAMES = ("qkv", "o", "gu", "down")
 # op: (N, K, SPLIT, CK, NJMAX); CK = K columns per ring chunk (one 128-byte swizzle atom wide), NJMAX = most n8 column
@@ -84,7 +84,7 @@ _SOURCE = r"""
 #define PUB @PUB@                     /* publish variant (unit_body) */
 #define WGD @WGD@                     /* wgmma groups in flight before a ring slot is released */
 #define WGD_S "@WGD@"
-#define ATTN @ATTN@                    /* LAYER probe: the attention link too (attention_unit) */
+#define ATTN @ATTN@                    /* LAYER probe: the attention link too (1: attention_unit, 2: attention_unit2) */
 #define LOADER @LOADER@                /* 1: a loader lane waits for the activations' counters and copies them */
 #define AHEAD @AHEAD@                  /* ops of L2 prefetch ahead of the ring (0: none) */
 @HELPERS@
@@ -435,9 +435,10 @@ template <int P> __device__ __forceinline__ void load_activations(const Args& g,
         while (ld_acquire(c) < g.wait[1][31]) {}
     }
     for (int q = 0; q < 4; ++q) {
-        if (ATTN && P == 1) {  /* the heads of this quarter: 4 key-quarter units each */
-            const unsigned* c = g.ctr + (l * 4 + 0) * 32 + 20 + (k0 + q * (KC / 4)) / 256;
-            while (ld_acquire(c) < 4u) {}
+        if (ATTN && P == 1) {  /* the heads of this quarter: every attention unit that writes rows of them */
+            const int head = (k0 + q * (KC / 4)) / 256;
+            const unsigned* c = g.ctr + (l * 4 + 0) * 32 + 20 + head;
+            while (ld_acquire(c) < g.wait[1][20 + head]) {}
         } else if (P != 0 || l > 0) {
             const int r = k0 / (KC / 4) + q;
             const unsigned* c = g.ctr + ((P == 0 ? l - 1 : l) * 4 + (P + 3) % 4) * 32 + r;
@@ -734,6 +735,282 @@ __device__ __forceinline__ void load_attention_q(const Args& g, int l, int prog,
     }
 }
 
+/* ATTN 2: the attention link on 100 programs. The 8 heads share one K / V head, so the query rows of every head are
+   packed (row i = head * 50 + r: 400 rows, 25 tiles of 16, as the engine's Triton kernel packs them). Cluster t < 25
+   takes tile t, its rank c a quarter of the keys, and the 4 warps of the rank every 4th 16-key sub-block of that
+   quarter: a 16-way key split per tile (~22 keys per warp at 1 camera, against 89 per warp with ATTN 1). The loader
+   lane streams the K / V sub-blocks into a ring (one bulk copy per key row, rows padded to 528 B so that ldmatrix is
+   free of bank conflicts): the prefix ones before the qkv units have published (they do not depend on them), then Q
+   and the suffix ones. Merge in fixed order (bitwise deterministic): the 4 warps through shared memory, then the 4
+   ranks (rank c owns rows 4c..4c+3 of the tile; the other ranks send theirs by one bulk copy each). Shared memory:
+   all of it inside the activation region (free from the qkv unit's last MMA to the end of this unit). */
+#define A2_Q 0                                    /* Q: [4 blocks of 64 columns][16 rows][128 B], swizzled by source row */
+#define A2_KV 8192                                /* K / V ring: [slot][K, V][16 keys][A2_ROW] */
+#define A2_ROW 528
+#define A2_SB (16 * A2_ROW)
+#define A2_SLOTS 5
+#define A2_RECV (A2_KV + A2_SLOTS * 2 * A2_SB)    /* [4 source ranks][4 rows][A2_ROW]: O / l bf16, then m, l fp32 */
+#define A2_SLICE (4 * A2_ROW)
+#define A2_STAGE A2_KV                            /* after the keys: the warps' partials O [4][16][256] fp32 */
+#define A2_ML (A2_STAGE + 4 * 16 * 256 * 4)       /* and their (m, l) [4][16] */
+#define A2_SEND (A2_ML + 4 * 16 * 8)              /* the rank's merged tile [16][A2_ROW] */
+#define A2_BAR (2 * NS + 9)                       /* ring mbarriers: full [A2_SLOTS], then empty [A2_SLOTS] */
+
+__device__ __forceinline__ void attention_quarter2(const Args& g, int c, int& kb, int& ke, int& nsb) {
+    const int CH = ((g.TK + 3) / 4 + 15) / 16 * 16;
+    kb = c * CH;
+    ke = min(g.TK, kb + CH);
+    nsb = kb < ke ? (ke - kb + 15) / 16 : 0;
+}
+
+__device__ __forceinline__ void attention_kv_issue2(const Args& g, unsigned a_u32, unsigned bars, int idx, int k0) {
+    const int slot = idx % A2_SLOTS, use = idx / A2_SLOTS;
+    const unsigned full = bars + 8 * (A2_BAR + slot), empty = bars + 8 * (A2_BAR + A2_SLOTS + slot);
+    if (use > 0) while (!mbar_try(empty, (use - 1) & 1)) {}
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(full), "r"(2 * 16 * 512) : "memory");
+    const unsigned dst = a_u32 + A2_KV + slot * 2 * A2_SB;
+    #pragma unroll 1
+    for (int r = 0; r < 16; ++r) {
+        const int key = min(k0 + r, g.TK - 1);  /* rows past the keys: any row (masked) */
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], 512, [%2];"
+                     :: "r"(dst + r * A2_ROW), "l"(g.kc + (size_t)key * 256), "r"(full) : "memory");
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], 512, [%2];"
+                     :: "r"(dst + A2_SB + r * A2_ROW), "l"(g.vc + (size_t)key * 256), "r"(full) : "memory");
+    }
+}
+
+/* the loader's part of an attention unit */
+__device__ __forceinline__ void attention_loader2(const Args& g, int l, int prog, unsigned char* smem, int& au, int& kvi) {
+    const unsigned a_u32 = smem_u32(smem), bars = smem_u32(smem + A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES) + NS * SLOT;
+    const int t = prog >> 2, c = prog & 3;
+    int kb, ke, nsb;
+    attention_quarter2(g, c, kb, ke, nsb);
+    if (au > 0) while (!mbar_try(bars + 8 * (2 * NS + 6), (au - 1) & 1)) {}  /* the qkv unit's activations are consumed */
+    ++au;
+    int j = 0;
+    for (; j < nsb && j < A2_SLOTS && kb + 16 * j + 16 <= g.T; ++j)  /* prefix keys: fixed, requested right away */
+        attention_kv_issue2(g, a_u32, bars, kvi + j, kb + 16 * j);
+    while (ld_acquire(g.ctr + (l * 4 + 0) * 32 + 31) < g.wait[1][31]) {}  /* every qkv unit has published */
+    asm volatile("fence.proxy.async.global;" ::: "memory");
+    #pragma unroll 1
+    for (int b = 0; b < 4; ++b) {  /* Q: one 64-column block per activation mbarrier (each unit completes all four) */
+        const unsigned abar = bars + 8 * (2 * NS + 2 + b);
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(abar), "r"(16 * 128) : "memory");
+        #pragma unroll 1
+        for (int s = 0; s < 16; ++s) {
+            const int i = 16 * t + s, head = i / R, r = i % R;
+            asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], 128, [%2];"
+                         :: "r"(a_u32 + A2_Q + b * 2048 + s * 128), "l"(g.act[1] + (size_t)(4 * head + b) * (A_BLOCK / 2) + r * 64),
+                            "r"(abar) : "memory");
+        }
+    }
+    for (; j < nsb; ++j) attention_kv_issue2(g, a_u32, bars, kvi + j, kb + 16 * j);
+    kvi += nsb;
+}
+
+__device__ __forceinline__ void attention_unit2(const Args& g, int l, int prog, unsigned char* smem, int& au, int& kvi) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, t = prog >> 2, c = prog & 3;
+    const unsigned a_u32 = smem_u32(smem), bars = smem_u32(smem + A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES) + NS * SLOT;
+    const unsigned aparity = au & 1;
+    ++au;
+    int kb, ke, nsb;
+    attention_quarter2(g, c, kb, ke, nsb);
+    const unsigned rbar = bars + 8 * (2 * NS + 8);
+    if (tid == 0)  /* my rows' slices from the other three ranks */
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(rbar), "r"(3 * A2_SLICE) : "memory");
+    for (int q = 0; q < 4; ++q) while (!mbar_try(bars + 8 * (2 * NS + 2 + q), aparity)) {}
+    unsigned long long* ts = g.ts + ((size_t)(prog * g.L + l) * 4 + 1) * 8;  /* o's slots 4..7: the attention unit */
+    unsigned long long* ts0 = g.ts + ((size_t)(prog * g.L + l) * 4 + 0) * 8;  /* qkv's spare slots 4, 5 */
+    if (g.use_ts && tid == 0) ts[4] = globaltimer();
+
+    /* Q fragments (A operand of S = Q K^T) are read from shared memory at each k16 step rather than held: 64 fewer
+       registers (at 255, ptxas serialised the other ops' wgmma) */
+    const unsigned q_base = pinned_u32(a_u32 + A2_Q);
+    const int q_row = lane & 15, q_swz = (16 * t + q_row) % R & 7;
+    float o[32][4], m[2] = {-1e30f, -1e30f}, lsum[2] = {0.f, 0.f};
+    #pragma unroll
+    for (int j = 0; j < 32; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    const int gq = lane >> 2, q4 = lane & 3;
+    /* every warp runs the same number of iterations (a warp past the quarter's last sub-block reads Q's finite bytes
+       with every key masked): ptxas serialises the other ops' wgmma when the warpgroup has warp-dependent trip counts */
+    #pragma unroll 1
+    for (int sb0 = 0; sb0 < nsb; sb0 += 4) {
+        const int sb = sb0 + warp, idx = kvi + sb, slot = idx % A2_SLOTS, k0 = kb + 16 * sb;
+        const bool real = sb < nsb;
+        while (real && !mbar_try(bars + 8 * (A2_BAR + slot), (idx / A2_SLOTS) & 1)) {}
+        const unsigned kbase = pinned_u32(real ? a_u32 + A2_KV + slot * 2 * A2_SB : a_u32 + A2_Q), vbase = kbase + (real ? A2_SB : 0);
+        float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+        #pragma unroll
+        for (int ks = 0; ks < 16; ++ks) {
+            unsigned qf[4];
+            const int qc = ks * 2 + (lane >> 4);
+            asm("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                : "=r"(qf[0]), "=r"(qf[1]), "=r"(qf[2]), "=r"(qf[3])
+                : "r"(q_base + (qc >> 3) * 2048 + q_row * 128 + (((qc & 7) ^ q_swz) * 16)));
+            #pragma unroll
+            for (int n = 0; n < 2; ++n) {
+                unsigned b0, b1;
+                const int r = n * 8 + (lane & 7), cc = ks * 2 + ((lane >> 3) & 1);
+                asm("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];" : "=r"(b0), "=r"(b1) : "r"(kbase + r * A2_ROW + cc * 16));
+                asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                    : "+f"(s[n][0]), "+f"(s[n][1]), "+f"(s[n][2]), "+f"(s[n][3])
+                    : "r"(qf[0]), "r"(qf[1]), "r"(qf[2]), "r"(qf[3]), "r"(b0), "r"(b1));
+            }
+        }
+        float mx[2] = {m[0], m[1]};
+        #pragma unroll
+        for (int n = 0; n < 2; ++n)
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = k0 + n * 8 + 2 * q4 + (e & 1);  /* key_valid has TK + 16 entries */
+                const bool ok = real && key < ke && __ldg(g.key_valid + min(key, g.TK + 15)) != 0;
+                s[n][e] = ok ? s[n][e] : -1e30f;
+                mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
+            }
+        #pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffff, mx[hh], 1));
+            mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffff, mx[hh], 2));
+        }
+        float alpha[2], rowsum[2] = {0.f, 0.f};
+        #pragma unroll
+        for (int hh = 0; hh < 2; ++hh) alpha[hh] = __expf(m[hh] - mx[hh]);
+        #pragma unroll
+        for (int n = 0; n < 2; ++n)
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                s[n][e] = s[n][e] <= -1e29f ? 0.f : __expf(s[n][e] - mx[e >> 1]);
+                rowsum[e >> 1] += s[n][e];
+            }
+        #pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            rowsum[hh] += __shfl_xor_sync(0xffffffff, rowsum[hh], 1);
+            rowsum[hh] += __shfl_xor_sync(0xffffffff, rowsum[hh], 2);
+            lsum[hh] = lsum[hh] * alpha[hh] + rowsum[hh];
+            m[hh] = mx[hh];
+        }
+        #pragma unroll
+        for (int j = 0; j < 32; ++j) { o[j][0] *= alpha[0]; o[j][1] *= alpha[0]; o[j][2] *= alpha[1]; o[j][3] *= alpha[1]; }
+        const unsigned p0 = to_bf16(s[0][0]) | ((unsigned)to_bf16(s[0][1]) << 16), p1 = to_bf16(s[0][2]) | ((unsigned)to_bf16(s[0][3]) << 16);
+        const unsigned p2 = to_bf16(s[1][0]) | ((unsigned)to_bf16(s[1][1]) << 16), p3 = to_bf16(s[1][2]) | ((unsigned)to_bf16(s[1][3]) << 16);
+        #pragma unroll
+        for (int j = 0; j < 32; ++j) {
+            unsigned b0, b1;
+            asm("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];" : "=r"(b0), "=r"(b1) : "r"(vbase + (lane & 15) * A2_ROW + j * 16));
+            asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                : "+f"(o[j][0]), "+f"(o[j][1]), "+f"(o[j][2]), "+f"(o[j][3])
+                : "r"(p0), "r"(p1), "r"(p2), "r"(p3), "r"(b0), "r"(b1));
+        }
+        __syncwarp();
+        if (real && lane == 0) mbar_arrive(bars + 8 * (A2_BAR + A2_SLOTS + slot));  /* the loader may refill the slot */
+    }
+    kvi += nsb;
+    if (g.use_ts && tid == 0) ts[5] = globaltimer();
+
+    /* the 4 warps' partials (unnormalised O, m, l) into shared memory; the ring is free: every sub-block is consumed */
+    bar_consumers();
+    {
+        float* stage = (float*)(smem + A2_STAGE) + warp * 16 * 256;
+        #pragma unroll
+        for (int j = 0; j < 32; ++j)
+            #pragma unroll
+            for (int hh = 0; hh < 2; ++hh)
+                *(float2*)(stage + (gq + 8 * hh) * 256 + 8 * j + 2 * q4) = make_float2(o[j][2 * hh], o[j][2 * hh + 1]);
+        if (q4 == 0)
+            #pragma unroll
+            for (int hh = 0; hh < 2; ++hh)
+                *(float2*)(smem + A2_ML + (warp * 16 + gq + 8 * hh) * 8) = make_float2(m[hh], lsum[hh]);
+    }
+    bar_consumers();
+    {   /* warp w merges columns 64w..64w+63 of the 16 rows in fixed order; lane: row lane / 2, 32 columns */
+        const int row = lane >> 1, col0 = 64 * warp + 32 * (lane & 1);
+        float e[4], mm = -1e30f, lw = 0.f;
+        #pragma unroll
+        for (int w = 0; w < 4; ++w) mm = fmaxf(mm, ((const float*)(smem + A2_ML + (w * 16 + row) * 8))[0]);
+        #pragma unroll
+        for (int w = 0; w < 4; ++w) {
+            const float2 ml = *(const float2*)(smem + A2_ML + (w * 16 + row) * 8);
+            e[w] = ml.y > 0.f ? __expf(ml.x - mm) : 0.f;
+            lw += e[w] * ml.y;
+        }
+        const float inv = lw > 0.f ? 1.f / lw : 0.f;
+        unsigned char* send = smem + A2_SEND + row * A2_ROW;
+        #pragma unroll 1
+        for (int cg = 0; cg < 32; cg += 8) {
+            unsigned pk[4];
+            #pragma unroll
+            for (int u = 0; u < 8; u += 2) {
+                float v0 = 0.f, v1 = 0.f;
+                #pragma unroll
+                for (int w = 0; w < 4; ++w) {
+                    const float2 pv = *(const float2*)((const float*)(smem + A2_STAGE) + (w * 16 + row) * 256 + col0 + cg + u);
+                    v0 += e[w] * pv.x;
+                    v1 += e[w] * pv.y;
+                }
+                pk[u / 2] = to_bf16(v0 * inv) | ((unsigned)to_bf16(v1 * inv) << 16);
+            }
+            *(uint4*)(send + 2 * (col0 + cg)) = make_uint4(pk[0], pk[1], pk[2], pk[3]);
+        }
+        if (warp == 0 && (lane & 1) == 0) *(float2*)(send + 512) = make_float2(mm, lw);
+    }
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  /* generic writes -> the bulk copies read them */
+    bar_consumers();
+    const unsigned recv = a_u32 + A2_RECV;
+    if (tid == 0)
+        #pragma unroll 1
+        for (int d = 0; d < 4; ++d)
+            if (d != c)
+                asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                             :: "r"(mapa(recv + c * A2_SLICE, d)), "r"(a_u32 + A2_SEND + 4 * d * A2_ROW), "r"(A2_SLICE),
+                                "r"(mapa(rbar, d)) : "memory");
+    while (!mbar_try_cluster(rbar, l & 1)) {}
+    if (g.use_ts && tid == 0) ts0[4] = globaltimer();
+    {   /* rows 4c..4c+3 of the tile from the 4 ranks in fixed order; thread: row tid / 32, 8 columns */
+        const int row = tid >> 5, col = 8 * (tid & 31), i = 16 * t + 4 * c + row;
+        const unsigned char* src[4];
+        #pragma unroll
+        for (int s = 0; s < 4; ++s)
+            src[s] = s == c ? smem + A2_SEND + (4 * c + row) * A2_ROW : smem + A2_RECV + s * A2_SLICE + row * A2_ROW;
+        float w[4], mm = -1e30f, wsum = 0.f;
+        #pragma unroll
+        for (int s = 0; s < 4; ++s) mm = fmaxf(mm, ((const float*)(src[s] + 512))[0]);
+        #pragma unroll
+        for (int s = 0; s < 4; ++s) {
+            const float2 ml = *(const float2*)(src[s] + 512);
+            w[s] = ml.y > 0.f ? __expf(ml.x - mm) * ml.y : 0.f;
+            wsum += w[s];
+        }
+        const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
+        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        #pragma unroll
+        for (int s = 0; s < 4; ++s) {
+            const uint4 pv = *(const uint4*)(src[s] + 2 * col);
+            const unsigned pw[4] = {pv.x, pv.y, pv.z, pv.w};
+            #pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                acc[2 * u] += w[s] * __uint_as_float(pw[u] << 16);
+                acc[2 * u + 1] += w[s] * __uint_as_float(pw[u] & 0xffff0000u);
+            }
+        }
+        unsigned pk[4];
+        #pragma unroll
+        for (int u = 0; u < 4; ++u) pk[u] = to_bf16(acc[2 * u] * inv) | ((unsigned)to_bf16(acc[2 * u + 1] * inv) << 16);
+        if (i < 8 * R) *(uint4*)(g.att + blocked(i % R, 256 * (i / R) + col)) = make_uint4(pk[0], pk[1], pk[2], pk[3]);
+    }
+    if (g.use_ts && tid == 0) ts0[5] = globaltimer();
+    asm volatile("fence.proxy.async.global;" ::: "memory");  /* o's loader reads att by bulk copy */
+    bar_consumers();
+    mbar_arrive(bars + 8 * (2 * NS + 6));  /* the loader may overwrite the activation region */
+    if (tid == 0) {
+        if (g.use_ts) ts[6] = globaltimer();
+        const int i0 = 16 * t + 4 * c, h0 = i0 / R, h1 = (i0 + 3) / R;
+        asm volatile("fence.acq_rel.gpu;" ::: "memory");
+        asm volatile("red.release.gpu.global.add.u32 [%0], 1;" :: "l"(g.ctr + (l * 4 + 0) * 32 + 20 + h0) : "memory");
+        if (h1 != h0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" :: "l"(g.ctr + (l * 4 + 0) * 32 + 20 + h1) : "memory");
+        if (g.use_ts) ts[7] = globaltimer();
+    }
+}
+
 extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(192, 1) mega_chain_kernel(const Args g)
 {
     extern __shared__ __align__(1024) unsigned char smem[];
@@ -748,6 +1025,7 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(192, 1) m
         mbar_init(bars + 8 * (2 * NS + 6), NC);  /* activations consumed (LOADER) */
         mbar_init(bars + 8 * (2 * NS + 7), 1);   /* LAYER: sums of squares in shared memory (qkv: phase 0, gu: 1) */
         mbar_init(bars + 8 * (2 * NS + 8), 1);   /* ATTN: the other key quarters' partials of my rows */
+        for (int s = 0; s < 2 * A2_SLOTS; ++s) mbar_init(bars + 8 * (A2_BAR + s), 1);  /* ATTN 2: K / V ring */
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
@@ -770,10 +1048,11 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(192, 1) m
             }
         }
         if (LOADER && tid == NC + 32) {
-            int au = 0;
+            int au = 0, kvi = 0;
             for (int l = 0; l < g.L; ++l) {
                 load_activations<0>(g, l, prog, smem, au);
-                if (ATTN && prog < 32) load_attention_q(g, l, prog, smem, au);
+                if (ATTN == 1 && prog < 32) load_attention_q(g, l, prog, smem, au);
+                if (ATTN == 2 && prog < 100) attention_loader2(g, l, prog, smem, au, kvi);
                 load_activations<1>(g, l, prog, smem, au);
                 load_activations<2>(g, l, prog, smem, au);
                 load_activations<3>(g, l, prog, smem, au);
@@ -781,10 +1060,11 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(192, 1) m
         }
         __syncwarp();
     } else {
-        int ci = 0, su = 0, au = 0;
+        int ci = 0, su = 0, au = 0, kvi = 0;
         for (int l = 0; l < g.L; ++l) {
             consume<0>(g, l, prog, smem, ci, su, au);
-            if (ATTN && prog < 32) attention_unit(g, l, prog, smem, au);
+            if (ATTN == 1 && prog < 32) attention_unit(g, l, prog, smem, au);
+            if (ATTN == 2 && prog < 100) attention_unit2(g, l, prog, smem, au, kvi);
             consume<1>(g, l, prog, smem, ci, su, au);
             consume<2>(g, l, prog, smem, ci, su, au);
             consume<3>(g, l, prog, smem, ci, su, au);
@@ -799,6 +1079,7 @@ A_PIPE = 1  # default: activations in four bulk copies, the MMAs start on the fi
 PUB = 0  # default publish variant (unit_body's comment)
 WGD = 1  # default wgmma groups in flight before a ring slot is released
 LOADER = 1  # default: a loader lane waits for the activations and copies them (0: the consumers do; measured slower with per-quarter counters)
+ATTN_MODE = 2  # the attention link (LAYER probe with kc / vc): 1 session 7's unit (32 programs), 2 the packed-row one
 AHEAD = 0  # default L2 prefetch distance in ops (0: off; 2-8 measured slower, benchmarks/NOTES.md)
 
 
@@ -967,9 +1248,9 @@ def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tenso
     ss ([2, clusters, 50] sums of squares; ss[0] of the input must be set), pos (int32 [50]), cos, sin
     ([positions, 128] fp32), eps."""
     layer = layer_state is not None
-    attn = layer and "kc" in layer_state
-    assert layer == plan.layer
-    func, programs = _kernel_and_programs(ahead, a_pipe, pub, wgd, loader, int(layer), int(attn))
+    attn = int(layer_state.get("attn_mode", ATTN_MODE)) if layer and "kc" in layer_state else 0
+    assert layer == plan.layer and attn in (0, 1, 2)
+    func, programs = _kernel_and_programs(ahead, a_pipe, pub, wgd, loader, int(layer), attn)
     assert plan.programs == programs, (plan.programs, programs)
     for name, cols in dict(x=1024, q=2560, x2=1024, h8=4096 if layer else 8192).items():
         t = acts[name]
@@ -996,18 +1277,35 @@ def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tenso
             # [TK + 16] (the prefix's padding mask, 1 for the suffix keys, 0 past TK)
             T = int(st["T"])
             assert st["kc"].shape == st["vc"].shape == (T + R, 256) and st["key_valid"].shape == (T + R + 16,)
-            assert st["att"].shape == (blocked_size(2048),) and programs >= 32
+            assert st["att"].shape == (blocked_size(2048),) and programs >= (32 if attn == 1 else 100)
             args.att, args.kc, args.vc = st["att"].data_ptr(), st["kc"].data_ptr(), st["vc"].data_ptr()
             args.key_valid, args.T, args.TK = st["key_valid"].data_ptr(), T, T + R
     for p in range(4):
         for r in range(32):
             args.wait[p][r] = plan.wait[p][r] * (4 if pub == 2 else 1)  # PUB 2: every warp publishes
+    if attn:  # o's quarter of head h waits on counter 20 + h for every attention unit that writes rows of h
+        for h, n in enumerate(attention_arrivals(attn)):
+            args.wait[1][20 + h] = n
     params = (ctypes.c_void_p * 1)(ctypes.cast(ctypes.byref(args), ctypes.c_void_p))
     cfg = _LaunchConfig(programs, 1, 1, THREADS, 1, 1, SMEM, ctypes.c_void_p(torch.cuda.current_stream().cuda_stream),
                         None, 0)
     err = _libcuda().cuLaunchKernelEx(ctypes.byref(cfg), func, params, None)
     if err != 0:
         raise RuntimeError(f"cuLaunchKernelEx(mega_chain) failed: CUresult {err}")
+
+
+def attention_arrivals(attn: int) -> list[int]:
+    """Per head, how many attention units publish rows of it: ATTN 1, the 4 key quarters of the head's cluster;
+    ATTN 2, the (tile, rank) row slices of the packed rows (row i = head * 50 + r, rank c of tile t owns rows
+    16 t + 4 c .. + 3), one arrival per head a slice touches."""
+    if attn == 1:
+        return [4] * 8
+    n = [0] * 8
+    for t in range(25):
+        for c in range(4):
+            for h in {(16 * t + 4 * c) // R, (16 * t + 4 * c + 3) // R}:
+                n[h] += 1
+    return n
 
 
 def blocked_size(cols: int) -> int:

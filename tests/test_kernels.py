@@ -635,7 +635,7 @@ def test_mega_chain_cuda(layers):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("layers", [1, 3])
-@pytest.mark.parametrize("attn", [False, True])
+@pytest.mark.parametrize("attn", [0, 1, 2])
 def test_mega_chain_layer_cuda(layers, attn):
     """The persistent chain with the real layer's epilogues (RMSNorm row scale from the clusters' sums of squares,
     RoPE on q/k, GeGLU, fp32 residual; experimental) against mega_layer_reference; with attn, the attention link
@@ -673,7 +673,7 @@ def test_mega_chain_layer_cuda(layers, attn):
             st.update(T=T, kc=torch.cat([kp, zeros]), vc=torch.cat([vp, zeros]),
                       key_valid=torch.cat([valid, torch.ones(MC.R, dtype=torch.int32, device="cuda"),
                                            torch.zeros(16, dtype=torch.int32, device="cuda")]),
-                      att=torch.full((MC.blocked_size(2048),), float("nan"), dtype=bf, device="cuda"))
+                      att=torch.full((MC.blocked_size(2048),), float("nan"), dtype=bf, device="cuda"), attn_mode=attn)
         MC.to_blocked(x0.to(bf), acts["x"])
         MC.mega_chain(plan, prepared, acts, ctr, layers, layer_state=st)
         runs.append(dict(xs=st["xs"], q=MC.from_blocked(acts["q"], 2560), h=MC.from_blocked(acts["h8"], 4096)))
