@@ -69,8 +69,10 @@ def layer_mode(weights, ctr, attn=0, T=304):
         vp = torch.randn(T, 256, device=dev, generator=g).to(bf)
         valid = torch.ones(T, dtype=torch.int32, device=dev)
         valid[T - 11:] = 0
-        st.update(T=T, kc=torch.cat([kp, torch.zeros(MC.R, 256, dtype=bf, device=dev)]),
-                  vc=torch.cat([vp, torch.zeros(MC.R, 256, dtype=bf, device=dev)]),
+        pad = MC.R + (16 if attn == 2 else 0)  # ATTN 2: 16 zero rows past the keys, kv_swizzle's layout
+        sw = MC.kv_swizzle if attn == 2 else (lambda t: t)
+        st.update(T=T, kc=sw(torch.cat([kp, torch.zeros(pad, 256, dtype=bf, device=dev)])),
+                  vc=sw(torch.cat([vp, torch.zeros(pad, 256, dtype=bf, device=dev)])),
                   key_valid=torch.cat([valid, torch.ones(MC.R, dtype=torch.int32, device=dev),
                                        torch.zeros(16, dtype=torch.int32, device=dev)]),
                   att=torch.zeros(MC.blocked_size(2048), dtype=bf, device=dev), attn_mode=attn)
@@ -116,6 +118,12 @@ def layer_mode(weights, ctr, attn=0, T=304):
             "keys_done->partials_in": round(float((s0[:, :, 4] - st_[:, :, 5]).median()), 2),
             "partials_in_max_over_cluster_minus_min_keys_done": round(float((s0[:, :, 4] - st_[:, :, 5]).max()), 2),
             "owner_merge": round(float((s0[:, :, 5] - s0[:, :, 4]).median()), 2)})
+        if attn == 2:  # the rank-level split of keys_done->partials_in: warps merged, then the other ranks' slices
+            out["attention_unit_us"].update({
+                "keys_done->rank_merged": round(float((s0[:, :, 6] - st_[:, :, 5]).median()), 2),
+                "rank_merged->partials_in": round(float((s0[:, :, 4] - s0[:, :, 6]).median()), 2),
+                "Q_in_spread_over_programs": round(float((st_[:, :, 4].max(0).values - st_[:, :, 4].min(0).values).median()), 2),
+                "keys_done_spread_over_programs": round(float((st_[:, :, 5].max(0).values - st_[:, :, 5].min(0).values).median()), 2)})
         print("attention unit:", out["attention_unit_us"], flush=True)
     print(f"mega_chain LAYER{f' + ATTN {attn}, {T} prefix keys' if attn else ''} (norm, RoPE, GeGLU, residual epilogues): {t:8.1f} us/step "
           f"{t / L:6.2f} us/layer")

@@ -306,10 +306,12 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
                 }
                 *(unsigned*)(out + blocked(row, head * 256 + dim)) = to_bf16(a0) | ((unsigned)to_bf16(a1) << 16);
                 *(unsigned*)(out + blocked(row, head * 256 + 128 + dim)) = to_bf16(b0) | ((unsigned)to_bf16(b1) << 16);
-                if (ATTN && head >= 8) {  /* k / v of the suffix rows -> the key / value cache */
-                    bf16* kv = (head == 8 ? g.kc : g.vc) + (size_t)(g.T + row) * 256 + dim;
-                    *(unsigned*)kv = to_bf16(a0) | ((unsigned)to_bf16(a1) << 16);
-                    *(unsigned*)(kv + 128) = to_bf16(b0) | ((unsigned)to_bf16(b1) << 16);
+                if (ATTN && head >= 8) {  /* k / v of the suffix rows -> the key / value cache (ATTN 2: its 16-byte
+                                             groups XOR-swizzled by key, kv_swizzle) */
+                    const int key = g.T + row, sw = ATTN == 2 ? ((key & 7) << 3) : 0;
+                    bf16* kv = (head == 8 ? g.kc : g.vc) + (size_t)key * 256;
+                    *(unsigned*)(kv + (dim ^ sw)) = to_bf16(a0) | ((unsigned)to_bf16(a1) << 16);
+                    *(unsigned*)(kv + ((128 + dim) ^ sw)) = to_bf16(b0) | ((unsigned)to_bf16(b1) << 16);
                 }
             }
     } else if (LAYER && P == 2) {
@@ -745,14 +747,15 @@ __device__ __forceinline__ void load_attention_q(const Args& g, int l, int prog,
    ranks (rank c owns rows 4c..4c+3 of the tile; the other ranks send theirs by one bulk copy each). Shared memory:
    all of it inside the activation region (free from the qkv unit's last MMA to the end of this unit). */
 #define A2_Q 0                                    /* Q: [4 blocks of 64 columns][16 rows][128 B], swizzled by source row */
-#define A2_KV 8192                                /* K / V ring: [slot][K, V][16 keys][A2_ROW] */
-#define A2_ROW 528
-#define A2_SB (16 * A2_ROW)
+#define A2_KV 8192                                /* K / V ring: [slot][K, V][16 keys][512 B] (the cache's swizzle) */
+#define A2_ROW 528                                /* a merged row: 256 bf16, then m, l fp32 (+ 8 B) */
+#define A2_SB (16 * 512)
 #define A2_SLOTS 5
 #define A2_RECV (A2_KV + A2_SLOTS * 2 * A2_SB)    /* [4 source ranks][4 rows][A2_ROW]: O / l bf16, then m, l fp32 */
 #define A2_SLICE (4 * A2_ROW)
-#define A2_STAGE A2_KV                            /* after the keys: the warps' partials O [4][16][256] fp32 */
-#define A2_ML (A2_STAGE + 4 * 16 * 256 * 4)       /* and their (m, l) [4][16] */
+#define A2_SROW 260                               /* floats per staged partial row (padded: fewer bank conflicts) */
+#define A2_STAGE A2_KV                            /* after the keys: the warps' partials O [4][16][A2_SROW] fp32 */
+#define A2_ML (A2_STAGE + 4 * 16 * A2_SROW * 4)   /* and their (m, l) [4][16] */
 #define A2_SEND (A2_ML + 4 * 16 * 8)              /* the rank's merged tile [16][A2_ROW] */
 #define A2_BAR (2 * NS + 9)                       /* ring mbarriers: full [A2_SLOTS], then empty [A2_SLOTS] */
 
@@ -767,16 +770,14 @@ __device__ __forceinline__ void attention_kv_issue2(const Args& g, unsigned a_u3
     const int slot = idx % A2_SLOTS, use = idx / A2_SLOTS;
     const unsigned full = bars + 8 * (A2_BAR + slot), empty = bars + 8 * (A2_BAR + A2_SLOTS + slot);
     if (use > 0) while (!mbar_try(empty, (use - 1) & 1)) {}
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(full), "r"(2 * 16 * 512) : "memory");
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(full), "r"(2 * A2_SB) : "memory");
     const unsigned dst = a_u32 + A2_KV + slot * 2 * A2_SB;
-    #pragma unroll 1
-    for (int r = 0; r < 16; ++r) {
-        const int key = min(k0 + r, g.TK - 1);  /* rows past the keys: any row (masked) */
-        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], 512, [%2];"
-                     :: "r"(dst + r * A2_ROW), "l"(g.kc + (size_t)key * 256), "r"(full) : "memory");
-        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], 512, [%2];"
-                     :: "r"(dst + A2_SB + r * A2_ROW), "l"(g.vc + (size_t)key * 256), "r"(full) : "memory");
-    }
+    /* 16 key rows of K and of V, one bulk copy each: the cache holds >= TK + 16 rows (zeros past TK, masked) and its
+       16-byte groups are already XOR-swizzled by key (kv_swizzle), so ldmatrix reads them without bank conflicts */
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                 :: "r"(dst), "l"(g.kc + (size_t)k0 * 256), "r"(A2_SB), "r"(full) : "memory");
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                 :: "r"(dst + A2_SB), "l"(g.vc + (size_t)k0 * 256), "r"(A2_SB), "r"(full) : "memory");
 }
 
 /* the loader's part of an attention unit */
@@ -792,16 +793,20 @@ __device__ __forceinline__ void attention_loader2(const Args& g, int l, int prog
         attention_kv_issue2(g, a_u32, bars, kvi + j, kb + 16 * j);
     while (ld_acquire(g.ctr + (l * 4 + 0) * 32 + 31) < g.wait[1][31]) {}  /* every qkv unit has published */
     asm volatile("fence.proxy.async.global;" ::: "memory");
+    /* Q: one 64-column block per activation mbarrier (each unit completes all four); the tile's rows are one or two
+       runs of consecutive rows of one head, each run one bulk copy per block */
+    const int i0 = 16 * t, split = min(16, R * (i0 / R + 1) - i0);  /* rows 0..split-1: head i0 / R, the rest: the next */
     #pragma unroll 1
-    for (int b = 0; b < 4; ++b) {  /* Q: one 64-column block per activation mbarrier (each unit completes all four) */
+    for (int b = 0; b < 4; ++b) {
         const unsigned abar = bars + 8 * (2 * NS + 2 + b);
         asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(abar), "r"(16 * 128) : "memory");
         #pragma unroll 1
-        for (int s = 0; s < 16; ++s) {
-            const int i = 16 * t + s, head = i / R, r = i % R;
-            asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], 128, [%2];"
-                         :: "r"(a_u32 + A2_Q + b * 2048 + s * 128), "l"(g.act[1] + (size_t)(4 * head + b) * (A_BLOCK / 2) + r * 64),
-                            "r"(abar) : "memory");
+        for (int s = 0; s < 16; s = split) {
+            const int n = s == 0 ? split : 16 - split, i = i0 + s;
+            asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                         :: "r"(a_u32 + A2_Q + b * 2048 + s * 128),
+                            "l"(g.act[1] + (size_t)(4 * (i / R) + b) * (A_BLOCK / 2) + (i % R) * 64), "r"(n * 128), "r"(abar) : "memory");
+            if (s == split) break;
         }
     }
     for (; j < nsb; ++j) attention_kv_issue2(g, a_u32, bars, kvi + j, kb + 16 * j);
@@ -851,7 +856,8 @@ __device__ __forceinline__ void attention_unit2(const Args& g, int l, int prog, 
             for (int n = 0; n < 2; ++n) {
                 unsigned b0, b1;
                 const int r = n * 8 + (lane & 7), cc = ks * 2 + ((lane >> 3) & 1);
-                asm("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];" : "=r"(b0), "=r"(b1) : "r"(kbase + r * A2_ROW + cc * 16));
+                asm("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];"
+                    : "=r"(b0), "=r"(b1) : "r"(kbase + r * 512 + (((cc & ~7) | ((cc ^ r) & 7)) * 16)));
                 asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
                     : "+f"(s[n][0]), "+f"(s[n][1]), "+f"(s[n][2]), "+f"(s[n][3])
                     : "r"(qf[0]), "r"(qf[1]), "r"(qf[2]), "r"(qf[3]), "r"(b0), "r"(b1));
@@ -896,7 +902,8 @@ __device__ __forceinline__ void attention_unit2(const Args& g, int l, int prog, 
         #pragma unroll
         for (int j = 0; j < 32; ++j) {
             unsigned b0, b1;
-            asm("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];" : "=r"(b0), "=r"(b1) : "r"(vbase + (lane & 15) * A2_ROW + j * 16));
+            asm("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];"
+                : "=r"(b0), "=r"(b1) : "r"(vbase + (lane & 15) * 512 + (((j & ~7) | ((j ^ lane) & 7)) * 16)));
             asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
                 : "+f"(o[j][0]), "+f"(o[j][1]), "+f"(o[j][2]), "+f"(o[j][3])
                 : "r"(p0), "r"(p1), "r"(p2), "r"(p3), "r"(b0), "r"(b1));
@@ -910,12 +917,12 @@ __device__ __forceinline__ void attention_unit2(const Args& g, int l, int prog, 
     /* the 4 warps' partials (unnormalised O, m, l) into shared memory; the ring is free: every sub-block is consumed */
     bar_consumers();
     {
-        float* stage = (float*)(smem + A2_STAGE) + warp * 16 * 256;
+        float* stage = (float*)(smem + A2_STAGE) + warp * 16 * A2_SROW;
         #pragma unroll
         for (int j = 0; j < 32; ++j)
             #pragma unroll
             for (int hh = 0; hh < 2; ++hh)
-                *(float2*)(stage + (gq + 8 * hh) * 256 + 8 * j + 2 * q4) = make_float2(o[j][2 * hh], o[j][2 * hh + 1]);
+                *(float2*)(stage + (gq + 8 * hh) * A2_SROW + 8 * j + 2 * q4) = make_float2(o[j][2 * hh], o[j][2 * hh + 1]);
         if (q4 == 0)
             #pragma unroll
             for (int hh = 0; hh < 2; ++hh)
@@ -943,7 +950,7 @@ __device__ __forceinline__ void attention_unit2(const Args& g, int l, int prog, 
                 float v0 = 0.f, v1 = 0.f;
                 #pragma unroll
                 for (int w = 0; w < 4; ++w) {
-                    const float2 pv = *(const float2*)((const float*)(smem + A2_STAGE) + (w * 16 + row) * 256 + col0 + cg + u);
+                    const float2 pv = *(const float2*)((const float*)(smem + A2_STAGE) + (w * 16 + row) * A2_SROW + col0 + cg + u);
                     v0 += e[w] * pv.x;
                     v1 += e[w] * pv.y;
                 }
@@ -955,6 +962,7 @@ __device__ __forceinline__ void attention_unit2(const Args& g, int l, int prog, 
     }
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  /* generic writes -> the bulk copies read them */
     bar_consumers();
+    if (g.use_ts && tid == 0) ts0[6] = globaltimer();  /* the rank's tile merged (qkv's spare slot 6) */
     const unsigned recv = a_u32 + A2_RECV;
     if (tid == 0)
         #pragma unroll 1
@@ -1276,7 +1284,9 @@ def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tenso
         if attn:  # att [blocked 50 x 2048], kc / vc [TK, 256] (rows >= T written by the kernel), key_valid
             # [TK + 16] (the prefix's padding mask, 1 for the suffix keys, 0 past TK)
             T = int(st["T"])
-            assert st["kc"].shape == st["vc"].shape == (T + R, 256) and st["key_valid"].shape == (T + R + 16,)
+            # ATTN 2: kv_swizzle's layout, 16 zero rows past T + R (a sub-block of 16 keys is one bulk copy)
+            rows = T + R + (16 if attn == 2 else 0)
+            assert st["kc"].shape == st["vc"].shape == (rows, 256) and st["key_valid"].shape == (T + R + 16,)
             assert st["att"].shape == (blocked_size(2048),) and programs >= (32 if attn == 1 else 100)
             args.att, args.kc, args.vc = st["att"].data_ptr(), st["kc"].data_ptr(), st["vc"].data_ptr()
             args.key_valid, args.T, args.TK = st["key_valid"].data_ptr(), T, T + R
@@ -1292,6 +1302,15 @@ def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tenso
     err = _libcuda().cuLaunchKernelEx(ctypes.byref(cfg), func, params, None)
     if err != 0:
         raise RuntimeError(f"cuLaunchKernelEx(mega_chain) failed: CUresult {err}")
+
+
+def kv_swizzle(kv: torch.Tensor) -> torch.Tensor:
+    """ATTN 2's K / V cache layout: [keys, 256] with the 16-byte groups of each 128-byte half XOR-swizzled by key
+    (group g of key k at g ^ (k % 8) within its half), so a bulk copy of 16 key rows lands in shared memory ready for
+    conflict-free ldmatrix. Its own inverse."""
+    keys = kv.shape[0]
+    g = torch.arange(32, device=kv.device).view(1, 32) ^ (torch.arange(keys, device=kv.device).view(keys, 1) % 8)
+    return torch.gather(kv.view(keys, 32, 8), 1, g.view(keys, 32, 1).expand(keys, 32, 8)).view(keys, 256)
 
 
 def attention_arrivals(attn: int) -> list[int]:

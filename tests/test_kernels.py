@@ -550,6 +550,19 @@ def test_cluster_attention_cuda(views, row_start, kc, rows):
     assert torch.equal(outs[0], outs[1]), "not deterministic"
 
 
+def test_mega_chain_kv_swizzle():
+    """ATTN 2's K / V cache layout: a permutation of the 16-byte groups inside each 128-byte half of a key row (its own
+    inverse), with group g of key k at g ^ (k % 8), which is where the kernel's epilogue writes the suffix keys."""
+    from pi0_triton_policy.kernels import mega_chain as MC
+
+    kv = torch.arange(37 * 256, dtype=torch.float32).view(37, 256)
+    sw = MC.kv_swizzle(kv)
+    assert torch.equal(MC.kv_swizzle(sw), kv) and torch.equal(sw.sort(1).values, kv)
+    for k in (0, 5, 36):
+        for e in (0, 7, 8, 100, 255):
+            assert sw[k, e ^ ((k % 8) << 3)] == kv[k, e]
+
+
 def test_mega_chain_plan_layout():
     """The persistent chain's work plan (kernels/mega_chain.py, experimental; CPU): every weight element is dealt to
     exactly one program and lands in its chunk at the swizzled position wgmma reads; the arrival counts each unit
@@ -668,9 +681,10 @@ def test_mega_chain_layer_cuda(layers, attn):
         st = dict(xs=x0.clone(), ss=torch.zeros(2, plan.programs // 4, MC.R, device="cuda"), pos=pos, cos=cos, sin=sin,
                   eps=1e-6)
         st["ss"][0, 0] = x0.pow(2).sum(1)
-        if attn:
-            zeros = torch.zeros(MC.R, 256, dtype=bf, device="cuda")
-            st.update(T=T, kc=torch.cat([kp, zeros]), vc=torch.cat([vp, zeros]),
+        if attn:  # ATTN 2: 16 more zero rows and the swizzled cache layout
+            zeros = torch.zeros(MC.R + (16 if attn == 2 else 0), 256, dtype=bf, device="cuda")
+            sw = MC.kv_swizzle if attn == 2 else (lambda t: t)
+            st.update(T=T, kc=sw(torch.cat([kp, zeros])), vc=sw(torch.cat([vp, zeros])),
                       key_valid=torch.cat([valid, torch.ones(MC.R, dtype=torch.int32, device="cuda"),
                                            torch.zeros(16, dtype=torch.int32, device="cuda")]),
                       att=torch.full((MC.blocked_size(2048),), float("nan"), dtype=bf, device="cuda"), attn_mode=attn)
