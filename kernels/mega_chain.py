@@ -57,7 +57,7 @@ BN_SPLIT_MAX = 40  # widest column tile of a split op (o, down)
 RECV_BYTES = 2 * 4 * 16 * BN_SPLIT_MAX * 4  # [parity][source rank][16 owned rows][BN] fp32
 ROWSQ_BYTES = 3 * 1024  # LAYER: an owner's new x^2 [16][40] fp32; 3 KB keeps the ring 1024-aligned
 SS_BYTES = 6 * 1024  # LAYER: the clusters' sums of squares [<= 30][50] fp32, copied in by the loader
-SMEM = A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES + NS * SLOT + 8 * (2 * NS + 9 + 2 * 4 + 1)  # + ATTN 2's mbarriers (ring of 4, done)
+SMEM = A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES + NS * SLOT + 8 * (2 * NS + 9 + 2 * 5 + 1)  # + ATTN 2's mbarriers (ring of 5, done)
 assert (A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES) % 1024 == 0 and SLOT % 1024 == 0, "wgmma's swizzle atoms are 1024-aligned"
 NAMES = ("qkv", "o", "gu", "down")
 # op: (N, K, SPLIT, CK, NJMAX); CK = K columns per ring chunk (one 128-byte swizzle atom wide), NJMAX = most n8 column
@@ -748,12 +748,15 @@ __device__ __forceinline__ void load_attention_q(const Args& g, int l, int prog,
    all of it inside the activation region (free from the qkv unit's last MMA to the end of this unit). */
 #define A2_Q 0                                    /* Q: [4 blocks of 64 columns][16 rows][128 B], swizzled by source row */
 #define A2_KV 8192                                /* K / V ring: [slot][K, V][16 keys][512 B] (the cache's swizzle) */
+#define A2_ROW 528                                /* a merged row: 256 bf16, then m, l fp32 (+ 8 B) */
 #define A2_SB (16 * 512)
-#define A2_SLOTS 4
-#define A2_ROW 528                                /* a partial's row: O / l as 256 bf16, then m, l fp32 (+ 8 B) */
-#define A2_SLICE (4 * A2_ROW)                     /* the 4 rows of a tile a rank owns */
-#define A2_STAGE A2_KV                            /* after the keys: each warp's partial [4 warps][16 rows][A2_ROW] */
-#define A2_RECV (A2_KV + A2_SLOTS * 2 * A2_SB)    /* my rows' partials from the 16 (rank, warp) sources [16][A2_SLICE] */
+#define A2_SLOTS 5
+#define A2_RECV (A2_KV + A2_SLOTS * 2 * A2_SB)    /* [4 source ranks][4 rows][A2_ROW]: O / l bf16, then m, l fp32 */
+#define A2_SLICE (4 * A2_ROW)
+#define A2_SROW 260                               /* floats per staged partial row (padded: fewer bank conflicts) */
+#define A2_STAGE A2_KV                            /* after the keys: the warps' partials O [4][16][A2_SROW] fp32 */
+#define A2_ML (A2_STAGE + 4 * 16 * A2_SROW * 4)   /* and their (m, l) [4][16] */
+#define A2_SEND (A2_ML + 4 * 16 * 8)              /* the rank's merged tile [16][A2_ROW] */
 #define A2_BAR (2 * NS + 9)                       /* ring mbarriers: full [A2_SLOTS], then empty [A2_SLOTS] */
 
 __device__ __forceinline__ void attention_quarter2(const Args& g, int c, int& kb, int& ke, int& nsb) {
@@ -818,9 +821,10 @@ __device__ __forceinline__ void attention_unit2(const Args& g, int l, int prog, 
     int kb, ke, nsb;
     attention_quarter2(g, c, kb, ke, nsb);
     const unsigned rbar = bars + 8 * (2 * NS + 8);
-    if (tid == 0)  /* my rows' partials from the 16 (rank, warp) sources, mine included */
-        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(rbar), "r"(16 * A2_SLICE) : "memory");
-    /* key validity of this thread's keys in every iteration (fixed during the kernel: read before Q arrives) */
+    if (tid == 0)  /* my rows' slices from the other three ranks */
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(rbar), "r"(3 * A2_SLICE) : "memory");
+    /* key validity of this thread's keys in every iteration (fixed during the kernel: read before Q arrives, off the
+       keys loop's critical path) */
     const int gq = lane >> 2, q4 = lane & 3;
     unsigned vbits = 0;
     #pragma unroll
@@ -921,51 +925,92 @@ __device__ __forceinline__ void attention_unit2(const Args& g, int l, int prog, 
     kvi += nsb;
     if (g.use_ts && tid == 0) ts[5] = globaltimer();
 
-    /* each warp's partial (O / l in bf16, m and l in fp32) into the ring area (free once every warp is past its
-       keys), then its 4-row slices to the owner ranks (one bulk copy each, my own rank included) */
+    /* the 4 warps' partials (unnormalised O, m, l) into shared memory; the ring is free: every sub-block is consumed */
     bar_consumers();
     {
-        unsigned char* stage = smem + A2_STAGE + warp * 16 * A2_ROW;
+        float* stage = (float*)(smem + A2_STAGE) + warp * 16 * A2_SROW;
         #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-            const float inv = lsum[hh] > 0.f ? 1.f / lsum[hh] : 0.f;
-            unsigned char* row = stage + (gq + 8 * hh) * A2_ROW;
+        for (int j = 0; j < 32; ++j)
             #pragma unroll
-            for (int j = 0; j < 32; ++j)
-                *(unsigned*)(row + 2 * (8 * j + 2 * q4)) = to_bf16(o[j][2 * hh] * inv) | ((unsigned)to_bf16(o[j][2 * hh + 1] * inv) << 16);
-            if (q4 == 0) *(float2*)(row + 512) = make_float2(m[hh], lsum[hh]);
-        }
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  /* generic writes -> the bulk copies read them */
-        __syncwarp();
-        if (g.use_ts && tid == 0) ts0[6] = globaltimer();  /* partials staged (qkv's spare slot 6) */
-        if (lane < 4)  /* rows 4d..4d+3 -> rank d, slot (my rank, my warp) */
-            asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                         :: "r"(mapa(a_u32 + A2_RECV + (4 * c + warp) * A2_SLICE, lane)),
-                            "r"(smem_u32(stage + 4 * lane * A2_ROW)), "r"(A2_SLICE), "r"(mapa(rbar, lane)) : "memory");
+            for (int hh = 0; hh < 2; ++hh)
+                *(float2*)(stage + (gq + 8 * hh) * A2_SROW + 8 * j + 2 * q4) = make_float2(o[j][2 * hh], o[j][2 * hh + 1]);
+        if (q4 == 0)
+            #pragma unroll
+            for (int hh = 0; hh < 2; ++hh)
+                *(float2*)(smem + A2_ML + (warp * 16 + gq + 8 * hh) * 8) = make_float2(m[hh], lsum[hh]);
     }
+    bar_consumers();
+    {   /* warp w merges columns 64w..64w+63 of the 16 rows in fixed order; lane: row lane / 2, 32 columns */
+        const int row = lane >> 1, col0 = 64 * warp + 32 * (lane & 1);
+        float e[4], mm = -1e30f, lw = 0.f;
+        #pragma unroll
+        for (int w = 0; w < 4; ++w) mm = fmaxf(mm, ((const float*)(smem + A2_ML + (w * 16 + row) * 8))[0]);
+        #pragma unroll
+        for (int w = 0; w < 4; ++w) {
+            const float2 ml = *(const float2*)(smem + A2_ML + (w * 16 + row) * 8);
+            e[w] = ml.y > 0.f ? __expf(ml.x - mm) : 0.f;
+            lw += e[w] * ml.y;
+        }
+        const float inv = lw > 0.f ? 1.f / lw : 0.f;
+        unsigned char* send = smem + A2_SEND + row * A2_ROW;
+        #pragma unroll
+        for (int cg = 0; cg < 32; cg += 8) {
+            unsigned pk[4];
+            #pragma unroll
+            for (int u = 0; u < 8; u += 2) {
+                float v0 = 0.f, v1 = 0.f;
+                #pragma unroll
+                for (int w = 0; w < 4; ++w) {
+                    const float2 pv = *(const float2*)((const float*)(smem + A2_STAGE) + (w * 16 + row) * A2_SROW + col0 + cg + u);
+                    v0 += e[w] * pv.x;
+                    v1 += e[w] * pv.y;
+                }
+                pk[u / 2] = to_bf16(v0 * inv) | ((unsigned)to_bf16(v1 * inv) << 16);
+            }
+            *(uint4*)(send + 2 * (col0 + cg)) = make_uint4(pk[0], pk[1], pk[2], pk[3]);
+        }
+        if (warp == 0 && (lane & 1) == 0) *(float2*)(send + 512) = make_float2(mm, lw);
+    }
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  /* generic writes -> the bulk copies read them */
+    bar_consumers();
+    if (g.use_ts && tid == 0) ts0[6] = globaltimer();  /* the rank's tile merged (qkv's spare slot 6) */
+    const unsigned recv = a_u32 + A2_RECV;
+    if (tid == 0)
+        #pragma unroll 1
+        for (int d = 0; d < 4; ++d)
+            if (d != c)
+                asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                             :: "r"(mapa(recv + c * A2_SLICE, d)), "r"(a_u32 + A2_SEND + 4 * d * A2_ROW), "r"(A2_SLICE),
+                                "r"(mapa(rbar, d)) : "memory");
     while (!mbar_try_cluster(rbar, l & 1)) {}
     if (g.use_ts && tid == 0) ts0[4] = globaltimer();
-    {   /* rows 4c..4c+3 of the tile from the 16 sources in fixed order; thread: row tid / 32, 8 columns */
+    {   /* rows 4c..4c+3 of the tile from the 4 ranks in fixed order; thread: row tid / 32, 8 columns */
         const int row = tid >> 5, col = 8 * (tid & 31), i = 16 * t + 4 * c + row;
-        const unsigned char* rv = smem + A2_RECV + row * A2_ROW;
-        float mm = -1e30f, wsum = 0.f;
-        #pragma unroll 1
-        for (int s = 0; s < 16; ++s) mm = fmaxf(mm, ((const float*)(rv + s * A2_SLICE + 512))[0]);
+        const unsigned char* src[4];
+        #pragma unroll
+        for (int s = 0; s < 4; ++s)
+            src[s] = s == c ? smem + A2_SEND + (4 * c + row) * A2_ROW : smem + A2_RECV + s * A2_SLICE + row * A2_ROW;
+        float w[4], mm = -1e30f, wsum = 0.f;
+        #pragma unroll
+        for (int s = 0; s < 4; ++s) mm = fmaxf(mm, ((const float*)(src[s] + 512))[0]);
+        #pragma unroll
+        for (int s = 0; s < 4; ++s) {
+            const float2 ml = *(const float2*)(src[s] + 512);
+            w[s] = ml.y > 0.f ? __expf(ml.x - mm) * ml.y : 0.f;
+            wsum += w[s];
+        }
+        const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
         float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-        #pragma unroll 1
-        for (int s = 0; s < 16; ++s) {
-            const float2 ml = *(const float2*)(rv + s * A2_SLICE + 512);
-            const float w = ml.y > 0.f ? __expf(ml.x - mm) * ml.y : 0.f;
-            wsum += w;
-            const uint4 pv = *(const uint4*)(rv + s * A2_SLICE + 2 * col);
+        #pragma unroll
+        for (int s = 0; s < 4; ++s) {
+            const uint4 pv = *(const uint4*)(src[s] + 2 * col);
             const unsigned pw[4] = {pv.x, pv.y, pv.z, pv.w};
             #pragma unroll
             for (int u = 0; u < 4; ++u) {
-                acc[2 * u] += w * __uint_as_float(pw[u] << 16);
-                acc[2 * u + 1] += w * __uint_as_float(pw[u] & 0xffff0000u);
+                acc[2 * u] += w[s] * __uint_as_float(pw[u] << 16);
+                acc[2 * u + 1] += w[s] * __uint_as_float(pw[u] & 0xffff0000u);
             }
         }
-        const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
         unsigned pk[4];
         #pragma unroll
         for (int u = 0; u < 4; ++u) pk[u] = to_bf16(acc[2 * u] * inv) | ((unsigned)to_bf16(acc[2 * u + 1] * inv) << 16);
@@ -982,13 +1027,14 @@ __device__ __forceinline__ void attention_unit2(const Args& g, int l, int prog, 
         asm volatile("red.release.gpu.global.add.u32 [%0], 1;" :: "l"(g.ctr + (l * 4 + 0) * 32 + 20 + h0) : "memory");
         if (h1 != h0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" :: "l"(g.ctr + (l * 4 + 0) * 32 + 20 + h1) : "memory");
         if (g.use_ts) ts[7] = globaltimer();
-        /* every rank has received all its partials (so read my staged ones): tell each rank of the cluster */
+        /* the other ranks' slices of my rows are in: tell every rank (once all four have said so, nobody reads the
+           merged tile a rank sent any more) */
         #pragma unroll 1
         for (int d = 0; d < 4; ++d)
             asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" :: "r"(mapa(done, d)) : "memory");
     }
-    /* the loader may overwrite the activation region (my staged partials included) once every rank of the cluster
-       has received them */
+    /* the loader may overwrite the activation region (the merged tile the other ranks copy from included) once every
+       rank of the cluster has its slices */
     while (!mbar_try_cluster(done, l & 1)) {}
     mbar_arrive(bars + 8 * (2 * NS + 6));
 }
@@ -1008,7 +1054,7 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(192, 1) m
         mbar_init(bars + 8 * (2 * NS + 7), 1);   /* LAYER: sums of squares in shared memory (qkv: phase 0, gu: 1) */
         mbar_init(bars + 8 * (2 * NS + 8), 1);   /* ATTN: the other key quarters' partials of my rows */
         for (int s = 0; s < 2 * A2_SLOTS; ++s) mbar_init(bars + 8 * (A2_BAR + s), 1);  /* ATTN 2: K / V ring */
-        mbar_init(bars + 8 * (A2_BAR + 2 * A2_SLOTS), 4);  /* ATTN 2: the cluster's ranks have their partials */
+        mbar_init(bars + 8 * (A2_BAR + 2 * A2_SLOTS), 4);  /* ATTN 2: every rank of the cluster has its slices */
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
