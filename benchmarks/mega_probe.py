@@ -118,10 +118,10 @@ def layer_mode(weights, ctr, attn=0, T=304):
             "keys_done->partials_in": round(float((s0[:, :, 4] - st_[:, :, 5]).median()), 2),
             "partials_in_max_over_cluster_minus_min_keys_done": round(float((s0[:, :, 4] - st_[:, :, 5]).max()), 2),
             "owner_merge": round(float((s0[:, :, 5] - s0[:, :, 4]).median()), 2)})
-        if attn == 2:  # keys_done->partials_in split: each warp's partial staged, then all 16 sources' slices in
+        if attn == 2:  # keys_done->partials_in split: the rank's 4 warps merged, then the other ranks' slices in
             out["attention_unit_us"].update({
-                "keys_done->staged": round(float((s0[:, :, 6] - st_[:, :, 5]).median()), 2),
-                "staged->partials_in": round(float((s0[:, :, 4] - s0[:, :, 6]).median()), 2),
+                "keys_done->rank_merged": round(float((s0[:, :, 6] - st_[:, :, 5]).median()), 2),
+                "rank_merged->partials_in": round(float((s0[:, :, 4] - s0[:, :, 6]).median()), 2),
                 "Q_in_spread_over_programs": round(float((st_[:, :, 4].max(0).values - st_[:, :, 4].min(0).values).median()), 2),
                 "keys_done_spread_over_programs": round(float((st_[:, :, 5].max(0).values - st_[:, :, 5].min(0).values).median()), 2)})
         print("attention unit:", out["attention_unit_us"], flush=True)
