@@ -57,7 +57,7 @@ BN_SPLIT_MAX = 40  # widest column tile of a split op (o, down)
 RECV_BYTES = 2 * 4 * 16 * BN_SPLIT_MAX * 4  # [parity][source rank][16 owned rows][BN] fp32
 ROWSQ_BYTES = 3 * 1024  # LAYER: an owner's new x^2 [16][40] fp32; 3 KB keeps the ring 1024-aligned
 SS_BYTES = 6 * 1024  # LAYER: the clusters' sums of squares [<= 30][50] fp32, copied in by the loader
-SMEM = A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES + NS * SLOT + 8 * (2 * NS + 9 + 2 * 5 + 1)  # + ATTN 2's mbarriers (ring of 5, done)
+SMEM = A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES + NS * SLOT + 8 * (2 * NS + 9 + 2 * 5)  # + ATTN 2's K / V ring mbarriers (5 slots)
 assert (A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES) % 1024 == 0 and SLOT % 1024 == 0, "wgmma's swizzle atoms are 1024-aligned"
 NAMES = ("qkv", "o", "gu", "down")
 # op: (N, K, SPLIT, CK, NJMAX); CK = K columns per ring chunk (one 128-byte swizzle atom wide), NJMAX = most n8 column
@@ -757,6 +757,9 @@ __device__ __forceinline__ void load_attention_q(const Args& g, int l, int prog,
 #define A2_STAGE A2_KV                            /* after the keys: the warps' partials O [4][16][A2_SROW] fp32 */
 #define A2_ML (A2_STAGE + 4 * 16 * A2_SROW * 4)   /* and their (m, l) [4][16] */
 #define A2_SEND (A2_ML + 4 * 16 * 8)              /* the rank's merged tile [16][A2_ROW] */
+#if ATTN == 2 && A2_SEND < 8 * A_BLOCK
+#error "A2_SEND must lie past o's activations (the loader refills them while other ranks may copy A2_SEND)"
+#endif
 #define A2_BAR (2 * NS + 9)                       /* ring mbarriers: full [A2_SLOTS], then empty [A2_SLOTS] */
 
 __device__ __forceinline__ void attention_quarter2(const Args& g, int c, int& kb, int& ke, int& nsb) {
@@ -953,7 +956,7 @@ __device__ __forceinline__ void attention_unit2(const Args& g, int l, int prog, 
         }
         const float inv = lw > 0.f ? 1.f / lw : 0.f;
         unsigned char* send = smem + A2_SEND + row * A2_ROW;
-        #pragma unroll
+        #pragma unroll 1
         for (int cg = 0; cg < 32; cg += 8) {
             unsigned pk[4];
             #pragma unroll
@@ -1019,7 +1022,10 @@ __device__ __forceinline__ void attention_unit2(const Args& g, int l, int prog, 
     if (g.use_ts && tid == 0) ts0[5] = globaltimer();
     asm volatile("fence.proxy.async.global;" ::: "memory");  /* o's loader reads att by bulk copy */
     bar_consumers();
-    const unsigned done = bars + 8 * (A2_BAR + 2 * A2_SLOTS);
+    /* the loader may overwrite the activation region: o's activations (the first 8 blocks) do not reach A2_SEND, which
+       the other ranks may still be copying from; gate|up's do, but they wait for every o unit, hence for every
+       attention owner, hence for every slice sent */
+    mbar_arrive(bars + 8 * (2 * NS + 6));
     if (tid == 0) {
         if (g.use_ts) ts[6] = globaltimer();
         const int i0 = 16 * t + 4 * c, h0 = i0 / R, h1 = (i0 + 3) / R;
@@ -1027,16 +1033,7 @@ __device__ __forceinline__ void attention_unit2(const Args& g, int l, int prog, 
         asm volatile("red.release.gpu.global.add.u32 [%0], 1;" :: "l"(g.ctr + (l * 4 + 0) * 32 + 20 + h0) : "memory");
         if (h1 != h0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" :: "l"(g.ctr + (l * 4 + 0) * 32 + 20 + h1) : "memory");
         if (g.use_ts) ts[7] = globaltimer();
-        /* the other ranks' slices of my rows are in: tell every rank (once all four have said so, nobody reads the
-           merged tile a rank sent any more) */
-        #pragma unroll 1
-        for (int d = 0; d < 4; ++d)
-            asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" :: "r"(mapa(done, d)) : "memory");
     }
-    /* the loader may overwrite the activation region (the merged tile the other ranks copy from included) once every
-       rank of the cluster has its slices */
-    while (!mbar_try_cluster(done, l & 1)) {}
-    mbar_arrive(bars + 8 * (2 * NS + 6));
 }
 
 extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(192, 1) mega_chain_kernel(const Args g)
@@ -1054,7 +1051,6 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(192, 1) m
         mbar_init(bars + 8 * (2 * NS + 7), 1);   /* LAYER: sums of squares in shared memory (qkv: phase 0, gu: 1) */
         mbar_init(bars + 8 * (2 * NS + 8), 1);   /* ATTN: the other key quarters' partials of my rows */
         for (int s = 0; s < 2 * A2_SLOTS; ++s) mbar_init(bars + 8 * (A2_BAR + s), 1);  /* ATTN 2: K / V ring */
-        mbar_init(bars + 8 * (A2_BAR + 2 * A2_SLOTS), 4);  /* ATTN 2: every rank of the cluster has its slices */
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
