@@ -65,14 +65,19 @@ def layer_mode(weights, ctr, attn=0, T=304):
     kv_prefix = None
     if attn:  # a prefix of T keys (the last 11 prompt keys padding) shared by every layer
         g = torch.Generator(device=dev).manual_seed(1)
-        kp = torch.randn(T, 256, device=dev, generator=g).to(bf)
-        vp = torch.randn(T, 256, device=dev, generator=g).to(bf)
+        kv_shape = (L, T, 256) if attn == 2 else (T, 256)  # ATTN 2: every layer its own cache (as in the engine)
+        kp = torch.randn(*kv_shape, device=dev, generator=g).to(bf)
+        vp = torch.randn(*kv_shape, device=dev, generator=g).to(bf)
         valid = torch.ones(T, dtype=torch.int32, device=dev)
         valid[T - 11:] = 0
         pad = MC.R + (16 if attn == 2 else 0)  # ATTN 2: 16 zero rows past the keys, kv_swizzle's layout
         sw = MC.kv_swizzle if attn == 2 else (lambda t: t)
-        st.update(T=T, kc=sw(torch.cat([kp, torch.zeros(pad, 256, dtype=bf, device=dev)])),
-                  vc=sw(torch.cat([vp, torch.zeros(pad, 256, dtype=bf, device=dev)])),
+        def cache(p):  # the prefix, then the suffix rows (+ ATTN 2's 16 zero rows), per layer for ATTN 2
+            if p.dim() == 2:
+                return sw(torch.cat([p, torch.zeros(pad, 256, dtype=bf, device=dev)]))
+            return torch.stack([sw(torch.cat([x, torch.zeros(pad, 256, dtype=bf, device=dev)])) for x in p])
+
+        st.update(T=T, kc=cache(kp), vc=cache(vp),
                   key_valid=torch.cat([valid, torch.ones(MC.R, dtype=torch.int32, device=dev),
                                        torch.zeros(16, dtype=torch.int32, device=dev)]),
                   att=torch.zeros(MC.blocked_size(2048), dtype=bf, device=dev), attn_mode=attn)

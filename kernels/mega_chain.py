@@ -119,6 +119,7 @@ struct Args {
     bf16* vc;
     const int* key_valid;  /* ATTN: [TK + 16]: prefix keys (prompt padding = 0), 1 for the suffix, 0 past TK */
     int T, TK;
+    long long kv_layer;    /* ATTN 2: elements between layers' K / V caches (0: one cache for every layer) */
     unsigned wait[4][32];  /* op P's activations of range r are complete when the producing op's counter r reaches wait[P][r] */
 };
 
@@ -309,7 +310,7 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
                 if (ATTN && head >= 8) {  /* k / v of the suffix rows -> the key / value cache (ATTN 2: its 16-byte
                                              groups XOR-swizzled by key, kv_swizzle) */
                     const int key = g.T + row, sw = ATTN == 2 ? ((key & 7) << 3) : 0;
-                    bf16* kv = (head == 8 ? g.kc : g.vc) + (size_t)key * 256;
+                    bf16* kv = (head == 8 ? g.kc : g.vc) + (size_t)l * g.kv_layer + (size_t)key * 256;
                     *(unsigned*)(kv + (dim ^ sw)) = to_bf16(a0) | ((unsigned)to_bf16(a1) << 16);
                     *(unsigned*)(kv + ((128 + dim) ^ sw)) = to_bf16(b0) | ((unsigned)to_bf16(b1) << 16);
                 }
@@ -769,7 +770,7 @@ __device__ __forceinline__ void attention_quarter2(const Args& g, int c, int& kb
     nsb = kb < ke ? (ke - kb + 15) / 16 : 0;
 }
 
-__device__ __forceinline__ void attention_kv_issue2(const Args& g, unsigned a_u32, unsigned bars, int idx, int k0) {
+__device__ __forceinline__ void attention_kv_issue2(const Args& g, int l, unsigned a_u32, unsigned bars, int idx, int k0) {
     const int slot = idx % A2_SLOTS, use = idx / A2_SLOTS;
     const unsigned full = bars + 8 * (A2_BAR + slot), empty = bars + 8 * (A2_BAR + A2_SLOTS + slot);
     if (use > 0) while (!mbar_try(empty, (use - 1) & 1)) {}
@@ -778,9 +779,9 @@ __device__ __forceinline__ void attention_kv_issue2(const Args& g, unsigned a_u3
     /* 16 key rows of K and of V, one bulk copy each: the cache holds >= TK + 16 rows (zeros past TK, masked) and its
        16-byte groups are already XOR-swizzled by key (kv_swizzle), so ldmatrix reads them without bank conflicts */
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                 :: "r"(dst), "l"(g.kc + (size_t)k0 * 256), "r"(A2_SB), "r"(full) : "memory");
+                 :: "r"(dst), "l"(g.kc + (size_t)l * g.kv_layer + (size_t)k0 * 256), "r"(A2_SB), "r"(full) : "memory");
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                 :: "r"(dst + A2_SB), "l"(g.vc + (size_t)k0 * 256), "r"(A2_SB), "r"(full) : "memory");
+                 :: "r"(dst + A2_SB), "l"(g.vc + (size_t)l * g.kv_layer + (size_t)k0 * 256), "r"(A2_SB), "r"(full) : "memory");
 }
 
 /* the loader's part of an attention unit */
@@ -793,7 +794,7 @@ __device__ __forceinline__ void attention_loader2(const Args& g, int l, int prog
     ++au;
     int j = 0;
     for (; j < nsb && j < A2_SLOTS && kb + 16 * j + 16 <= g.T; ++j)  /* prefix keys: fixed, requested right away */
-        attention_kv_issue2(g, a_u32, bars, kvi + j, kb + 16 * j);
+        attention_kv_issue2(g, l, a_u32, bars, kvi + j, kb + 16 * j);
     while (ld_acquire(g.ctr + (l * 4 + 0) * 32 + 31) < g.wait[1][31]) {}  /* every qkv unit has published */
     asm volatile("fence.proxy.async.global;" ::: "memory");
     /* Q: one 64-column block per activation mbarrier (each unit completes all four); the tile's rows are one or two
@@ -812,7 +813,7 @@ __device__ __forceinline__ void attention_loader2(const Args& g, int l, int prog
             if (s == split) break;
         }
     }
-    for (; j < nsb; ++j) attention_kv_issue2(g, a_u32, bars, kvi + j, kb + 16 * j);
+    for (; j < nsb; ++j) attention_kv_issue2(g, l, a_u32, bars, kvi + j, kb + 16 * j);
     kvi += nsb;
 }
 
@@ -859,9 +860,10 @@ __device__ __forceinline__ void attention_unit2(const Args& g, int l, int prog, 
         const bool real = sb < nsb;
         while (real && !mbar_try(bars + 8 * (A2_BAR + slot), (idx / A2_SLOTS) & 1)) {}
         const unsigned kbase = pinned_u32(real ? a_u32 + A2_KV + slot * 2 * A2_SB : a_u32 + A2_Q), vbase = kbase + (real ? A2_SB : 0);
-        float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+        float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}}, s2[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
         #pragma unroll
-        for (int ks = 0; ks < 16; ++ks) {
+        for (int ks = 0; ks < 16; ++ks) {  /* even / odd k16 steps into two accumulators: two independent mma chains */
+            float (*acc)[4] = ks & 1 ? s2 : s;
             unsigned qf[4];
             const int qc = ks * 2 + (lane >> 4);
             asm("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
@@ -874,10 +876,14 @@ __device__ __forceinline__ void attention_unit2(const Args& g, int l, int prog, 
                 asm("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];"
                     : "=r"(b0), "=r"(b1) : "r"(kbase + r * 512 + (((cc & ~7) | ((cc ^ r) & 7)) * 16)));
                 asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                    : "+f"(s[n][0]), "+f"(s[n][1]), "+f"(s[n][2]), "+f"(s[n][3])
+                    : "+f"(acc[n][0]), "+f"(acc[n][1]), "+f"(acc[n][2]), "+f"(acc[n][3])
                     : "r"(qf[0]), "r"(qf[1]), "r"(qf[2]), "r"(qf[3]), "r"(b0), "r"(b1));
             }
         }
+        #pragma unroll
+        for (int n = 0; n < 2; ++n)
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) s[n][e] += s2[n][e];
         float mx[2] = {m[0], m[1]};
         #pragma unroll
         for (int n = 0; n < 2; ++n)
@@ -1146,6 +1152,7 @@ class _Args(ctypes.Structure):
                 ("pos", ctypes.c_void_p), ("cos_t", ctypes.c_void_p), ("sin_t", ctypes.c_void_p),
                 ("eps", ctypes.c_float), ("pad2", ctypes.c_int), ("att", ctypes.c_void_p), ("kc", ctypes.c_void_p),
                 ("vc", ctypes.c_void_p), ("key_valid", ctypes.c_void_p), ("T", ctypes.c_int), ("TK", ctypes.c_int),
+                ("kv_layer", ctypes.c_longlong),
                 ("wait", (ctypes.c_uint * 32) * 4)]
 
 
@@ -1301,10 +1308,14 @@ def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tenso
         if attn:  # att [blocked 50 x 2048], kc / vc [TK, 256] (rows >= T written by the kernel), key_valid
             # [TK + 16] (the prefix's padding mask, 1 for the suffix keys, 0 past TK)
             T = int(st["T"])
-            # ATTN 2: kv_swizzle's layout, 16 zero rows past T + R (a sub-block of 16 keys is one bulk copy)
+            # ATTN 2: kv_swizzle's layout, 16 zero rows past T + R (a sub-block of 16 keys is one bulk copy), one
+            # cache for every layer [rows, 256] or one per layer [layers, rows, 256]
             rows = T + R + (16 if attn == 2 else 0)
             assert attn == 1 or T + R <= 1024, "ATTN 2: at most 16 sub-blocks of 16 keys per key quarter"
-            assert st["kc"].shape == st["vc"].shape == (rows, 256) and st["key_valid"].shape == (T + R + 16,)
+            kc = st["kc"]
+            assert kc.shape == st["vc"].shape and kc.shape[-2:] == (rows, 256) and st["key_valid"].shape == (T + R + 16,)
+            assert kc.dim() == 2 or (attn == 2 and kc.dim() == 3 and kc.shape[0] >= layers and kc.is_contiguous())
+            args.kv_layer = rows * 256 if kc.dim() == 3 else 0
             assert st["att"].shape == (blocked_size(2048),) and programs >= (32 if attn == 1 else 100)
             args.att, args.kc, args.vc = st["att"].data_ptr(), st["kc"].data_ptr(), st["vc"].data_ptr()
             args.key_valid, args.T, args.TK = st["key_valid"].data_ptr(), T, T + R
@@ -1373,7 +1384,7 @@ def mega_layer_reference(xs: torch.Tensor, weights: dict, layers: int, pos, cos,
     engine's bf16 points (kernels/skinny_matmul.py): RMSNorm as a row scale after the matmul of bf16(x), RoPE
     (split halves) on q and k, h = gelu_tanh(g) * u, fp32 residual adds. weights: W^T [L, N, K] in the original
     column order. kv_prefix = (kc, vc, key_valid) of the T prefix keys: o reads attention over the prefix + the
-    layer's 50 suffix keys instead (ATTN)."""
+    layer's 50 suffix keys instead (ATTN); kc / vc [T, 256] for every layer or [layers, T, 256] one per layer."""
     bf = torch.bfloat16
     x = xs.float().clone()
     c, s = cos[pos.long()], sin[pos.long()]
@@ -1387,6 +1398,8 @@ def mega_layer_reference(xs: torch.Tensor, weights: dict, layers: int, pos, cos,
         o_in = qkv[:, :2048]
         if kv_prefix is not None:
             kp, vp, valid = kv_prefix
+            if kp.dim() == 3:
+                kp, vp = kp[i], vp[i]
             k = torch.cat([kp.float(), qkv[:, 2048:2304].float()])
             v = torch.cat([vp.float(), qkv[:, 2304:].float()])
             logits = torch.einsum("rhd,kd->hrk", qkv[:, :2048].float().view(R, 8, 256), k)

@@ -652,7 +652,8 @@ def test_mega_chain_cuda(layers):
 def test_mega_chain_layer_cuda(layers, attn):
     """The persistent chain with the real layer's epilogues (RMSNorm row scale from the clusters' sums of squares,
     RoPE on q/k, GeGLU, fp32 residual; experimental) against mega_layer_reference; with attn, the attention link
-    too (a 37-token prompt's padding in a 1-camera prefix); bitwise repeatable."""
+    too (a 37-token prompt's padding in a 1-camera prefix; ATTN 2 with one K / V cache per layer, as the engine has
+    them); bitwise repeatable."""
     from pi0_triton_policy.kernels import mega_chain as MC
     from pi0_triton_policy.kernels.rmsnorm_qkv_rope import rope_tables
 
@@ -664,8 +665,9 @@ def test_mega_chain_layer_cuda(layers, attn):
                for op, (n, k, *_) in MC.OPS.items()}
     weights["qkv"][:, :2048] = (weights["qkv"][:, :2048].float() / 16).to(bf)  # queries pre-scaled, as the engine
     T = 304
-    kp = torch.randn(T, 256, device="cuda", generator=g).to(bf)
-    vp = torch.randn(T, 256, device="cuda", generator=g).to(bf)
+    kv_shape = (layers, T, 256) if attn == 2 else (T, 256)
+    kp = torch.randn(*kv_shape, device="cuda", generator=g).to(bf)
+    vp = torch.randn(*kv_shape, device="cuda", generator=g).to(bf)
     valid = torch.ones(T, dtype=torch.int32, device="cuda")
     valid[T - 11:] = 0
     plan = MC.plan_for_this_gpu(layer=True)
@@ -683,8 +685,12 @@ def test_mega_chain_layer_cuda(layers, attn):
         st["ss"][0, 0] = x0.pow(2).sum(1)
         if attn:  # ATTN 2: 16 more zero rows and the swizzled cache layout
             zeros = torch.zeros(MC.R + (16 if attn == 2 else 0), 256, dtype=bf, device="cuda")
-            sw = MC.kv_swizzle if attn == 2 else (lambda t: t)
-            st.update(T=T, kc=sw(torch.cat([kp, zeros])), vc=sw(torch.cat([vp, zeros])),
+            if attn == 2:
+                kc = torch.stack([MC.kv_swizzle(torch.cat([k, zeros])) for k in kp])
+                vc = torch.stack([MC.kv_swizzle(torch.cat([v, zeros])) for v in vp])
+            else:
+                kc, vc = torch.cat([kp, zeros]), torch.cat([vp, zeros])
+            st.update(T=T, kc=kc, vc=vc,
                       key_valid=torch.cat([valid, torch.ones(MC.R, dtype=torch.int32, device="cuda"),
                                            torch.zeros(16, dtype=torch.int32, device="cuda")]),
                       att=torch.full((MC.blocked_size(2048),), float("nan"), dtype=bf, device="cuda"), attn_mode=attn)
