@@ -44,7 +44,7 @@ def timeline(ts, programs, layers=L):
             for op, v in rows.items()}
 
 
-def layer_mode(weights, ctr, attn=0, T=304):
+def layer_mode(weights, ctr, attn=0, T=304, shared_kv=False):
     """The chain with the real layer's epilogues (MegaPlan(layer=True)): checked against mega_layer_reference (1 and
     18 layers, bitwise repeat), then timed like the plain chain. attn: the attention link too (1: session 7's unit,
     2: packed rows on 100 programs; kernels/mega_chain.py) over a T-key prefix (304: 1 camera, 816: 3)."""
@@ -65,7 +65,7 @@ def layer_mode(weights, ctr, attn=0, T=304):
     kv_prefix = None
     if attn:  # a prefix of T keys (the last 11 prompt keys padding) shared by every layer
         g = torch.Generator(device=dev).manual_seed(1)
-        kv_shape = (L, T, 256) if attn == 2 else (T, 256)  # ATTN 2: every layer its own cache (as in the engine)
+        kv_shape = (L, T, 256) if attn == 2 and not shared_kv else (T, 256)  # ATTN 2: a cache per layer, as the engine
         kp = torch.randn(*kv_shape, device=dev, generator=g).to(bf)
         vp = torch.randn(*kv_shape, device=dev, generator=g).to(bf)
         valid = torch.ones(T, dtype=torch.int32, device=dev)
@@ -90,7 +90,7 @@ def layer_mode(weights, ctr, attn=0, T=304):
         st["ss"][0, 0] = x0.pow(2).sum(1)
         MC.to_blocked(x0.to(bf), acts["x"])
 
-    out = {"variant": f"mega_layer_attn{attn}_T{T}" if attn else "mega_layer"}
+    out = {"variant": f"mega_layer_attn{attn}_T{T}{'_shared_kv' if shared_kv else ''}" if attn else "mega_layer"}
     for layers in (1, L):
         reset()
         MC.mega_chain(plan, prepared, acts, ctr, layers, layer_state=st)
@@ -130,7 +130,7 @@ def layer_mode(weights, ctr, attn=0, T=304):
                 "Q_in_spread_over_programs": round(float((st_[:, :, 4].max(0).values - st_[:, :, 4].min(0).values).median()), 2),
                 "keys_done_spread_over_programs": round(float((st_[:, :, 5].max(0).values - st_[:, :, 5].min(0).values).median()), 2)})
         print("attention unit:", out["attention_unit_us"], flush=True)
-    print(f"mega_chain LAYER{f' + ATTN {attn}, {T} prefix keys' if attn else ''} (norm, RoPE, GeGLU, residual epilogues): {t:8.1f} us/step "
+    print(f"mega_chain LAYER{f' + ATTN {attn}, {T} prefix keys' if attn else ''}{' (shared K/V)' if shared_kv else ''} (norm, RoPE, GeGLU, residual epilogues): {t:8.1f} us/step "
           f"{t / L:6.2f} us/layer")
     for op, v in out["timeline"].items():
         print(f"    {op:5s} " + "  ".join(f"{a} {b:6.2f}" for a, b in v.items()), flush=True)
@@ -147,6 +147,7 @@ def main():
     ap.add_argument("--layer", action="store_true", help="also the real layer's epilogues (RMSNorm, RoPE, GeGLU, residual)")
     ap.add_argument("--attn", type=int, nargs="*", default=[], help="also the layer with its attention link: modes (1, 2)")
     ap.add_argument("--prefix-keys", type=int, nargs="+", default=[304], help="prefix keys for --attn (304: 1 camera)")
+    ap.add_argument("--shared-kv", action="store_true", help="ATTN 2 also with one K / V cache for every layer")
     ap.add_argument("--skip-plain", action="store_true", help="only the --layer / --attn runs")
     ap.add_argument("--wgd", type=int, nargs="+", default=[MC.WGD], help="wgmma groups in flight before a slot is freed")
     args = ap.parse_args()
@@ -206,6 +207,8 @@ def main():
     for T in args.prefix_keys:
         for mode in args.attn:
             res["rows"].append(layer_mode(weights, ctr, attn=mode, T=T))
+            if mode == 2 and args.shared_kv:
+                res["rows"].append(layer_mode(weights, ctr, attn=mode, T=T, shared_kv=True))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1, default=str)
