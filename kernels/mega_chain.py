@@ -45,6 +45,8 @@ import ctypes
 import functools
 
 import torch
+import triton
+import triton.language as tl
 
 from pi0_triton_policy.kernels.cluster_matmul import CUDA_HELPERS, _LaunchConfig, _libcuda, compile_cuda
 
@@ -1334,12 +1336,14 @@ def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tenso
 
 
 def kv_swizzle(kv: torch.Tensor) -> torch.Tensor:
-    """ATTN 2's K / V cache layout: [keys, 256] with the 16-byte groups of each 128-byte half XOR-swizzled by key
+    """ATTN 2's K / V cache layout: [..., keys, 256] with the 16-byte groups of each 128-byte half XOR-swizzled by key
     (group g of key k at g ^ (k % 8) within its half), so a bulk copy of 16 key rows lands in shared memory ready for
     conflict-free ldmatrix. Its own inverse."""
-    keys = kv.shape[0]
+    keys = kv.shape[-2]
     g = torch.arange(32, device=kv.device).view(1, 32) ^ (torch.arange(keys, device=kv.device).view(keys, 1) % 8)
-    return torch.gather(kv.view(keys, 32, 8), 1, g.view(keys, 32, 1).expand(keys, 32, 8)).view(keys, 256)
+    v = kv.reshape(*kv.shape[:-1], 32, 8)
+    idx = g.view(*([1] * (v.dim() - 3)), keys, 32, 1).expand(v.shape)
+    return torch.gather(v, -2, idx).reshape(kv.shape)
 
 
 def attention_arrivals(attn: int) -> list[int]:
@@ -1354,6 +1358,29 @@ def attention_arrivals(attn: int) -> list[int]:
             for h in {(16 * t + 4 * c) // R, (16 * t + 4 * c + 3) // R}:
                 n[h] += 1
     return n
+
+
+@triton.jit
+def _stage_step_input_kernel(xs_ptr, xb_ptr, ss_ptr, CLUSTERS, D: tl.constexpr, A_BLOCK_ELEMS: tl.constexpr,
+                             CL: tl.constexpr):
+    """One row of the residual: its bf16 copy into the blocked, swizzled layout (`to_blocked`), its sum of squares into
+    cluster 0 of the norm sums (parity 0, read by the first qkv) and zeros into the other clusters."""
+    row = tl.program_id(0)
+    col = tl.arange(0, D)
+    x = tl.load(xs_ptr + row * D + col)
+    dst = (col // 64) * A_BLOCK_ELEMS + row * 64 + ((((col % 64) // 8) ^ (row % 8)) * 8) + col % 8
+    tl.store(xb_ptr + dst, x.to(xb_ptr.dtype.element_ty))
+    c = tl.arange(0, CL)
+    tl.store(ss_ptr + c * 50 + row, tl.where(c == 0, tl.sum(x * x, 0), 0.0), mask=c < CLUSTERS)
+
+
+def stage_step_input(xs: torch.Tensor, x_blocked: torch.Tensor, ss: torch.Tensor):
+    """The engine's residual after the time MLP (xs [50, 1024] fp32) -> LAYER mode's inputs: acts["x"] (bf16,
+    blocked) and ss[0] (the first qkv's row norms: the whole sum in cluster 0). One launch."""
+    assert xs.shape == (R, 1024) and xs.is_contiguous() and x_blocked.shape == (blocked_size(1024),)
+    clusters = ss.shape[1]
+    _stage_step_input_kernel[(R,)](xs, x_blocked, ss, clusters, D=1024, A_BLOCK_ELEMS=A_BLOCK // 2,
+                                   CL=triton.next_power_of_2(clusters), num_warps=4)
 
 
 def blocked_size(cols: int) -> int:

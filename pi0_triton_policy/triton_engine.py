@@ -39,6 +39,7 @@ from pi0_triton_policy.kernels import (
     embed_tokens as ET,
     layernorm_linear as LNL,
     linear_residual as LR,
+    mega_chain as MC,
     patch_embed as PE,
     prefix_attention as PA,
     rmsnorm_geglu as RG,
@@ -123,6 +124,10 @@ class Tuning:
     # between phases, optional L2 prefetch of the weights st_ahead phases ahead. Replaces act_skinny's per-layer
     # kernels when on (the time MLP and the output/Euler update stay separate kernels).
     act_stack: bool = False  # measured slower than the per-layer kernels with PDL (benchmarks/NOTES.md)
+    # flow steps 1.. of the action expert (50 rows) in the persistent CUDA kernel of kernels/mega_chain.py (qkv,
+    # attention, o, gate|up, down of all layers in one launch; ATTN 2), per camera count 1, 2, 3; step 0 (51 rows: the
+    # state token) stays on the skinny path. Needs sm_90a and 25 resident clusters of 4 (H100 / H200).
+    act_mega: tuple = (False, False, False)
     st_qkv: tuple = (16, 128)  # BH (fixed at load: column pairing), BK
     st_gu: tuple = (32, 128)  # BH (fixed at load), BK
     st_res: tuple = (16, 128, 4, 128, 4)  # BH (o, down, time MLP: the norm-statistics tiles), BK_o, split_o, BK_down, split_down
@@ -240,6 +245,7 @@ class EngineWeights:
         self._time_src = {k: get(k).to(f32) for k in ("action_in_proj/kernel", "action_in_proj/bias",
                                                        "action_time_mlp_in/kernel", "action_time_mlp_in/bias")}
         self._time_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._mega = None
         # skinny-matmul layouts of the action expert: W^T [N, K], qkv / gate|up columns paired per half-tile
         t = tuning
         # (qkv and gate|up column pairings are baked into the layout; o/down/time_out are plain transposes,
@@ -255,6 +261,16 @@ class EngineWeights:
         self.sk_gu = stack(self.gu[1], pg)
         self.sk_down = stack(self.down[1])
         self.sk_time = SK.transpose_weight(self.time_out_w)  # float32
+
+    def mega(self) -> tuple:
+        """(plan, prepared weights) of the action expert for kernels/mega_chain.py's LAYER mode, made on first use:
+        W^T [L, N, K] of the folded weights (RMSNorm (1 + scale) and the query scale in them) in its ring layout."""
+        if self._mega is None:
+            plan = MC.plan_for_this_gpu(layer=True)
+            wt = lambda ws: torch.stack([w.t() for w in ws])  # noqa: E731
+            self._mega = (plan, {op: plan.prepare(wt(ws), op) for op, ws in
+                                 (("qkv", self.qkv[1]), ("o", self.o[1]), ("gu", self.gu[1]), ("down", self.down[1]))})
+        return self._mega
 
     def time_weights(self, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(W1 [32, W], per-step time biases [num_steps, W])."""
@@ -344,6 +360,9 @@ class _ViewGraph:
             self.st_ws, self.st_aws = z(n_ws), z(n_aws)
             self.st_cnt = z(4096, dtype=torch.int32)
             self.st_bars = z(max(1, self.tb.shape[0]), max(256, self.stack_plan.nprog), dtype=torch.int32)
+        self.mega = None
+        if t.act_skinny and t.act_mega[min(num_views, 3) - 1]:
+            self.mega = _MegaSteps(eng, T, S)
         self.graph = None
         self.capture_s = None
 
@@ -503,6 +522,12 @@ class _ViewGraph:
                                store=True, **sk(t.sk_time, br))
             xs, xa, ss, R = self.xs[r0:], self.xsa[r0:], self.ss[:, r0:], S - r0
             q, o, h = self.q[:R], self.o[:R], self.hs[:R]
+            if self.mega is not None and step > 0:  # the 50 action rows, every layer in one persistent launch
+                if step == 1:  # the prefix's and the state token's keys are final: into the kernel's cache layout
+                    self.mega.fixed_keys(self.kc, self.vc, self.key_valid)
+                self.mega.step(self.xs[1:], self.pos[T + 1:], W.cos, W.sin, eps)
+                self._out_euler(dt)
+                continue
             if self.stack_plan is not None:  # every layer of the step in one persistent launch
                 AS.action_stack(self.stack_plan, xs, xa, ss, q, o, h, self.kc, self.vc, self.key_valid, self.pos[T + r0:],
                                 W.cos, W.sin, W.sk_qkv, W.sk_o, W.sk_gu, W.sk_down, self.st_ws, self.st_cnt, self.st_aws,
@@ -578,6 +603,42 @@ class _ViewGraph:
         else:
             self.graph.replay()
         return self.x_t
+
+
+class _MegaSteps:
+    """Buffers and calls of the action expert's flow steps 1.. in kernels/mega_chain.py (LAYER + ATTN 2): the 50 action
+    rows attend to T + 1 fixed keys (the prefix and the state token, computed by step 0) and to their own."""
+
+    def __init__(self, eng: "TritonPi0", T: int, S: int):
+        a, dev, bf = eng.cfg.action, eng.device, eng.dtype
+        if (a.width, a.mlp_dim, a.num_heads, a.head_dim, S - 1) != (1024, 4096, 8, 256, MC.R):
+            raise ValueError("act_mega: kernels/mega_chain.py is built for the full-size action expert (width 1024, "
+                             f"MLP 4096, 8 heads of 256, 50 actions); this variant has {a}")
+        self.plan, self.prepared = eng.weights.mega()
+        self.L, self.T = a.depth, T + 1
+        rows = self.T + MC.R + 16  # 16 zero rows: a 16-key sub-block is one bulk copy
+        self.kc = torch.zeros(self.L, rows, a.head_dim, dtype=bf, device=dev)
+        self.vc = torch.zeros_like(self.kc)
+        self.key_valid = torch.zeros(self.T + MC.R + 16, dtype=torch.int32, device=dev)
+        self.key_valid[self.T - 1:self.T + MC.R] = 1  # the state token and the 50 actions
+        cols = dict(x=1024, q=2560, x2=1024, h8=4096)
+        self.acts = {k: torch.zeros(MC.blocked_size(c), dtype=bf, device=dev) for k, c in cols.items()}
+        self.att = torch.zeros(MC.blocked_size(2048), dtype=bf, device=dev)
+        self.ss = torch.zeros(2, self.plan.programs // 4, MC.R, device=dev)
+        self.ctr = torch.zeros(self.L * 128, dtype=torch.int32, device=dev)
+
+    def fixed_keys(self, kc: torch.Tensor, vc: torch.Tensor, key_valid: torch.Tensor):
+        """The engine's caches [L, >= T + 1, 256] (row-major) -> the kernel's (kv_swizzle) for the fixed keys."""
+        self.kc[:, :self.T] = MC.kv_swizzle(kc[:, :self.T])
+        self.vc[:, :self.T] = MC.kv_swizzle(vc[:, :self.T])
+        self.key_valid[:self.T - 1] = key_valid[:self.T - 1]
+
+    def step(self, xs: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float):
+        """One flow step over the residual xs [50, 1024] (fp32, updated in place) at RoPE positions pos [50]."""
+        MC.stage_step_input(xs, self.acts["x"], self.ss)
+        st = dict(xs=xs, ss=self.ss, pos=pos[:MC.R], cos=cos, sin=sin, eps=eps, T=self.T, kc=self.kc, vc=self.vc,
+                  key_valid=self.key_valid, att=self.att, attn_mode=2)
+        MC.mega_chain(self.plan, self.prepared, self.acts, self.ctr, self.L, layer_state=st)
 
 
 class TritonPi0:

@@ -558,6 +558,7 @@ def test_mega_chain_kv_swizzle():
     kv = torch.arange(37 * 256, dtype=torch.float32).view(37, 256)
     sw = MC.kv_swizzle(kv)
     assert torch.equal(MC.kv_swizzle(sw), kv) and torch.equal(sw.sort(1).values, kv)
+    assert torch.equal(MC.kv_swizzle(torch.stack([kv, 2 * kv])), torch.stack([sw, 2 * sw]))  # per-layer caches
     for k in (0, 5, 36):
         for e in (0, 7, 8, 100, 255):
             assert sw[k, e ^ ((k % 8) << 3)] == kv[k, e]
@@ -702,3 +703,18 @@ def test_mega_chain_layer_cuda(layers, attn):
         assert rel(runs[0][k], ref[k]) < 1e-2, k
         assert torch.equal(runs[0][k], runs[1][k]), f"{k} not deterministic"
 
+
+
+def test_mega_stage_step_input(gen):
+    """The engine-side glue of the persistent chain: the fp32 residual -> its bf16 blocked copy (as `to_blocked`) and
+    the first qkv's norm sums (the whole sum in cluster 0, zeros elsewhere), on fresh random data."""
+    from pi0_triton_policy.kernels import mega_chain as MC
+
+    xs = randn(MC.R, 1024, gen=gen)
+    xb = torch.full((MC.blocked_size(1024),), 7.0, dtype=torch.float16 if DEV == "cpu" else torch.bfloat16, device=DEV)
+    ss = torch.full((2, 30, MC.R), 5.0, device=DEV)
+    MC.stage_step_input(xs, xb, ss)
+    ref = MC.to_blocked(xs.to(xb.dtype))
+    idx = MC._blocked_index(1024, xs.device).view(-1)  # rows 50..55 of a block are not part of the activations
+    assert torch.equal(xb[idx], ref[idx])
+    assert rel(ss[0, 0], xs.pow(2).sum(1)) < 1e-6 and ss[0, 1:].eq(0).all() and ss[1].eq(5.0).all()

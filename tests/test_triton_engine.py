@@ -74,6 +74,31 @@ def test_pi0_inference_api(full_size):
     assert _rel(out["action_output"].cpu().numpy(), r) <= 1e-2
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mask", [[1, 0, 0], [1, 1, 1]])
+def test_full_size_mega_steps_match_reference(full_size, mask):
+    """Flow steps 1.. in the persistent CUDA kernel (Tuning.act_mega, kernels/mega_chain.py): the same 1e-2 budget
+    against the float32 reference, and the same inputs give bitwise the same actions."""
+    import dataclasses
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("wgmma / sm_90a")
+    cfg, eng, ref = full_size
+    torch.backends.cuda.matmul.allow_tf32 = False
+    args = _inputs(cfg, mask, 20, seed=sum(mask) * 10 + 3)
+    default = eng.tuning
+    try:
+        eng.tuning = dataclasses.replace(default, act_mega=(True, True, True))
+        eng._graphs.clear()
+        a = eng.sample_actions(*args)
+        assert _rel(a, ref.sample_actions(*args)) <= 1e-2
+        assert np.array_equal(a, eng.sample_actions(*args)), "same inputs must give the same actions"
+    finally:
+        eng.tuning = default
+        eng._graphs.clear()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter path is the CPU check")
 @pytest.mark.parametrize("path", ["stack", "skinny", "act_cublas"])  # the default and the two before it
