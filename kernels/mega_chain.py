@@ -59,7 +59,7 @@ BN_SPLIT_MAX = 40  # widest column tile of a split op (o, down)
 RECV_BYTES = 2 * 4 * 16 * BN_SPLIT_MAX * 4  # [parity][source rank][16 owned rows][BN] fp32
 ROWSQ_BYTES = 3 * 1024  # LAYER: an owner's new x^2 [16][40] fp32; 3 KB keeps the ring 1024-aligned
 SS_BYTES = 6 * 1024  # LAYER: the clusters' sums of squares [<= 30][50] fp32, copied in by the loader
-SMEM = A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES + NS * SLOT + 8 * (2 * NS + 9 + 2 * 5)  # + ATTN 2's K / V ring mbarriers (5 slots)
+SMEM = A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES + NS * SLOT + 8 * (2 * NS + 9 + 2 * 6)  # + ATTN 2's K / V ring mbarriers (6 slots)
 assert (A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES) % 1024 == 0 and SLOT % 1024 == 0, "wgmma's swizzle atoms are 1024-aligned"
 NAMES = ("qkv", "o", "gu", "down")
 # op: (N, K, SPLIT, CK, NJMAX); CK = K columns per ring chunk (one 128-byte swizzle atom wide), NJMAX = most n8 column
@@ -753,15 +753,15 @@ __device__ __forceinline__ void load_attention_q(const Args& g, int l, int prog,
 #define A2_KV 8192                                /* K / V ring: [slot][K, V][16 keys][512 B] (the cache's swizzle) */
 #define A2_ROW 528                                /* a merged row: 256 bf16, then m, l fp32 (+ 8 B) */
 #define A2_SB (16 * 512)
-#define A2_SLOTS 5
-#define A2_RECV (A2_KV + A2_SLOTS * 2 * A2_SB)    /* [4 source ranks][4 rows][A2_ROW]: O / l bf16, then m, l fp32 */
+#define A2_SLOTS 6                                /* a 1-camera key quarter (<= 6 sub-blocks) is requested at once */
+#define A2_RECV (A2_KV + A2_SLOTS * 2 * A2_SB)    /* [3 other ranks][4 rows][A2_ROW]: O / l bf16, then m, l fp32 */
 #define A2_SLICE (4 * A2_ROW)
 #define A2_SROW 260                               /* floats per staged partial row (padded: fewer bank conflicts) */
 #define A2_STAGE A2_KV                            /* after the keys: the warps' partials O [4][16][A2_SROW] fp32 */
 #define A2_ML (A2_STAGE + 4 * 16 * A2_SROW * 4)   /* and their (m, l) [4][16] */
 #define A2_SEND (A2_ML + 4 * 16 * 8)              /* the rank's merged tile [16][A2_ROW] */
-#if ATTN == 2 && A2_SEND < 8 * A_BLOCK
-#error "A2_SEND must lie past o's activations (the loader refills them while other ranks may copy A2_SEND)"
+#if ATTN == 2 && (A2_SEND < 8 * A_BLOCK || A2_SEND + 16 * A2_ROW > A2_RECV || A2_RECV + 3 * A2_SLICE > A_BYTES)
+#error "ATTN 2's shared memory: A2_SEND past o's activations (the loader refills them while other ranks may copy A2_SEND), inside the ring, and all of it inside the activation region"
 #endif
 #define A2_BAR (2 * NS + 9)                       /* ring mbarriers: full [A2_SLOTS], then empty [A2_SLOTS] */
 
@@ -991,7 +991,7 @@ __device__ __forceinline__ void attention_unit2(const Args& g, int l, int prog, 
         for (int d = 0; d < 4; ++d)
             if (d != c)
                 asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                             :: "r"(mapa(recv + c * A2_SLICE, d)), "r"(a_u32 + A2_SEND + 4 * d * A2_ROW), "r"(A2_SLICE),
+                             :: "r"(mapa(recv + (c < d ? c : c - 1) * A2_SLICE, d)), "r"(a_u32 + A2_SEND + 4 * d * A2_ROW), "r"(A2_SLICE),
                                 "r"(mapa(rbar, d)) : "memory");
     while (!mbar_try_cluster(rbar, l & 1)) {}
     if (g.use_ts && tid == 0) ts0[4] = globaltimer();
@@ -1000,7 +1000,7 @@ __device__ __forceinline__ void attention_unit2(const Args& g, int l, int prog, 
         const unsigned char* src[4];
         #pragma unroll
         for (int s = 0; s < 4; ++s)
-            src[s] = s == c ? smem + A2_SEND + (4 * c + row) * A2_ROW : smem + A2_RECV + s * A2_SLICE + row * A2_ROW;
+            src[s] = s == c ? smem + A2_SEND + (4 * c + row) * A2_ROW : smem + A2_RECV + (s < c ? s : s - 1) * A2_SLICE + row * A2_ROW;
         float w[4], mm = -1e30f, wsum = 0.f;
         #pragma unroll
         for (int s = 0; s < 4; ++s) mm = fmaxf(mm, ((const float*)(src[s] + 512))[0]);
