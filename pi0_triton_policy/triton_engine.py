@@ -126,8 +126,10 @@ class Tuning:
     act_stack: bool = False  # measured slower than the per-layer kernels with PDL (benchmarks/NOTES.md)
     # flow steps 1.. of the action expert (50 rows) in the persistent CUDA kernel of kernels/mega_chain.py (qkv,
     # attention, o, gate|up, down of all layers in one launch; ATTN 2), per camera count 1, 2, 3; step 0 (51 rows: the
-    # state token) stays on the skinny path. Needs sm_90a and 25 resident clusters of 4 (H100 / H200).
-    act_mega: tuple = (False, False, False)
+    # state token) stays on the skinny path. Needs sm_90a and 25 resident clusters of 4 (H100 / H200; elsewhere the
+    # skinny path runs). Replay, same process (NOTES.md session 9): 3 cams 15.02 / 14.92 -> 14.78 / 14.71 ms; 1 and 2
+    # cams 0.05-0.2 ms slower, so off there.
+    act_mega: tuple = (False, False, True)
     st_qkv: tuple = (16, 128)  # BH (fixed at load: column pairing), BK
     st_gu: tuple = (32, 128)  # BH (fixed at load), BK
     st_res: tuple = (16, 128, 4, 128, 4)  # BH (o, down, time MLP: the norm-statistics tiles), BK_o, split_o, BK_down, split_down
@@ -361,7 +363,7 @@ class _ViewGraph:
             self.st_cnt = z(4096, dtype=torch.int32)
             self.st_bars = z(max(1, self.tb.shape[0]), max(256, self.stack_plan.nprog), dtype=torch.int32)
         self.mega = None
-        if t.act_skinny and t.act_mega[min(num_views, 3) - 1]:
+        if t.act_skinny and t.act_mega[min(num_views, 3) - 1] and _MegaSteps.fits(cfg, S) and MC.attention_available(dev):
             self.mega = _MegaSteps(eng, T, S)
         self.graph = None
         self.capture_s = None
@@ -609,9 +611,14 @@ class _MegaSteps:
     """Buffers and calls of the action expert's flow steps 1.. in kernels/mega_chain.py (LAYER + ATTN 2): the 50 action
     rows attend to T + 1 fixed keys (the prefix and the state token, computed by step 0) and to their own."""
 
+    @staticmethod
+    def fits(cfg: Pi0Config, S: int) -> bool:
+        a = cfg.action
+        return (a.width, a.mlp_dim, a.num_heads, a.head_dim, S - 1) == (1024, 4096, 8, 256, MC.R)
+
     def __init__(self, eng: "TritonPi0", T: int, S: int):
         a, dev, bf = eng.cfg.action, eng.device, eng.dtype
-        if (a.width, a.mlp_dim, a.num_heads, a.head_dim, S - 1) != (1024, 4096, 8, 256, MC.R):
+        if not self.fits(eng.cfg, S):
             raise ValueError("act_mega: kernels/mega_chain.py is built for the full-size action expert (width 1024, "
                              f"MLP 4096, 8 heads of 256, 50 actions); this variant has {a}")
         self.plan, self.prepared = eng.weights.mega()
