@@ -797,16 +797,7 @@ __device__ __forceinline__ void attention_loader2(const Args& g, int l, int prog
     int j = 0;
     for (; j < nsb && j < A2_SLOTS && kb + 16 * j + 16 <= g.T; ++j)  /* prefix keys: fixed, requested right away */
         attention_kv_issue2(g, l, a_u32, bars, kvi + j, kb + 16 * j);
-    {   /* the qkv units this tile reads have published: q of its one or two heads, and k / v (ranges 16..19) */
-        const unsigned* ctr = g.ctr + (l * 4 + 0) * 32;
-        const int h0 = 16 * t / R, h1 = (16 * t + 15) / R;
-        #pragma unroll 1
-        for (int r = 0; r < 8; ++r) {
-            const int range = r < 4 ? 16 + r : (r < 6 ? 2 * h0 + r - 4 : 2 * h1 + r - 6);
-            if (r >= 6 && h1 == h0) break;
-            while (ld_acquire(ctr + range) < g.wait[1][range]) {}
-        }
-    }
+    while (ld_acquire(g.ctr + (l * 4 + 0) * 32 + 31) < g.wait[1][31]) {}  /* every qkv unit has published */
     asm volatile("fence.proxy.async.global;" ::: "memory");
     /* Q: one 64-column block per activation mbarrier (each unit completes all four); the tile's rows are one or two
        runs of consecutive rows of one head, each run one bulk copy per block */
@@ -973,7 +964,7 @@ __device__ __forceinline__ void attention_unit2(const Args& g, int l, int prog, 
         }
         const float inv = lw > 0.f ? 1.f / lw : 0.f;
         unsigned char* send = smem + A2_SEND + row * A2_ROW;
-        #pragma unroll
+        #pragma unroll 1
         for (int cg = 0; cg < 32; cg += 8) {
             unsigned pk[4];
             #pragma unroll
@@ -1275,17 +1266,6 @@ def _kernel_and_programs(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PU
         raise RuntimeError(f"mega_chain needs >= 16 resident clusters of {CLUSTER}; this GPU holds {n.value} "
                            f"(CUresult {err})")
     return func, CLUSTER * min(n.value, 32)
-
-
-def attention_available(device) -> bool:
-    """Whether this GPU runs the LAYER + ATTN 2 kernel: sm_90a (wgmma) and >= 25 resident clusters of 4."""
-    try:
-        dev = torch.device(device)
-        if dev.type != "cuda" or torch.cuda.get_device_capability(dev) != (9, 0):
-            return False
-        return _kernel_and_programs(AHEAD, A_PIPE, PUB, WGD, LOADER, 1, 2)[1] >= 100
-    except Exception:  # no NVRTC / driver entry points: the engine keeps its per-kernel path
-        return False
 
 
 def plan_for_this_gpu(layer: bool = False) -> MegaPlan:
