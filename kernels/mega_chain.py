@@ -1268,6 +1268,17 @@ def _kernel_and_programs(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PU
     return func, CLUSTER * min(n.value, 32)
 
 
+def attention_available(device) -> bool:
+    """Whether this GPU runs the LAYER + ATTN 2 kernel: sm_90a (wgmma) and >= 25 resident clusters of 4."""
+    try:
+        dev = torch.device(device)
+        if dev.type != "cuda" or torch.cuda.get_device_capability(dev) != (9, 0):
+            return False
+        return _kernel_and_programs(AHEAD, A_PIPE, PUB, WGD, LOADER, 1, 2)[1] >= 100
+    except Exception:  # no NVRTC / driver entry points: the engine keeps its per-kernel path
+        return False
+
+
 def plan_for_this_gpu(layer: bool = False) -> MegaPlan:
     return MegaPlan(_kernel_and_programs()[1], layer)
 
