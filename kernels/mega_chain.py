@@ -1280,7 +1280,10 @@ def attention_available(device) -> bool:
 
 
 def plan_for_this_gpu(layer: bool = False) -> MegaPlan:
-    return MegaPlan(_kernel_and_programs()[1], layer)
+    # every variant has the same shared memory and threads, hence the same resident clusters: ask the one that will run
+    # (LAYER: the engine's LAYER + ATTN 2 kernel), so no other variant is compiled just to count them
+    return MegaPlan(_kernel_and_programs(AHEAD, A_PIPE, PUB, WGD, LOADER, 1, ATTN_MODE)[1] if layer
+                    else _kernel_and_programs()[1], layer)
 
 
 def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tensor, layers: int,
