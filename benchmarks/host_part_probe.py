@@ -8,7 +8,6 @@ piece (perf_counter) and the GPU time between events recorded at the piece bound
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -17,10 +16,7 @@ import torch
 
 sys.path.insert(0, "scripts")
 from benchmark import inputs, time_calls, to_torch  # noqa: E402
-
-from pi0_triton_policy.config import get_variant  # noqa: E402
-from pi0_triton_policy.triton_engine import TritonPi0  # noqa: E402
-from pi0_triton_policy.weights import random_params  # noqa: E402
+from positions_ab import probe_engine  # noqa: E402 (benchmarks/ is the script's directory)
 
 
 def pieces(eng, a, runs):
@@ -74,13 +70,7 @@ def old_call(eng, a):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--views", nargs="+", type=int, default=[1, 3])
-    ap.add_argument("--runs", type=int, default=200)
-    args = ap.parse_args()
-    cfg = get_variant("pi0")
-    eng = TritonPi0(cfg, random_params(cfg, seed=0, device="cuda", dtype=torch.bfloat16), device="cuda")
-    print(f"card {torch.cuda.get_device_name()}")
+    args, cfg, eng = probe_engine()
     for views in args.views:
         a = to_torch(inputs(cfg, views, 48, seed=views), "cuda")
         a[0] = a[0].float()

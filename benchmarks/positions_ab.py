@@ -20,15 +20,21 @@ from pi0_triton_policy.triton_engine import TritonPi0, _ViewGraph  # noqa: E402
 from pi0_triton_policy.weights import random_params  # noqa: E402
 
 
-def main():
+def probe_engine():
+    """--views / --runs, and the engine on random full-size bf16 weights (also used by host_part_probe)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--views", nargs="+", type=int, default=[1, 3])
     ap.add_argument("--runs", type=int, default=200)
     args = ap.parse_args()
     cfg = get_variant("pi0")
     eng = TritonPi0(cfg, random_params(cfg, seed=0, device="cuda", dtype=torch.bfloat16), device="cuda")
-    in_graph = _ViewGraph.positions
     print(f"card {torch.cuda.get_device_name()}")
+    return args, cfg, eng
+
+
+def main():
+    args, cfg, eng = probe_engine()
+    in_graph = _ViewGraph.positions
     for rnd in range(2):
         for name, fn in (("in_graph", in_graph), ("no_positions", lambda self: None)):
             _ViewGraph.positions = fn

@@ -519,6 +519,36 @@ template <int P> __device__ __forceinline__ void consume(const Args& g, int l, i
     else unit_body<P, O::NJALT>(g, l, prog, smem, ci, su, n0, rank, aparity, ts);
 }
 
+/* one online-softmax step of a warp's rows gq, gq + 8 over a 16-key sub-block (both attention units): s holds the
+   scores, -1e30 where a key is not visible, and mx their running maximum per row within this thread; afterwards s
+   holds P = exp(s - max) (0 for masked keys), and the running max m, sum lsum and the output O are updated */
+__device__ __forceinline__ void softmax_step(float (&s)[2][4], float (&mx)[2], float (&m)[2], float (&lsum)[2], float (&o)[32][4]) {
+    #pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffff, mx[hh], 1));
+        mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffff, mx[hh], 2));
+    }
+    float alpha[2], rowsum[2] = {0.f, 0.f};
+    #pragma unroll
+    for (int hh = 0; hh < 2; ++hh) alpha[hh] = __expf(m[hh] - mx[hh]);
+    #pragma unroll
+    for (int n = 0; n < 2; ++n)
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            s[n][e] = s[n][e] <= -1e29f ? 0.f : __expf(s[n][e] - mx[e >> 1]);
+            rowsum[e >> 1] += s[n][e];
+        }
+    #pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        rowsum[hh] += __shfl_xor_sync(0xffffffff, rowsum[hh], 1);
+        rowsum[hh] += __shfl_xor_sync(0xffffffff, rowsum[hh], 2);
+        lsum[hh] = lsum[hh] * alpha[hh] + rowsum[hh];
+        m[hh] = mx[hh];
+    }
+    #pragma unroll
+    for (int j = 0; j < 32; ++j) { o[j][0] *= alpha[0]; o[j][1] *= alpha[0]; o[j][2] *= alpha[1]; o[j][3] *= alpha[1]; }
+}
+
 /* ATTN (LAYER probe): the attention link inside the persistent kernel. Unit = (head h, key quarter c) on the
    programs of cluster h (rank c): flash attention over the quarter's keys in sub-blocks of 16 (mma.sync; K / V
    row-major [key][256] through shared memory by cp.async, double-buffered), then the 4 quarters merged in fixed order
@@ -608,30 +638,7 @@ __device__ __forceinline__ void attention_unit(const Args& g, int l, int prog, u
                 s[n][e] = ok ? s[n][e] : -1e30f;
                 mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
             }
-        #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-            mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffff, mx[hh], 1));
-            mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffff, mx[hh], 2));
-        }
-        float alpha[2], rowsum[2] = {0.f, 0.f};
-        #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) alpha[hh] = __expf(m[hh] - mx[hh]);
-        #pragma unroll
-        for (int n = 0; n < 2; ++n)
-            #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                s[n][e] = s[n][e] <= -1e29f ? 0.f : __expf(s[n][e] - mx[e >> 1]);
-                rowsum[e >> 1] += s[n][e];
-            }
-        #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-            rowsum[hh] += __shfl_xor_sync(0xffffffff, rowsum[hh], 1);
-            rowsum[hh] += __shfl_xor_sync(0xffffffff, rowsum[hh], 2);
-            lsum[hh] = lsum[hh] * alpha[hh] + rowsum[hh];
-            m[hh] = mx[hh];
-        }
-        #pragma unroll
-        for (int j = 0; j < 32; ++j) { o[j][0] *= alpha[0]; o[j][1] *= alpha[0]; o[j][2] *= alpha[1]; o[j][3] *= alpha[1]; }
+        softmax_step(s, mx, m, lsum, o);
         /* P (bf16) as the A operand of O += P V: the two n8 tiles of S are one m16 x k16 fragment */
         const unsigned p0 = to_bf16(s[0][0]) | ((unsigned)to_bf16(s[0][1]) << 16), p1 = to_bf16(s[0][2]) | ((unsigned)to_bf16(s[0][3]) << 16);
         const unsigned p2 = to_bf16(s[1][0]) | ((unsigned)to_bf16(s[1][1]) << 16), p3 = to_bf16(s[1][2]) | ((unsigned)to_bf16(s[1][3]) << 16);
@@ -895,30 +902,7 @@ __device__ __forceinline__ void attention_unit2(const Args& g, int l, int prog, 
                 s[n][e] = ok ? s[n][e] : -1e30f;
                 mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
             }
-        #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-            mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffff, mx[hh], 1));
-            mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffff, mx[hh], 2));
-        }
-        float alpha[2], rowsum[2] = {0.f, 0.f};
-        #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) alpha[hh] = __expf(m[hh] - mx[hh]);
-        #pragma unroll
-        for (int n = 0; n < 2; ++n)
-            #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                s[n][e] = s[n][e] <= -1e29f ? 0.f : __expf(s[n][e] - mx[e >> 1]);
-                rowsum[e >> 1] += s[n][e];
-            }
-        #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-            rowsum[hh] += __shfl_xor_sync(0xffffffff, rowsum[hh], 1);
-            rowsum[hh] += __shfl_xor_sync(0xffffffff, rowsum[hh], 2);
-            lsum[hh] = lsum[hh] * alpha[hh] + rowsum[hh];
-            m[hh] = mx[hh];
-        }
-        #pragma unroll
-        for (int j = 0; j < 32; ++j) { o[j][0] *= alpha[0]; o[j][1] *= alpha[0]; o[j][2] *= alpha[1]; o[j][3] *= alpha[1]; }
+        softmax_step(s, mx, m, lsum, o);
         const unsigned p0 = to_bf16(s[0][0]) | ((unsigned)to_bf16(s[0][1]) << 16), p1 = to_bf16(s[0][2]) | ((unsigned)to_bf16(s[0][3]) << 16);
         const unsigned p2 = to_bf16(s[1][0]) | ((unsigned)to_bf16(s[1][1]) << 16), p3 = to_bf16(s[1][2]) | ((unsigned)to_bf16(s[1][3]) << 16);
         #pragma unroll
