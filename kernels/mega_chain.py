@@ -48,7 +48,9 @@ import torch
 import triton
 import triton.language as tl
 
-from pi0_triton_policy.kernels.cluster_matmul import CUDA_HELPERS, _LaunchConfig, _libcuda, compile_cuda
+from pi0_triton_policy.kernels._common import HAS_PDL, gdc_launch_dependents, gdc_wait, pdl_kwargs
+from pi0_triton_policy.kernels.cluster_matmul import (_ATTR_PROGRAMMATIC_STREAM_SERIALIZATION, CUDA_HELPERS, _LaunchAttr,
+                                                      _LaunchConfig, _libcuda, compile_cuda)
 
 R = 50  # activation rows (the action tokens)
 CLUSTER, THREADS = 4, 192  # 4 consumer warps + the weight producer warp + the activation loader warp
@@ -1047,6 +1049,9 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(192, 1) m
     }
     __syncthreads();
     cluster_sync();  /* every rank's mbarriers exist before anyone arrives on them */
+    /* launched with programmatic dependent launch (the engine): the producer streams the weights (constants) into the
+       ring at once, every other thread first waits for the previous kernel's writes (a no-op without PDL) */
+    if (tid < NC || tid >= NC + 32) asm volatile("griddepcontrol.wait;" ::: "memory");
     /* the role as a warp-uniform value (shfl): ptxas then knows the consumer warpgroup's wgmma path is not divergent */
     const int producer = __shfl_sync(0xffffffff, tid >= NC, 0);
     if (producer) {
@@ -1079,6 +1084,8 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(192, 1) m
     } else {
         int ci = 0, su = 0, au = 0, kvi = 0;
         for (int l = 0; l < g.L; ++l) {
+            if (l == g.L - 1 && tid == 0) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");  /* the next
+                kernel (PDL) may get ready during the last layer; it waits for this grid's end before reading */
             consume<0>(g, l, prog, smem, ci, su, au);
             if (ATTN == 1 && prog < 32) attention_unit(g, l, prog, smem, au);
             if (ATTN == 2 && prog < 100) attention_unit2(g, l, prog, smem, au, kvi);
@@ -1272,7 +1279,8 @@ def plan_for_this_gpu(layer: bool = False) -> MegaPlan:
 
 def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tensor, layers: int,
                timestamps: torch.Tensor | None = None, ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB,
-               wgd: int = WGD, loader: int = LOADER, layer_state: dict | None = None):
+               wgd: int = WGD, loader: int = LOADER, layer_state: dict | None = None, pdl: bool = False,
+               zero_counters: bool = True):
     """Run `layers` layers of the chain on acts = {x, q, x2, h8}: [50, 1024 / 2560 / 1024 / 8192] bf16 in the blocked
     layout (`to_blocked` / `from_blocked`); counters: >= layers * 128 int32 (zeroed here, inside the stream).
     layer_state (a plan made with layer=True): the real layer's epilogues; acts x / x2 are then the bf16 copies of
@@ -1288,7 +1296,8 @@ def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tenso
         t = acts[name]
         assert t.shape == (blocked_size(cols),) and t.dtype == torch.bfloat16, (name, t.shape)
     assert counters.numel() >= layers * 128
-    counters.zero_()
+    if zero_counters:  # else the caller has (stage_step_input does, inside the previous kernel)
+        counters.zero_()
     args = _Args()
     for i, op in enumerate(NAMES):
         args.w[i] = prepared[op].data_ptr()
@@ -1326,8 +1335,11 @@ def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tenso
         for h, n in enumerate(attention_arrivals(attn)):
             args.wait[1][20 + h] = n
     params = (ctypes.c_void_p * 1)(ctypes.cast(ctypes.byref(args), ctypes.c_void_p))
+    attrs = (_LaunchAttr * 1)()  # pdl: programmatic stream serialization (see the kernel's griddepcontrol.wait)
+    attrs[0].id = _ATTR_PROGRAMMATIC_STREAM_SERIALIZATION
+    attrs[0].value.flag = 1
     cfg = _LaunchConfig(programs, 1, 1, THREADS, 1, 1, SMEM, ctypes.c_void_p(torch.cuda.current_stream().cuda_stream),
-                        None, 0)
+                        attrs, 1 if pdl else 0)
     err = _libcuda().cuLaunchKernelEx(ctypes.byref(cfg), func, params, None)
     if err != 0:
         raise RuntimeError(f"cuLaunchKernelEx(mega_chain) failed: CUresult {err}")
@@ -1359,11 +1371,17 @@ def attention_arrivals(attn: int) -> list[int]:
 
 
 @triton.jit
-def _stage_step_input_kernel(xs_ptr, xb_ptr, ss_ptr, CLUSTERS, D: tl.constexpr, A_BLOCK_ELEMS: tl.constexpr,
-                             CL: tl.constexpr):
+def _stage_step_input_kernel(xs_ptr, xb_ptr, ss_ptr, ctr_ptr, CLUSTERS, NCTR, D: tl.constexpr,
+                             A_BLOCK_ELEMS: tl.constexpr, CL: tl.constexpr, PDL: tl.constexpr):
     """One row of the residual: its bf16 copy into the blocked, swizzled layout (`to_blocked`), its sum of squares into
-    cluster 0 of the norm sums (parity 0, read by the first qkv) and zeros into the other clusters."""
+    cluster 0 of the norm sums (parity 0, read by the first qkv) and zeros into the other clusters; and a 64-slot slice
+    of the chain's arrival counters zeroed."""
+    if PDL:  # launched early: the residual is the previous kernel's output
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0)
+    k = row * 64 + tl.arange(0, 64)
+    tl.store(ctr_ptr + k, tl.zeros((64,), dtype=tl.int32), mask=k < NCTR)
     col = tl.arange(0, D)
     x = tl.load(xs_ptr + row * D + col)
     dst = (col // 64) * A_BLOCK_ELEMS + row * 64 + ((((col % 64) // 8) ^ (row % 8)) * 8) + col % 8
@@ -1372,13 +1390,18 @@ def _stage_step_input_kernel(xs_ptr, xb_ptr, ss_ptr, CLUSTERS, D: tl.constexpr, 
     tl.store(ss_ptr + c * 50 + row, tl.where(c == 0, tl.sum(x * x, 0), 0.0), mask=c < CLUSTERS)
 
 
-def stage_step_input(xs: torch.Tensor, x_blocked: torch.Tensor, ss: torch.Tensor):
+def stage_step_input(xs: torch.Tensor, x_blocked: torch.Tensor, ss: torch.Tensor, counters: torch.Tensor,
+                     pdl: bool = False):
     """The engine's residual after the time MLP (xs [50, 1024] fp32) -> LAYER mode's inputs: acts["x"] (bf16,
-    blocked) and ss[0] (the first qkv's row norms: the whole sum in cluster 0). One launch."""
+    blocked) and ss[0] (the first qkv's row norms: the whole sum in cluster 0); the chain's counters (<= 50 * 64)
+    zeroed, so mega_chain(..., zero_counters=False) needs no memset. One launch (pdl: programmatic dependent launch)."""
     assert xs.shape == (R, 1024) and xs.is_contiguous() and x_blocked.shape == (blocked_size(1024),)
+    assert counters.numel() <= R * 64 and counters.dtype == torch.int32
+    pdl = bool(pdl) and HAS_PDL and xs.is_cuda
     clusters = ss.shape[1]
-    _stage_step_input_kernel[(R,)](xs, x_blocked, ss, clusters, D=1024, A_BLOCK_ELEMS=A_BLOCK // 2,
-                                   CL=triton.next_power_of_2(clusters), num_warps=4)
+    _stage_step_input_kernel[(R,)](xs, x_blocked, ss, counters, clusters, counters.numel(), D=1024,
+                                   A_BLOCK_ELEMS=A_BLOCK // 2, CL=triton.next_power_of_2(clusters), PDL=pdl,
+                                   num_warps=4, **pdl_kwargs(pdl))
 
 
 def blocked_size(cols: int) -> int:

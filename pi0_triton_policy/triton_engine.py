@@ -527,7 +527,7 @@ class _ViewGraph:
             if self.mega is not None and step > 0:  # the 50 action rows, every layer in one persistent launch
                 if step == 1:  # the prefix's and the state token's keys are final: into the kernel's cache layout
                     self.mega.fixed_keys(self.kc, self.vc, self.key_valid)
-                self.mega.step(self.xs[1:], self.pos[T + 1:], W.cos, W.sin, eps)
+                self.mega.step(self.xs[1:], self.pos[T + 1:], W.cos, W.sin, eps, pdl=t.pdl)
                 self._out_euler(dt)
                 continue
             if self.stack_plan is not None:  # every layer of the step in one persistent launch
@@ -640,12 +640,15 @@ class _MegaSteps:
         self.vc[:, :self.T] = MC.kv_swizzle(vc[:, :self.T])
         self.key_valid[:self.T - 1] = key_valid[:self.T - 1]
 
-    def step(self, xs: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float):
-        """One flow step over the residual xs [50, 1024] (fp32, updated in place) at RoPE positions pos [50]."""
-        MC.stage_step_input(xs, self.acts["x"], self.ss)
+    def step(self, xs: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float,
+             pdl: bool = True):
+        """One flow step over the residual xs [50, 1024] (fp32, updated in place) at RoPE positions pos [50]; pdl:
+        both launches early (programmatic dependent launch: the kernel's weight stream starts before its inputs)."""
+        MC.stage_step_input(xs, self.acts["x"], self.ss, self.ctr, pdl=pdl)
         st = dict(xs=xs, ss=self.ss, pos=pos[:MC.R], cos=cos, sin=sin, eps=eps, T=self.T, kc=self.kc, vc=self.vc,
                   key_valid=self.key_valid, att=self.att, attn_mode=2)
-        MC.mega_chain(self.plan, self.prepared, self.acts, self.ctr, self.L, layer_state=st)
+        MC.mega_chain(self.plan, self.prepared, self.acts, self.ctr, self.L, layer_state=st, pdl=pdl,
+                      zero_counters=False)
 
 
 class TritonPi0:

@@ -707,13 +707,15 @@ def test_mega_chain_layer_cuda(layers, attn):
 
 def test_mega_stage_step_input(gen):
     """The engine-side glue of the persistent chain: the fp32 residual -> its bf16 blocked copy (as `to_blocked`) and
-    the first qkv's norm sums (the whole sum in cluster 0, zeros elsewhere), on fresh random data."""
+    the first qkv's norm sums (the whole sum in cluster 0, zeros elsewhere), the chain's counters zeroed."""
     from pi0_triton_policy.kernels import mega_chain as MC
 
     xs = randn(MC.R, 1024, gen=gen)
     xb = torch.full((MC.blocked_size(1024),), 7.0, dtype=torch.float16 if DEV == "cpu" else torch.bfloat16, device=DEV)
     ss = torch.full((2, 30, MC.R), 5.0, device=DEV)
-    MC.stage_step_input(xs, xb, ss)
+    ctr = torch.full((18 * 128,), 3, dtype=torch.int32, device=DEV)
+    MC.stage_step_input(xs, xb, ss, ctr)
+    assert ctr.eq(0).all()
     ref = MC.to_blocked(xs.to(xb.dtype))
     idx = MC._blocked_index(1024, xs.device).view(-1)  # rows 50..55 of a block are not part of the activations
     assert torch.equal(xb[idx], ref[idx])
