@@ -765,12 +765,10 @@ __device__ __forceinline__ void load_attention_q(const Args& g, int l, int prog,
 #define A2_SLOTS 6                                /* a 1-camera key quarter (<= 6 sub-blocks) is requested at once */
 #define A2_RECV (A2_KV + A2_SLOTS * 2 * A2_SB)    /* [3 other ranks][4 rows][A2_ROW]: O / l bf16, then m, l fp32 */
 #define A2_SLICE (4 * A2_ROW)
-#define A2_STAGE A2_KV                            /* after the keys: the warps' partials O / l [4][16][A2_ROW] bf16 */
-#define A2_ML (A2_STAGE + 4 * 16 * A2_ROW)        /* and their (m, l) [4][16] */
-#define A2_SEND (8 * A_BLOCK)                     /* the rank's merged tile [16][A2_ROW], past o's activations */
-#if ATTN == 2 && A2_ML + 4 * 16 * 8 > A2_SEND
-#error "ATTN 2: the warps' partials overlap the merged tile"
-#endif
+#define A2_SROW 260                               /* floats per staged partial row (padded: fewer bank conflicts) */
+#define A2_STAGE A2_KV                            /* after the keys: the warps' partials O [4][16][A2_SROW] fp32 */
+#define A2_ML (A2_STAGE + 4 * 16 * A2_SROW * 4)   /* and their (m, l) [4][16] */
+#define A2_SEND (A2_ML + 4 * 16 * 8)              /* the rank's merged tile [16][A2_ROW] */
 #if ATTN == 2 && (A2_SEND < 8 * A_BLOCK || A2_SEND + 16 * A2_ROW > A2_RECV || A2_RECV + 3 * A2_SLICE > A_BYTES)
 #error "ATTN 2's shared memory: A2_SEND past o's activations (the loader refills them while other ranks may copy A2_SEND), inside the ring, and all of it inside the activation region"
 #endif
@@ -883,7 +881,7 @@ __device__ __forceinline__ void attention_unit2(const Args& g, int l, int prog, 
                 : "=r"(qf[0]), "=r"(qf[1]), "=r"(qf[2]), "=r"(qf[3])
                 : "r"(q_base + (qc >> 3) * 2048 + q_row * 128 + (((qc & 7) ^ q_swz) * 16)));
             #pragma unroll
-            for (int n = 0; n < 2; ++n) {  /* (one ldmatrix.x4 for both n8 tiles spilled registers) */
+            for (int n = 0; n < 2; ++n) {
                 unsigned b0, b1;
                 const int r = n * 8 + (lane & 7), cc = ks * 2 + ((lane >> 3) & 1);
                 asm("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];"
@@ -910,17 +908,13 @@ __device__ __forceinline__ void attention_unit2(const Args& g, int l, int prog, 
         const unsigned p0 = to_bf16(s[0][0]) | ((unsigned)to_bf16(s[0][1]) << 16), p1 = to_bf16(s[0][2]) | ((unsigned)to_bf16(s[0][3]) << 16);
         const unsigned p2 = to_bf16(s[1][0]) | ((unsigned)to_bf16(s[1][1]) << 16), p3 = to_bf16(s[1][2]) | ((unsigned)to_bf16(s[1][3]) << 16);
         #pragma unroll
-        for (int j = 0; j < 32; j += 2) {  /* V's B fragments of dims 8j.. and 8(j+1).. by one ldmatrix.x4.trans */
-            unsigned vb[4];
-            const int gv = j + (lane >> 4);
-            asm("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-                : "=r"(vb[0]), "=r"(vb[1]), "=r"(vb[2]), "=r"(vb[3])
-                : "r"(vbase + (lane & 15) * 512 + (((gv & ~7) | ((gv ^ lane) & 7)) * 16)));
-            #pragma unroll
-            for (int h = 0; h < 2; ++h)
-                asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                    : "+f"(o[j + h][0]), "+f"(o[j + h][1]), "+f"(o[j + h][2]), "+f"(o[j + h][3])
-                    : "r"(p0), "r"(p1), "r"(p2), "r"(p3), "r"(vb[2 * h]), "r"(vb[2 * h + 1]));
+        for (int j = 0; j < 32; ++j) {
+            unsigned b0, b1;
+            asm("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];"
+                : "=r"(b0), "=r"(b1) : "r"(vbase + (lane & 15) * 512 + (((j & ~7) | ((j ^ lane) & 7)) * 16)));
+            asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                : "+f"(o[j][0]), "+f"(o[j][1]), "+f"(o[j][2]), "+f"(o[j][3])
+                : "r"(p0), "r"(p1), "r"(p2), "r"(p3), "r"(b0), "r"(b1));
         }
         __syncwarp();
         if (real && lane == 0) mbar_arrive(bars + 8 * (A2_BAR + A2_SLOTS + slot));  /* the loader may refill the slot */
@@ -928,18 +922,15 @@ __device__ __forceinline__ void attention_unit2(const Args& g, int l, int prog, 
     kvi += nsb;
     if (g.use_ts && tid == 0) ts[5] = globaltimer();
 
-    /* the 4 warps' partials (O / l in bf16, m, l) into shared memory; the ring is free: every sub-block is consumed */
+    /* the 4 warps' partials (unnormalised O, m, l) into shared memory; the ring is free: every sub-block is consumed */
     bar_consumers();
     {
-        unsigned char* stage = smem + A2_STAGE + warp * 16 * A2_ROW;
+        float* stage = (float*)(smem + A2_STAGE) + warp * 16 * A2_SROW;
         #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-            const float inv = lsum[hh] > 0.f ? 1.f / lsum[hh] : 0.f;
+        for (int j = 0; j < 32; ++j)
             #pragma unroll
-            for (int j = 0; j < 32; ++j)
-                *(unsigned*)(stage + (gq + 8 * hh) * A2_ROW + 2 * (8 * j + 2 * q4)) =
-                    to_bf16(o[j][2 * hh] * inv) | ((unsigned)to_bf16(o[j][2 * hh + 1] * inv) << 16);
-        }
+            for (int hh = 0; hh < 2; ++hh)
+                *(float2*)(stage + (gq + 8 * hh) * A2_SROW + 8 * j + 2 * q4) = make_float2(o[j][2 * hh], o[j][2 * hh + 1]);
         if (q4 == 0)
             #pragma unroll
             for (int hh = 0; hh < 2; ++hh)
@@ -954,27 +945,25 @@ __device__ __forceinline__ void attention_unit2(const Args& g, int l, int prog, 
         #pragma unroll
         for (int w = 0; w < 4; ++w) {
             const float2 ml = *(const float2*)(smem + A2_ML + (w * 16 + row) * 8);
-            e[w] = ml.y > 0.f ? __expf(ml.x - mm) * ml.y : 0.f;  /* the weight of a warp's O / l: exp(m - max) l */
-            lw += e[w];
+            e[w] = ml.y > 0.f ? __expf(ml.x - mm) : 0.f;
+            lw += e[w] * ml.y;
         }
         const float inv = lw > 0.f ? 1.f / lw : 0.f;
         unsigned char* send = smem + A2_SEND + row * A2_ROW;
         #pragma unroll 1
         for (int cg = 0; cg < 32; cg += 8) {
-            float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-            #pragma unroll
-            for (int w = 0; w < 4; ++w) {  /* fixed order: deterministic */
-                const uint4 pv = *(const uint4*)(smem + A2_STAGE + (w * 16 + row) * A2_ROW + 2 * (col0 + cg));
-                const unsigned pw[4] = {pv.x, pv.y, pv.z, pv.w};
-                #pragma unroll
-                for (int u = 0; u < 4; ++u) {
-                    acc[2 * u] += e[w] * __uint_as_float(pw[u] << 16);
-                    acc[2 * u + 1] += e[w] * __uint_as_float(pw[u] & 0xffff0000u);
-                }
-            }
             unsigned pk[4];
             #pragma unroll
-            for (int u = 0; u < 4; ++u) pk[u] = to_bf16(acc[2 * u] * inv) | ((unsigned)to_bf16(acc[2 * u + 1] * inv) << 16);
+            for (int u = 0; u < 8; u += 2) {
+                float v0 = 0.f, v1 = 0.f;
+                #pragma unroll
+                for (int w = 0; w < 4; ++w) {
+                    const float2 pv = *(const float2*)((const float*)(smem + A2_STAGE) + (w * 16 + row) * A2_SROW + col0 + cg + u);
+                    v0 += e[w] * pv.x;
+                    v1 += e[w] * pv.y;
+                }
+                pk[u / 2] = to_bf16(v0 * inv) | ((unsigned)to_bf16(v1 * inv) << 16);
+            }
             *(uint4*)(send + 2 * (col0 + cg)) = make_uint4(pk[0], pk[1], pk[2], pk[3]);
         }
         if (warp == 0 && (lane & 1) == 0) *(float2*)(send + 512) = make_float2(mm, lw);
