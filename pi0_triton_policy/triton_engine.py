@@ -127,8 +127,8 @@ class Tuning:
     # flow steps 1.. of the action expert (50 rows) in the persistent CUDA kernel of kernels/mega_chain.py (qkv,
     # attention, o, gate|up, down of all layers in one launch; ATTN 2), per camera count 1, 2, 3; step 0 (51 rows: the
     # state token) stays on the skinny path. Needs sm_90a and 25 resident clusters of 4 (H100 / H200; elsewhere the
-    # skinny path runs). Replay, same process (NOTES.md session 9): 3 cams 15.02 / 14.92 -> 14.78 / 14.71 ms; 1 and 2
-    # cams 0.05-0.2 ms slower, so off there.
+    # skinny path runs). Replay, same process (NOTES.md session 9, under PDL): 3 cams 14.79 / 14.80 -> 14.57 / 14.57 ms;
+    # 1 cam equal, 2 cams 0.06-0.1 ms slower, so off there.
     act_mega: tuple = (False, False, True)
     st_qkv: tuple = (16, 128)  # BH (fixed at load: column pairing), BK
     st_gu: tuple = (32, 128)  # BH (fixed at load), BK
