@@ -1345,12 +1345,18 @@ def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tenso
         raise RuntimeError(f"cuLaunchKernelEx(mega_chain) failed: CUresult {err}")
 
 
-def kv_swizzle(kv: torch.Tensor) -> torch.Tensor:
+def kv_swizzle_groups(keys: int, device) -> torch.Tensor:
+    """[keys, 32]: the 16-byte group of key k that position p of its row holds in kv_swizzle's layout (p ^ (k % 8))."""
+    return torch.arange(32, device=device).view(1, 32) ^ (torch.arange(keys, device=device).view(keys, 1) % 8)
+
+
+def kv_swizzle(kv: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
     """ATTN 2's K / V cache layout: [..., keys, 256] with the 16-byte groups of each 128-byte half XOR-swizzled by key
     (group g of key k at g ^ (k % 8) within its half), so a bulk copy of 16 key rows lands in shared memory ready for
-    conflict-free ldmatrix. Its own inverse."""
+    conflict-free ldmatrix. Its own inverse. groups: kv_swizzle_groups(keys) made beforehand (one gather, no index
+    arithmetic in a CUDA graph)."""
     keys = kv.shape[-2]
-    g = torch.arange(32, device=kv.device).view(1, 32) ^ (torch.arange(keys, device=kv.device).view(keys, 1) % 8)
+    g = kv_swizzle_groups(keys, kv.device) if groups is None else groups
     v = kv.reshape(*kv.shape[:-1], 32, 8)
     idx = g.view(*([1] * (v.dim() - 3)), keys, 32, 1).expand(v.shape)
     return torch.gather(v, -2, idx).reshape(kv.shape)

@@ -628,6 +628,7 @@ class _MegaSteps:
         self.vc = torch.zeros_like(self.kc)
         self.key_valid = torch.zeros(self.T + MC.R + 16, dtype=torch.int32, device=dev)
         self.key_valid[self.T - 1:self.T + MC.R] = 1  # the state token and the 50 actions
+        self.groups = MC.kv_swizzle_groups(self.T, dev)  # fixed_keys' gather index, made once
         cols = dict(x=1024, q=2560, x2=1024, h8=4096)
         self.acts = {k: torch.zeros(MC.blocked_size(c), dtype=bf, device=dev) for k, c in cols.items()}
         self.att = torch.zeros(MC.blocked_size(2048), dtype=bf, device=dev)
@@ -636,8 +637,8 @@ class _MegaSteps:
 
     def fixed_keys(self, kc: torch.Tensor, vc: torch.Tensor, key_valid: torch.Tensor):
         """The engine's caches [L, >= T + 1, 256] (row-major) -> the kernel's (kv_swizzle) for the fixed keys."""
-        self.kc[:, :self.T] = MC.kv_swizzle(kc[:, :self.T])
-        self.vc[:, :self.T] = MC.kv_swizzle(vc[:, :self.T])
+        self.kc[:, :self.T] = MC.kv_swizzle(kc[:, :self.T], self.groups)
+        self.vc[:, :self.T] = MC.kv_swizzle(vc[:, :self.T], self.groups)
         self.key_valid[:self.T - 1] = key_valid[:self.T - 1]
 
     def step(self, xs: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float,

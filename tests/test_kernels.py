@@ -559,6 +559,7 @@ def test_mega_chain_kv_swizzle():
     sw = MC.kv_swizzle(kv)
     assert torch.equal(MC.kv_swizzle(sw), kv) and torch.equal(sw.sort(1).values, kv)
     assert torch.equal(MC.kv_swizzle(torch.stack([kv, 2 * kv])), torch.stack([sw, 2 * sw]))  # per-layer caches
+    assert torch.equal(MC.kv_swizzle(kv, MC.kv_swizzle_groups(37, kv.device)), sw)  # the index made beforehand
     for k in (0, 5, 36):
         for e in (0, 7, 8, 100, 255):
             assert sw[k, e ^ ((k % 8) << 3)] == kv[k, e]
