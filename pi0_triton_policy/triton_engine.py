@@ -585,9 +585,10 @@ class _ViewGraph:
         if state.numel() != self.state.numel() or noise.numel() != self.x_t.numel():
             raise ValueError(f"state {tuple(state.shape)} / noise {tuple(noise.shape)}: expected {self.state.shape[1]} "
                              f"values and {tuple(self.x_t.shape)}")
-        # raw inputs only (positions are computed in the graph); copies from CUDA tensors stay on the device. All of
-        # them in ONE call: on the H100 host every torch call costs 10-40 us of Python and the GPU idles meanwhile
-        # (benchmarks/host_part_probe.py). (One Triton kernel for the copies was no faster: NOTES.md session 8.)
+        # raw inputs only (positions are computed in the graph); copies from CUDA tensors stay on the device, all of
+        # them in one call with no gather of the present slots (on the H100 host every torch call costs 10-40 us of
+        # Python while the GPU waits; measured neutral in the call median, benchmarks/host_part_probe.py, NOTES.md
+        # session 9). One Triton kernel for the copies was no faster either (NOTES.md session 8).
         if len(views) == images.shape[0] == self.V and list(views) == list(range(self.V)):
             dst, src = [self.images], [images]
         else:  # the present slots only: absent cameras are not computed
