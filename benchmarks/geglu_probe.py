@@ -8,12 +8,10 @@ in a CUDA graph (the weight does not fit in L2, so every call streams it from DR
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from pi0_triton_policy.kernels import gemm_geglu as GEG, geglu as GG
-from sdpa_probe import configs_arg, fastest, finish, measure, start  # noqa: E402 (benchmarks/ is the script's directory)
+from sdpa_probe import configs_start, fastest, finish, measure  # noqa: E402 (benchmarks/ is the script's directory)
 
 CONFIGS = [(128, 256, 64, 8, 3, 8, 1, 1, 0), (128, 256, 64, 8, 3, 4, 1, 1, 0), (128, 256, 64, 8, 3, 16, 1, 1, 0),
            (128, 256, 64, 8, 4, 8, 1, 1, 0), (128, 256, 64, 8, 3, 8, 1, 0, 1), (128, 256, 64, 8, 2, 8, 1, 0, 1),
@@ -22,13 +20,8 @@ CONFIGS = [(128, 256, 64, 8, 3, 8, 1, 1, 0), (128, 256, 64, 8, 3, 4, 1, 1, 0), (
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--configs", default=None)
-    args = ap.parse_args()
-    configs = configs_arg(args.configs, CONFIGS)
+    args, configs, res, g = configs_start(CONFIGS)
     bf, dev = torch.bfloat16, "cuda"
-    res, g = start(dev)
     K, F = 2048, 16384
     w_gu = (torch.randn(K, 2 * F, device=dev, generator=g) * K**-0.5).to(bf)
     w_il = GEG.interleave_gate_up(w_gu)

@@ -8,25 +8,18 @@ error reported is the largest of the three); each timed as 20 calls in a CUDA gr
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from pi0_triton_policy.kernels import gemm_rope_qkv as GR, rmsnorm_qkv_rope as RQR, rope_qkv as RK
-from sdpa_probe import configs_arg, fastest, finish, measure, start  # noqa: E402 (benchmarks/ is the script's directory)
+from sdpa_probe import configs_start, fastest, finish, measure  # noqa: E402 (benchmarks/ is the script's directory)
 
 CONFIGS = [(64, 128, 64, 4, 4, 8), (64, 128, 64, 4, 5, 8), (128, 128, 64, 8, 3, 8), (128, 128, 64, 8, 4, 8),
            (64, 256, 64, 4, 4, 8), (128, 256, 64, 8, 3, 8), (64, 128, 128, 4, 3, 8), (32, 128, 64, 4, 4, 8)]
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--configs", default=None)
-    args = ap.parse_args()
-    configs = configs_arg(args.configs, CONFIGS)
+    args, configs, res, g = configs_start(CONFIGS)
     bf, dev = torch.bfloat16, "cuda"
-    res, g = start(dev)
     D, NQ, HD = 2048, 8, 256
     w = (torch.randn(D, (NQ + 2) * HD, device=dev, generator=g) * D**-0.5).to(bf)
     w_il = GR.interleave_rope_pairs(w, NQ, HD)

@@ -51,6 +51,16 @@ def start(dev="cuda"):
     return res, torch.Generator(device=dev).manual_seed(0)
 
 
+def configs_start(default):
+    """The --json / --configs probes' start (geglu_probe, qkv_rope_probe): (args, launch configs, result record,
+    generator) on the GPU."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--configs", default=None)
+    args = ap.parse_args()
+    return (args, configs_arg(args.configs, default)) + start("cuda")
+
+
 def configs_arg(text, default):
     """--configs / --prefix ...: a JSON list of launch tuples, or the probe's default list."""
     return [tuple(c) for c in json.loads(text)] if text else default
