@@ -33,14 +33,23 @@ def _tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _geglu_tile(a_desc, b_desc, h_desc, tile, num_m, num_n, K,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, STAGES: tl.constexpr):
-    pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
+def _tile_matmul_nt(a_desc, b_desc, pid_m, pid_n, K,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr):
+    """The float32 accumulator of output tile (pid_m, pid_n) of a [M, K] @ b [N, K]^T, K pipelined over STAGES TMA
+    loads (shared by gemm_geglu and gemm_rope_qkv)."""
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k in tl.range(0, K, BK, num_stages=STAGES):
         a = a_desc.load([pid_m * BM, k])
         b = b_desc.load([pid_n * BN, k])
         acc = tl.dot(a, b.T, acc)
+    return acc
+
+
+@triton.jit
+def _geglu_tile(a_desc, b_desc, h_desc, tile, num_m, num_n, K,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, STAGES: tl.constexpr):
+    pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
+    acc = _tile_matmul_nt(a_desc, b_desc, pid_m, pid_n, K, BM, BN, BK, STAGES)
     g, u = acc.reshape(BM, BN // 2, 2).split()
     h_desc.store([pid_m * BM, pid_n * (BN // 2)], (gelu_tanh(g) * u).to(h_desc.dtype))
 

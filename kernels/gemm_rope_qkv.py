@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from pi0_triton_policy.kernels.gemm_geglu import _num_sms, _tile_coords
+from pi0_triton_policy.kernels.gemm_geglu import _num_sms, _tile_coords, _tile_matmul_nt
 
 
 @triton.jit
@@ -29,11 +29,7 @@ def _gemm_rope_qkv_kernel(a_desc, b_desc, pos_ptr, cos_ptr, sin_ptr, q_ptr, k_pt
     num_n = tl.cdiv(N, BN)
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=True):
         pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k in tl.range(0, K, BK, num_stages=STAGES):
-            a = a_desc.load([pid_m * BM, k])
-            b = b_desc.load([pid_n * BN, k])
-            acc = tl.dot(a, b.T, acc)
+        acc = _tile_matmul_nt(a_desc, b_desc, pid_m, pid_n, K, BM, BN, BK, STAGES)
         rows = pid_m * BM + tl.arange(0, BM)
         row_ok = (rows < M)[:, None]
         head = (pid_n * BN) // HD
