@@ -155,6 +155,12 @@ __device__ __forceinline__ float gelu_tanh_f(float x) {
     const float y = 0.7978845608028654f * (x + 0.044715f * x * x * x);
     return 0.5f * x * (1.f + (1.f - 2.f / (__expf(2.f * y) + 1.f)));
 }
+/* a publish's counter add; the caller has fenced (fence.acq_rel.gpu after the unit's barrier), so PUB 3 adds
+   relaxed: a release add lowers to one more MEMBAR.GPU per counter (up to 5 for a qkv unit) */
+__device__ __forceinline__ void pub_add(const unsigned* p) {
+    if (PUB == 3) asm volatile("red.relaxed.gpu.global.add.u32 [%0], 1;" :: "l"(p) : "memory");
+    else asm volatile("red.release.gpu.global.add.u32 [%0], 1;" :: "l"(p) : "memory");
+}
 __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
     unsigned v;
     asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
@@ -400,7 +406,8 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
     }
     /* publish: the unit's stores (ordered before the consumers' bulk-copy reads), then a release add on each counter
        the unit's columns touch. PUB 0: one add per unit after a warpgroup barrier; PUB 1: the same without the proxy
-       fence here (the consumer fences); PUB 2: every warp publishes its own stores (4 adds per unit, no barrier) */
+       fence here (the consumer fences); PUB 2: every warp publishes its own stores (4 adds per unit, no barrier); PUB 3:
+       PUB 0 with relaxed adds after the one fence (pub_add) */
     if (PUB != 1) asm volatile("fence.proxy.async.global;" ::: "memory");
     if (PUB == 2) __syncwarp();
     else bar_consumers();
@@ -410,15 +417,15 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
         unsigned* ctr = g.ctr + (l * 4 + P) * 32;
         if (LAYER && P == 0) {  /* pairs (head, group): columns head*256 + 8g (range 2 head) and + 128 (2 head + 1);
                                    counter 31 counts every qkv unit (o's stand-in for attention waits on it) */
-            asm volatile("red.release.gpu.global.add.u32 [%0], 1;" :: "l"(ctr + 31) : "memory");
+            pub_add(ctr + 31);
             for (int pr = n0 / 16; pr < (n0 + bn) / 16; ++pr)
                 if (pr == n0 / 16 || pr / 16 != (pr - 1) / 16)
                     for (int q = 2 * (pr / 16); q < 2 * (pr / 16) + 2; ++q)
-                        asm volatile("red.release.gpu.global.add.u32 [%0], 1;" :: "l"(ctr + q) : "memory");
+                        pub_add(ctr + q);
         } else {
             const int c0 = LAYER && P == 2 ? n0 / 2 : n0, c1 = LAYER && P == 2 ? (n0 + bn) / 2 : n0 + bn;  /* h columns */
             for (int q = c0 / O::RANGE; q <= (c1 - 1) / O::RANGE; ++q)
-                asm volatile("red.release.gpu.global.add.u32 [%0], 1;" :: "l"(ctr + q) : "memory");
+                pub_add(ctr + q);
         }
         if (g.use_ts && tid == 0) ts[3] = globaltimer();
     }
@@ -727,7 +734,7 @@ __device__ __forceinline__ void attention_unit(const Args& g, int l, int prog, u
     if (tid == 0) {
         if (g.use_ts) ts[6] = globaltimer();
         asm volatile("fence.acq_rel.gpu;" ::: "memory");
-        asm volatile("red.release.gpu.global.add.u32 [%0], 1;" :: "l"(g.ctr + (l * 4 + 0) * 32 + 20 + h) : "memory");
+        pub_add(g.ctr + (l * 4 + 0) * 32 + 20 + h);
         if (g.use_ts) ts[7] = globaltimer();
     }
 }
@@ -1024,8 +1031,8 @@ __device__ __forceinline__ void attention_unit2(const Args& g, int l, int prog, 
         if (g.use_ts) ts[6] = globaltimer();
         const int i0 = 16 * t + 4 * c, h0 = i0 / R, h1 = (i0 + 3) / R;
         asm volatile("fence.acq_rel.gpu;" ::: "memory");
-        asm volatile("red.release.gpu.global.add.u32 [%0], 1;" :: "l"(g.ctr + (l * 4 + 0) * 32 + 20 + h0) : "memory");
-        if (h1 != h0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" :: "l"(g.ctr + (l * 4 + 0) * 32 + 20 + h1) : "memory");
+        pub_add(g.ctr + (l * 4 + 0) * 32 + 20 + h0);
+        if (h1 != h0) pub_add(g.ctr + (l * 4 + 0) * 32 + 20 + h1);
         if (g.use_ts) ts[7] = globaltimer();
     }
 }
@@ -1100,7 +1107,7 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(192, 1) m
 
 
 A_PIPE = 1  # default: activations in four bulk copies, the MMAs start on the first (0: one copy; measured slower)
-PUB = 0  # default publish variant (unit_body's comment)
+PUB = 3  # default publish variant (unit_body's comment; 3 vs 0: NOTES.md session 10)
 WGD = 1  # default wgmma groups in flight before a ring slot is released
 LOADER = 1  # default: a loader lane waits for the activations and copies them (0: the consumers do; measured slower with per-quarter counters)
 ATTN_MODE = 2  # the attention link (LAYER probe with kc / vc): 1 session 7's unit (32 programs), 2 the packed-row one

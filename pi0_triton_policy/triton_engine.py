@@ -130,6 +130,7 @@ class Tuning:
     # skinny path runs). Replay, same process (NOTES.md session 9, under PDL): 3 cams 14.79 / 14.80 -> 14.57 / 14.57 ms;
     # 1 cam equal, 2 cams 0.06-0.1 ms slower, so off there.
     act_mega: tuple = (False, False, True)
+    mega_pub: int = MC.PUB  # the persistent kernel's publish variant (kernels/mega_chain.py, unit_body's comment)
     st_qkv: tuple = (16, 128)  # BH (fixed at load: column pairing), BK
     st_gu: tuple = (32, 128)  # BH (fixed at load), BK
     st_res: tuple = (16, 128, 4, 128, 4)  # BH (o, down, time MLP: the norm-statistics tiles), BK_o, split_o, BK_down, split_down
@@ -527,7 +528,7 @@ class _ViewGraph:
             if self.mega is not None and step > 0:  # the 50 action rows, every layer in one persistent launch
                 if step == 1:  # the prefix's and the state token's keys are final: into the kernel's cache layout
                     self.mega.fixed_keys(self.kc, self.vc, self.key_valid)
-                self.mega.step(self.xs[1:], self.pos[T + 1:], W.cos, W.sin, eps, pdl=t.pdl)
+                self.mega.step(self.xs[1:], self.pos[T + 1:], W.cos, W.sin, eps, pdl=t.pdl, pub=t.mega_pub)
                 self._out_euler(dt)
                 continue
             if self.stack_plan is not None:  # every layer of the step in one persistent launch
@@ -643,14 +644,14 @@ class _MegaSteps:
         self.key_valid[:self.T - 1] = key_valid[:self.T - 1]
 
     def step(self, xs: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float,
-             pdl: bool = True):
+             pdl: bool = True, pub: int = MC.PUB):
         """One flow step over the residual xs [50, 1024] (fp32, updated in place) at RoPE positions pos [50]; pdl:
         both launches early (programmatic dependent launch: the kernel's weight stream starts before its inputs)."""
         MC.stage_step_input(xs, self.acts["x"], self.ss, self.ctr, pdl=pdl)
         st = dict(xs=xs, ss=self.ss, pos=pos[:MC.R], cos=cos, sin=sin, eps=eps, T=self.T, kc=self.kc, vc=self.vc,
                   key_valid=self.key_valid, att=self.att, attn_mode=2)
         MC.mega_chain(self.plan, self.prepared, self.acts, self.ctr, self.L, layer_state=st, pdl=pdl,
-                      zero_counters=False)
+                      zero_counters=False, pub=pub)
 
 
 class TritonPi0:
