@@ -59,6 +59,19 @@ def test_patch_embed(views, gen):
     assert rel(out, PE.patch_embed_ref(img, w, add)) < (5e-4 if DEV == "cuda" else 1e-5)
 
 
+@pytest.mark.parametrize("slots", [[2], [0, 2], [1, 2], [2, 0, 1]])
+def test_patch_embed_picks_the_present_slots(slots, gen):
+    """With a slot index the kernel reads view v from images[slots[v]] (every camera slot staged, absent ones never
+    read): equal to embedding the gathered views."""
+    img = randn(3, 28, 28, 3, gen=gen)
+    w, add = randn(588, 40, scale=0.04, gen=gen), randn(4, 40, gen=gen)
+    idx = torch.tensor(slots, dtype=torch.int32, device=DEV)
+    out = PE.patch_embed(img, w, add, block=(16, 32, 32), slots=idx)
+    assert out.shape == (4 * len(slots), 40)
+    assert rel(out, PE.patch_embed_ref(img[idx.long()], w, add)) < (5e-4 if DEV == "cuda" else 1e-5)
+    assert torch.equal(out, PE.patch_embed(img[idx.long()].contiguous(), w, add, block=(16, 32, 32)))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("act", ["none", "gelu"])
 def test_layernorm_linear(dtype, act, gen):
