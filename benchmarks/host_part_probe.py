@@ -61,12 +61,23 @@ def old_call(eng, a):
     if len(present) < imgs.shape[0]:
         imgs = imgs[present.to(imgs.device)]
     n = tokens[0].shape[0]
-    g.images.copy_(imgs, non_blocking=True)
+    g.images[:len(present)].copy_(imgs, non_blocking=True)  # timing only: slot_idx is what the last call left
     g.tokens[:n].copy_(tokens[0], non_blocking=True)
     g.token_mask[:n].copy_(token_mask[0], non_blocking=True)
     g.state.copy_(state[0].reshape(1, -1), non_blocking=True)
     g.x_t.copy_(noise[0].reshape(g.x_t.shape), non_blocking=True)
     return g().clone()
+
+
+def row_call(eng, a):
+    """The per-batch-row path of sample_actions_torch (session 9's call; now taken for batches > 1 or other shapes):
+    the row views, set_inputs with its checks, the output view, against the one-copy stage_batch1 of a batch of 1."""
+    images, image_mask, tokens, token_mask, state, noise = a
+    present = [i for i, on in enumerate(torch.as_tensor(image_mask[0]).tolist()) if on]
+    g = eng.graph_for(len(present))
+    g.set_inputs(torch.as_tensor(images[0]), torch.as_tensor(tokens[0]), torch.as_tensor(token_mask[0]),
+                 torch.as_tensor(state[0]), torch.as_tensor(noise[0]), views=present)
+    return g().clone()[None]
 
 
 def main():
@@ -79,6 +90,7 @@ def main():
         host_mask[1] = a[1].cpu()
         for rnd in range(2):
             old, _, _ = time_calls(lambda: old_call(eng, a), args.runs)
+            row, _, _ = time_calls(lambda: row_call(eng, a), args.runs)
             call, _, _ = time_calls(lambda: eng.sample_actions_torch(*a), args.runs)
             call_hm, _, _ = time_calls(lambda: eng.sample_actions_torch(*host_mask), args.runs)
             imgs = a[0][0][a[1][0].cpu().bool().nonzero().flatten().cuda()]
@@ -89,7 +101,7 @@ def main():
 
             st, _, _ = time_calls(staged, args.runs)
             rep, _, _ = time_calls(g.graph.replay, args.runs)
-            print(f"views={views} round {rnd}: old call {old:.3f} ms | call {call:.3f} | mask on host {call_hm:.3f} | set_inputs+replay+clone "
+            print(f"views={views} round {rnd}: old call {old:.3f} ms | row call {row:.3f} | call {call:.3f} | mask on host {call_hm:.3f} | set_inputs+replay+clone "
                   f"{st:.3f} | replay {rep:.3f} | host part {call - rep:.3f}", flush=True)
         h, gp = pieces(eng, a, args.runs)
         print(f"views={views} host us per piece {h}\n          GPU us between pieces {gp}", flush=True)

@@ -128,8 +128,9 @@ class Tuning:
     # attention, o, gate|up, down of all layers in one launch; ATTN 2), per camera count 1, 2, 3; step 0 (51 rows: the
     # state token) stays on the skinny path. Needs sm_90a and 25 resident clusters of 4 (H100 / H200; elsewhere the
     # skinny path runs). Replay, same process (NOTES.md session 9, under PDL): 3 cams 14.79 / 14.80 -> 14.57 / 14.57 ms;
-    # 1 cam equal, 2 cams 0.06-0.1 ms slower, so off there.
-    act_mega: tuple = (False, False, True)
+    # 1 cam equal, 2 cams 0.06-0.1 ms slower. With its publish's counter adds relaxed (PUB 3, NOTES.md session 10):
+    # replay 10.56 / 12.41 / 14.05 (per-kernel at 1 / 2 cams) -> 10.21 / 12.11 / 14.05 ms, so on everywhere.
+    act_mega: tuple = (True, True, True)
     mega_pub: int = MC.PUB  # the persistent kernel's publish variant (kernels/mega_chain.py, unit_body's comment)
     st_qkv: tuple = (16, 128)  # BH (fixed at load: column pairing), BK
     st_gu: tuple = (32, 128)  # BH (fixed at load), BK
@@ -296,8 +297,11 @@ class _ViewGraph:
         self.P, self.L, self.S = P, L, S
         self.T = T = num_views * P + L
         z = lambda *s, dtype=torch.float32: torch.zeros(*s, dtype=dtype, device=dev)  # noqa: E731
-        # inputs
-        self.images = z(num_views, v.image_size, v.image_size, 3)
+        # inputs: every camera slot (a call with its images on this device stages them in one copy), and which slots
+        # are the present views (patch_embed reads through it: absent cameras are never computed)
+        self.images = z(cfg.num_image_slots, v.image_size, v.image_size, 3)
+        self.slot_idx = torch.arange(num_views, dtype=torch.int32, device=dev)
+        self._slot_idx = {}  # present slots -> the same on the device (copied into slot_idx by a call)
         self.tokens = z(L, dtype=torch.int32)
         self.token_mask = z(L, dtype=torch.int32)
         self.zero_prompt = z(L, dtype=torch.int32)  # copied over the unused prompt slots of a shorter prompt
@@ -312,6 +316,10 @@ class _ViewGraph:
         self.prompt_cnt = z(L, dtype=torch.int32)
         self.state = z(1, cfg.action_dim)
         self.x_t = z(cfg.action_horizon, cfg.action_dim)  # noise in, actions out
+        # views of the inputs with a batch dimension of 1 (stage_batch1), made once: on the H100's host every torch
+        # call, a view included, costs 10-40 us of Python while the GPU waits (NOTES.md session 9)
+        self.b1 = dict(images=self.images[None], tokens=self.tokens[None], token_mask=self.token_mask[None],
+                       state=self.state, x_t=self.x_t[None])
         # activations
         M = num_views * P
         self.xv = z(M, v.width)
@@ -390,7 +398,7 @@ class _ViewGraph:
         pg = t.pdl_glue  # the Triton glue kernels between cuBLAS matmuls (vision, prefix) launch early under PDL
         self.positions()
         # ---- SigLIP on the present views: [V*256, 1152]
-        PE.patch_embed(self.images, W.patch_w, W.patch_add, out=self.xv, patch_size=v.patch_size)
+        PE.patch_embed(self.images, W.patch_w, W.patch_add, out=self.xv, patch_size=v.patch_size, slots=self.slot_idx)
         bm, bn, bk, nw, ns = t.vis_ln
         rb = t.vis_res
         eps = v.layer_norm_eps
@@ -565,10 +573,18 @@ class _ViewGraph:
         self.graph = g
         self.capture_s = time.perf_counter() - t0
 
+    def present_index(self, views) -> torch.Tensor:
+        """The device copy of a present-slot list (made once per list)."""
+        key = tuple(views)
+        idx = self._slot_idx.get(key)
+        if idx is None:
+            idx = self._slot_idx[key] = torch.tensor(key, dtype=torch.int32, device=self.images.device)
+        return idx
+
     def set_inputs(self, images, tokens, token_mask, state, noise, views=None):
         """images [V, 224, 224, 3] (present views only), or every camera slot [slots, 224, 224, 3] with `views` the
         present slots' indices; tokens/token_mask [L'], state [32], noise [50, 32]: tensors."""
-        L = self.L
+        L, V = self.L, self.V
         n = tokens.shape[0]
         if n > L:
             raise ValueError(f"{n} prompt tokens: at most {L} fit (max_token_len)")
@@ -576,30 +592,41 @@ class _ViewGraph:
             raise ValueError(f"token_mask {tuple(token_mask.shape)}: expected ({n},) like the tokens")
         frame = tuple(self.images.shape[1:])
         if views is None:
-            views = range(self.V)
-            if tuple(images.shape) != tuple(self.images.shape):  # copy_ would broadcast one image into every view
-                raise ValueError(f"camera images {tuple(images.shape)}: this graph takes {tuple(self.images.shape)} "
+            if tuple(images.shape) != (V,) + frame:  # copy_ would broadcast one image into every view
+                raise ValueError(f"camera images {tuple(images.shape)}: this graph takes {(V,) + frame} "
                                  "(present views x H x W x 3)")
-        elif len(views) != self.V or tuple(images.shape[1:]) != frame or max(views) >= images.shape[0]:
+        elif len(views) != V or tuple(images.shape[1:]) != frame or max(views) >= images.shape[0] or min(views) < 0:
             raise ValueError(f"camera images {tuple(images.shape)} with present slots {list(views)}: this graph takes "
-                             f"{self.V} present slots of an [slots, {', '.join(map(str, frame))}] array")
+                             f"{V} present slots of an [slots, {', '.join(map(str, frame))}] array")
         if state.numel() != self.state.numel() or noise.numel() != self.x_t.numel():
             raise ValueError(f"state {tuple(state.shape)} / noise {tuple(noise.shape)}: expected {self.state.shape[1]} "
                              f"values and {tuple(self.x_t.shape)}")
-        # raw inputs only (positions are computed in the graph); copies from CUDA tensors stay on the device, all of
-        # them in one call with no gather of the present slots (on the H100 host every torch call costs 10-40 us of
-        # Python while the GPU waits; measured neutral in the call median, benchmarks/host_part_probe.py, NOTES.md
-        # session 9). One Triton kernel for the copies was no faster either (NOTES.md session 8).
-        if len(views) == images.shape[0] == self.V and list(views) == list(range(self.V)):
-            dst, src = [self.images], [images]
-        else:  # the present slots only: absent cameras are not computed
-            dst, src = [self.images[j] for j in range(self.V)], [images[i] for i in views]
+        # raw inputs only (positions are computed in the graph), all of them in one copy call
+        if views is not None and images.shape[0] == self.images.shape[0] and images.device == self.images.device:
+            dst, src = [self.images, self.slot_idx], [images, self.present_index(views)]  # every slot, one copy
+        else:  # the present slots only (from the host: absent cameras are not transferred), in slots 0..V-1
+            views = range(V) if views is None else views
+            dst = [self.images[j] for j in range(V)] + [self.slot_idx]
+            src = [images[i] for i in views] + [self.present_index(range(V))]
         dst += [self.tokens[:n], self.token_mask[:n], self.state, self.x_t]
         src += [tokens, token_mask, state.reshape(1, -1), noise.reshape(self.x_t.shape)]
         if n < L:
             dst += [self.tokens[n:], self.token_mask[n:]]
             src += [self.zero_prompt[n:], self.zero_prompt[n:]]
         torch._foreach_copy_(dst, src, non_blocking=True)
+
+    def stage_batch1(self, images, tokens, token_mask, state, noise, views) -> bool:
+        """The common call in one copy call and no view op: a batch of 1 already on this device, every camera slot,
+        a full-length prompt ([1, slots, 224, 224, 3], [1, L], [1, L], [1, 32], [1, 50, 32]). False (nothing staged)
+        for anything else, which set_inputs then takes with its checks."""
+        b = self.b1
+        if not (images.shape == b["images"].shape and tokens.shape == b["tokens"].shape == token_mask.shape
+                and state.shape == b["state"].shape and noise.shape == b["x_t"].shape
+                and images.device == self.images.device and len(views) == self.V):
+            return False
+        torch._foreach_copy_([b["images"], b["tokens"], b["token_mask"], b["state"], b["x_t"], self.slot_idx],
+                             [images, tokens, token_mask, state, noise, self.present_index(views)], non_blocking=True)
+        return True
 
     def __call__(self):
         if self.graph is None:
@@ -694,6 +721,12 @@ class TritonPi0:
     def sample_actions_torch(self, images, image_mask, tokens, token_mask, state, noise, num_steps: int = 10) -> torch.Tensor:
         """Batched tensors as `TorchPi0.sample_actions_torch`: images [B,3,224,224,3], image_mask [B,3], tokens and
         token_mask [B,L], state [B,32], noise [B,50,32] -> actions [B,50,32] float32 on this device."""
+        if state.shape[0] == 1 and all(isinstance(x, torch.Tensor) for x in (images, tokens, token_mask, state, noise)):
+            present = [i for i, on in enumerate(torch.as_tensor(image_mask).tolist()[0]) if on]  # the one host read
+            g = self._graphs.get((len(present), num_steps)) or self.graph_for(len(present), num_steps)
+            if g.stage_batch1(images, tokens, token_mask, state, noise, present):
+                g()
+                return g.b1["x_t"].clone()
         outs = []
         for b in range(state.shape[0]):
             present = [i for i, on in enumerate(torch.as_tensor(image_mask[b]).tolist()) if on]  # the one host read

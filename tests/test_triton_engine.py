@@ -114,6 +114,32 @@ def test_tiny_interpreter_matches_reference(path):
     assert _rel(eng.sample_actions(*args), TorchPi0(cfg, params).sample_actions(*args)) < 1e-5
 
 
+def test_stage_batch1_stages_what_set_inputs_stages():
+    """The one-copy staging of a batch-of-1 call (every camera slot, full prompt) leaves the graph's inputs exactly as
+    set_inputs does; any other shape is declined (False, nothing staged) for set_inputs' checks."""
+    from pi0_triton_policy.triton_engine import TritonPi0
+
+    cfg = get_variant("pi0_tiny")
+    eng = TritonPi0(cfg, random_params(cfg, seed=1), device="cpu", dtype=torch.float32, use_graphs=False)
+    imgs, _, tokens, tmask, state, noise = _inputs(cfg, [1, 0, 1], 48, seed=5)
+    t = [torch.from_numpy(x) for x in (imgs, tokens, tmask, state, noise)]
+    g = eng.graph_for(2)
+    names = ("images", "slot_idx", "tokens", "token_mask", "state", "x_t")
+    g.set_inputs(*t, views=[0, 2])
+    want = {k: getattr(g, k).clone() for k in names}
+    for k in names:
+        getattr(g, k).zero_()
+    assert g.stage_batch1(*(x[None] for x in t), views=[0, 2])
+    for k in names:
+        assert torch.equal(getattr(g, k), want[k]), k
+    before = {k: getattr(g, k).clone() for k in names}
+    assert not g.stage_batch1(t[0][None], t[1][None, :5], t[2][None, :5], t[3][None], t[4][None], views=[0, 2])
+    assert not g.stage_batch1(t[0][None, :2], t[1][None], t[2][None], t[3][None], t[4][None], views=[0, 1])
+    assert not g.stage_batch1(*(x[None] for x in t), views=[0])
+    for k in names:
+        assert torch.equal(getattr(g, k), before[k]), k
+
+
 def test_wrong_camera_count_is_a_clear_error():
     """A graph for 2 views given 1 image must say so (a tensor copy would broadcast the image into both views)."""
     from pi0_triton_policy.triton_engine import TritonPi0
@@ -154,11 +180,14 @@ def test_set_inputs_stages_present_slots_and_clears_the_prompt_tail():
     t = [torch.from_numpy(x) for x in (imgs, tokens, tmask, state, noise)]
     g = eng.graph_for(2)
     g.set_inputs(t[0], t[1], t[2], t[3], t[4], views=[0, 2])
-    assert torch.equal(g.images, t[0][[0, 2]]) and torch.equal(g.tokens, t[1]) and torch.equal(g.x_t, t[4])
+    seen = lambda: g.images[g.slot_idx.long()]  # noqa: E731 (the views patch_embed reads)
+    assert torch.equal(seen(), t[0][[0, 2]]) and torch.equal(g.tokens, t[1]) and torch.equal(g.x_t, t[4])
     assert torch.equal(g.token_mask, t[2].to(torch.int32)) and torch.equal(g.state[0], t[3])
     g.set_inputs(t[0], t[1][:5], t[2][:5], t[3], t[4], views=[1, 2])
-    assert torch.equal(g.images, t[0][[1, 2]])
+    assert torch.equal(seen(), t[0][[1, 2]])
     assert torch.equal(g.tokens[:5], t[1][:5]) and g.tokens[5:].eq(0).all() and g.token_mask[5:].eq(0).all()
-    for bad in ([0], [0, 3]):
+    g.set_inputs(t[0][[2, 1]], t[1], t[2], t[3], t[4])  # present views only
+    assert torch.equal(seen(), t[0][[2, 1]]) and g.slot_idx.tolist() == [0, 1]
+    for bad in ([0], [0, 3], [-1, 0]):
         with pytest.raises(ValueError, match="present slots"):
             g.set_inputs(t[0], t[1], t[2], t[3], t[4], views=bad)
