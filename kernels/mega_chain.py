@@ -1422,6 +1422,37 @@ def stage_step_input(xs: torch.Tensor, x_blocked: torch.Tensor, ss: torch.Tensor
                                    num_warps=4, **pdl_kwargs(pdl))
 
 
+@triton.jit
+def _stage_fixed_keys_kernel(ks_ptr, vs_ptr, kd_ptr, vd_ptr, valid_src_ptr, valid_dst_ptr, T, src_layer, dst_layer,
+                             BT: tl.constexpr, HD: tl.constexpr):
+    """Keys k0..k0+BT of layer l, K and V: the row-major rows into kv_swizzle's layout (the 16-byte group g of key k
+    at g ^ (k % 8)); the first layer's programs also copy the validity of the keys before the state token."""
+    kb, l = tl.program_id(0), tl.program_id(1)
+    k = kb * BT + tl.arange(0, BT)
+    p = tl.arange(0, HD)
+    src = l * src_layer + k[:, None] * HD + ((((p // 8)[None, :] ^ (k % 8)[:, None]) * 8) + (p % 8)[None, :])
+    dst = l * dst_layer + k[:, None] * HD + p[None, :]
+    m = (k < T)[:, None]
+    tl.store(kd_ptr + dst, tl.load(ks_ptr + src, mask=m), mask=m)
+    tl.store(vd_ptr + dst, tl.load(vs_ptr + src, mask=m), mask=m)
+    if l == 0:
+        tl.store(valid_dst_ptr + k, tl.load(valid_src_ptr + k, mask=k < T - 1), mask=k < T - 1)
+
+
+def stage_fixed_keys(kc: torch.Tensor, vc: torch.Tensor, key_valid: torch.Tensor, kc_dst: torch.Tensor,
+                     vc_dst: torch.Tensor, key_valid_dst: torch.Tensor, T: int):
+    """The fixed keys 0..T-1 (the prefix and the state token) of every layer's row-major cache kc / vc [L, >= T, HD]
+    into ATTN 2's caches kc_dst / vc_dst [L, >= T, HD] (`kv_swizzle`), and key_valid[:T - 1] (the prefix's mask;
+    the state token's validity is fixed) into key_valid_dst: one launch (was a torch gather + copy per cache)."""
+    L, HD = kc.shape[0], kc.shape[-1]
+    assert kc.shape == vc.shape and kc_dst.shape == vc_dst.shape and kc_dst.shape[0] == L and kc_dst.shape[-1] == HD
+    assert kc.shape[1] >= T and kc_dst.shape[1] >= T and HD % 64 == 0 and kc.dtype == kc_dst.dtype
+    assert all(t.is_contiguous() for t in (kc, vc, kc_dst, vc_dst)) and key_valid_dst.dtype == key_valid.dtype
+    BT = 16
+    _stage_fixed_keys_kernel[(triton.cdiv(T, BT), L)](kc, vc, kc_dst, vc_dst, key_valid, key_valid_dst, T,
+                                                      kc.stride(0), kc_dst.stride(0), BT=BT, HD=HD, num_warps=4)
+
+
 def blocked_size(cols: int) -> int:
     """bf16 elements of a [50, cols] activation in the kernel's global layout."""
     return cols // 64 * A_BLOCK // 2

@@ -17,7 +17,7 @@ def _patch_embed_kernel(
     img_ptr, w_ptr, add_ptr, out_ptr,  # images [slots,S,S,3], kernel [K=ps*ps*3, N], add [P, N], out [V*P, N]
     slot_ptr,  # int32 [V]: the image slot of view v (HAS_SLOTS), else view v is image v
     M, N, K,
-    GRID: tl.constexpr, PS: tl.constexpr, IMG: tl.constexpr, HAS_SLOTS: tl.constexpr,
+    GRID: tl.constexpr, PS: tl.constexpr, IMG: tl.constexpr, HAS_SLOTS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
@@ -37,7 +37,7 @@ def _patch_embed_kernel(
         col = (ky * IMG + kx) * 3 + c  # [BK]
         a = tl.load(img_ptr + row_base[:, None] + col[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
         b = tl.load(w_ptr + offs_k[:, None] * N + offs_n[None, :], mask=(offs_k[:, None] < K) & (offs_n[None, :] < N), other=0.0)
-        acc += tl.dot(a, b, input_precision="ieee")
+        acc += tl.dot(a, b, input_precision=PRECISION)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     acc += tl.load(add_ptr + p[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
     tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
@@ -45,9 +45,11 @@ def _patch_embed_kernel(
 
 def patch_embed(images: torch.Tensor, kernel: torch.Tensor, add: torch.Tensor, out: torch.Tensor | None = None,
                 patch_size: int = 14, block=(64, 64, 32), num_warps: int = 4,
-                slots: torch.Tensor | None = None) -> torch.Tensor:
+                slots: torch.Tensor | None = None, precision: str | None = None) -> torch.Tensor:
     """images [V, S, S, 3] fp32, kernel [ps*ps*3, N] fp32, add = bias + pos_emb [P, N] fp32 -> [V*P, N] fp32.
-    slots (int32 [V], on the device): view v is images[slots[v]] (images then holds every camera slot)."""
+    slots (int32 [V], on the device): view v is images[slots[v]] (images then holds every camera slot).
+    precision: tl.dot's input_precision; default "tf32x3" on CUDA (three tf32 MMAs: float32-accurate on the tensor
+    cores, where "ieee" runs on the FMA units) and "ieee" elsewhere (the interpreter)."""
     V, S, S2, C = images.shape
     if slots is not None:
         assert slots.dtype == torch.int32 and slots.dim() == 1 and slots.device == images.device, slots
@@ -65,7 +67,8 @@ def patch_embed(images: torch.Tensor, kernel: torch.Tensor, add: torch.Tensor, o
     BM, BN, BK = block
     grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
     _patch_embed_kernel[grid](images, kernel, add, out, images if slots is None else slots, M, N, K, GRID=grid_side,
-                              PS=patch_size, IMG=S, HAS_SLOTS=slots is not None, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+                              PS=patch_size, IMG=S, HAS_SLOTS=slots is not None,
+                              PRECISION=precision or ("tf32x3" if images.is_cuda else "ieee"), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
                               num_warps=num_warps)
     return out
 

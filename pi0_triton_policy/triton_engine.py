@@ -98,6 +98,9 @@ class Tuning:
     # faster for vision and prefix (compute-bound); see benchmarks/NOTES.md
     vis_cublas: bool = True
     vis_gelu_epilogue: bool = True  # vision fc1's tanh-GELU in cuBLASLt's epilogue (CUDA) instead of a separate pass
+    # patch embedding (kernels/patch_embed.py): BM, BN, BK, warps, tl.dot input precision ("tf32x3": float32-accurate
+    # on the tensor cores; "ieee": FMA units, 30.7 us at 1 cam, NOTES.md session 10)
+    vis_patch: tuple = (64, 64, 32, 4, "tf32x3")
     act_cublas: bool = True  # 14.8 vs 16.7 ms at 1 cam (NOTES.md)
     # weight-streaming skinny matmuls (kernels/skinny_matmul.py) for the action expert; overrides act_cublas.
     # (BH, BK, warps, stages, split_k[, peel]): each program owns 2*BH output columns and K/split_k of K; peel 1 (the
@@ -398,7 +401,9 @@ class _ViewGraph:
         pg = t.pdl_glue  # the Triton glue kernels between cuBLAS matmuls (vision, prefix) launch early under PDL
         self.positions()
         # ---- SigLIP on the present views: [V*256, 1152]
-        PE.patch_embed(self.images, W.patch_w, W.patch_add, out=self.xv, patch_size=v.patch_size, slots=self.slot_idx)
+        pe = t.vis_patch
+        PE.patch_embed(self.images, W.patch_w, W.patch_add, out=self.xv, patch_size=v.patch_size, slots=self.slot_idx,
+                       block=pe[:3], num_warps=pe[3], precision=pe[4] if self.images.is_cuda else "ieee")
         bm, bn, bk, nw, ns = t.vis_ln
         rb = t.vis_res
         eps = v.layer_norm_eps
@@ -657,7 +662,6 @@ class _MegaSteps:
         self.vc = torch.zeros_like(self.kc)
         self.key_valid = torch.zeros(self.T + MC.R + 16, dtype=torch.int32, device=dev)
         self.key_valid[self.T - 1:self.T + MC.R] = 1  # the state token and the 50 actions
-        self.groups = MC.kv_swizzle_groups(self.T, dev)  # fixed_keys' gather index, made once
         cols = dict(x=1024, q=2560, x2=1024, h8=4096)
         self.acts = {k: torch.zeros(MC.blocked_size(c), dtype=bf, device=dev) for k, c in cols.items()}
         self.att = torch.zeros(MC.blocked_size(2048), dtype=bf, device=dev)
@@ -666,9 +670,7 @@ class _MegaSteps:
 
     def fixed_keys(self, kc: torch.Tensor, vc: torch.Tensor, key_valid: torch.Tensor):
         """The engine's caches [L, >= T + 1, 256] (row-major) -> the kernel's (kv_swizzle) for the fixed keys."""
-        self.kc[:, :self.T] = MC.kv_swizzle(kc[:, :self.T], self.groups)
-        self.vc[:, :self.T] = MC.kv_swizzle(vc[:, :self.T], self.groups)
-        self.key_valid[:self.T - 1] = key_valid[:self.T - 1]
+        MC.stage_fixed_keys(kc, vc, key_valid, self.kc, self.vc, self.key_valid, self.T)
 
     def step(self, xs: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float,
              pdl: bool = True, pub: int = MC.PUB):

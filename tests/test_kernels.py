@@ -719,6 +719,25 @@ def test_mega_chain_layer_cuda(layers, attn):
 
 
 
+@pytest.mark.parametrize("T", [5, 305, 817])
+def test_mega_stage_fixed_keys(T, gen):
+    """The fixed keys (prefix + state token) of every layer into the persistent kernel's key-swizzled caches, in one
+    launch: equal to kv_swizzle of the row-major rows; the rows past T and the state token's validity untouched."""
+    from pi0_triton_policy.kernels import mega_chain as MC
+
+    dt = torch.float16 if DEV == "cpu" else torch.bfloat16
+    L, HD = 3, 256
+    kc, vc = randn(L, T + 51, HD, gen=gen).to(dt), randn(L, T + 51, HD, gen=gen).to(dt)
+    valid = (torch.arange(T + 51, device=DEV) % 3 != 0).to(torch.int32)
+    kd = torch.full((L, T + 66, HD), 7.0, dtype=dt, device=DEV)
+    vd = torch.full_like(kd, 7.0)
+    vd_valid = torch.full((T + 66,), 9, dtype=torch.int32, device=DEV)
+    MC.stage_fixed_keys(kc, vc, valid, kd, vd, vd_valid, T)
+    assert torch.equal(kd[:, :T], MC.kv_swizzle(kc[:, :T])) and torch.equal(vd[:, :T], MC.kv_swizzle(vc[:, :T]))
+    assert kd[:, T:].eq(7).all() and vd[:, T:].eq(7).all()
+    assert torch.equal(vd_valid[:T - 1], valid[:T - 1]) and vd_valid[T - 1:].eq(9).all()
+
+
 def test_mega_stage_step_input(gen):
     """The engine-side glue of the persistent chain: the fp32 residual -> its bf16 blocked copy (as `to_blocked`) and
     the first qkv's norm sums (the whole sum in cluster 0, zeros elsewhere), the chain's counters zeroed."""
