@@ -99,8 +99,9 @@ class Tuning:
     vis_cublas: bool = True
     vis_gelu_epilogue: bool = True  # vision fc1's tanh-GELU in cuBLASLt's epilogue (CUDA) instead of a separate pass
     # patch embedding (kernels/patch_embed.py): BM, BN, BK, warps, tl.dot input precision ("tf32x3": float32-accurate
-    # on the tensor cores; "ieee": FMA units, 30.7 us at 1 cam, NOTES.md session 10)
-    vis_patch: tuple = (64, 64, 32, 4, "tf32x3")
+    # on the tensor cores; "ieee": FMA units). patch_embed_probe, us at 1 / 2 / 3 cams: (64, 64, 32) ieee 36.8 / 52.5 /
+    # 51.5, (32, 64, 32) tf32x3 30.1 / 39.6 / 50.6 (NOTES.md session 10)
+    vis_patch: tuple = (32, 64, 32, 4, "tf32x3")
     act_cublas: bool = True  # 14.8 vs 16.7 ms at 1 cam (NOTES.md)
     # weight-streaming skinny matmuls (kernels/skinny_matmul.py) for the action expert; overrides act_cublas.
     # (BH, BK, warps, stages, split_k[, peel]): each program owns 2*BH output columns and K/split_k of K; peel 1 (the
