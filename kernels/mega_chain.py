@@ -61,7 +61,7 @@ BN_SPLIT_MAX = 40  # widest column tile of a split op (o, down)
 RECV_BYTES = 2 * 4 * 16 * BN_SPLIT_MAX * 4  # [parity][source rank][16 owned rows][BN] fp32
 ROWSQ_BYTES = 3 * 1024  # LAYER: an owner's new x^2 [16][40] fp32; 3 KB keeps the ring 1024-aligned
 SS_BYTES = 6 * 1024  # LAYER: the clusters' sums of squares [<= 30][50] fp32, copied in by the loader
-SMEM = A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES + NS * SLOT + 8 * (2 * NS + 9 + 2 * 6)  # + ATTN 2's K / V ring mbarriers (6 slots)
+SMEM = A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES + NS * SLOT + 8 * (2 * NS + 9 + 2 * 6 + 1)  # + ATTN 2's K / V ring mbarriers (6 slots), MCAST's
 assert (A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES) % 1024 == 0 and SLOT % 1024 == 0, "wgmma's swizzle atoms are 1024-aligned"
 NAMES = ("qkv", "o", "gu", "down")
 # op: (N, K, SPLIT, CK, NJMAX); CK = K columns per ring chunk (one 128-byte swizzle atom wide), NJMAX = most n8 column
@@ -91,6 +91,8 @@ _SOURCE = r"""
 #define ATTN @ATTN@                    /* LAYER probe: the attention link too (1: attention_unit, 2: attention_unit2) */
 #define LOADER @LOADER@                /* 1: a loader lane waits for the activations' counters and copies them */
 #define AHEAD @AHEAD@                  /* ops of L2 prefetch ahead of the ring (0: none) */
+#define MCAST @MCAST@                  /* 1: qkv / gate|up activations multicast to the cluster (load_activations) */
+#define A_FREE (2 * NS + 9 + 2 * 6)    /* MCAST's mbarrier, after ATTN 2's K / V ring's */
 @HELPERS@
 typedef unsigned short bf16;
 
@@ -453,6 +455,31 @@ template <int P> __device__ __forceinline__ void load_activations(const Args& g,
         const unsigned* c = g.ctr + (l * 4 + 0) * 32 + 31;
         while (ld_acquire(c) < g.wait[1][31]) {}
     }
+    if (MCAST && O::SPLIT == 1) {
+        /* the 4 ranks of a cluster read the same activations: rank c asks for quarter c once, multicast into all 4
+           (a quarter of the L2 reads). Every rank expects all 4 quarters' bytes, then tells every rank that its
+           region is free (its previous unit's MMAs are done); rank c copies once all 4 have (the cluster's "free"
+           barrier: 4 arrivals per unit, 2 such units per layer, so qkv completes phase 0, gate|up phase 1) */
+        const int c = prog & 3;
+        for (int q = 0; q < 4; ++q)
+            asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(bars + 8 * (2 * NS + 2 + q)), "r"(BYTES) : "memory");
+        const unsigned freed = bars + 8 * A_FREE;
+        for (int j = 0; j < 4; ++j)
+            asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" :: "r"(mapa(freed, j)) : "memory");
+        if (P != 0 || l > 0) {
+            const unsigned* ctr = g.ctr + ((P == 0 ? l - 1 : l) * 4 + (P + 3) % 4) * 32 + c;
+            while (ld_acquire(ctr) < g.wait[P][c]) {}
+        }
+        if (g.use_ts) ts[0] = globaltimer();
+        asm volatile("fence.proxy.async.global;" ::: "memory");
+        while (!mbar_try_cluster(freed, P == 0 ? 0 : 1)) {}
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1], %2, [%3], %4;"
+                     :: "r"(a_u32 + c * BYTES), "l"(src + c * BYTES), "r"(BYTES), "r"(bars + 8 * (2 * NS + 2 + c)),
+                        "h"((unsigned short)0xF) : "memory");
+        if (LAYER && (P != 0 || l > 0))  /* the sums of squares below are published with every quarter */
+            for (int q = 0; q < 4; ++q)
+                while (ld_acquire(g.ctr + ((P == 0 ? l - 1 : l) * 4 + (P + 3) % 4) * 32 + q) < g.wait[P][q]) {}
+    } else
     for (int q = 0; q < 4; ++q) {
         if (ATTN && P == 1) {  /* the heads of this quarter: every attention unit that writes rows of them */
             const int head = (k0 + q * (KC / 4)) / 256;
@@ -1056,6 +1083,7 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(192, 1) m
         mbar_init(bars + 8 * (2 * NS + 6), NC);  /* activations consumed (LOADER) */
         mbar_init(bars + 8 * (2 * NS + 7), 1);   /* LAYER: sums of squares in shared memory (qkv: phase 0, gu: 1) */
         mbar_init(bars + 8 * (2 * NS + 8), 1);   /* ATTN: the other key quarters' partials of my rows */
+        mbar_init(bars + 8 * A_FREE, 4);          /* MCAST: every rank's activation region is free */
         for (int s = 0; s < 2 * A2_SLOTS; ++s) mbar_init(bars + 8 * (A2_BAR + s), 1);  /* ATTN 2: K / V ring */
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
@@ -1116,7 +1144,8 @@ PUB = 3  # default publish variant (unit_body's comment; 3 vs 0: NOTES.md sessio
 WGD = 1  # default wgmma groups in flight before a ring slot is released
 LOADER = 1  # default: a loader lane waits for the activations and copies them (0: the consumers do; measured slower with per-quarter counters)
 ATTN_MODE = 2  # the attention link (LAYER probe with kc / vc): 1 session 7's unit (32 programs), 2 the packed-row one
-AHEAD = 0  # default L2 prefetch distance in ops (0: off; 2-8 measured slower, benchmarks/NOTES.md)
+AHEAD = 0  # default L2 prefetch distance in ops (0: off; 1-8 measured slower, benchmarks/NOTES.md)
+MCAST = 0  # default: each rank copies the qkv / gate|up activations itself (1: multicast in the cluster)
 
 
 def _wgmma_functions() -> str:
@@ -1137,12 +1166,13 @@ def _wgmma_functions() -> str:
 
 
 def source(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = WGD, loader: int = LOADER,
-           layer: int = 0, attn: int = 0) -> str:
+           layer: int = 0, attn: int = 0, mcast: int = MCAST) -> str:
     assert a_pipe or not loader, "the loader copies the activations in quarters"
+    assert loader or not mcast, "MCAST: the loader multicasts"
     assert loader or not layer, "LAYER: the loader copies the sums of squares"
     text = _SOURCE
     assert layer or not attn, "ATTN is part of the LAYER probe"
-    consts = dict(AHEAD=ahead, A_PIPE=a_pipe, PUB=pub, WGD=wgd, LOADER=loader, LAYER=layer, ATTN=attn, ROWSQ_BYTES=ROWSQ_BYTES,
+    consts = dict(AHEAD=ahead, MCAST=mcast, A_PIPE=a_pipe, PUB=pub, WGD=wgd, LOADER=loader, LAYER=layer, ATTN=attn, ROWSQ_BYTES=ROWSQ_BYTES,
                   SS_BYTES=SS_BYTES, A_BLOCK=A_BLOCK, WGMMA=_wgmma_functions(), NS=NS, SLOT=SLOT, A_BYTES=A_BYTES, RECV_BYTES=RECV_BYTES, BN_SPLIT_MAX=BN_SPLIT_MAX,
                   HELPERS=CUDA_HELPERS % {})
     for k, v in consts.items():
@@ -1260,8 +1290,9 @@ class MegaPlan:
 
 @functools.lru_cache(maxsize=None)
 def _kernel_and_programs(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = WGD,
-                         loader: int = LOADER, layer: int = 0, attn: int = 0):
-    func = compile_cuda(source(ahead, a_pipe, pub, wgd, loader, layer, attn), "mega_chain_kernel", SMEM, arch_suffix="a")
+                         loader: int = LOADER, layer: int = 0, attn: int = 0, mcast: int = MCAST):
+    func = compile_cuda(source(ahead, a_pipe, pub, wgd, loader, layer, attn, mcast), "mega_chain_kernel", SMEM,
+                        arch_suffix="a")
     cfg = _LaunchConfig(128, 1, 1, THREADS, 1, 1, SMEM, None, None, 0)
     n = ctypes.c_int()
     err = _libcuda().cuOccupancyMaxActiveClusters(ctypes.byref(n), func, ctypes.byref(cfg))
@@ -1277,7 +1308,7 @@ def attention_available(device) -> bool:
         dev = torch.device(device)
         if dev.type != "cuda" or torch.cuda.get_device_capability(dev) != (9, 0):
             return False
-        return _kernel_and_programs(AHEAD, A_PIPE, PUB, WGD, LOADER, 1, 2)[1] >= 100
+        return _kernel_and_programs(AHEAD, A_PIPE, PUB, WGD, LOADER, 1, 2, MCAST)[1] >= 100
     except Exception:  # no NVRTC / driver entry points: the engine keeps its per-kernel path
         return False
 
@@ -1285,14 +1316,14 @@ def attention_available(device) -> bool:
 def plan_for_this_gpu(layer: bool = False) -> MegaPlan:
     # every variant has the same shared memory and threads, hence the same resident clusters: ask the one that will run
     # (LAYER: the engine's LAYER + ATTN 2 kernel), so no other variant is compiled just to count them
-    return MegaPlan(_kernel_and_programs(AHEAD, A_PIPE, PUB, WGD, LOADER, 1, ATTN_MODE)[1] if layer
+    return MegaPlan(_kernel_and_programs(AHEAD, A_PIPE, PUB, WGD, LOADER, 1, ATTN_MODE, MCAST)[1] if layer
                     else _kernel_and_programs()[1], layer)
 
 
 def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tensor, layers: int,
                timestamps: torch.Tensor | None = None, ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB,
                wgd: int = WGD, loader: int = LOADER, layer_state: dict | None = None, pdl: bool = False,
-               zero_counters: bool = True):
+               zero_counters: bool = True, mcast: int = MCAST):
     """Run `layers` layers of the chain on acts = {x, q, x2, h8}: [50, 1024 / 2560 / 1024 / 8192] bf16 in the blocked
     layout (`to_blocked` / `from_blocked`); counters: >= layers * 128 int32 (zeroed here, inside the stream).
     layer_state (a plan made with layer=True): the real layer's epilogues; acts x / x2 are then the bf16 copies of
@@ -1302,7 +1333,7 @@ def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tenso
     layer = layer_state is not None
     attn = int(layer_state.get("attn_mode", ATTN_MODE)) if layer and "kc" in layer_state else 0
     assert layer == plan.layer and attn in (0, 1, 2)
-    func, programs = _kernel_and_programs(ahead, a_pipe, pub, wgd, loader, int(layer), attn)
+    func, programs = _kernel_and_programs(ahead, a_pipe, pub, wgd, loader, int(layer), attn, mcast)
     assert plan.programs == programs, (plan.programs, programs)
     for name, cols in dict(x=1024, q=2560, x2=1024, h8=4096 if layer else 8192).items():
         t = acts[name]
