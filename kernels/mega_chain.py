@@ -92,8 +92,6 @@ _SOURCE = r"""
 #define LOADER @LOADER@                /* 1: a loader lane waits for the activations' counters and copies them */
 #define AHEAD @AHEAD@                  /* ops of L2 prefetch ahead of the ring (0: none) */
 #define MCAST @MCAST@                  /* 1: qkv / gate|up activations multicast to the cluster (load_activations) */
-#define DUAL @DUAL@                    /* 1: units with NJ <= DUAL_NJ accumulate in two register sets (unit_body) */
-#define DUAL_NJ 5
 #define A_FREE (2 * NS + 9 + 2 * 6)    /* MCAST's mbarrier, after ATTN 2's K / V ring's */
 @HELPERS@
 typedef unsigned short bf16;
@@ -226,24 +224,6 @@ __device__ __forceinline__ unsigned long long sw128_desc(unsigned addr) {
     return (unsigned long long)((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((unsigned long long)(1024 >> 4) << 32) | (1ull << 62);
 }
 
-/* chunk ch of a unit's K range (64 columns): wait for its activations' quarter and its ring slot, 4 wgmmas into d,
-   and free the slot of chunk ch - WGD once its MMAs are done */
-template <int NJ, int NCH> __device__ __forceinline__ void mma_chunk(float* d, int ch, int ci, unsigned aparity,
-                                                                     unsigned a_u32, unsigned ring, unsigned bars) {
-    if (A_PIPE && ch % (NCH / 4) == 0)  /* the next quarter of the activations has landed */
-        while (!mbar_try(bars + 8 * (2 * NS + 2 + ch / (NCH / 4)), aparity)) {}
-    const int slot = (ci + ch) % NS, use = (ci + ch) / NS;
-    while (!mbar_try(bars + 8 * slot, use & 1)) {}
-    const unsigned long long da = sw128_desc(a_u32 + ch * A_BLOCK), db = sw128_desc(ring + slot * SLOT);
-    #pragma unroll
-    for (int s = 0; s < 4; ++s) wgmma_n<NJ * 8>(d, da + 2 * s, db + 2 * s, 1);
-    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-    if (ch >= WGD) {  /* the MMAs of chunk ch - WGD are done: its slot may be refilled */
-        asm volatile("wgmma.wait_group.sync.aligned " WGD_S ";" ::: "memory");
-        mbar_arrive(bars + 8 * (NS + (ci + ch - WGD) % NS));  /* all 128 threads: no divergent path near wgmma */
-    }
-}
-
 /* the MMA and epilogue of one unit whose tile is NJ x 8 columns wide (one warpgroup: 64 rows x NJ*8, K = KC) */
 template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g, int l, int prog, unsigned char* smem,
                                                                   int& ci, int& su, int n0, int rank, unsigned aparity,
@@ -279,19 +259,23 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
             const int i = tid * 4 + k * NC * 4, rr = i / BNS, col = i % BNS, row = rank * 16 + rr;
             if (i < 16 * BNS && row < R && col < NJ * 8) x_old[k] = *(const float4*)(g.xs + (size_t)row * 1024 + n0 + col);
         }
-    /* DUAL (narrow tiles, NJ <= DUAL_NJ): even and odd chunks accumulate into two register sets, so consecutive
-       chunks' wgmmas do not wait for each other's accumulator; summed after the loop (fixed order) */
-    constexpr bool TWO = DUAL && NJ <= DUAL_NJ;
-    float d[NJ * 4], d2[TWO ? NJ * 4 : 1];
+    float d[NJ * 4];
     #pragma unroll
     for (int i = 0; i < NJ * 4; ++i) d[i] = 0.f;
-    if (TWO)
-        #pragma unroll
-        for (int i = 0; i < NJ * 4; ++i) d2[i] = 0.f;
     asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-    for (int ch = 0; ch < NCH; ch += TWO ? 2 : 1) {
-        mma_chunk<NJ, NCH>(d, ch, ci, aparity, a_u32, ring, bars);
-        if (TWO) mma_chunk<NJ, NCH>(d2, ch + 1, ci, aparity, a_u32, ring, bars);
+    for (int ch = 0; ch < NCH; ++ch) {
+        if (A_PIPE && ch % (NCH / 4) == 0)  /* the next quarter of the activations has landed */
+            while (!mbar_try(bars + 8 * (2 * NS + 2 + ch / (NCH / 4)), aparity)) {}
+        const int slot = (ci + ch) % NS, use = (ci + ch) / NS;
+        while (!mbar_try(bars + 8 * slot, use & 1)) {}
+        const unsigned long long da = sw128_desc(a_u32 + ch * A_BLOCK), db = sw128_desc(ring + slot * SLOT);
+        #pragma unroll
+        for (int s = 0; s < 4; ++s) wgmma_n<NJ * 8>(d, da + 2 * s, db + 2 * s, 1);
+        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+        if (ch >= WGD) {  /* the MMAs of chunk ch - WGD are done: its slot may be refilled */
+            asm volatile("wgmma.wait_group.sync.aligned " WGD_S ";" ::: "memory");
+            mbar_arrive(bars + 8 * (NS + (ci + ch - WGD) % NS));  /* all 128 threads: no divergent path near wgmma */
+        }
     }
     /* LAYER: the row scale rsqrt(mean(x^2) + eps) of rows r0, r0 + 8 from the clusters' sums of squares (fixed
        order), read while the last MMAs run; the activations' last quarter has landed, so they are published */
@@ -313,9 +297,6 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
         }
     }
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-    if (TWO)
-        #pragma unroll
-        for (int i = 0; i < NJ * 4; ++i) d[i] += d2[i];
     if (LOADER) mbar_arrive(bars + 8 * (2 * NS + 6));  /* the loader may overwrite the activations */
     #pragma unroll
     for (int back = WGD; back >= 1; --back) mbar_arrive(bars + 8 * (NS + (ci + NCH - back) % NS));
@@ -1164,8 +1145,7 @@ WGD = 1  # default wgmma groups in flight before a ring slot is released
 LOADER = 1  # default: a loader lane waits for the activations and copies them (0: the consumers do; measured slower with per-quarter counters)
 ATTN_MODE = 2  # the attention link (LAYER probe with kc / vc): 1 session 7's unit (32 programs), 2 the packed-row one
 AHEAD = 0  # default L2 prefetch distance in ops (0: off; 1-8 measured slower, benchmarks/NOTES.md)
-MCAST = 0  # default: each rank copies the qkv / gate|up activations itself (1: multicast; measured slower, NOTES.md)
-DUAL = 0  # default: one accumulator per unit (1: two for the narrow units, unit_body)
+MCAST = 0  # default: each rank copies the qkv / gate|up activations itself (1: multicast in the cluster)
 
 
 def _wgmma_functions() -> str:
@@ -1186,13 +1166,13 @@ def _wgmma_functions() -> str:
 
 
 def source(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = WGD, loader: int = LOADER,
-           layer: int = 0, attn: int = 0, mcast: int = MCAST, dual: int = DUAL) -> str:
+           layer: int = 0, attn: int = 0, mcast: int = MCAST) -> str:
     assert a_pipe or not loader, "the loader copies the activations in quarters"
     assert loader or not mcast, "MCAST: the loader multicasts"
     assert loader or not layer, "LAYER: the loader copies the sums of squares"
     text = _SOURCE
     assert layer or not attn, "ATTN is part of the LAYER probe"
-    consts = dict(AHEAD=ahead, MCAST=mcast, DUAL=dual, A_PIPE=a_pipe, PUB=pub, WGD=wgd, LOADER=loader, LAYER=layer, ATTN=attn, ROWSQ_BYTES=ROWSQ_BYTES,
+    consts = dict(AHEAD=ahead, MCAST=mcast, A_PIPE=a_pipe, PUB=pub, WGD=wgd, LOADER=loader, LAYER=layer, ATTN=attn, ROWSQ_BYTES=ROWSQ_BYTES,
                   SS_BYTES=SS_BYTES, A_BLOCK=A_BLOCK, WGMMA=_wgmma_functions(), NS=NS, SLOT=SLOT, A_BYTES=A_BYTES, RECV_BYTES=RECV_BYTES, BN_SPLIT_MAX=BN_SPLIT_MAX,
                   HELPERS=CUDA_HELPERS % {})
     for k, v in consts.items():
@@ -1310,8 +1290,8 @@ class MegaPlan:
 
 @functools.lru_cache(maxsize=None)
 def _kernel_and_programs(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = WGD,
-                         loader: int = LOADER, layer: int = 0, attn: int = 0, mcast: int = MCAST, dual: int = DUAL):
-    func = compile_cuda(source(ahead, a_pipe, pub, wgd, loader, layer, attn, mcast, dual), "mega_chain_kernel", SMEM,
+                         loader: int = LOADER, layer: int = 0, attn: int = 0, mcast: int = MCAST):
+    func = compile_cuda(source(ahead, a_pipe, pub, wgd, loader, layer, attn, mcast), "mega_chain_kernel", SMEM,
                         arch_suffix="a")
     cfg = _LaunchConfig(128, 1, 1, THREADS, 1, 1, SMEM, None, None, 0)
     n = ctypes.c_int()
@@ -1328,7 +1308,7 @@ def attention_available(device) -> bool:
         dev = torch.device(device)
         if dev.type != "cuda" or torch.cuda.get_device_capability(dev) != (9, 0):
             return False
-        return _kernel_and_programs(AHEAD, A_PIPE, PUB, WGD, LOADER, 1, 2, MCAST, DUAL)[1] >= 100
+        return _kernel_and_programs(AHEAD, A_PIPE, PUB, WGD, LOADER, 1, 2, MCAST)[1] >= 100
     except Exception:  # no NVRTC / driver entry points: the engine keeps its per-kernel path
         return False
 
@@ -1336,14 +1316,14 @@ def attention_available(device) -> bool:
 def plan_for_this_gpu(layer: bool = False) -> MegaPlan:
     # every variant has the same shared memory and threads, hence the same resident clusters: ask the one that will run
     # (LAYER: the engine's LAYER + ATTN 2 kernel), so no other variant is compiled just to count them
-    return MegaPlan(_kernel_and_programs(AHEAD, A_PIPE, PUB, WGD, LOADER, 1, ATTN_MODE, MCAST, DUAL)[1] if layer
+    return MegaPlan(_kernel_and_programs(AHEAD, A_PIPE, PUB, WGD, LOADER, 1, ATTN_MODE, MCAST)[1] if layer
                     else _kernel_and_programs()[1], layer)
 
 
 def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tensor, layers: int,
                timestamps: torch.Tensor | None = None, ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB,
                wgd: int = WGD, loader: int = LOADER, layer_state: dict | None = None, pdl: bool = False,
-               zero_counters: bool = True, mcast: int = MCAST, dual: int = DUAL):
+               zero_counters: bool = True, mcast: int = MCAST):
     """Run `layers` layers of the chain on acts = {x, q, x2, h8}: [50, 1024 / 2560 / 1024 / 8192] bf16 in the blocked
     layout (`to_blocked` / `from_blocked`); counters: >= layers * 128 int32 (zeroed here, inside the stream).
     layer_state (a plan made with layer=True): the real layer's epilogues; acts x / x2 are then the bf16 copies of
@@ -1353,7 +1333,7 @@ def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tenso
     layer = layer_state is not None
     attn = int(layer_state.get("attn_mode", ATTN_MODE)) if layer and "kc" in layer_state else 0
     assert layer == plan.layer and attn in (0, 1, 2)
-    func, programs = _kernel_and_programs(ahead, a_pipe, pub, wgd, loader, int(layer), attn, mcast, dual)
+    func, programs = _kernel_and_programs(ahead, a_pipe, pub, wgd, loader, int(layer), attn, mcast)
     assert plan.programs == programs, (plan.programs, programs)
     for name, cols in dict(x=1024, q=2560, x2=1024, h8=4096 if layer else 8192).items():
         t = acts[name]
