@@ -44,6 +44,9 @@ def timeline(ts, programs, layers=L):
             for op, v in rows.items()}
 
 
+STAMPS_DIR = None  # --stamps DIR
+
+
 def layer_mode(weights, ctr, attn=0, T=304, shared_kv=False, pub=MC.PUB, ahead=MC.AHEAD, mcast=MC.MCAST):
     """The chain with the real layer's epilogues (MegaPlan(layer=True)): checked against mega_layer_reference (1 and
     18 layers, bitwise repeat), then timed like the plain chain. attn: the attention link too (1: session 7's unit,
@@ -110,6 +113,9 @@ def layer_mode(weights, ctr, attn=0, T=304, shared_kv=False, pub=MC.PUB, ahead=M
     MC.mega_chain(plan, prepared, acts, ctr, L, timestamps=ts, layer_state=st, pub=pub, ahead=ahead, mcast=mcast)
     torch.cuda.synchronize()
     out.update(us_step=t, us_layer=t / L, timeline=timeline(ts, plan.programs))
+    if STAMPS_DIR:  # every program's stamps [programs, layers, 4 ops, 8] (ns) and the plan's columns, for offline study
+        torch.save({"ts": ts.view(plan.programs, L, 4, 8).cpu(), "meta": plan.meta},
+                   f"{STAMPS_DIR}/{out['variant']}.pt")
     if attn:  # the attention units (programs 0..31 / 0..99, o's stamp slots 4..7): Q in -> keys done -> merged -> published
         na = 32 if attn == 1 else 100
         st_ = ts.view(plan.programs, L, 4, 8)[:na, 1:L - 1, 1].cpu().double() / 1000.0
@@ -151,10 +157,13 @@ def main():
     ap.add_argument("--prefix-keys", type=int, nargs="+", default=[304], help="prefix keys for --attn (304: 1 camera)")
     ap.add_argument("--shared-kv", action="store_true", help="ATTN 2 also with one K / V cache for every layer")
     ap.add_argument("--mcast", type=int, nargs="+", default=[MC.MCAST], help="--layer / --attn runs: activations multicast (1) or not (0)")
+    ap.add_argument("--stamps", default=None, help="directory: save every program's stamps of the layer runs")
     ap.add_argument("--rounds", type=int, default=1, help="repeat the --layer / --attn runs (variants alternate)")
     ap.add_argument("--skip-plain", action="store_true", help="only the --layer / --attn runs")
     ap.add_argument("--wgd", type=int, nargs="+", default=[MC.WGD], help="wgmma groups in flight before a slot is freed")
     args = ap.parse_args()
+    global STAMPS_DIR
+    STAMPS_DIR = args.stamps
     bf = torch.bfloat16
     weights, _, _ = chain_setup("cuda")
     plan = MC.plan_for_this_gpu()
