@@ -1145,7 +1145,7 @@ WGD = 1  # default wgmma groups in flight before a ring slot is released
 LOADER = 1  # default: a loader lane waits for the activations and copies them (0: the consumers do; measured slower with per-quarter counters)
 ATTN_MODE = 2  # the attention link (LAYER probe with kc / vc): 1 session 7's unit (32 programs), 2 the packed-row one
 AHEAD = 0  # default L2 prefetch distance in ops (0: off; 1-8 measured slower, benchmarks/NOTES.md)
-MCAST = 0  # default: each rank copies the qkv / gate|up activations itself (1: multicast in the cluster)
+MCAST = 0  # default: each rank copies the qkv / gate|up activations itself (1: multicast; measured slower, NOTES.md)
 
 
 def _wgmma_functions() -> str:
