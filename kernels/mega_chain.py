@@ -92,6 +92,7 @@ _SOURCE = r"""
 #define LOADER @LOADER@                /* 1: a loader lane waits for the activations' counters and copies them */
 #define AHEAD @AHEAD@                  /* ops of L2 prefetch ahead of the ring (0: none) */
 #define MCAST @MCAST@                  /* 1: qkv / gate|up activations multicast to the cluster (load_activations) */
+#define GELU @GELU@                    /* gate|up's GELU: 0 IEEE division, 1 fast division, 2 tanh.approx (gelu_tanh_f) */
 #define A_FREE (2 * NS + 9 + 2 * 6)    /* MCAST's mbarrier, after ATTN 2's K / V ring's */
 @HELPERS@
 typedef unsigned short bf16;
@@ -153,9 +154,15 @@ __device__ __forceinline__ unsigned mapa(unsigned addr, unsigned rank) {
     asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(addr), "r"(rank));
     return r;
 }
+/* GELU (tanh form). GELU 0: an IEEE division (a slow-path subroutine: no fast math under NVRTC); 1: the same with a
+   fast division (2 ulp, far below the bf16 rounding that follows); 2: the hardware tanh.approx.f32 (~2^-11) */
 __device__ __forceinline__ float gelu_tanh_f(float x) {
     const float y = 0.7978845608028654f * (x + 0.044715f * x * x * x);
-    return 0.5f * x * (1.f + (1.f - 2.f / (__expf(2.f * y) + 1.f)));
+    float t;
+    if (GELU == 2) asm("tanh.approx.f32 %0, %1;" : "=f"(t) : "f"(y));
+    else if (GELU == 1) t = 1.f - __fdividef(2.f, __expf(2.f * y) + 1.f);
+    else t = 1.f - 2.f / (__expf(2.f * y) + 1.f);
+    return 0.5f * x * (1.f + t);
 }
 /* a publish: one fence after the unit's barrier (PUB 4: release only, no L1 invalidate; needs PTX ISA 8.6), then
    the counter adds, relaxed for PUB >= 3: a release add lowers to one more MEMBAR.GPU per counter (up to 5 for a
@@ -1146,6 +1153,7 @@ LOADER = 1  # default: a loader lane waits for the activations and copies them (
 ATTN_MODE = 2  # the attention link (LAYER probe with kc / vc): 1 session 7's unit (32 programs), 2 the packed-row one
 AHEAD = 0  # default L2 prefetch distance in ops (0: off; 1-8 measured slower, benchmarks/NOTES.md)
 MCAST = 0  # default: each rank copies the qkv / gate|up activations itself (1: multicast; measured slower, NOTES.md)
+GELU = 0  # gate|up's GELU variant (gelu_tanh_f)
 
 
 def _wgmma_functions() -> str:
@@ -1166,13 +1174,13 @@ def _wgmma_functions() -> str:
 
 
 def source(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = WGD, loader: int = LOADER,
-           layer: int = 0, attn: int = 0, mcast: int = MCAST) -> str:
+           layer: int = 0, attn: int = 0, mcast: int = MCAST, gelu: int = GELU) -> str:
     assert a_pipe or not loader, "the loader copies the activations in quarters"
     assert loader or not mcast, "MCAST: the loader multicasts"
     assert loader or not layer, "LAYER: the loader copies the sums of squares"
     text = _SOURCE
     assert layer or not attn, "ATTN is part of the LAYER probe"
-    consts = dict(AHEAD=ahead, MCAST=mcast, A_PIPE=a_pipe, PUB=pub, WGD=wgd, LOADER=loader, LAYER=layer, ATTN=attn, ROWSQ_BYTES=ROWSQ_BYTES,
+    consts = dict(AHEAD=ahead, MCAST=mcast, GELU=gelu, A_PIPE=a_pipe, PUB=pub, WGD=wgd, LOADER=loader, LAYER=layer, ATTN=attn, ROWSQ_BYTES=ROWSQ_BYTES,
                   SS_BYTES=SS_BYTES, A_BLOCK=A_BLOCK, WGMMA=_wgmma_functions(), NS=NS, SLOT=SLOT, A_BYTES=A_BYTES, RECV_BYTES=RECV_BYTES, BN_SPLIT_MAX=BN_SPLIT_MAX,
                   HELPERS=CUDA_HELPERS % {})
     for k, v in consts.items():
@@ -1290,8 +1298,8 @@ class MegaPlan:
 
 @functools.lru_cache(maxsize=None)
 def _kernel_and_programs(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = WGD,
-                         loader: int = LOADER, layer: int = 0, attn: int = 0, mcast: int = MCAST):
-    func = compile_cuda(source(ahead, a_pipe, pub, wgd, loader, layer, attn, mcast), "mega_chain_kernel", SMEM,
+                         loader: int = LOADER, layer: int = 0, attn: int = 0, mcast: int = MCAST, gelu: int = GELU):
+    func = compile_cuda(source(ahead, a_pipe, pub, wgd, loader, layer, attn, mcast, gelu), "mega_chain_kernel", SMEM,
                         arch_suffix="a")
     cfg = _LaunchConfig(128, 1, 1, THREADS, 1, 1, SMEM, None, None, 0)
     n = ctypes.c_int()
@@ -1308,7 +1316,7 @@ def attention_available(device) -> bool:
         dev = torch.device(device)
         if dev.type != "cuda" or torch.cuda.get_device_capability(dev) != (9, 0):
             return False
-        return _kernel_and_programs(AHEAD, A_PIPE, PUB, WGD, LOADER, 1, 2, MCAST)[1] >= 100
+        return _kernel_and_programs(AHEAD, A_PIPE, PUB, WGD, LOADER, 1, 2, MCAST, GELU)[1] >= 100
     except Exception:  # no NVRTC / driver entry points: the engine keeps its per-kernel path
         return False
 
@@ -1316,14 +1324,14 @@ def attention_available(device) -> bool:
 def plan_for_this_gpu(layer: bool = False) -> MegaPlan:
     # every variant has the same shared memory and threads, hence the same resident clusters: ask the one that will run
     # (LAYER: the engine's LAYER + ATTN 2 kernel), so no other variant is compiled just to count them
-    return MegaPlan(_kernel_and_programs(AHEAD, A_PIPE, PUB, WGD, LOADER, 1, ATTN_MODE, MCAST)[1] if layer
+    return MegaPlan(_kernel_and_programs(AHEAD, A_PIPE, PUB, WGD, LOADER, 1, ATTN_MODE, MCAST, GELU)[1] if layer
                     else _kernel_and_programs()[1], layer)
 
 
 def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tensor, layers: int,
                timestamps: torch.Tensor | None = None, ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB,
                wgd: int = WGD, loader: int = LOADER, layer_state: dict | None = None, pdl: bool = False,
-               zero_counters: bool = True, mcast: int = MCAST):
+               zero_counters: bool = True, mcast: int = MCAST, gelu: int = GELU):
     """Run `layers` layers of the chain on acts = {x, q, x2, h8}: [50, 1024 / 2560 / 1024 / 8192] bf16 in the blocked
     layout (`to_blocked` / `from_blocked`); counters: >= layers * 128 int32 (zeroed here, inside the stream).
     layer_state (a plan made with layer=True): the real layer's epilogues; acts x / x2 are then the bf16 copies of
@@ -1333,7 +1341,7 @@ def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tenso
     layer = layer_state is not None
     attn = int(layer_state.get("attn_mode", ATTN_MODE)) if layer and "kc" in layer_state else 0
     assert layer == plan.layer and attn in (0, 1, 2)
-    func, programs = _kernel_and_programs(ahead, a_pipe, pub, wgd, loader, int(layer), attn, mcast)
+    func, programs = _kernel_and_programs(ahead, a_pipe, pub, wgd, loader, int(layer), attn, mcast, gelu)
     assert plan.programs == programs, (plan.programs, programs)
     for name, cols in dict(x=1024, q=2560, x2=1024, h8=4096 if layer else 8192).items():
         t = acts[name]
