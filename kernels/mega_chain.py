@@ -154,13 +154,15 @@ __device__ __forceinline__ unsigned mapa(unsigned addr, unsigned rank) {
     asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(addr), "r"(rank));
     return r;
 }
-/* GELU (tanh form). GELU 0: an IEEE division (a slow-path subroutine: no fast math under NVRTC); 1: the same with a
-   fast division (2 ulp, far below the bf16 rounding that follows); 2: the hardware tanh.approx.f32 (~2^-11) */
+/* GELU, tanh form: 0.5 x (1 + tanh(y)) = x / (1 + exp(-2y)). GELU 0: 1 - 2 / (exp(2y) + 1) with an IEEE division
+   (NVRTC has no fast math: a slow-path subroutine per call, 38 in the code); 1: the sigmoid form with a fast division
+   (2 ulp, far below the bf16 rounding that follows; no cancellation in 1 + t for negative x); 2: the hardware
+   tanh.approx.f32 (2^-11 relative in t, which 1 + t turns into several % for x < -2) */
 __device__ __forceinline__ float gelu_tanh_f(float x) {
     const float y = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+    if (GELU == 1) return __fdividef(x, 1.f + __expf(-2.f * y));
     float t;
     if (GELU == 2) asm("tanh.approx.f32 %0, %1;" : "=f"(t) : "f"(y));
-    else if (GELU == 1) t = 1.f - __fdividef(2.f, __expf(2.f * y) + 1.f);
     else t = 1.f - 2.f / (__expf(2.f * y) + 1.f);
     return 0.5f * x * (1.f + t);
 }
@@ -1153,7 +1155,7 @@ LOADER = 1  # default: a loader lane waits for the activations and copies them (
 ATTN_MODE = 2  # the attention link (LAYER probe with kc / vc): 1 session 7's unit (32 programs), 2 the packed-row one
 AHEAD = 0  # default L2 prefetch distance in ops (0: off; 1-8 measured slower, benchmarks/NOTES.md)
 MCAST = 0  # default: each rank copies the qkv / gate|up activations itself (1: multicast; measured slower, NOTES.md)
-GELU = 0  # gate|up's GELU variant (gelu_tanh_f)
+GELU = 1  # gate|up's GELU variant (gelu_tanh_f; 1 vs 0: NOTES.md session 10); the engine's is Tuning.mega_gelu
 
 
 def _wgmma_functions() -> str:
