@@ -9,7 +9,8 @@ peak GPU memory, warm-up/capture time, card and commit; writes the same as JSON 
     python scripts/benchmark.py --backends triton torch --compile --runs 200 --json out.json
     python scripts/benchmark.py --check                   # also: triton vs float32 torch accuracy + determinism
 
-Commit: `git rev-parse HEAD` if available, else $PI0_COMMIT.
+Commit: $PI0_COMMIT if set, else `git rev-parse HEAD`; beside it the digest of the sources that ran (`--digest` prints
+the same for a checkout), since a copied working tree can carry a stale .git.
 """
 
 from __future__ import annotations
@@ -37,6 +38,28 @@ def commit() -> str:
                                        cwd=os.path.dirname(os.path.abspath(__file__))).decode().strip()
     except Exception:
         return os.environ.get("PI0_COMMIT", "unknown")
+
+
+SOURCE_DIRS = ("pi0_triton_policy", "kernels", "scripts", "configs")
+
+
+def source_digest(root: str | None = None) -> str:
+    """sha1 (12 hex) over the paths and bytes of the engine's sources (*.py, *.json, *.yaml under SOURCE_DIRS): what
+    ran, whatever the copy's .git says; `--digest` on a checkout gives the value to match."""
+    import hashlib
+
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    h = hashlib.sha1()
+    for top in SOURCE_DIRS:
+        for dirpath, dirnames, files in os.walk(os.path.join(root, top)):
+            dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+            for name in sorted(files):
+                if name.endswith((".py", ".json", ".yaml")):
+                    path = os.path.join(dirpath, name)
+                    h.update(os.path.relpath(path, root).replace(os.sep, "/").encode() + b"\0")
+                    with open(path, "rb") as f:
+                        h.update(f.read() + b"\0")
+    return h.hexdigest()[:12]
 
 
 def work(cfg, views: int, prompt: int = 48, steps: int = 10) -> dict:
@@ -138,14 +161,20 @@ def main(argv=None):
     ap.add_argument("--also-act-cublas", action="store_true", help="also time the engine with cuBLAS action-expert matmuls (the previous default)")
     ap.add_argument("--also", action="append", default=[], metavar="NAME=JSON",
                     help='also time the engine with these Tuning fields changed, e.g. nopdl=\'{"pdl": false}\' (same weights)')
+    ap.add_argument("--digest", action="store_true", help="print the sources' digest (see source_digest) and exit")
     args = ap.parse_args(argv)
+    if args.digest:
+        print(source_digest())
+        return
     if not torch.cuda.is_available():
         sys.exit("benchmark.py needs a CUDA GPU")
     cfg = get_variant(args.variant)
     log = lambda s: print(s, flush=True)  # noqa: E731
-    res = {"card": torch.cuda.get_device_name(), "commit": commit(), "torch": torch.__version__,
-           "triton": __import__("triton").__version__, "variant": cfg.name, "rows": [], "accuracy": []}
-    log(f"card {res['card']}  commit {res['commit']}  torch {res['torch']}  triton {res['triton']}")
+    res = {"card": torch.cuda.get_device_name(), "commit": commit(), "source_digest": source_digest(),
+           "torch": torch.__version__, "triton": __import__("triton").__version__, "variant": cfg.name, "rows": [],
+           "accuracy": []}
+    log(f"card {res['card']}  commit {res['commit']}  sources {res['source_digest']}  torch {res['torch']}  "
+        f"triton {res['triton']}")
     if args.check:
         try:
             check_accuracy(cfg, res["accuracy"], log)
@@ -265,7 +294,7 @@ def params_bytes(params):
 
 
 def print_table(res, log):
-    log(f"\n## {res['card']}, commit {res['commit']}, torch {res['torch']}, triton {res['triton']} (bf16, 10 steps, 48-token prompt, 50 actions)")
+    log(f"\n## {res['card']}, commit {res['commit']} (sources {res['source_digest']}), torch {res['torch']}, triton {res['triton']} (bf16, 10 steps, 48-token prompt, 50 actions)")
     log("| backend | cams | median ms | p99 ms | graph replay ms | TFLOP/s | GB/s (weights) | floor ms | x floor | peak GB | warm-up+capture s |")
     log("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in res["rows"]:
