@@ -47,7 +47,8 @@ def timeline(ts, programs, layers=L):
 STAMPS_DIR = None  # --stamps DIR
 
 
-def layer_mode(weights, ctr, attn=0, T=304, shared_kv=False, pub=MC.PUB, ahead=MC.AHEAD, mcast=MC.MCAST, gelu=MC.GELU):
+def layer_mode(weights, ctr, attn=0, T=304, shared_kv=False, pub=MC.PUB, ahead=MC.AHEAD, mcast=MC.MCAST, gelu=MC.GELU,
+               pf=MC.PF, rcp=MC.RCP):
     """The chain with the real layer's epilogues (MegaPlan(layer=True)): checked against mega_layer_reference (1 and
     18 layers, bitwise repeat), then timed like the plain chain. attn: the attention link too (1: session 7's unit,
     2: packed rows on 100 programs; kernels/mega_chain.py) over a T-key prefix (304: 1 camera, 816: 3)."""
@@ -95,22 +96,23 @@ def layer_mode(weights, ctr, attn=0, T=304, shared_kv=False, pub=MC.PUB, ahead=M
 
     out = {"variant": (f"mega_layer_attn{attn}_T{T}{'_shared_kv' if shared_kv else ''}" if attn else "mega_layer")
            + (f"_pub{pub}" if pub != MC.PUB else "") + (f"_ahead{ahead}" if ahead != MC.AHEAD else "")
-           + (f"_mcast{mcast}" if mcast != MC.MCAST else "") + (f"_gelu{gelu}" if gelu != MC.GELU else "")}
+           + (f"_mcast{mcast}" if mcast != MC.MCAST else "") + (f"_gelu{gelu}" if gelu != MC.GELU else "")
+           + (f"_pf{pf}" if pf != MC.PF else "") + (f"_rcp{rcp}" if rcp != MC.RCP else "")}
     for layers in (1, L):
         reset()
-        MC.mega_chain(plan, prepared, acts, ctr, layers, layer_state=st, pub=pub, ahead=ahead, mcast=mcast, gelu=gelu)
+        MC.mega_chain(plan, prepared, acts, ctr, layers, layer_state=st, pub=pub, ahead=ahead, mcast=mcast, gelu=gelu, pf=pf, rcp=rcp)
         torch.cuda.synchronize()
         ref = MC.mega_layer_reference(x0, weights, layers, pos, cos, sin, st["eps"], kv_prefix)
         got = dict(xs=st["xs"].clone(), q=MC.from_blocked(acts["q"], 2560), h=MC.from_blocked(acts["h8"], 4096))
         out[f"err_{layers}"] = {k: round(rel(got[k], ref[k]), 5) for k in got}
         reset()
-        MC.mega_chain(plan, prepared, acts, ctr, layers, layer_state=st, pub=pub, ahead=ahead, mcast=mcast, gelu=gelu)
+        MC.mega_chain(plan, prepared, acts, ctr, layers, layer_state=st, pub=pub, ahead=ahead, mcast=mcast, gelu=gelu, pf=pf, rcp=rcp)
         torch.cuda.synchronize()
         out[f"bitwise_repeat_{layers}"] = bool(torch.equal(st["xs"], got["xs"]))
     print("layer mode vs torch:", out, flush=True)
-    t = time_graph(lambda: MC.mega_chain(plan, prepared, acts, ctr, L, layer_state=st, pub=pub, ahead=ahead, mcast=mcast, gelu=gelu))
+    t = time_graph(lambda: MC.mega_chain(plan, prepared, acts, ctr, L, layer_state=st, pub=pub, ahead=ahead, mcast=mcast, gelu=gelu, pf=pf, rcp=rcp))
     ts = torch.zeros(plan.programs * L * 32, dtype=torch.int64, device=dev)
-    MC.mega_chain(plan, prepared, acts, ctr, L, timestamps=ts, layer_state=st, pub=pub, ahead=ahead, mcast=mcast, gelu=gelu)
+    MC.mega_chain(plan, prepared, acts, ctr, L, timestamps=ts, layer_state=st, pub=pub, ahead=ahead, mcast=mcast, gelu=gelu, pf=pf, rcp=rcp)
     torch.cuda.synchronize()
     out.update(us_step=t, us_layer=t / L, timeline=timeline(ts, plan.programs))
     if STAMPS_DIR:  # every program's stamps [programs, layers, 4 ops, 8] (ns) and the plan's columns, for offline study
@@ -159,6 +161,8 @@ def main():
     ap.add_argument("--mcast", type=int, nargs="+", default=[MC.MCAST], help="--layer / --attn runs: activations multicast (1) or not (0)")
     ap.add_argument("--stamps", default=None, help="directory: save every program's stamps of the layer runs")
     ap.add_argument("--gelu", type=int, nargs="+", default=[MC.GELU], help="--layer / --attn runs: gate|up's GELU variant")
+    ap.add_argument("--pf", type=int, nargs="+", default=[MC.PF], help="--layer / --attn runs: lazy L2 prefetch lookahead (chunks)")
+    ap.add_argument("--rcp", type=int, nargs="+", default=[MC.RCP], help="--attn 2 runs: softmax normalisers (0 IEEE, 1 fast)")
     ap.add_argument("--rounds", type=int, default=1, help="repeat the --layer / --attn runs (variants alternate)")
     ap.add_argument("--skip-plain", action="store_true", help="only the --layer / --attn runs")
     ap.add_argument("--wgd", type=int, nargs="+", default=[MC.WGD], help="wgmma groups in flight before a slot is freed")
@@ -217,9 +221,9 @@ def main():
                             "timeline": tl, "ring": [MC.NS, MC.SLOT], "ops": MC.OPS, "programs": plan.programs,
                             "wait": plan.wait})
     for rnd in range(args.rounds):  # --pub / --ahead variants alternate, so an A/B sees the same drift
-        for pub, ahead, mcast, gelu in [(p, a, m, u) for p in args.pub for a in args.ahead for m in args.mcast
-                                        for u in args.gelu]:
-            v = dict(pub=pub, ahead=ahead, mcast=mcast, gelu=gelu)
+        for pub, ahead, mcast, gelu, pf, rcp in [(p, a, m, u, f, r) for p in args.pub for a in args.ahead
+                                                 for m in args.mcast for u in args.gelu for f in args.pf for r in args.rcp]:
+            v = dict(pub=pub, ahead=ahead, mcast=mcast, gelu=gelu, pf=pf, rcp=rcp)
             if args.layer:
                 res["rows"].append(layer_mode(weights, ctr, **v))
             for T in args.prefix_keys:

@@ -93,6 +93,9 @@ _SOURCE = r"""
 #define AHEAD @AHEAD@                  /* ops of L2 prefetch ahead of the ring (0: none) */
 #define MCAST @MCAST@                  /* 1: qkv / gate|up activations multicast to the cluster (load_activations) */
 #define GELU @GELU@                    /* gate|up's GELU: 0 IEEE division, 1 fast division, 2 tanh.approx (gelu_tanh_f) */
+#define PF @PF@                        /* lazy L2 prefetch: chunks of the schedule past the ring, asked for while the
+                                          producer waits for a free slot (0: off; produce) */
+#define RCP @RCP@                      /* ATTN 2's softmax normalisers: 0 IEEE reciprocal (a slow-path CALL), 1 fast */
 #define A_FREE (2 * NS + 9 + 2 * 6)    /* MCAST's mbarrier, after ATTN 2's K / V ring's */
 @HELPERS@
 typedef unsigned short bf16;
@@ -183,9 +186,32 @@ __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
     return v;
 }
 
+/* the ring chunks of one layer, per op: qkv 16, o 8, gate|up 16, down 16 (K / SPLIT / CK) */
+#define CH0 (Op<0>::K / Op<0>::SPLIT / Op<0>::CK)
+#define CH1 (Op<1>::K / Op<1>::SPLIT / Op<1>::CK)
+#define CH2 (Op<2>::K / Op<2>::SPLIT / Op<2>::CK)
+#define CH3 (Op<3>::K / Op<3>::SPLIT / Op<3>::CK)
+/* PF: chunk c of this program's schedule (the producer's running count) asked into L2. The ring (80 KB) holds o's
+   and the head of gate|up's weights while attention runs (~7 us); without this, gate|up's remaining 50-80 KB per SM
+   then stream from DRAM at ~25 GB/s per SM after its activations are in. Issued only while the producer would spin
+   anyway, so no ring copy queues behind a prefetch (AHEAD's problem) */
+__device__ __forceinline__ void prefetch_chunk(const Args& g, int c, int prog) {
+    const int l = c / (CH0 + CH1 + CH2 + CH3), r = c - l * (CH0 + CH1 + CH2 + CH3);
+    if (l >= g.L) return;
+    const int P = r < CH0 ? 0 : r < CH0 + CH1 ? 1 : r < CH0 + CH1 + CH2 ? 2 : 3;
+    const int j = r - (P == 0 ? 0 : P == 1 ? CH0 : P == 2 ? CH0 + CH1 : CH0 + CH1 + CH2);
+    const size_t nk = P == 0 ? (size_t)Op<0>::N * Op<0>::K : P == 1 ? (size_t)Op<1>::N * Op<1>::K
+                    : P == 2 ? (size_t)Op<2>::N * Op<2>::K : (size_t)Op<3>::N * Op<3>::K;
+    const int4 m = g.meta[P * g.programs + prog];
+    const bf16* p = g.w[P] + (size_t)l * nk + m.z + (size_t)j * m.y * 64;
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(p), "r"((unsigned)(m.y * 128)) : "memory");
+}
+
 /* producer: one lane walks the program's whole schedule and keeps the ring full */
-template <int P> __device__ __forceinline__ void produce(const Args& g, int l, int prog, unsigned ring, unsigned bars, int& ci) {
+template <int P> __device__ __forceinline__ void produce(const Args& g, int l, int prog, unsigned ring, unsigned bars, int& ci,
+                                                         int& pf) {
     typedef Op<P> O;
+    static_assert(O::CK == 64, "prefetch_chunk: 64 K columns per chunk");
     const int4 m = g.meta[P * g.programs + prog];
     constexpr int NCH = O::K / O::SPLIT / O::CK;
     const unsigned bytes = m.y * O::CK * 2;
@@ -193,7 +219,12 @@ template <int P> __device__ __forceinline__ void produce(const Args& g, int l, i
     for (int j = 0; j < NCH; ++j, ++ci) {
         const int slot = ci % NS, use = ci / NS;
         const unsigned full = bars + 8 * slot, empty = bars + 8 * (NS + slot);
-        if (use > 0) while (!mbar_try(empty, (use - 1) & 1)) {}
+        if (use > 0) while (!mbar_try(empty, (use - 1) & 1)) {
+            if (PF) {  /* the ring is full: the chunks from this one on, PF of them, into L2 */
+                if (pf < ci) pf = ci;
+                if (pf < ci + PF) prefetch_chunk(g, pf++, prog);
+            }
+        }
         asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(full), "r"(bytes) : "memory");
         asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
                      :: "r"(ring + slot * SLOT), "l"(blk + (size_t)j * m.y * O::CK), "r"(bytes), "r"(full) : "memory");
@@ -996,7 +1027,7 @@ __device__ __forceinline__ void attention_unit2(const Args& g, int l, int prog, 
             e[w] = ml.y > 0.f ? __expf(ml.x - mm) : 0.f;
             lw += e[w] * ml.y;
         }
-        const float inv = lw > 0.f ? 1.f / lw : 0.f;
+        const float inv = lw > 0.f ? (RCP ? __fdividef(1.f, lw) : 1.f / lw) : 0.f;
         unsigned char* send = smem + A2_SEND + row * A2_ROW;
         #pragma unroll 1
         for (int cg = 0; cg < 32; cg += 8) {
@@ -1044,7 +1075,7 @@ __device__ __forceinline__ void attention_unit2(const Args& g, int l, int prog, 
             w[s] = ml.y > 0.f ? __expf(ml.x - mm) * ml.y : 0.f;
             wsum += w[s];
         }
-        const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
+        const float inv = wsum > 0.f ? (RCP ? __fdividef(1.f, wsum) : 1.f / wsum) : 0.f;
         float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
         #pragma unroll
         for (int s = 0; s < 4; ++s) {
@@ -1105,17 +1136,17 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(192, 1) m
     const int producer = __shfl_sync(0xffffffff, tid >= NC, 0);
     if (producer) {
         if (tid == NC) {
-            int ci = 0;
+            int ci = 0, pf = 0;
             for (int t = 0; t < AHEAD; ++t) prefetch_op(g, t, prog);
             for (int l = 0; l < g.L; ++l) {
                 if (AHEAD) prefetch_op(g, l * 4 + 0 + AHEAD, prog);
-                produce<0>(g, l, prog, ring, bars, ci);
+                produce<0>(g, l, prog, ring, bars, ci, pf);
                 if (AHEAD) prefetch_op(g, l * 4 + 1 + AHEAD, prog);
-                produce<1>(g, l, prog, ring, bars, ci);
+                produce<1>(g, l, prog, ring, bars, ci, pf);
                 if (AHEAD) prefetch_op(g, l * 4 + 2 + AHEAD, prog);
-                produce<2>(g, l, prog, ring, bars, ci);
+                produce<2>(g, l, prog, ring, bars, ci, pf);
                 if (AHEAD) prefetch_op(g, l * 4 + 3 + AHEAD, prog);
-                produce<3>(g, l, prog, ring, bars, ci);
+                produce<3>(g, l, prog, ring, bars, ci, pf);
             }
         }
         if (LOADER && tid == NC + 32) {
@@ -1156,6 +1187,8 @@ ATTN_MODE = 2  # the attention link (LAYER probe with kc / vc): 1 session 7's un
 AHEAD = 0  # default L2 prefetch distance in ops (0: off; 1-8 measured slower, benchmarks/NOTES.md)
 MCAST = 0  # default: each rank copies the qkv / gate|up activations itself (1: multicast; measured slower, NOTES.md)
 GELU = 1  # gate|up's GELU variant (gelu_tanh_f; 1 vs 0: NOTES.md session 10); the engine's is Tuning.mega_gelu
+PF = 0  # default lazy L2 prefetch lookahead in ring chunks (produce; 0: off)
+RCP = 0  # default ATTN 2 softmax normalisers: 0 IEEE reciprocal, 1 fast (__fdividef)
 
 
 def _wgmma_functions() -> str:
@@ -1176,13 +1209,13 @@ def _wgmma_functions() -> str:
 
 
 def source(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = WGD, loader: int = LOADER,
-           layer: int = 0, attn: int = 0, mcast: int = MCAST, gelu: int = GELU) -> str:
+           layer: int = 0, attn: int = 0, mcast: int = MCAST, gelu: int = GELU, pf: int = PF, rcp: int = RCP) -> str:
     assert a_pipe or not loader, "the loader copies the activations in quarters"
     assert loader or not mcast, "MCAST: the loader multicasts"
     assert loader or not layer, "LAYER: the loader copies the sums of squares"
     text = _SOURCE
     assert layer or not attn, "ATTN is part of the LAYER probe"
-    consts = dict(AHEAD=ahead, MCAST=mcast, GELU=gelu, A_PIPE=a_pipe, PUB=pub, WGD=wgd, LOADER=loader, LAYER=layer, ATTN=attn, ROWSQ_BYTES=ROWSQ_BYTES,
+    consts = dict(AHEAD=ahead, MCAST=mcast, GELU=gelu, PF=pf, RCP=rcp, A_PIPE=a_pipe, PUB=pub, WGD=wgd, LOADER=loader, LAYER=layer, ATTN=attn, ROWSQ_BYTES=ROWSQ_BYTES,
                   SS_BYTES=SS_BYTES, A_BLOCK=A_BLOCK, WGMMA=_wgmma_functions(), NS=NS, SLOT=SLOT, A_BYTES=A_BYTES, RECV_BYTES=RECV_BYTES, BN_SPLIT_MAX=BN_SPLIT_MAX,
                   HELPERS=CUDA_HELPERS % {})
     for k, v in consts.items():
@@ -1300,8 +1333,9 @@ class MegaPlan:
 
 @functools.lru_cache(maxsize=None)
 def _kernel_and_programs(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = WGD,
-                         loader: int = LOADER, layer: int = 0, attn: int = 0, mcast: int = MCAST, gelu: int = GELU):
-    func = compile_cuda(source(ahead, a_pipe, pub, wgd, loader, layer, attn, mcast, gelu), "mega_chain_kernel", SMEM,
+                         loader: int = LOADER, layer: int = 0, attn: int = 0, mcast: int = MCAST, gelu: int = GELU,
+                         pf: int = PF, rcp: int = RCP):
+    func = compile_cuda(source(ahead, a_pipe, pub, wgd, loader, layer, attn, mcast, gelu, pf, rcp), "mega_chain_kernel", SMEM,
                         arch_suffix="a")
     cfg = _LaunchConfig(128, 1, 1, THREADS, 1, 1, SMEM, None, None, 0)
     n = ctypes.c_int()
@@ -1318,7 +1352,7 @@ def attention_available(device) -> bool:
         dev = torch.device(device)
         if dev.type != "cuda" or torch.cuda.get_device_capability(dev) != (9, 0):
             return False
-        return _kernel_and_programs(AHEAD, A_PIPE, PUB, WGD, LOADER, 1, 2, MCAST, GELU)[1] >= 100
+        return _kernel_and_programs(AHEAD, A_PIPE, PUB, WGD, LOADER, 1, 2, MCAST, GELU, PF, RCP)[1] >= 100
     except Exception:  # no NVRTC / driver entry points: the engine keeps its per-kernel path
         return False
 
@@ -1326,14 +1360,14 @@ def attention_available(device) -> bool:
 def plan_for_this_gpu(layer: bool = False) -> MegaPlan:
     # every variant has the same shared memory and threads, hence the same resident clusters: ask the one that will run
     # (LAYER: the engine's LAYER + ATTN 2 kernel), so no other variant is compiled just to count them
-    return MegaPlan(_kernel_and_programs(AHEAD, A_PIPE, PUB, WGD, LOADER, 1, ATTN_MODE, MCAST, GELU)[1] if layer
+    return MegaPlan(_kernel_and_programs(AHEAD, A_PIPE, PUB, WGD, LOADER, 1, ATTN_MODE, MCAST, GELU, PF, RCP)[1] if layer
                     else _kernel_and_programs()[1], layer)
 
 
 def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tensor, layers: int,
                timestamps: torch.Tensor | None = None, ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB,
                wgd: int = WGD, loader: int = LOADER, layer_state: dict | None = None, pdl: bool = False,
-               zero_counters: bool = True, mcast: int = MCAST, gelu: int = GELU):
+               zero_counters: bool = True, mcast: int = MCAST, gelu: int = GELU, pf: int = PF, rcp: int = RCP):
     """Run `layers` layers of the chain on acts = {x, q, x2, h8}: [50, 1024 / 2560 / 1024 / 8192] bf16 in the blocked
     layout (`to_blocked` / `from_blocked`); counters: >= layers * 128 int32 (zeroed here, inside the stream).
     layer_state (a plan made with layer=True): the real layer's epilogues; acts x / x2 are then the bf16 copies of
@@ -1343,7 +1377,7 @@ def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tenso
     layer = layer_state is not None
     attn = int(layer_state.get("attn_mode", ATTN_MODE)) if layer and "kc" in layer_state else 0
     assert layer == plan.layer and attn in (0, 1, 2)
-    func, programs = _kernel_and_programs(ahead, a_pipe, pub, wgd, loader, int(layer), attn, mcast, gelu)
+    func, programs = _kernel_and_programs(ahead, a_pipe, pub, wgd, loader, int(layer), attn, mcast, gelu, pf, rcp)
     assert plan.programs == programs, (plan.programs, programs)
     for name, cols in dict(x=1024, q=2560, x2=1024, h8=4096 if layer else 8192).items():
         t = acts[name]

@@ -693,7 +693,10 @@ def test_mega_chain_layer_cuda(layers, attn):
     x0 = torch.randn(MC.R, 1024, device="cuda", generator=g) * 3
     ctr = torch.zeros(layers * 128, dtype=torch.int32, device="cuda")
     runs = []
-    for mcast in (MC.MCAST, MC.MCAST, 1 - MC.MCAST):  # twice the default, then the other activation delivery
+    # twice the default, then the other activation delivery, the L2 prefetch on / off (same bits: data movement
+    # only), the other softmax normaliser (other bits: checked against the reference only)
+    variants = [{}, {}, dict(mcast=1 - MC.MCAST), dict(pf=16 if MC.PF == 0 else 0), dict(rcp=1 - MC.RCP)]
+    for v in variants:
         acts = {k: torch.full((MC.blocked_size(c),), float("nan"), dtype=bf, device="cuda") for k, c in cols.items()}
         st = dict(xs=x0.clone(), ss=torch.zeros(2, plan.programs // 4, MC.R, device="cuda"), pos=pos, cos=cos, sin=sin,
                   eps=1e-6)
@@ -710,13 +713,15 @@ def test_mega_chain_layer_cuda(layers, attn):
                                            torch.zeros(16, dtype=torch.int32, device="cuda")]),
                       att=torch.full((MC.blocked_size(2048),), float("nan"), dtype=bf, device="cuda"), attn_mode=attn)
         MC.to_blocked(x0.to(bf), acts["x"])
-        MC.mega_chain(plan, prepared, acts, ctr, layers, layer_state=st, mcast=mcast)
+        MC.mega_chain(plan, prepared, acts, ctr, layers, layer_state=st, **v)
         runs.append(dict(xs=st["xs"], q=MC.from_blocked(acts["q"], 2560), h=MC.from_blocked(acts["h8"], 4096)))
     ref = MC.mega_layer_reference(x0, weights, layers, pos, cos, sin, 1e-6, (kp, vp, valid) if attn else None)
     for k in ("xs", "q", "h"):
         assert rel(runs[0][k], ref[k]) < 1e-2, k
         assert torch.equal(runs[0][k], runs[1][k]), f"{k} not deterministic"
         assert torch.equal(runs[0][k], runs[2][k]), f"{k}: MCAST {1 - MC.MCAST} gives other bits"
+        assert torch.equal(runs[0][k], runs[3][k]), f"{k}: {variants[3]} gives other bits"
+        assert rel(runs[4][k], ref[k]) < 1e-2, (k, variants[4])
 
 
 
