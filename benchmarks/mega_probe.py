@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import torch
 
@@ -45,17 +46,18 @@ def timeline(ts, programs, layers=L):
 
 
 STAMPS_DIR = None  # --stamps DIR
+T0 = time.time()
 
 
 def layer_mode(weights, ctr, attn=0, T=304, shared_kv=False, pub=MC.PUB, ahead=MC.AHEAD, mcast=MC.MCAST, gelu=MC.GELU,
-               pf=MC.PF, rcp=MC.RCP):
+               pf=MC.PF, rcp=MC.RCP, pair=MC.PAIR):
     """The chain with the real layer's epilogues (MegaPlan(layer=True)): checked against mega_layer_reference (1 and
     18 layers, bitwise repeat), then timed like the plain chain. attn: the attention link too (1: session 7's unit,
     2: packed rows on 100 programs; kernels/mega_chain.py) over a T-key prefix (304: 1 camera, 816: 3)."""
     bf, dev = torch.bfloat16, "cuda"
     from pi0_triton_policy.kernels.rmsnorm_qkv_rope import rope_tables
 
-    plan = MC.plan_for_this_gpu(layer=True)
+    plan = MC.plan_for_this_gpu(layer=True, pair=pair)
     if attn:  # queries scaled by HD^-0.5 as the engine folds it into the weights
         weights = dict(weights, qkv=weights["qkv"].clone())
         weights["qkv"][:, :2048] = (weights["qkv"][:, :2048].float() / 16).to(bf)
@@ -97,7 +99,8 @@ def layer_mode(weights, ctr, attn=0, T=304, shared_kv=False, pub=MC.PUB, ahead=M
     out = {"variant": (f"mega_layer_attn{attn}_T{T}{'_shared_kv' if shared_kv else ''}" if attn else "mega_layer")
            + (f"_pub{pub}" if pub != MC.PUB else "") + (f"_ahead{ahead}" if ahead != MC.AHEAD else "")
            + (f"_mcast{mcast}" if mcast != MC.MCAST else "") + (f"_gelu{gelu}" if gelu != MC.GELU else "")
-           + (f"_pf{pf}" if pf != MC.PF else "") + (f"_rcp{rcp}" if rcp != MC.RCP else "")}
+           + (f"_pf{pf}" if pf != MC.PF else "") + (f"_rcp{rcp}" if rcp != MC.RCP else "")
+           + (f"_pair{pair}" if pair != MC.PAIR else "")}
     for layers in (1, L):
         reset()
         MC.mega_chain(plan, prepared, acts, ctr, layers, layer_state=st, pub=pub, ahead=ahead, mcast=mcast, gelu=gelu, pf=pf, rcp=rcp)
@@ -109,7 +112,7 @@ def layer_mode(weights, ctr, attn=0, T=304, shared_kv=False, pub=MC.PUB, ahead=M
         MC.mega_chain(plan, prepared, acts, ctr, layers, layer_state=st, pub=pub, ahead=ahead, mcast=mcast, gelu=gelu, pf=pf, rcp=rcp)
         torch.cuda.synchronize()
         out[f"bitwise_repeat_{layers}"] = bool(torch.equal(st["xs"], got["xs"]))
-    print("layer mode vs torch:", out, flush=True)
+    print("layer mode vs torch:", out, f"({time.time() - T0:.0f} s since start)", flush=True)
     t = time_graph(lambda: MC.mega_chain(plan, prepared, acts, ctr, L, layer_state=st, pub=pub, ahead=ahead, mcast=mcast, gelu=gelu, pf=pf, rcp=rcp))
     ts = torch.zeros(plan.programs * L * 32, dtype=torch.int64, device=dev)
     MC.mega_chain(plan, prepared, acts, ctr, L, timestamps=ts, layer_state=st, pub=pub, ahead=ahead, mcast=mcast, gelu=gelu, pf=pf, rcp=rcp)
@@ -163,6 +166,7 @@ def main():
     ap.add_argument("--gelu", type=int, nargs="+", default=[MC.GELU], help="--layer / --attn runs: gate|up's GELU variant")
     ap.add_argument("--pf", type=int, nargs="+", default=[MC.PF], help="--layer / --attn runs: lazy L2 prefetch lookahead (chunks)")
     ap.add_argument("--rcp", type=int, nargs="+", default=[MC.RCP], help="--attn 2 runs: softmax normalisers (0 IEEE, 1 fast)")
+    ap.add_argument("--pair", type=int, nargs="+", default=[MC.PAIR], help="--layer / --attn runs: qkv / gate|up unit half-width (8, 4)")
     ap.add_argument("--rounds", type=int, default=1, help="repeat the --layer / --attn runs (variants alternate)")
     ap.add_argument("--skip-plain", action="store_true", help="only the --layer / --attn runs")
     ap.add_argument("--wgd", type=int, nargs="+", default=[MC.WGD], help="wgmma groups in flight before a slot is freed")
@@ -221,9 +225,10 @@ def main():
                             "timeline": tl, "ring": [MC.NS, MC.SLOT], "ops": MC.OPS, "programs": plan.programs,
                             "wait": plan.wait})
     for rnd in range(args.rounds):  # --pub / --ahead variants alternate, so an A/B sees the same drift
-        for pub, ahead, mcast, gelu, pf, rcp in [(p, a, m, u, f, r) for p in args.pub for a in args.ahead
-                                                 for m in args.mcast for u in args.gelu for f in args.pf for r in args.rcp]:
-            v = dict(pub=pub, ahead=ahead, mcast=mcast, gelu=gelu, pf=pf, rcp=rcp)
+        for pub, ahead, mcast, gelu, pf, rcp, pair in [(p, a, m, u, f, r, w) for p in args.pub for a in args.ahead
+                                                       for m in args.mcast for u in args.gelu for f in args.pf
+                                                       for r in args.rcp for w in args.pair]:
+            v = dict(pub=pub, ahead=ahead, mcast=mcast, gelu=gelu, pf=pf, rcp=rcp, pair=pair)
             if args.layer:
                 res["rows"].append(layer_mode(weights, ctr, **v))
             for T in args.prefix_keys:

@@ -67,9 +67,11 @@ NAMES = ("qkv", "o", "gu", "down")
 # op: (N, K, SPLIT, CK, NJMAX); CK = K columns per ring chunk (one 128-byte swizzle atom wide), NJMAX = most n8 column
 # groups a program gets (with 120 programs); the widest chunk (LAYER gate|up: 80 x 64 bf16) fills a SLOT
 OPS = dict(qkv=(2560, 1024, 1, 64, 3), o=(1024, 2048, 4, 64, 5), gu=(8192, 1024, 1, 64, 9), down=(1024, 4096, 4, 64, 5))
-# LAYER (the real layer's epilogues): qkv and gate|up columns are dealt in pairs of 8-column groups (RoPE partners d,
-# d + 128 of a head; gate and up of the same h columns), so the widths per program are 16 / 32 and 64 / 80
-PAIRED = dict(qkv=(4, 2), gu=(10, 8))  # n8 groups per program: the two widths
+# LAYER (the real layer's epilogues): qkv and gate|up columns are dealt in units of 2 x PAIR columns (PAIR RoPE
+# partners d.., d + 128.. of a head; gate and up of the same PAIR h columns), one program computes a unit whole.
+# PAIR 8 (16-column units): 16 / 32 and 64 / 80 columns per program; PAIR 4 (8-column units, one exchange between
+# lanes in the epilogue): 16 / 24 and 64 / 72, so the widest program streams 25% / 10% fewer weight bytes
+PAIRED = {8: dict(qkv=(4, 2), gu=(10, 8)), 4: dict(qkv=(3, 2), gu=(9, 8))}  # PAIR -> n8 groups per program: the two widths
 RANGE = dict(qkv=128, o=256, gu=256, down=256)  # columns per arrival counter of the op's output (a quarter of the next op's K range)
 
 _SOURCE = r"""
@@ -95,6 +97,7 @@ _SOURCE = r"""
 #define GELU @GELU@                    /* gate|up's GELU: 0 IEEE division, 1 fast division, 2 tanh.approx (gelu_tanh_f) */
 #define PF @PF@                        /* lazy L2 prefetch: chunks of the schedule past the ring, asked for while the
                                           producer waits for a free slot (0: off; produce) */
+#define PAIR @PAIR@                    /* LAYER: columns per half of a qkv / gate|up unit (8: 16-column units, 4: 8) */
 #define RCP @RCP@                      /* ATTN 2's softmax normalisers: 0 IEEE reciprocal (a slow-path CALL), 1 fast */
 #define A_FREE (2 * NS + 9 + 2 * 6)    /* MCAST's mbarrier, after ATTN 2's K / V ring's */
 @HELPERS@
@@ -104,9 +107,9 @@ typedef unsigned short bf16;
    program, and the column width of one arrival counter of its output (a quarter of the next op's K range: the
    activations of a unit arrive in four parts, each behind its own counter) */
 template <int P> struct Op;
-template <> struct Op<0> { enum { N = 2560, K = 1024, SPLIT = 1, CK = 64, NJMAX = LAYER ? 4 : 3, NJALT = 2, RANGE = 128 }; };
+template <> struct Op<0> { enum { N = 2560, K = 1024, SPLIT = 1, CK = 64, NJMAX = LAYER && PAIR == 8 ? 4 : 3, NJALT = 2, RANGE = 128 }; };
 template <> struct Op<1> { enum { N = 1024, K = 2048, SPLIT = 4, CK = 64, NJMAX = 5, NJALT = 4, RANGE = 256 }; };
-template <> struct Op<2> { enum { N = 8192, K = 1024, SPLIT = 1, CK = 64, NJMAX = LAYER ? 10 : 9, NJALT = 8, RANGE = 256 }; };
+template <> struct Op<2> { enum { N = 8192, K = 1024, SPLIT = 1, CK = 64, NJMAX = LAYER && PAIR == 8 ? 10 : 9, NJALT = 8, RANGE = 256 }; };
 template <> struct Op<3> { enum { N = 1024, K = 4096, SPLIT = 4, CK = 64, NJMAX = 5, NJALT = 4, RANGE = 256 }; };
 
 struct Args {
@@ -279,7 +282,20 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
     const int r0 = 16 * warp + (lane >> 2), c0 = 2 * (lane & 3);
     /* LAYER qkv: the RoPE factors of this thread's rows and columns do not depend on anything: loaded before the MMAs */
     float2 rc[NJ / 2 > 0 ? NJ / 2 : 1][2], rsn[NJ / 2 > 0 ? NJ / 2 : 1][2];
-    if (LAYER && P == 0) {
+    /* PAIR 4: a unit is one n8 group (dims 4u.. of the first half in columns 0-3, their partners in 4-7): lane c holds
+       columns 2c, 2c + 1, its partner is lane c ^ 2; after one exchange lanes c < 2 finish row r0, lanes c >= 2 row
+       r0 + 8 (`second`), so each thread needs the factors of one row */
+    const bool second = (lane >> 1) & 1;
+    float2 rc4[PAIR == 4 ? NJ : 1], rs4[PAIR == 4 ? NJ : 1];
+    if (LAYER && P == 0 && PAIR == 4) {
+        const int row = r0 + 8 * second < R ? r0 + 8 * second : R - 1;
+        #pragma unroll
+        for (int j = 0; j < NJ; ++j) {
+            const int dim = 4 * (((n0 >> 3) + j) & 31) + 2 * (lane & 1);
+            rc4[j] = *(const float2*)(g.cos_t + (size_t)g.pos[row] * 128 + dim);
+            rs4[j] = *(const float2*)(g.sin_t + (size_t)g.pos[row] * 128 + dim);
+        }
+    } else if (LAYER && P == 0) {
         #pragma unroll
         for (int j = 0; j < NJ; j += 2)
             #pragma unroll
@@ -345,7 +361,42 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
     /* accumulator fragment: warp w holds rows 16w + lane/4 (+8), columns 8j + 2 (lane % 4) (+1) */
     bf16* out = g.act[(P + 1) % 4];
     if (stamp) ts[2] = globaltimer();
-    if (LAYER && P == 0) {
+    if (LAYER && (P == 0 || P == 2) && PAIR == 4) {
+        /* one exchange per group: a thread of the first half (c < 2) sends its row r0 + 8 and gets its partner's row
+           r0, one of the second half the other way round; then qkv: RoPE (q, k) of that row, gate|up: gelu(g) u */
+        #pragma unroll
+        for (int j = 0; j < NJ; ++j) {
+            const int u = (n0 >> 3) + j;
+            const float2 v0 = make_float2(d[4 * j] * rs[0], d[4 * j + 1] * rs[0]);
+            const float2 v1 = make_float2(d[4 * j + 2] * rs[1], d[4 * j + 3] * rs[1]);
+            const float2 send = second ? v0 : v1;
+            const float2 recv = make_float2(__shfl_xor_sync(0xffffffff, send.x, 2), __shfl_xor_sync(0xffffffff, send.y, 2));
+            const float2 a = second ? recv : v0, b = second ? v1 : recv;  /* first half / second half of the row */
+            const int row = r0 + 8 * second;
+            if (P == 2) {
+                const float h0 = gelu_tanh_f(a.x) * b.x, h1 = gelu_tanh_f(a.y) * b.y;
+                if (row < R) *(unsigned*)(out + blocked(row, 4 * u + 2 * (lane & 1))) = to_bf16(h0) | ((unsigned)to_bf16(h1) << 16);
+                continue;
+            }
+            const int head = u >> 5, dim = 4 * (u & 31) + 2 * (lane & 1);
+            float a0 = a.x, a1 = a.y, b0 = b.x, b1 = b.y;
+            if (head < 9) {
+                const float2 cs = rc4[j], sn = rs4[j];
+                const float x0 = a0 * cs.x - b0 * sn.x, y0 = b0 * cs.x + a0 * sn.x;
+                const float x1 = a1 * cs.y - b1 * sn.y, y1 = b1 * cs.y + a1 * sn.y;
+                a0 = x0; b0 = y0; a1 = x1; b1 = y1;
+            }
+            if (row >= R) continue;
+            *(unsigned*)(out + blocked(row, head * 256 + dim)) = to_bf16(a0) | ((unsigned)to_bf16(a1) << 16);
+            *(unsigned*)(out + blocked(row, head * 256 + 128 + dim)) = to_bf16(b0) | ((unsigned)to_bf16(b1) << 16);
+            if (ATTN && head >= 8) {  /* k / v of the suffix rows -> the key / value cache (as below) */
+                const int key = g.T + row, sw = ATTN == 2 ? ((key & 7) << 3) : 0;
+                bf16* kv = (head == 8 ? g.kc : g.vc) + (size_t)l * g.kv_layer + (size_t)key * 256;
+                *(unsigned*)(kv + (dim ^ sw)) = to_bf16(a0) | ((unsigned)to_bf16(a1) << 16);
+                *(unsigned*)(kv + ((128 + dim) ^ sw)) = to_bf16(b0) | ((unsigned)to_bf16(b1) << 16);
+            }
+        }
+    } else if (LAYER && P == 0) {
         /* pairs of groups (j, j + 1) = head columns 8g.. and 128 + 8g..: scaled, RoPE'd (q, k), stored in place */
         #pragma unroll
         for (int j = 0; j < NJ; j += 2)
@@ -462,12 +513,13 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
         pub_fence();
         const int bn = NJ * 8;
         unsigned* ctr = g.ctr + (l * 4 + P) * 32;
-        if (LAYER && P == 0) {  /* pairs (head, group): columns head*256 + 8g (range 2 head) and + 128 (2 head + 1);
+        if (LAYER && P == 0) {  /* units (head, group): columns head*256 + PAIR g (range 2 head) and + 128 (2 head + 1);
                                    counter 31 counts every qkv unit (o's stand-in for attention waits on it) */
+            constexpr int UC = 2 * PAIR, UPH = 256 / UC;  /* columns per unit, units per head */
             pub_add(ctr + 31);
-            for (int pr = n0 / 16; pr < (n0 + bn) / 16; ++pr)
-                if (pr == n0 / 16 || pr / 16 != (pr - 1) / 16)
-                    for (int q = 2 * (pr / 16); q < 2 * (pr / 16) + 2; ++q)
+            for (int pr = n0 / UC; pr < (n0 + bn) / UC; ++pr)
+                if (pr == n0 / UC || pr / UPH != (pr - 1) / UPH)
+                    for (int q = 2 * (pr / UPH); q < 2 * (pr / UPH) + 2; ++q)
                         pub_add(ctr + q);
         } else {
             const int c0 = LAYER && P == 2 ? n0 / 2 : n0, c1 = LAYER && P == 2 ? (n0 + bn) / 2 : n0 + bn;  /* h columns */
@@ -1189,13 +1241,14 @@ MCAST = 0  # default: each rank copies the qkv / gate|up activations itself (1: 
 GELU = 1  # gate|up's GELU variant (gelu_tanh_f; 1 vs 0: NOTES.md session 10); the engine's is Tuning.mega_gelu
 PF = 0  # default lazy L2 prefetch lookahead in ring chunks (produce; 0: off)
 RCP = 0  # default ATTN 2 softmax normalisers: 0 IEEE reciprocal, 1 fast (__fdividef)
+PAIR = 8  # default LAYER unit half-width (see PAIRED)
 
 
 def _wgmma_functions() -> str:
     """wgmma_n<N>(d, desc_a, desc_b, accumulate) for the tile widths the plan deals (N/2 accumulator registers per
     thread: written out, inline asm takes no register arrays)."""
     widths = sorted({8 * nj for (_, _, _, _, njmax) in OPS.values() for nj in (njmax, njmax - 1)}
-                    | {8 * nj for pair in PAIRED.values() for nj in pair})
+                    | {8 * nj for by_op in PAIRED.values() for pair in by_op.values() for nj in pair})
     out = ["template <int N> __device__ __forceinline__ void wgmma_n(float* d, unsigned long long da, unsigned long long db, int acc);"]
     for n in widths:
         regs = ",".join(f"%{i}" for i in range(n // 2))
@@ -1209,13 +1262,15 @@ def _wgmma_functions() -> str:
 
 
 def source(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = WGD, loader: int = LOADER,
-           layer: int = 0, attn: int = 0, mcast: int = MCAST, gelu: int = GELU, pf: int = PF, rcp: int = RCP) -> str:
+           layer: int = 0, attn: int = 0, mcast: int = MCAST, gelu: int = GELU, pf: int = PF, rcp: int = RCP,
+           pair: int = PAIR) -> str:
+    assert pair in PAIRED, pair
     assert a_pipe or not loader, "the loader copies the activations in quarters"
     assert loader or not mcast, "MCAST: the loader multicasts"
     assert loader or not layer, "LAYER: the loader copies the sums of squares"
     text = _SOURCE
     assert layer or not attn, "ATTN is part of the LAYER probe"
-    consts = dict(AHEAD=ahead, MCAST=mcast, GELU=gelu, PF=pf, RCP=rcp, A_PIPE=a_pipe, PUB=pub, WGD=wgd, LOADER=loader, LAYER=layer, ATTN=attn, ROWSQ_BYTES=ROWSQ_BYTES,
+    consts = dict(AHEAD=ahead, MCAST=mcast, GELU=gelu, PF=pf, RCP=rcp, PAIR=pair, A_PIPE=a_pipe, PUB=pub, WGD=wgd, LOADER=loader, LAYER=layer, ATTN=attn, ROWSQ_BYTES=ROWSQ_BYTES,
                   SS_BYTES=SS_BYTES, A_BLOCK=A_BLOCK, WGMMA=_wgmma_functions(), NS=NS, SLOT=SLOT, A_BYTES=A_BYTES, RECV_BYTES=RECV_BYTES, BN_SPLIT_MAX=BN_SPLIT_MAX,
                   HELPERS=CUDA_HELPERS % {})
     for k, v in consts.items():
@@ -1244,15 +1299,15 @@ class MegaPlan:
     """Who computes which columns: per op and program (first column, columns, weight block offset), and how many
     arrivals every unit waits for. `programs` = 4 x the clusters of 4 that can be resident at once."""
 
-    def __init__(self, programs: int, layer: bool = False):
-        assert programs % CLUSTER == 0 and programs <= 4 * 32, programs
-        self.programs, self.layer = programs, layer
+    def __init__(self, programs: int, layer: bool = False, pair: int = PAIR):
+        assert programs % CLUSTER == 0 and programs <= 4 * 32 and pair in PAIRED, (programs, pair)
+        self.programs, self.layer, self.pair = programs, layer, pair
         self.meta = {}  # op -> [(n0, bn, offset)] per program
         for op, (n, k, split, ck, njmax) in OPS.items():
             owners = programs if split == 1 else programs // CLUSTER
-            if layer and op in PAIRED:  # pairs of groups (RoPE partners / gate and up) stay in one program
-                widths = [16 * g for g in deal(n // 16, owners)]
-                allowed = {8 * nj for nj in PAIRED[op]}
+            if layer and op in PAIRED[pair]:  # units (RoPE partners / gate and up) stay in one program
+                widths = [2 * pair * g for g in deal(n // (2 * pair), owners)]
+                allowed = {8 * nj for nj in PAIRED[pair][op]}
             else:
                 widths = [8 * g for g in deal(n // 8, owners)]
                 allowed = {8 * njmax, 8 * njmax - 8}
@@ -1282,22 +1337,24 @@ class MegaPlan:
     def published_ranges(self, op: str, n0: int, bn: int) -> list[int]:
         """The counters a unit of `op` with weight columns [n0, n0 + bn) adds to (the kernel's publish)."""
         rng = RANGE[op]
-        if self.layer and op == "qkv":  # pair (head, g) writes head*256 + 8g.. and + 128: ranges 2 head, 2 head + 1;
-            heads = sorted({pr // 16 for pr in range(n0 // 16, (n0 + bn) // 16)})  # 31: every unit (o's wait)
+        if self.layer and op == "qkv":  # unit (head, g) writes head*256 + PAIR g.. and + 128: ranges 2 head, 2 head + 1;
+            uc = 2 * self.pair  # 31: every unit (o's wait)
+            heads = sorted({u // (256 // uc) for u in range(n0 // uc, (n0 + bn) // uc)})
             return [q for h in heads for q in (2 * h, 2 * h + 1)] + [31]
         if self.layer and op == "gu":  # h columns
             n0, bn = n0 // 2, bn // 2
         return list(range(n0 // rng, (n0 + bn - 1) // rng + 1))
 
-    @staticmethod
-    def paired_columns(op: str) -> torch.Tensor:
-        """LAYER: weight column order -> original column: qkv pairs (head, g) = [head*256 + 8g.., head*256 + 128 +
-        8g..]; gate|up pairs p = [gate 8p.., up 8p..] (up = column 4096 + 8p..)."""
+    def paired_columns(self, op: str) -> torch.Tensor:
+        """LAYER: weight column order -> original column, in units of 2 x PAIR: qkv (head, g) = [head*256 + PAIR g..,
+        head*256 + 128 + PAIR g..]; gate|up p = [gate PAIR p.., up PAIR p..] (up = column 4096 + PAIR p..)."""
+        w = self.pair
         if op == "qkv":
-            pr = torch.arange(160).view(160, 1, 1)
-            return ((pr // 16) * 256 + torch.tensor([0, 128]).view(1, 2, 1) + 8 * (pr % 16) + torch.arange(8).view(1, 1, 8)).reshape(-1)
-        pr = torch.arange(512).view(512, 1, 1)
-        return (torch.tensor([0, 4096]).view(1, 2, 1) + 8 * pr + torch.arange(8).view(1, 1, 8)).reshape(-1)
+            u = torch.arange(2560 // (2 * w)).view(-1, 1, 1)
+            return ((u // (128 // w)) * 256 + torch.tensor([0, 128]).view(1, 2, 1) + w * (u % (128 // w))
+                    + torch.arange(w).view(1, 1, w)).reshape(-1)
+        u = torch.arange(4096 // w).view(-1, 1, 1)
+        return (torch.tensor([0, 4096]).view(1, 2, 1) + w * u + torch.arange(w).view(1, 1, w)).reshape(-1)
 
     def prepare(self, wt: torch.Tensor, op: str) -> torch.Tensor:
         """W^T [L, N, K] -> [L, N * K]: per program, its columns' K range (rank) as KC / CK chunks of [bn][CK]
@@ -1306,7 +1363,7 @@ class MegaPlan:
         n, k, split, ck, _ = OPS[op]
         L = wt.shape[0]
         assert wt.shape[1:] == (n, k), (wt.shape, op)
-        if self.layer and op in PAIRED:
+        if self.layer and op in PAIRED[self.pair]:
             wt = wt[:, self.paired_columns(op).to(wt.device)]
         kc = k // split
         out = torch.empty(L, n * k, dtype=wt.dtype, device=wt.device)
@@ -1334,8 +1391,8 @@ class MegaPlan:
 @functools.lru_cache(maxsize=None)
 def _kernel_and_programs(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = WGD,
                          loader: int = LOADER, layer: int = 0, attn: int = 0, mcast: int = MCAST, gelu: int = GELU,
-                         pf: int = PF, rcp: int = RCP):
-    func = compile_cuda(source(ahead, a_pipe, pub, wgd, loader, layer, attn, mcast, gelu, pf, rcp), "mega_chain_kernel", SMEM,
+                         pf: int = PF, rcp: int = RCP, pair: int = PAIR):
+    func = compile_cuda(source(ahead, a_pipe, pub, wgd, loader, layer, attn, mcast, gelu, pf, rcp, pair), "mega_chain_kernel", SMEM,
                         arch_suffix="a")
     cfg = _LaunchConfig(128, 1, 1, THREADS, 1, 1, SMEM, None, None, 0)
     n = ctypes.c_int()
@@ -1357,11 +1414,11 @@ def attention_available(device) -> bool:
         return False
 
 
-def plan_for_this_gpu(layer: bool = False) -> MegaPlan:
+def plan_for_this_gpu(layer: bool = False, pair: int = PAIR) -> MegaPlan:
     # every variant has the same shared memory and threads, hence the same resident clusters: ask the one that will run
     # (LAYER: the engine's LAYER + ATTN 2 kernel), so no other variant is compiled just to count them
     return MegaPlan(_kernel_and_programs(AHEAD, A_PIPE, PUB, WGD, LOADER, 1, ATTN_MODE, MCAST, GELU, PF, RCP)[1] if layer
-                    else _kernel_and_programs()[1], layer)
+                    else _kernel_and_programs()[1], layer, pair)
 
 
 def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tensor, layers: int,
@@ -1377,7 +1434,8 @@ def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tenso
     layer = layer_state is not None
     attn = int(layer_state.get("attn_mode", ATTN_MODE)) if layer and "kc" in layer_state else 0
     assert layer == plan.layer and attn in (0, 1, 2)
-    func, programs = _kernel_and_programs(ahead, a_pipe, pub, wgd, loader, int(layer), attn, mcast, gelu, pf, rcp)
+    func, programs = _kernel_and_programs(ahead, a_pipe, pub, wgd, loader, int(layer), attn, mcast, gelu, pf, rcp,
+                                          plan.pair if layer else PAIR)
     assert plan.programs == programs, (plan.programs, programs)
     for name, cols in dict(x=1024, q=2560, x2=1024, h8=4096 if layer else 8192).items():
         t = acts[name]

@@ -139,6 +139,7 @@ class Tuning:
     mega_gelu: int = MC.GELU  # its gate|up GELU variant (kernels/mega_chain.py, gelu_tanh_f)
     mega_pf: int = MC.PF  # its lazy L2 prefetch lookahead in ring chunks (kernels/mega_chain.py, prefetch_chunk)
     mega_rcp: int = MC.RCP  # its attention's softmax normalisers (0 IEEE reciprocal, 1 fast)
+    mega_pair: int = MC.PAIR  # its qkv / gate|up column units (kernels/mega_chain.py, PAIRED)
     st_qkv: tuple = (16, 128)  # BH (fixed at load: column pairing), BK
     st_gu: tuple = (32, 128)  # BH (fixed at load), BK
     st_res: tuple = (16, 128, 4, 128, 4)  # BH (o, down, time MLP: the norm-statistics tiles), BK_o, split_o, BK_down, split_down
@@ -256,7 +257,7 @@ class EngineWeights:
         self._time_src = {k: get(k).to(f32) for k in ("action_in_proj/kernel", "action_in_proj/bias",
                                                        "action_time_mlp_in/kernel", "action_time_mlp_in/bias")}
         self._time_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._mega = None
+        self._mega = {}  # pair -> (plan, prepared weights)
         # skinny-matmul layouts of the action expert: W^T [N, K], qkv / gate|up columns paired per half-tile
         t = tuning
         # (qkv and gate|up column pairings are baked into the layout; o/down/time_out are plain transposes,
@@ -273,15 +274,16 @@ class EngineWeights:
         self.sk_down = stack(self.down[1])
         self.sk_time = SK.transpose_weight(self.time_out_w)  # float32
 
-    def mega(self) -> tuple:
+    def mega(self, pair: int = MC.PAIR) -> tuple:
         """(plan, prepared weights) of the action expert for kernels/mega_chain.py's LAYER mode, made on first use:
-        W^T [L, N, K] of the folded weights (RMSNorm (1 + scale) and the query scale in them) in its ring layout."""
-        if self._mega is None:
-            plan = MC.plan_for_this_gpu(layer=True)
+        W^T [L, N, K] of the folded weights (RMSNorm (1 + scale) and the query scale in them) in its ring layout.
+        One copy per column-unit width `pair` asked for (the default engine asks for one)."""
+        if pair not in self._mega:
+            plan = MC.plan_for_this_gpu(layer=True, pair=pair)
             wt = lambda ws: torch.stack([w.t() for w in ws])  # noqa: E731
-            self._mega = (plan, {op: plan.prepare(wt(ws), op) for op, ws in
-                                 (("qkv", self.qkv[1]), ("o", self.o[1]), ("gu", self.gu[1]), ("down", self.down[1]))})
-        return self._mega
+            self._mega[pair] = (plan, {op: plan.prepare(wt(ws), op) for op, ws in
+                                       (("qkv", self.qkv[1]), ("o", self.o[1]), ("gu", self.gu[1]), ("down", self.down[1]))})
+        return self._mega[pair]
 
     def time_weights(self, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(W1 [32, W], per-step time biases [num_steps, W])."""
@@ -660,7 +662,7 @@ class _MegaSteps:
         if not self.fits(eng.cfg, S):
             raise ValueError("act_mega: kernels/mega_chain.py is built for the full-size action expert (width 1024, "
                              f"MLP 4096, 8 heads of 256, 50 actions); this variant has {a}")
-        self.plan, self.prepared = eng.weights.mega()
+        self.plan, self.prepared = eng.weights.mega(eng.tuning.mega_pair)
         self.L, self.T = a.depth, T + 1
         rows = self.T + MC.R + 16  # 16 zero rows: a 16-key sub-block is one bulk copy
         self.kc = torch.zeros(self.L, rows, a.head_dim, dtype=bf, device=dev)

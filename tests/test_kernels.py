@@ -585,10 +585,10 @@ def test_mega_chain_plan_layout():
     from pi0_triton_policy.kernels import mega_chain as MC
 
     g = torch.Generator().manual_seed(7)
-    for programs, layer in ((120, False), (128, False), (120, True)):
-        plan = MC.MegaPlan(programs, layer)
+    for programs, layer, pair in ((120, False, 8), (128, False, 8), (120, True, 8), (120, True, 4), (128, True, 4)):
+        plan = MC.MegaPlan(programs, layer, pair)
         for op, (n, k, split, ck, njmax) in MC.OPS.items():
-            paired = layer and op in MC.PAIRED
+            paired = layer and op in MC.PAIRED[pair]
             wt = torch.randn(1, n, k, generator=g)
             prepared = plan.prepare(wt, op)
             if paired:  # the kernel's column order: RoPE partners / gate and up side by side
@@ -601,7 +601,7 @@ def test_mega_chain_plan_layout():
             for p in range(programs):
                 n0, bn, off = plan.meta[op][p]
                 rank = 0 if split == 1 else p % MC.CLUSTER
-                assert bn in ((8 * w for w in MC.PAIRED[op]) if paired else (8 * njmax, 8 * njmax - 8))
+                assert bn in ((8 * w for w in MC.PAIRED[pair][op]) if paired else (8 * njmax, 8 * njmax - 8))
                 if (n0, rank) in seen:
                     continue
                 seen.add((n0, rank))
@@ -616,7 +616,7 @@ def test_mega_chain_plan_layout():
         for nxt, prev in enumerate(("down", "qkv", "o", "gu")):
             width = MC.RANGE[prev]
             for r in range(MC.OPS[prev][0] // width):
-                if layer and prev in MC.PAIRED:  # the output columns a unit writes, from the pair order
+                if layer and prev in MC.PAIRED[pair]:  # the output columns a unit writes, from the pair order
                     cols = plan.paired_columns(prev)
                     out_cols = lambda n0, bn: [c for c in cols[n0:n0 + bn].tolist() if prev == "qkv" or c < 4096]  # noqa: E731
                     if prev == "gu" and r >= 16:
@@ -664,7 +664,8 @@ def test_mega_chain_cuda(layers):
 @pytest.mark.gpu
 @pytest.mark.parametrize("layers", [1, 3])
 @pytest.mark.parametrize("attn", [0, 1, 2])
-def test_mega_chain_layer_cuda(layers, attn):
+@pytest.mark.parametrize("pair", [8, 4])
+def test_mega_chain_layer_cuda(layers, attn, pair):
     """The persistent chain with the real layer's epilogues (RMSNorm row scale from the clusters' sums of squares,
     RoPE on q/k, GeGLU, fp32 residual; experimental) against mega_layer_reference; with attn, the attention link
     too (a 37-token prompt's padding in a 1-camera prefix; ATTN 2 with one K / V cache per layer, as the engine has
@@ -685,7 +686,7 @@ def test_mega_chain_layer_cuda(layers, attn):
     vp = torch.randn(*kv_shape, device="cuda", generator=g).to(bf)
     valid = torch.ones(T, dtype=torch.int32, device="cuda")
     valid[T - 11:] = 0
-    plan = MC.plan_for_this_gpu(layer=True)
+    plan = MC.plan_for_this_gpu(layer=True, pair=pair)
     prepared = {op: plan.prepare(w, op) for op, w in weights.items()}
     cols = dict(x=1024, q=2560, x2=1024, h8=4096)
     cos, sin = rope_tables(1024, 256, device="cuda")
