@@ -61,7 +61,11 @@ BN_SPLIT_MAX = 40  # widest column tile of a split op (o, down)
 RECV_BYTES = 2 * 4 * 16 * BN_SPLIT_MAX * 4  # [parity][source rank][16 owned rows][BN] fp32
 ROWSQ_BYTES = 3 * 1024  # LAYER: an owner's new x^2 [16][40] fp32; 3 KB keeps the ring 1024-aligned
 SS_BYTES = 6 * 1024  # LAYER: the clusters' sums of squares [<= 30][50] fp32, copied in by the loader
-SMEM = A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES + NS * SLOT + 8 * (2 * NS + 9 + 2 * 6 + 1)  # + ATTN 2's K / V ring mbarriers (6 slots), MCAST's
+def smem_bytes(ns: int = NS) -> int:  # + ATTN 2's K / V ring mbarriers (6 slots), MCAST's
+    return A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES + ns * SLOT + 8 * (2 * ns + 9 + 2 * 6 + 1)
+
+
+SMEM = smem_bytes()
 assert (A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES) % 1024 == 0 and SLOT % 1024 == 0, "wgmma's swizzle atoms are 1024-aligned"
 NAMES = ("qkv", "o", "gu", "down")
 # op: (N, K, SPLIT, CK, NJMAX); CK = K columns per ring chunk (one 128-byte swizzle atom wide), NJMAX = most n8 column
@@ -97,6 +101,7 @@ _SOURCE = r"""
 #define GELU @GELU@                    /* gate|up's GELU: 0 IEEE division, 1 fast division, 2 tanh.approx (gelu_tanh_f) */
 #define PF @PF@                        /* lazy L2 prefetch: chunks of the schedule past the ring, asked for while the
                                           producer waits for a free slot (0: off; produce) */
+#define SPACK @SPACK@                  /* 1: consecutive chunks of an op share a ring slot while they fit (produce) */
 #define PAIR @PAIR@                    /* LAYER: columns per half of a qkv / gate|up unit (8: 16-column units, 4: 8) */
 #define RCP @RCP@                      /* ATTN 2's softmax normalisers: 0 IEEE reciprocal (a slow-path CALL), 1 fast */
 #define A_FREE (2 * NS + 9 + 2 * 6)    /* MCAST's mbarrier, after ATTN 2's K / V ring's */
@@ -111,6 +116,11 @@ template <> struct Op<0> { enum { N = 2560, K = 1024, SPLIT = 1, CK = 64, NJMAX 
 template <> struct Op<1> { enum { N = 1024, K = 2048, SPLIT = 4, CK = 64, NJMAX = 5, NJALT = 4, RANGE = 256 }; };
 template <> struct Op<2> { enum { N = 8192, K = 1024, SPLIT = 1, CK = 64, NJMAX = LAYER && PAIR == 8 ? 10 : 9, NJALT = 8, RANGE = 256 }; };
 template <> struct Op<3> { enum { N = 1024, K = 4096, SPLIT = 4, CK = 64, NJMAX = 5, NJALT = 4, RANGE = 256 }; };
+/* SPACK: chunks per ring slot. A slot holds one chunk of any width (SLOT = the widest, gate|up's 80 x 64), so with one
+   per slot the ring holds 16-40 KB of qkv / o / down weights instead of 80 KB, and their units stream the rest from
+   DRAM while their MMAs wait: two of their chunks (<= 5 KB each) share a slot */
+template <int P> struct Pack { enum { CPS = SPACK && 2 * Op<P>::NJMAX * 8 * Op<P>::CK * 2 <= SLOT
+                                              && (Op<P>::K / Op<P>::SPLIT / Op<P>::CK) % 2 == 0 ? 2 : 1 }; };
 
 struct Args {
     const bf16* w[4];      /* prepared weights per op: [L][N * K], program p's block at meta.z: [KC / CK][bn][CK] */
@@ -219,7 +229,8 @@ template <int P> __device__ __forceinline__ void produce(const Args& g, int l, i
     constexpr int NCH = O::K / O::SPLIT / O::CK;
     const unsigned bytes = m.y * O::CK * 2;
     const bf16* blk = g.w[P] + (size_t)l * O::N * O::K + m.z;
-    for (int j = 0; j < NCH; ++j, ++ci) {
+    constexpr int CPS = Pack<P>::CPS;  /* a slot's chunks are consecutive in the prepared layout: one copy */
+    for (int j = 0; j < NCH; j += CPS, ++ci) {
         const int slot = ci % NS, use = ci / NS;
         const unsigned full = bars + 8 * slot, empty = bars + 8 * (NS + slot);
         if (use > 0) while (!mbar_try(empty, (use - 1) & 1)) {
@@ -228,9 +239,9 @@ template <int P> __device__ __forceinline__ void produce(const Args& g, int l, i
                 if (pf < ci + PF) prefetch_chunk(g, pf++, prog);
             }
         }
-        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(full), "r"(bytes) : "memory");
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(full), "r"(CPS * bytes) : "memory");
         asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                     :: "r"(ring + slot * SLOT), "l"(blk + (size_t)j * m.y * O::CK), "r"(bytes), "r"(full) : "memory");
+                     :: "r"(ring + slot * SLOT), "l"(blk + (size_t)j * m.y * O::CK), "r"(CPS * bytes), "r"(full) : "memory");
     }
 }
 
@@ -272,7 +283,7 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
                                                                   int& ci, int& su, int n0, int rank, unsigned aparity,
                                                                   unsigned long long* ts) {
     typedef Op<P> O;
-    constexpr int KC = O::K / O::SPLIT, NCH = KC / 64;
+    constexpr int KC = O::K / O::SPLIT, NCH = KC / 64, CPS = Pack<P>::CPS;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const unsigned a_u32 = smem_u32(smem), recv_u32 = smem_u32(smem + A_BYTES);
     const unsigned ring = smem_u32(smem + A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES), bars = ring + NS * SLOT;
@@ -322,15 +333,17 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
     for (int ch = 0; ch < NCH; ++ch) {
         if (A_PIPE && ch % (NCH / 4) == 0)  /* the next quarter of the activations has landed */
             while (!mbar_try(bars + 8 * (2 * NS + 2 + ch / (NCH / 4)), aparity)) {}
-        const int slot = (ci + ch) % NS, use = (ci + ch) / NS;
-        while (!mbar_try(bars + 8 * slot, use & 1)) {}
-        const unsigned long long da = sw128_desc(a_u32 + ch * A_BLOCK), db = sw128_desc(ring + slot * SLOT);
+        const int slot = (ci + ch / CPS) % NS, use = (ci + ch / CPS) / NS;
+        if (ch % CPS == 0) while (!mbar_try(bars + 8 * slot, use & 1)) {}
+        const unsigned long long da = sw128_desc(a_u32 + ch * A_BLOCK);
+        const unsigned long long db = sw128_desc(ring + slot * SLOT + (ch % CPS) * (NJ * 8 * O::CK * 2));
         #pragma unroll
         for (int s = 0; s < 4; ++s) wgmma_n<NJ * 8>(d, da + 2 * s, db + 2 * s, 1);
         asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-        if (ch >= WGD) {  /* the MMAs of chunk ch - WGD are done: its slot may be refilled */
+        if (ch >= WGD) {  /* the MMAs of chunk ch - WGD are done: its slot may be refilled once all its chunks are */
             asm volatile("wgmma.wait_group.sync.aligned " WGD_S ";" ::: "memory");
-            mbar_arrive(bars + 8 * (NS + (ci + ch - WGD) % NS));  /* all 128 threads: no divergent path near wgmma */
+            if ((ch - WGD) % CPS == CPS - 1)  /* all 128 threads: no divergent path near wgmma */
+                mbar_arrive(bars + 8 * (NS + (ci + (ch - WGD) / CPS) % NS));
         }
     }
     /* LAYER: the row scale rsqrt(mean(x^2) + eps) of rows r0, r0 + 8 from the clusters' sums of squares (fixed
@@ -355,8 +368,9 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
     if (LOADER) mbar_arrive(bars + 8 * (2 * NS + 6));  /* the loader may overwrite the activations */
     #pragma unroll
-    for (int back = WGD; back >= 1; --back) mbar_arrive(bars + 8 * (NS + (ci + NCH - back) % NS));
-    ci += NCH;
+    for (int back = WGD; back >= 1; --back)
+        if ((NCH - back) % CPS == CPS - 1) mbar_arrive(bars + 8 * (NS + (ci + (NCH - back) / CPS) % NS));
+    ci += NCH / CPS;
 
     /* accumulator fragment: warp w holds rows 16w + lane/4 (+8), columns 8j + 2 (lane % 4) (+1) */
     bf16* out = g.act[(P + 1) % 4];
@@ -1242,6 +1256,7 @@ GELU = 1  # gate|up's GELU variant (gelu_tanh_f; 1 vs 0: NOTES.md session 10); t
 PF = 0  # default lazy L2 prefetch lookahead in ring chunks (produce; 0: off)
 RCP = 0  # default ATTN 2 softmax normalisers: 0 IEEE reciprocal, 1 fast (__fdividef)
 PAIR = 8  # default LAYER unit half-width (see PAIRED)
+SPACK = 0  # default: one weight chunk per ring slot (1: two narrow chunks share a slot, Pack)
 
 
 def _wgmma_functions() -> str:
@@ -1263,15 +1278,17 @@ def _wgmma_functions() -> str:
 
 def source(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = WGD, loader: int = LOADER,
            layer: int = 0, attn: int = 0, mcast: int = MCAST, gelu: int = GELU, pf: int = PF, rcp: int = RCP,
-           pair: int = PAIR) -> str:
+           pair: int = PAIR, spack: int = SPACK, ns: int = NS) -> str:
     assert pair in PAIRED, pair
+    assert not (pf and spack), "PF counts chunks, SPACK's producer counts slots"
+    assert smem_bytes(ns) <= 227 * 1024, f"a ring of {ns} slots does not fit in shared memory"
     assert a_pipe or not loader, "the loader copies the activations in quarters"
     assert loader or not mcast, "MCAST: the loader multicasts"
     assert loader or not layer, "LAYER: the loader copies the sums of squares"
     text = _SOURCE
     assert layer or not attn, "ATTN is part of the LAYER probe"
-    consts = dict(AHEAD=ahead, MCAST=mcast, GELU=gelu, PF=pf, RCP=rcp, PAIR=pair, A_PIPE=a_pipe, PUB=pub, WGD=wgd, LOADER=loader, LAYER=layer, ATTN=attn, ROWSQ_BYTES=ROWSQ_BYTES,
-                  SS_BYTES=SS_BYTES, A_BLOCK=A_BLOCK, WGMMA=_wgmma_functions(), NS=NS, SLOT=SLOT, A_BYTES=A_BYTES, RECV_BYTES=RECV_BYTES, BN_SPLIT_MAX=BN_SPLIT_MAX,
+    consts = dict(AHEAD=ahead, MCAST=mcast, GELU=gelu, PF=pf, RCP=rcp, PAIR=pair, SPACK=spack, A_PIPE=a_pipe, PUB=pub, WGD=wgd, LOADER=loader, LAYER=layer, ATTN=attn, ROWSQ_BYTES=ROWSQ_BYTES,
+                  SS_BYTES=SS_BYTES, A_BLOCK=A_BLOCK, WGMMA=_wgmma_functions(), NS=ns, SLOT=SLOT, A_BYTES=A_BYTES, RECV_BYTES=RECV_BYTES, BN_SPLIT_MAX=BN_SPLIT_MAX,
                   HELPERS=CUDA_HELPERS % {})
     for k, v in consts.items():
         text = text.replace(f"@{k}@", str(v))
@@ -1391,10 +1408,11 @@ class MegaPlan:
 @functools.lru_cache(maxsize=None)
 def _kernel_and_programs(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = WGD,
                          loader: int = LOADER, layer: int = 0, attn: int = 0, mcast: int = MCAST, gelu: int = GELU,
-                         pf: int = PF, rcp: int = RCP, pair: int = PAIR):
-    func = compile_cuda(source(ahead, a_pipe, pub, wgd, loader, layer, attn, mcast, gelu, pf, rcp, pair), "mega_chain_kernel", SMEM,
+                         pf: int = PF, rcp: int = RCP, pair: int = PAIR, spack: int = SPACK, ns: int = NS):
+    func = compile_cuda(source(ahead, a_pipe, pub, wgd, loader, layer, attn, mcast, gelu, pf, rcp, pair, spack, ns),
+                        "mega_chain_kernel", smem_bytes(ns),
                         arch_suffix="a")
-    cfg = _LaunchConfig(128, 1, 1, THREADS, 1, 1, SMEM, None, None, 0)
+    cfg = _LaunchConfig(128, 1, 1, THREADS, 1, 1, smem_bytes(ns), None, None, 0)
     n = ctypes.c_int()
     err = _libcuda().cuOccupancyMaxActiveClusters(ctypes.byref(n), func, ctypes.byref(cfg))
     if err != 0 or n.value < 16:
@@ -1424,7 +1442,8 @@ def plan_for_this_gpu(layer: bool = False, pair: int = PAIR) -> MegaPlan:
 def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tensor, layers: int,
                timestamps: torch.Tensor | None = None, ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB,
                wgd: int = WGD, loader: int = LOADER, layer_state: dict | None = None, pdl: bool = False,
-               zero_counters: bool = True, mcast: int = MCAST, gelu: int = GELU, pf: int = PF, rcp: int = RCP):
+               zero_counters: bool = True, mcast: int = MCAST, gelu: int = GELU, pf: int = PF, rcp: int = RCP,
+               spack: int = SPACK, ns: int = NS):
     """Run `layers` layers of the chain on acts = {x, q, x2, h8}: [50, 1024 / 2560 / 1024 / 8192] bf16 in the blocked
     layout (`to_blocked` / `from_blocked`); counters: >= layers * 128 int32 (zeroed here, inside the stream).
     layer_state (a plan made with layer=True): the real layer's epilogues; acts x / x2 are then the bf16 copies of
@@ -1435,7 +1454,7 @@ def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tenso
     attn = int(layer_state.get("attn_mode", ATTN_MODE)) if layer and "kc" in layer_state else 0
     assert layer == plan.layer and attn in (0, 1, 2)
     func, programs = _kernel_and_programs(ahead, a_pipe, pub, wgd, loader, int(layer), attn, mcast, gelu, pf, rcp,
-                                          plan.pair if layer else PAIR)
+                                          plan.pair if layer else PAIR, spack, ns)
     assert plan.programs == programs, (plan.programs, programs)
     for name, cols in dict(x=1024, q=2560, x2=1024, h8=4096 if layer else 8192).items():
         t = acts[name]
@@ -1483,7 +1502,7 @@ def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tenso
     attrs = (_LaunchAttr * 1)()  # pdl: programmatic stream serialization (see the kernel's griddepcontrol.wait)
     attrs[0].id = _ATTR_PROGRAMMATIC_STREAM_SERIALIZATION
     attrs[0].value.flag = 1
-    cfg = _LaunchConfig(programs, 1, 1, THREADS, 1, 1, SMEM, ctypes.c_void_p(torch.cuda.current_stream().cuda_stream),
+    cfg = _LaunchConfig(programs, 1, 1, THREADS, 1, 1, smem_bytes(ns), ctypes.c_void_p(torch.cuda.current_stream().cuda_stream),
                         attrs, 1 if pdl else 0)
     err = _libcuda().cuLaunchKernelEx(ctypes.byref(cfg), func, params, None)
     if err != 0:

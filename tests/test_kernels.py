@@ -694,9 +694,10 @@ def test_mega_chain_layer_cuda(layers, attn, pair):
     x0 = torch.randn(MC.R, 1024, device="cuda", generator=g) * 3
     ctr = torch.zeros(layers * 128, dtype=torch.int32, device="cuda")
     runs = []
-    # twice the default, then the other activation delivery, the L2 prefetch on / off (same bits: data movement
-    # only), the other softmax normaliser (other bits: checked against the reference only)
-    variants = [{}, {}, dict(mcast=1 - MC.MCAST), dict(pf=16 if MC.PF == 0 else 0), dict(rcp=1 - MC.RCP)]
+    # twice the default, then the other activation delivery, the L2 prefetch on / off, the other ring packing (same
+    # bits: data movement only), the other softmax normaliser (other bits: checked against the reference only)
+    variants = [{}, {}, dict(mcast=1 - MC.MCAST), dict(pf=16 if MC.PF == 0 else 0, spack=0),
+                dict(spack=1 - MC.SPACK, pf=0), dict(rcp=1 - MC.RCP)]
     for v in variants:
         acts = {k: torch.full((MC.blocked_size(c),), float("nan"), dtype=bf, device="cuda") for k, c in cols.items()}
         st = dict(xs=x0.clone(), ss=torch.zeros(2, plan.programs // 4, MC.R, device="cuda"), pos=pos, cos=cos, sin=sin,
@@ -722,7 +723,8 @@ def test_mega_chain_layer_cuda(layers, attn, pair):
         assert torch.equal(runs[0][k], runs[1][k]), f"{k} not deterministic"
         assert torch.equal(runs[0][k], runs[2][k]), f"{k}: MCAST {1 - MC.MCAST} gives other bits"
         assert torch.equal(runs[0][k], runs[3][k]), f"{k}: {variants[3]} gives other bits"
-        assert rel(runs[4][k], ref[k]) < 1e-2, (k, variants[4])
+        assert torch.equal(runs[0][k], runs[4][k]), f"{k}: {variants[4]} gives other bits"
+        assert rel(runs[5][k], ref[k]) < 1e-2, (k, variants[5])
 
 
 
