@@ -50,7 +50,7 @@ T0 = time.time()
 
 
 def layer_mode(weights, ctr, attn=0, T=304, shared_kv=False, pub=MC.PUB, ahead=MC.AHEAD, mcast=MC.MCAST, gelu=MC.GELU,
-               pf=MC.PF, rcp=MC.RCP, pair=MC.PAIR, spack=MC.SPACK, ns=MC.NS):
+               pf=MC.PF, rcp=MC.RCP, pair=MC.PAIR, spack=MC.SPACK, ns=MC.NS, tail=MC.TAIL):
     """The chain with the real layer's epilogues (MegaPlan(layer=True)): checked against mega_layer_reference (1 and
     18 layers, bitwise repeat), then timed like the plain chain. attn: the attention link too (1: session 7's unit,
     2: packed rows on 100 programs; kernels/mega_chain.py) over a T-key prefix (304: 1 camera, 816: 3)."""
@@ -101,22 +101,22 @@ def layer_mode(weights, ctr, attn=0, T=304, shared_kv=False, pub=MC.PUB, ahead=M
            + (f"_mcast{mcast}" if mcast != MC.MCAST else "") + (f"_gelu{gelu}" if gelu != MC.GELU else "")
            + (f"_pf{pf}" if pf != MC.PF else "") + (f"_rcp{rcp}" if rcp != MC.RCP else "")
            + (f"_pair{pair}" if pair != MC.PAIR else "") + (f"_spack{spack}" if spack != MC.SPACK else "")
-           + (f"_ns{ns}" if ns != MC.NS else "")}
+           + (f"_ns{ns}" if ns != MC.NS else "") + (f"_tail{tail}" if tail != MC.TAIL else "")}
     for layers in (1, L):
         reset()
-        MC.mega_chain(plan, prepared, acts, ctr, layers, layer_state=st, pub=pub, ahead=ahead, mcast=mcast, gelu=gelu, pf=pf, rcp=rcp, spack=spack, ns=ns)
+        MC.mega_chain(plan, prepared, acts, ctr, layers, layer_state=st, pub=pub, ahead=ahead, mcast=mcast, gelu=gelu, pf=pf, rcp=rcp, spack=spack, ns=ns, tail=tail)
         torch.cuda.synchronize()
         ref = MC.mega_layer_reference(x0, weights, layers, pos, cos, sin, st["eps"], kv_prefix)
         got = dict(xs=st["xs"].clone(), q=MC.from_blocked(acts["q"], 2560), h=MC.from_blocked(acts["h8"], 4096))
         out[f"err_{layers}"] = {k: round(rel(got[k], ref[k]), 5) for k in got}
         reset()
-        MC.mega_chain(plan, prepared, acts, ctr, layers, layer_state=st, pub=pub, ahead=ahead, mcast=mcast, gelu=gelu, pf=pf, rcp=rcp, spack=spack, ns=ns)
+        MC.mega_chain(plan, prepared, acts, ctr, layers, layer_state=st, pub=pub, ahead=ahead, mcast=mcast, gelu=gelu, pf=pf, rcp=rcp, spack=spack, ns=ns, tail=tail)
         torch.cuda.synchronize()
         out[f"bitwise_repeat_{layers}"] = bool(torch.equal(st["xs"], got["xs"]))
     print("layer mode vs torch:", out, f"({time.time() - T0:.0f} s since start)", flush=True)
-    t = time_graph(lambda: MC.mega_chain(plan, prepared, acts, ctr, L, layer_state=st, pub=pub, ahead=ahead, mcast=mcast, gelu=gelu, pf=pf, rcp=rcp, spack=spack, ns=ns))
+    t = time_graph(lambda: MC.mega_chain(plan, prepared, acts, ctr, L, layer_state=st, pub=pub, ahead=ahead, mcast=mcast, gelu=gelu, pf=pf, rcp=rcp, spack=spack, ns=ns, tail=tail))
     ts = torch.zeros(plan.programs * L * 32, dtype=torch.int64, device=dev)
-    MC.mega_chain(plan, prepared, acts, ctr, L, timestamps=ts, layer_state=st, pub=pub, ahead=ahead, mcast=mcast, gelu=gelu, pf=pf, rcp=rcp, spack=spack, ns=ns)
+    MC.mega_chain(plan, prepared, acts, ctr, L, timestamps=ts, layer_state=st, pub=pub, ahead=ahead, mcast=mcast, gelu=gelu, pf=pf, rcp=rcp, spack=spack, ns=ns, tail=tail)
     torch.cuda.synchronize()
     out.update(us_step=t, us_layer=t / L, timeline=timeline(ts, plan.programs))
     if STAMPS_DIR:  # every program's stamps [programs, layers, 4 ops, 8] (ns) and the plan's columns, for offline study
@@ -169,6 +169,7 @@ def main():
     ap.add_argument("--rcp", type=int, nargs="+", default=[MC.RCP], help="--attn 2 runs: softmax normalisers (0 IEEE, 1 fast)")
     ap.add_argument("--pair", type=int, nargs="+", default=[MC.PAIR], help="--layer / --attn runs: qkv / gate|up unit half-width (8, 4)")
     ap.add_argument("--spack", type=int, nargs="+", default=[MC.SPACK], help="--layer / --attn runs: two narrow chunks per ring slot (1)")
+    ap.add_argument("--tail", type=int, nargs="+", default=[MC.TAIL], help="--layer / --attn runs: L2 prefetch past the ring (0, 1 gate|up, 2 all)")
     ap.add_argument("--rounds", type=int, default=1, help="repeat the --layer / --attn runs (variants alternate)")
     ap.add_argument("--skip-plain", action="store_true", help="only the --layer / --attn runs")
     ap.add_argument("--wgd", type=int, nargs="+", default=[MC.WGD], help="wgmma groups in flight before a slot is freed")
@@ -227,10 +228,10 @@ def main():
                             "timeline": tl, "ring": [MC.NS, MC.SLOT], "ops": MC.OPS, "programs": plan.programs,
                             "wait": plan.wait})
     for rnd in range(args.rounds):  # --pub / --ahead variants alternate, so an A/B sees the same drift
-        for pub, ahead, mcast, gelu, pf, rcp, pair, spack, ns in [
-                (p, a, m, u, f, r, w, k, n) for p in args.pub for a in args.ahead for m in args.mcast for u in args.gelu
-                for f in args.pf for r in args.rcp for w in args.pair for k in args.spack for n in [MC.NS]]:
-            v = dict(pub=pub, ahead=ahead, mcast=mcast, gelu=gelu, pf=pf, rcp=rcp, pair=pair, spack=spack, ns=ns)
+        for pub, ahead, mcast, gelu, pf, rcp, pair, spack, tail in [
+                (p, a, m, u, f, r, w, k, t) for p in args.pub for a in args.ahead for m in args.mcast for u in args.gelu
+                for f in args.pf for r in args.rcp for w in args.pair for k in args.spack for t in args.tail]:
+            v = dict(pub=pub, ahead=ahead, mcast=mcast, gelu=gelu, pf=pf, rcp=rcp, pair=pair, spack=spack, tail=tail)
             if args.layer:
                 res["rows"].append(layer_mode(weights, ctr, **v))
             for T in args.prefix_keys:

@@ -101,6 +101,8 @@ _SOURCE = r"""
 #define GELU @GELU@                    /* gate|up's GELU: 0 IEEE division, 1 fast division, 2 tanh.approx (gelu_tanh_f) */
 #define PF @PF@                        /* lazy L2 prefetch: chunks of the schedule past the ring, asked for while the
                                           producer waits for a free slot (0: off; produce) */
+#define TAIL @TAIL@                    /* L2 prefetch of an op's chunks past the ring once its first slot is won (produce):
+                                          0 off, 1 gate|up only, 2 every op */
 #define SPACK @SPACK@                  /* 1: consecutive chunks of an op share a ring slot while they fit (produce) */
 #define PAIR @PAIR@                    /* LAYER: columns per half of a qkv / gate|up unit (8: 16-column units, 4: 8) */
 #define RCP @RCP@                      /* ATTN 2's softmax normalisers: 0 IEEE reciprocal (a slow-path CALL), 1 fast */
@@ -242,6 +244,12 @@ template <int P> __device__ __forceinline__ void produce(const Args& g, int l, i
         asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(full), "r"(CPS * bytes) : "memory");
         asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
                      :: "r"(ring + slot * SLOT), "l"(blk + (size_t)j * m.y * O::CK), "r"(CPS * bytes), "r"(full) : "memory");
+        /* TAIL: the op's first slot is won once the op before it consumes (for gate|up: after attention, whose loads
+           PF's earlier prefetches slowed); the chunks that will not fit in the ring before this op's MMAs free it
+           are asked into L2 now, so they come from L2 rather than DRAM when the ring takes them */
+        if ((TAIL == 2 || (TAIL == 1 && P == 2)) && j == 0)
+            for (int t = NS * CPS; t < NCH; ++t)
+                asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(blk + (size_t)t * m.y * O::CK), "r"(bytes) : "memory");
     }
 }
 
@@ -1257,6 +1265,7 @@ PF = 0  # default lazy L2 prefetch lookahead in ring chunks (produce; 0: off)
 RCP = 0  # default ATTN 2 softmax normalisers: 0 IEEE reciprocal, 1 fast (__fdividef)
 PAIR = 8  # default LAYER unit half-width (see PAIRED)
 SPACK = 0  # default: one weight chunk per ring slot (1: two narrow chunks share a slot, Pack)
+TAIL = 0  # default: no L2 prefetch of an op's chunks past the ring (1: gate|up's, 2: every op's)
 
 
 def _wgmma_functions() -> str:
@@ -1278,7 +1287,7 @@ def _wgmma_functions() -> str:
 
 def source(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = WGD, loader: int = LOADER,
            layer: int = 0, attn: int = 0, mcast: int = MCAST, gelu: int = GELU, pf: int = PF, rcp: int = RCP,
-           pair: int = PAIR, spack: int = SPACK, ns: int = NS) -> str:
+           pair: int = PAIR, spack: int = SPACK, ns: int = NS, tail: int = TAIL) -> str:
     assert pair in PAIRED, pair
     assert not (pf and spack), "PF counts chunks, SPACK's producer counts slots"
     assert smem_bytes(ns) <= 227 * 1024, f"a ring of {ns} slots does not fit in shared memory"
@@ -1287,7 +1296,7 @@ def source(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = 
     assert loader or not layer, "LAYER: the loader copies the sums of squares"
     text = _SOURCE
     assert layer or not attn, "ATTN is part of the LAYER probe"
-    consts = dict(AHEAD=ahead, MCAST=mcast, GELU=gelu, PF=pf, RCP=rcp, PAIR=pair, SPACK=spack, A_PIPE=a_pipe, PUB=pub, WGD=wgd, LOADER=loader, LAYER=layer, ATTN=attn, ROWSQ_BYTES=ROWSQ_BYTES,
+    consts = dict(AHEAD=ahead, MCAST=mcast, GELU=gelu, PF=pf, RCP=rcp, PAIR=pair, SPACK=spack, TAIL=tail, A_PIPE=a_pipe, PUB=pub, WGD=wgd, LOADER=loader, LAYER=layer, ATTN=attn, ROWSQ_BYTES=ROWSQ_BYTES,
                   SS_BYTES=SS_BYTES, A_BLOCK=A_BLOCK, WGMMA=_wgmma_functions(), NS=ns, SLOT=SLOT, A_BYTES=A_BYTES, RECV_BYTES=RECV_BYTES, BN_SPLIT_MAX=BN_SPLIT_MAX,
                   HELPERS=CUDA_HELPERS % {})
     for k, v in consts.items():
@@ -1408,8 +1417,9 @@ class MegaPlan:
 @functools.lru_cache(maxsize=None)
 def _kernel_and_programs(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = WGD,
                          loader: int = LOADER, layer: int = 0, attn: int = 0, mcast: int = MCAST, gelu: int = GELU,
-                         pf: int = PF, rcp: int = RCP, pair: int = PAIR, spack: int = SPACK, ns: int = NS):
-    func = compile_cuda(source(ahead, a_pipe, pub, wgd, loader, layer, attn, mcast, gelu, pf, rcp, pair, spack, ns),
+                         pf: int = PF, rcp: int = RCP, pair: int = PAIR, spack: int = SPACK, ns: int = NS,
+                         tail: int = TAIL):
+    func = compile_cuda(source(ahead, a_pipe, pub, wgd, loader, layer, attn, mcast, gelu, pf, rcp, pair, spack, ns, tail),
                         "mega_chain_kernel", smem_bytes(ns),
                         arch_suffix="a")
     cfg = _LaunchConfig(128, 1, 1, THREADS, 1, 1, smem_bytes(ns), None, None, 0)
@@ -1443,7 +1453,7 @@ def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tenso
                timestamps: torch.Tensor | None = None, ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB,
                wgd: int = WGD, loader: int = LOADER, layer_state: dict | None = None, pdl: bool = False,
                zero_counters: bool = True, mcast: int = MCAST, gelu: int = GELU, pf: int = PF, rcp: int = RCP,
-               spack: int = SPACK, ns: int = NS):
+               spack: int = SPACK, ns: int = NS, tail: int = TAIL):
     """Run `layers` layers of the chain on acts = {x, q, x2, h8}: [50, 1024 / 2560 / 1024 / 8192] bf16 in the blocked
     layout (`to_blocked` / `from_blocked`); counters: >= layers * 128 int32 (zeroed here, inside the stream).
     layer_state (a plan made with layer=True): the real layer's epilogues; acts x / x2 are then the bf16 copies of
@@ -1454,7 +1464,7 @@ def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tenso
     attn = int(layer_state.get("attn_mode", ATTN_MODE)) if layer and "kc" in layer_state else 0
     assert layer == plan.layer and attn in (0, 1, 2)
     func, programs = _kernel_and_programs(ahead, a_pipe, pub, wgd, loader, int(layer), attn, mcast, gelu, pf, rcp,
-                                          plan.pair if layer else PAIR, spack, ns)
+                                          plan.pair if layer else PAIR, spack, ns, tail)
     assert plan.programs == programs, (plan.programs, programs)
     for name, cols in dict(x=1024, q=2560, x2=1024, h8=4096 if layer else 8192).items():
         t = acts[name]

@@ -141,6 +141,7 @@ class Tuning:
     mega_rcp: int = MC.RCP  # its attention's softmax normalisers (0 IEEE reciprocal, 1 fast)
     mega_pair: int = MC.PAIR  # its qkv / gate|up column units (kernels/mega_chain.py, PAIRED)
     mega_spack: int = MC.SPACK  # its ring: two narrow weight chunks per slot (kernels/mega_chain.py, Pack)
+    mega_tail: int = MC.TAIL  # its L2 prefetch of an op's chunks past the ring (kernels/mega_chain.py, TAIL)
     st_qkv: tuple = (16, 128)  # BH (fixed at load: column pairing), BK
     st_gu: tuple = (32, 128)  # BH (fixed at load), BK
     st_res: tuple = (16, 128, 4, 128, 4)  # BH (o, down, time MLP: the norm-statistics tiles), BK_o, split_o, BK_down, split_down
@@ -549,7 +550,7 @@ class _ViewGraph:
                 if step == 1:  # the prefix's and the state token's keys are final: into the kernel's cache layout
                     self.mega.fixed_keys(self.kc, self.vc, self.key_valid)
                 self.mega.step(self.xs[1:], self.pos[T + 1:], W.cos, W.sin, eps, pdl=t.pdl, pub=t.mega_pub, gelu=t.mega_gelu,
-                               pf=t.mega_pf, rcp=t.mega_rcp, spack=t.mega_spack)
+                               pf=t.mega_pf, rcp=t.mega_rcp, spack=t.mega_spack, tail=t.mega_tail)
                 self._out_euler(dt)
                 continue
             if self.stack_plan is not None:  # every layer of the step in one persistent launch
@@ -682,14 +683,14 @@ class _MegaSteps:
 
     def step(self, xs: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float,
              pdl: bool = True, pub: int = MC.PUB, gelu: int = MC.GELU, pf: int = MC.PF, rcp: int = MC.RCP,
-             spack: int = MC.SPACK):
+             spack: int = MC.SPACK, tail: int = MC.TAIL):
         """One flow step over the residual xs [50, 1024] (fp32, updated in place) at RoPE positions pos [50]; pdl:
         both launches early (programmatic dependent launch: the kernel's weight stream starts before its inputs)."""
         MC.stage_step_input(xs, self.acts["x"], self.ss, self.ctr, pdl=pdl)
         st = dict(xs=xs, ss=self.ss, pos=pos[:MC.R], cos=cos, sin=sin, eps=eps, T=self.T, kc=self.kc, vc=self.vc,
                   key_valid=self.key_valid, att=self.att, attn_mode=2)
         MC.mega_chain(self.plan, self.prepared, self.acts, self.ctr, self.L, layer_state=st, pdl=pdl,
-                      zero_counters=False, pub=pub, gelu=gelu, pf=pf, rcp=rcp, spack=spack)
+                      zero_counters=False, pub=pub, gelu=gelu, pf=pf, rcp=rcp, spack=spack, tail=tail)
 
 
 class TritonPi0:

@@ -696,7 +696,7 @@ def test_mega_chain_layer_cuda(layers, attn, pair):
     runs = []
     # twice the default, then the other activation delivery, the L2 prefetch on / off, the other ring packing (same
     # bits: data movement only), the other softmax normaliser (other bits: checked against the reference only)
-    variants = [{}, {}, dict(mcast=1 - MC.MCAST), dict(pf=16 if MC.PF == 0 else 0, spack=0),
+    variants = [{}, {}, dict(mcast=1 - MC.MCAST), dict(pf=16 if MC.PF == 0 else 0, spack=0, tail=2 - MC.TAIL),
                 dict(spack=1 - MC.SPACK, pf=0), dict(rcp=1 - MC.RCP)]
     for v in variants:
         acts = {k: torch.full((MC.blocked_size(c),), float("nan"), dtype=bf, device="cuda") for k, c in cols.items()}
