@@ -79,7 +79,11 @@ PAIRED = {8: dict(qkv=(4, 2), gu=(10, 8)), 4: dict(qkv=(3, 2), gu=(9, 8))}  # PA
 RANGE = dict(qkv=128, o=256, gu=256, down=256)  # columns per arrival counter of the op's output (a quarter of the next op's K range)
 
 _SOURCE = r"""
-#define R 50
+#define R @ROWS@                        /* activation rows: the 50 actions (+ STATE: the state token last) */
+#define STATE @STATE@                    /* 1: flow step 0, whose last row is the state token: its key is the first
+                                            suffix key (T), the actions' keys follow (T + 1 + r), and it sees only the
+                                            prefix and itself; steps 1.. then find it among their fixed keys */
+#define ATILES ((8 * R + 15) / 16)       /* ATTN 2: tiles of 16 packed (head, row) query rows, one cluster each */
 #define NS @NS@
 #define SLOT @SLOT@
 #define A_BYTES @A_BYTES@
@@ -274,6 +278,11 @@ __device__ __forceinline__ void prefetch_op(const Args& g, int t, int prog) {  /
 }
 
 @WGMMA@
+/* the key / value cache row of activation row `row` (see STATE) */
+__device__ __forceinline__ int suffix_key(const Args& g, int row) {
+    return STATE ? (row == R - 1 ? g.T : g.T + 1 + row) : g.T + row;
+}
+
 /* element offset of (row, col) in the activations' global layout: blocks of 64 columns x 56 rows of 128 B, the
    16-byte groups of a row XOR-swizzled by row (the shared-memory layout wgmma reads, so a K range is one bulk copy) */
 __device__ __forceinline__ size_t blocked(int row, int col) {
@@ -412,7 +421,7 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
             *(unsigned*)(out + blocked(row, head * 256 + dim)) = to_bf16(a0) | ((unsigned)to_bf16(a1) << 16);
             *(unsigned*)(out + blocked(row, head * 256 + 128 + dim)) = to_bf16(b0) | ((unsigned)to_bf16(b1) << 16);
             if (ATTN && head >= 8) {  /* k / v of the suffix rows -> the key / value cache (as below) */
-                const int key = g.T + row, sw = ATTN == 2 ? ((key & 7) << 3) : 0;
+                const int key = suffix_key(g, row), sw = ATTN == 2 ? ((key & 7) << 3) : 0;
                 bf16* kv = (head == 8 ? g.kc : g.vc) + (size_t)l * g.kv_layer + (size_t)key * 256;
                 *(unsigned*)(kv + (dim ^ sw)) = to_bf16(a0) | ((unsigned)to_bf16(a1) << 16);
                 *(unsigned*)(kv + ((128 + dim) ^ sw)) = to_bf16(b0) | ((unsigned)to_bf16(b1) << 16);
@@ -439,7 +448,7 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
                 *(unsigned*)(out + blocked(row, head * 256 + 128 + dim)) = to_bf16(b0) | ((unsigned)to_bf16(b1) << 16);
                 if (ATTN && head >= 8) {  /* k / v of the suffix rows -> the key / value cache (ATTN 2: its 16-byte
                                              groups XOR-swizzled by key, kv_swizzle) */
-                    const int key = g.T + row, sw = ATTN == 2 ? ((key & 7) << 3) : 0;
+                    const int key = suffix_key(g, row), sw = ATTN == 2 ? ((key & 7) << 3) : 0;
                     bf16* kv = (head == 8 ? g.kc : g.vc) + (size_t)l * g.kv_layer + (size_t)key * 256;
                     *(unsigned*)(kv + (dim ^ sw)) = to_bf16(a0) | ((unsigned)to_bf16(a1) << 16);
                     *(unsigned*)(kv + ((128 + dim) ^ sw)) = to_bf16(b0) | ((unsigned)to_bf16(b1) << 16);
@@ -1002,7 +1011,10 @@ __device__ __forceinline__ void attention_unit2(const Args& g, int l, int prog, 
             #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int sb = 4 * it + warp, key = kb + 16 * sb + n * 8 + 2 * q4 + (e & 1);
-                if (sb < nsb && key < ke && __ldg(g.key_valid + key) != 0) vbits |= 1u << (8 * it + 4 * n + e);
+                /* STATE: the state token's rows (packed row head * R + R - 1) see the prefix and their own key only */
+                const bool state_row = STATE && (16 * t + gq + 8 * (e >> 1)) % R == R - 1;
+                if (sb < nsb && key < ke && __ldg(g.key_valid + key) != 0 && !(state_row && key > g.T))
+                    vbits |= 1u << (8 * it + 4 * n + e);
             }
     for (int q = 0; q < 4; ++q) while (!mbar_try(bars + 8 * (2 * NS + 2 + q), aparity)) {}
     unsigned long long* ts = g.ts + ((size_t)(prog * g.L + l) * 4 + 1) * 8;  /* o's slots 4..7: the attention unit */
@@ -1175,10 +1187,11 @@ __device__ __forceinline__ void attention_unit2(const Args& g, int l, int prog, 
     mbar_arrive(bars + 8 * (2 * NS + 6));
     if (tid == 0) {
         if (g.use_ts) ts[6] = globaltimer();
-        const int i0 = 16 * t + 4 * c, h0 = i0 / R, h1 = (i0 + 3) / R;
+        const int i0 = 16 * t + 4 * c, h0 = i0 / R, h1 = (i0 + 3) / R;  /* rows past 8 R (the last tile's padding,
+                                                                         STATE) belong to no head */
         pub_fence();
-        pub_add(g.ctr + (l * 4 + 0) * 32 + 20 + h0);
-        if (h1 != h0) pub_add(g.ctr + (l * 4 + 0) * 32 + 20 + h1);
+        if (h0 < 8) pub_add(g.ctr + (l * 4 + 0) * 32 + 20 + h0);
+        if (h1 != h0 && h1 < 8) pub_add(g.ctr + (l * 4 + 0) * 32 + 20 + h1);
         if (g.use_ts) ts[7] = globaltimer();
     }
 }
@@ -1228,7 +1241,7 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(192, 1) m
             for (int l = 0; l < g.L; ++l) {
                 load_activations<0>(g, l, prog, smem, au);
                 if (ATTN == 1 && prog < 32) load_attention_q(g, l, prog, smem, au);
-                if (ATTN == 2 && prog < 100) attention_loader2(g, l, prog, smem, au, kvi);
+                if (ATTN == 2 && prog < 4 * ATILES) attention_loader2(g, l, prog, smem, au, kvi);
                 load_activations<1>(g, l, prog, smem, au);
                 load_activations<2>(g, l, prog, smem, au);
                 load_activations<3>(g, l, prog, smem, au);
@@ -1242,7 +1255,7 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(192, 1) m
                 kernel (PDL) may get ready during the last layer; it waits for this grid's end before reading */
             consume<0>(g, l, prog, smem, ci, su, au);
             if (ATTN == 1 && prog < 32) attention_unit(g, l, prog, smem, au);
-            if (ATTN == 2 && prog < 100) attention_unit2(g, l, prog, smem, au, kvi);
+            if (ATTN == 2 && prog < 4 * ATILES) attention_unit2(g, l, prog, smem, au, kvi);
             consume<1>(g, l, prog, smem, ci, su, au);
             consume<2>(g, l, prog, smem, ci, su, au);
             consume<3>(g, l, prog, smem, ci, su, au);
@@ -1287,16 +1300,17 @@ def _wgmma_functions() -> str:
 
 def source(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = WGD, loader: int = LOADER,
            layer: int = 0, attn: int = 0, mcast: int = MCAST, gelu: int = GELU, pf: int = PF, rcp: int = RCP,
-           pair: int = PAIR, spack: int = SPACK, ns: int = NS, tail: int = TAIL) -> str:
+           pair: int = PAIR, spack: int = SPACK, ns: int = NS, tail: int = TAIL, state: int = 0) -> str:
     assert pair in PAIRED, pair
     assert not (pf and spack), "PF counts chunks, SPACK's producer counts slots"
+    assert not state or (layer and attn == 2), "STATE: flow step 0 of the real layer with ATTN 2"
     assert smem_bytes(ns) <= 227 * 1024, f"a ring of {ns} slots does not fit in shared memory"
     assert a_pipe or not loader, "the loader copies the activations in quarters"
     assert loader or not mcast, "MCAST: the loader multicasts"
     assert loader or not layer, "LAYER: the loader copies the sums of squares"
     text = _SOURCE
     assert layer or not attn, "ATTN is part of the LAYER probe"
-    consts = dict(AHEAD=ahead, MCAST=mcast, GELU=gelu, PF=pf, RCP=rcp, PAIR=pair, SPACK=spack, TAIL=tail, A_PIPE=a_pipe, PUB=pub, WGD=wgd, LOADER=loader, LAYER=layer, ATTN=attn, ROWSQ_BYTES=ROWSQ_BYTES,
+    consts = dict(ROWS=R + state, STATE=state, AHEAD=ahead, MCAST=mcast, GELU=gelu, PF=pf, RCP=rcp, PAIR=pair, SPACK=spack, TAIL=tail, A_PIPE=a_pipe, PUB=pub, WGD=wgd, LOADER=loader, LAYER=layer, ATTN=attn, ROWSQ_BYTES=ROWSQ_BYTES,
                   SS_BYTES=SS_BYTES, A_BLOCK=A_BLOCK, WGMMA=_wgmma_functions(), NS=ns, SLOT=SLOT, A_BYTES=A_BYTES, RECV_BYTES=RECV_BYTES, BN_SPLIT_MAX=BN_SPLIT_MAX,
                   HELPERS=CUDA_HELPERS % {})
     for k, v in consts.items():
@@ -1418,8 +1432,9 @@ class MegaPlan:
 def _kernel_and_programs(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = WGD,
                          loader: int = LOADER, layer: int = 0, attn: int = 0, mcast: int = MCAST, gelu: int = GELU,
                          pf: int = PF, rcp: int = RCP, pair: int = PAIR, spack: int = SPACK, ns: int = NS,
-                         tail: int = TAIL):
-    func = compile_cuda(source(ahead, a_pipe, pub, wgd, loader, layer, attn, mcast, gelu, pf, rcp, pair, spack, ns, tail),
+                         tail: int = TAIL, state: int = 0):
+    func = compile_cuda(source(ahead, a_pipe, pub, wgd, loader, layer, attn, mcast, gelu, pf, rcp, pair, spack, ns, tail,
+                               state),
                         "mega_chain_kernel", smem_bytes(ns),
                         arch_suffix="a")
     cfg = _LaunchConfig(128, 1, 1, THREADS, 1, 1, smem_bytes(ns), None, None, 0)
@@ -1459,12 +1474,17 @@ def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tenso
     layer_state (a plan made with layer=True): the real layer's epilogues; acts x / x2 are then the bf16 copies of
     the residual after down / o, h8 is h [50, 4096], and layer_state holds xs (fp32 [50, 1024] residual),
     ss ([2, clusters, 50] sums of squares; ss[0] of the input must be set), pos (int32 [50]), cos, sin
-    ([positions, 128] fp32), eps."""
+    ([positions, 128] fp32), eps. With state=True (ATTN 2 only) the rows are 51, the last one the state token
+    (flow step 0: kernel STATE; xs [51, 1024], ss [2, clusters, 51], pos [51]): T is then the prefix alone, the
+    state token's key goes to T and the actions' to T + 1..T + 50, as the later steps' fixed keys expect."""
     layer = layer_state is not None
     attn = int(layer_state.get("attn_mode", ATTN_MODE)) if layer and "kc" in layer_state else 0
-    assert layer == plan.layer and attn in (0, 1, 2)
+    state = int(bool(layer and layer_state.get("state", False)))
+    assert layer == plan.layer and attn in (0, 1, 2) and (not state or attn == 2)
+    rows = R + state
     func, programs = _kernel_and_programs(ahead, a_pipe, pub, wgd, loader, int(layer), attn, mcast, gelu, pf, rcp,
-                                          plan.pair if layer else PAIR, spack, ns, tail)
+                                          plan.pair if layer else PAIR, spack, ns, tail, state)
+    assert programs // CLUSTER * rows * 4 <= SS_BYTES, "the clusters' sums of squares do not fit in SS_BYTES"
     assert plan.programs == programs, (plan.programs, programs)
     for name, cols in dict(x=1024, q=2560, x2=1024, h8=4096 if layer else 8192).items():
         t = acts[name]
@@ -1483,8 +1503,9 @@ def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tenso
     args.L, args.use_ts, args.programs = layers, int(timestamps is not None), programs
     if layer:
         st = layer_state
-        assert st["xs"].shape == (R, 1024) and st["xs"].dtype == torch.float32 and st["xs"].is_contiguous()
-        assert st["ss"].shape == (2, programs // CLUSTER, R) and st["ss"].dtype == torch.float32
+        assert st["xs"].shape == (rows, 1024) and st["xs"].dtype == torch.float32 and st["xs"].is_contiguous()
+        assert st["ss"].shape == (2, programs // CLUSTER, rows) and st["ss"].dtype == torch.float32
+        assert st["pos"].shape[0] >= rows
         assert st["pos"].dtype == torch.int32 and st["cos"].shape[1] == 128 and st["sin"].shape == st["cos"].shape
         args.xs, args.ss, args.pos = st["xs"].data_ptr(), st["ss"].data_ptr(), st["pos"].data_ptr()
         args.cos_t, args.sin_t, args.eps = st["cos"].data_ptr(), st["sin"].data_ptr(), float(st["eps"])
@@ -1493,20 +1514,20 @@ def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tenso
             T = int(st["T"])
             # ATTN 2: kv_swizzle's layout, 16 zero rows past T + R (a sub-block of 16 keys is one bulk copy), one
             # cache for every layer [rows, 256] or one per layer [layers, rows, 256]
-            rows = T + R + (16 if attn == 2 else 0)
-            assert attn == 1 or T + R <= 1024, "ATTN 2: at most 16 sub-blocks of 16 keys per key quarter"
+            krows = T + rows + (16 if attn == 2 else 0)
+            assert attn == 1 or T + rows <= 1024, "ATTN 2: at most 16 sub-blocks of 16 keys per key quarter"
             kc = st["kc"]
-            assert kc.shape == st["vc"].shape and kc.shape[-2:] == (rows, 256) and st["key_valid"].shape == (T + R + 16,)
+            assert kc.shape == st["vc"].shape and kc.shape[-2:] == (krows, 256) and st["key_valid"].shape == (T + rows + 16,)
             assert kc.dim() == 2 or (attn == 2 and kc.dim() == 3 and kc.shape[0] >= layers and kc.is_contiguous())
-            args.kv_layer = rows * 256 if kc.dim() == 3 else 0
-            assert st["att"].shape == (blocked_size(2048),) and programs >= (32 if attn == 1 else 100)
+            args.kv_layer = krows * 256 if kc.dim() == 3 else 0
+            assert st["att"].shape == (blocked_size(2048),) and programs >= (32 if attn == 1 else 4 * attention_tiles(rows))
             args.att, args.kc, args.vc = st["att"].data_ptr(), st["kc"].data_ptr(), st["vc"].data_ptr()
-            args.key_valid, args.T, args.TK = st["key_valid"].data_ptr(), T, T + R
+            args.key_valid, args.T, args.TK = st["key_valid"].data_ptr(), T, T + rows
     for p in range(4):
         for r in range(32):
             args.wait[p][r] = plan.wait[p][r] * (4 if pub == 2 else 1)  # PUB 2: every warp publishes
     if attn:  # o's quarter of head h waits on counter 20 + h for every attention unit that writes rows of h
-        for h, n in enumerate(attention_arrivals(attn)):
+        for h, n in enumerate(attention_arrivals(attn, rows)):
             args.wait[1][20 + h] = n
     params = (ctypes.c_void_p * 1)(ctypes.cast(ctypes.byref(args), ctypes.c_void_p))
     attrs = (_LaunchAttr * 1)()  # pdl: programmatic stream serialization (see the kernel's griddepcontrol.wait)
@@ -1536,22 +1557,28 @@ def kv_swizzle(kv: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Te
     return torch.gather(v, -2, idx).reshape(kv.shape)
 
 
-def attention_arrivals(attn: int) -> list[int]:
+def attention_tiles(rows: int = R) -> int:
+    """ATTN 2's tiles of 16 packed (head, row) query rows (the kernel's ATILES): 25 for 50 rows, 26 for 51."""
+    return (8 * rows + 15) // 16
+
+
+def attention_arrivals(attn: int, rows: int = R) -> list[int]:
     """Per head, how many attention units publish rows of it: ATTN 1, the 4 key quarters of the head's cluster;
-    ATTN 2, the (tile, rank) row slices of the packed rows (row i = head * 50 + r, rank c of tile t owns rows
-    16 t + 4 c .. + 3), one arrival per head a slice touches."""
+    ATTN 2, the (tile, rank) row slices of the packed rows (row i = head * rows + r, rank c of tile t owns rows
+    16 t + 4 c .. + 3), one arrival per head a slice touches (rows past 8 x rows, the last tile's padding, none)."""
     if attn == 1:
         return [4] * 8
     n = [0] * 8
-    for t in range(25):
+    for t in range(attention_tiles(rows)):
         for c in range(4):
-            for h in {(16 * t + 4 * c) // R, (16 * t + 4 * c + 3) // R}:
-                n[h] += 1
+            for h in {(16 * t + 4 * c) // rows, (16 * t + 4 * c + 3) // rows}:
+                if h < 8:
+                    n[h] += 1
     return n
 
 
 @triton.jit
-def _stage_step_input_kernel(xs_ptr, xb_ptr, ss_ptr, ctr_ptr, CLUSTERS, NCTR, D: tl.constexpr,
+def _stage_step_input_kernel(xs_ptr, xb_ptr, ss_ptr, ctr_ptr, CLUSTERS, NCTR, ROWS, D: tl.constexpr,
                              A_BLOCK_ELEMS: tl.constexpr, CL: tl.constexpr, PDL: tl.constexpr):
     """One row of the residual: its bf16 copy into the blocked, swizzled layout (`to_blocked`), its sum of squares into
     cluster 0 of the norm sums (parity 0, read by the first qkv) and zeros into the other clusters; and a 64-slot slice
@@ -1567,7 +1594,7 @@ def _stage_step_input_kernel(xs_ptr, xb_ptr, ss_ptr, ctr_ptr, CLUSTERS, NCTR, D:
     dst = (col // 64) * A_BLOCK_ELEMS + row * 64 + ((((col % 64) // 8) ^ (row % 8)) * 8) + col % 8
     tl.store(xb_ptr + dst, x.to(xb_ptr.dtype.element_ty))
     c = tl.arange(0, CL)
-    tl.store(ss_ptr + c * 50 + row, tl.where(c == 0, tl.sum(x * x, 0), 0.0), mask=c < CLUSTERS)
+    tl.store(ss_ptr + c * ROWS + row, tl.where(c == 0, tl.sum(x * x, 0), 0.0), mask=c < CLUSTERS)
 
 
 def stage_step_input(xs: torch.Tensor, x_blocked: torch.Tensor, ss: torch.Tensor, counters: torch.Tensor,
@@ -1575,20 +1602,21 @@ def stage_step_input(xs: torch.Tensor, x_blocked: torch.Tensor, ss: torch.Tensor
     """The engine's residual after the time MLP (xs [50, 1024] fp32) -> LAYER mode's inputs: acts["x"] (bf16,
     blocked) and ss[0] (the first qkv's row norms: the whole sum in cluster 0); the chain's counters (<= 50 * 64)
     zeroed, so mega_chain(..., zero_counters=False) needs no memset. One launch (pdl: programmatic dependent launch)."""
-    assert xs.shape == (R, 1024) and xs.is_contiguous() and x_blocked.shape == (blocked_size(1024),)
-    assert counters.numel() <= R * 64 and counters.dtype == torch.int32
+    rows = xs.shape[0]  # 50, or 51 (flow step 0: the state token last, mega_chain's state)
+    assert rows in (R, R + 1) and xs.shape[1] == 1024 and xs.is_contiguous() and x_blocked.shape == (blocked_size(1024),)
+    assert counters.numel() <= rows * 64 and counters.dtype == torch.int32 and ss.shape[2] == rows
     pdl = bool(pdl) and HAS_PDL and xs.is_cuda
     clusters = ss.shape[1]
-    _stage_step_input_kernel[(R,)](xs, x_blocked, ss, counters, clusters, counters.numel(), D=1024,
+    _stage_step_input_kernel[(rows,)](xs, x_blocked, ss, counters, clusters, counters.numel(), rows, D=1024,
                                    A_BLOCK_ELEMS=A_BLOCK // 2, CL=triton.next_power_of_2(clusters), PDL=pdl,
                                    num_warps=4, **pdl_kwargs(pdl))
 
 
 @triton.jit
-def _stage_fixed_keys_kernel(ks_ptr, vs_ptr, kd_ptr, vd_ptr, valid_src_ptr, valid_dst_ptr, T, src_layer, dst_layer,
+def _stage_fixed_keys_kernel(ks_ptr, vs_ptr, kd_ptr, vd_ptr, valid_src_ptr, valid_dst_ptr, T, NV, src_layer, dst_layer,
                              BT: tl.constexpr, HD: tl.constexpr):
     """Keys k0..k0+BT of layer l, K and V: the row-major rows into kv_swizzle's layout (the 16-byte group g of key k
-    at g ^ (k % 8)); the first layer's programs also copy the validity of the keys before the state token."""
+    at g ^ (k % 8)); the first layer's programs also copy the validity of the first NV keys."""
     kb, l = tl.program_id(0), tl.program_id(1)
     k = kb * BT + tl.arange(0, BT)
     p = tl.arange(0, HD)
@@ -1598,20 +1626,23 @@ def _stage_fixed_keys_kernel(ks_ptr, vs_ptr, kd_ptr, vd_ptr, valid_src_ptr, vali
     tl.store(kd_ptr + dst, tl.load(ks_ptr + src, mask=m), mask=m)
     tl.store(vd_ptr + dst, tl.load(vs_ptr + src, mask=m), mask=m)
     if l == 0:
-        tl.store(valid_dst_ptr + k, tl.load(valid_src_ptr + k, mask=k < T - 1), mask=k < T - 1)
+        tl.store(valid_dst_ptr + k, tl.load(valid_src_ptr + k, mask=k < NV), mask=k < NV)
 
 
 def stage_fixed_keys(kc: torch.Tensor, vc: torch.Tensor, key_valid: torch.Tensor, kc_dst: torch.Tensor,
-                     vc_dst: torch.Tensor, key_valid_dst: torch.Tensor, T: int):
-    """The fixed keys 0..T-1 (the prefix and the state token) of every layer's row-major cache kc / vc [L, >= T, HD]
-    into ATTN 2's caches kc_dst / vc_dst [L, >= T, HD] (`kv_swizzle`), and key_valid[:T - 1] (the prefix's mask;
-    the state token's validity is fixed) into key_valid_dst: one launch (was a torch gather + copy per cache)."""
+                     vc_dst: torch.Tensor, key_valid_dst: torch.Tensor, T: int, valid: int | None = None):
+    """The fixed keys 0..T-1 of every layer's row-major cache kc / vc [L, >= T, HD] into ATTN 2's caches kc_dst /
+    vc_dst [L, >= T, HD] (`kv_swizzle`), and key_valid[:valid] (default T - 1: the prefix's mask when the keys end
+    with the state token, whose validity is fixed) into key_valid_dst: one launch (was a torch gather + copy per
+    cache)."""
+    valid = T - 1 if valid is None else valid
     L, HD = kc.shape[0], kc.shape[-1]
     assert kc.shape == vc.shape and kc_dst.shape == vc_dst.shape and kc_dst.shape[0] == L and kc_dst.shape[-1] == HD
     assert kc.shape[1] >= T and kc_dst.shape[1] >= T and HD % 64 == 0 and kc.dtype == kc_dst.dtype
     assert all(t.is_contiguous() for t in (kc, vc, kc_dst, vc_dst)) and key_valid_dst.dtype == key_valid.dtype
     BT = 16
-    _stage_fixed_keys_kernel[(triton.cdiv(T, BT), L)](kc, vc, kc_dst, vc_dst, key_valid, key_valid_dst, T,
+    assert 0 <= valid <= T
+    _stage_fixed_keys_kernel[(triton.cdiv(T, BT), L)](kc, vc, kc_dst, vc_dst, key_valid, key_valid_dst, T, valid,
                                                       kc.stride(0), kc_dst.stride(0), BT=BT, HD=HD, num_warps=4)
 
 
@@ -1620,32 +1651,39 @@ def blocked_size(cols: int) -> int:
     return cols // 64 * A_BLOCK // 2
 
 
-def _blocked_index(cols: int, device) -> torch.Tensor:
-    row = torch.arange(R, device=device).view(R, 1)
+def _blocked_index(cols: int, device, rows: int = R) -> torch.Tensor:
+    row = torch.arange(rows, device=device).view(rows, 1)
     col = torch.arange(cols, device=device).view(1, cols)
     return (col // 64) * (A_BLOCK // 2) + row * 64 + ((((col % 64) // 8) ^ (row % 8)) * 8) + col % 8
 
 
 def to_blocked(t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """[50, cols] -> the kernel's blocked, swizzled global layout (rows 50..55 of a block zero)."""
-    cols = t.shape[1]
+    """[50 (or 51), cols] -> the kernel's blocked, swizzled global layout (the rows past them zero)."""
+    rows, cols = t.shape
+    assert rows <= 56
     out = torch.zeros(blocked_size(cols), dtype=t.dtype, device=t.device) if out is None else out
-    out.view(-1)[_blocked_index(cols, t.device).view(-1)] = t.reshape(-1)
+    out.view(-1)[_blocked_index(cols, t.device, rows).view(-1)] = t.reshape(-1)
     return out
 
 
-def from_blocked(buf: torch.Tensor, cols: int) -> torch.Tensor:
-    return buf.view(-1)[_blocked_index(cols, buf.device)]
+def from_blocked(buf: torch.Tensor, cols: int, rows: int = R) -> torch.Tensor:
+    return buf.view(-1)[_blocked_index(cols, buf.device, rows)]
 
 
-def mega_layer_reference(xs: torch.Tensor, weights: dict, layers: int, pos, cos, sin, eps, kv_prefix=None) -> dict:
+def mega_layer_reference(xs: torch.Tensor, weights: dict, layers: int, pos, cos, sin, eps, kv_prefix=None,
+                         state: bool = False) -> dict:
     """The real layer without attention (o reads the RoPE'd q, as the kernel's LAYER mode), in float32 with the
     engine's bf16 points (kernels/skinny_matmul.py): RMSNorm as a row scale after the matmul of bf16(x), RoPE
     (split halves) on q and k, h = gelu_tanh(g) * u, fp32 residual adds. weights: W^T [L, N, K] in the original
     column order. kv_prefix = (kc, vc, key_valid) of the T prefix keys: o reads attention over the prefix + the
-    layer's 50 suffix keys instead (ATTN); kc / vc [T, 256] for every layer or [layers, T, 256] one per layer."""
+    layer's 50 suffix keys instead (ATTN); kc / vc [T, 256] for every layer or [layers, T, 256] one per layer.
+    state: xs has 51 rows, the last the state token (mega_chain's state): its key comes first among the suffix keys
+    and it attends to the prefix and itself only."""
     bf = torch.bfloat16
     x = xs.float().clone()
+    R = x.shape[0]
+    assert R == 50 + int(state)
+    order = torch.cat([torch.tensor([R - 1]), torch.arange(R - 1)]) if state else torch.arange(R)  # suffix key order
     c, s = cos[pos.long()], sin[pos.long()]
     for i in range(layers):
         rs = torch.rsqrt(x.pow(2).mean(1, keepdim=True) + eps)
@@ -1659,10 +1697,12 @@ def mega_layer_reference(xs: torch.Tensor, weights: dict, layers: int, pos, cos,
             kp, vp, valid = kv_prefix
             if kp.dim() == 3:
                 kp, vp = kp[i], vp[i]
-            k = torch.cat([kp.float(), qkv[:, 2048:2304].float()])
-            v = torch.cat([vp.float(), qkv[:, 2304:].float()])
+            k = torch.cat([kp.float(), qkv[order, 2048:2304].float()])
+            v = torch.cat([vp.float(), qkv[order, 2304:].float()])
             logits = torch.einsum("rhd,kd->hrk", qkv[:, :2048].float().view(R, 8, 256), k)
-            ok = torch.cat([valid.bool(), torch.ones(R, dtype=torch.bool, device=valid.device)])
+            ok = torch.cat([valid.bool(), torch.ones(R, dtype=torch.bool, device=valid.device)])[None].repeat(R, 1)
+            if state:  # the state token sees the prefix and its own key (the first suffix key)
+                ok[R - 1, kp.shape[0] + 1:] = False
             p = torch.softmax(logits.masked_fill(~ok, float("-inf")), -1)
             o_in = torch.einsum("hrk,kd->rhd", p, v).reshape(R, 2048).to(bf)
         x = x + o_in.float() @ weights["o"][i].float().t()

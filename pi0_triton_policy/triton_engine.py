@@ -135,6 +135,9 @@ class Tuning:
     # 1 cam equal, 2 cams 0.06-0.1 ms slower. With its publish's counter adds relaxed (PUB 3, NOTES.md session 10):
     # replay 10.56 / 12.41 / 14.05 (per-kernel at 1 / 2 cams) -> 10.21 / 12.11 / 14.05 ms, so on everywhere.
     act_mega: tuple = (True, True, True)
+    # flow step 0 (51 rows: the state token last, kernels/mega_chain.py STATE) in the persistent kernel too; False:
+    # on the skinny path
+    mega_step0: bool = True
     mega_pub: int = MC.PUB  # the persistent kernel's publish variant (kernels/mega_chain.py, unit_body's comment)
     mega_gelu: int = MC.GELU  # its gate|up GELU variant (kernels/mega_chain.py, gelu_tanh_f)
     mega_pf: int = MC.PF  # its lazy L2 prefetch lookahead in ring chunks (kernels/mega_chain.py, prefetch_chunk)
@@ -388,6 +391,10 @@ class _ViewGraph:
         self.graph = None
         self.capture_s = None
 
+    def mega0(self) -> bool:
+        """Whether flow step 0 runs in the persistent kernel too (Tuning.mega_step0)."""
+        return self.mega is not None and self.eng.tuning.mega_step0
+
     def gu_fused(self) -> bool:
         return bool(self.eng.tuning.pre_gu_fused[min(self.V, 3) - 1])
 
@@ -476,7 +483,9 @@ class _ViewGraph:
             torch.mm(self.hp, W.down[0][i], out=self.tmp_p)
             AN.add_norm(self.xp, self.xpn, self.tmp_p, eps=p.rms_eps, pdl=pg)
         # ---- action expert: 10 Euler steps over (state, 50 actions)
-        torch.addmm(W.state_b[None], self.state, W.state_w, out=self.xs[0:1])
+        # the state token's row (the persistent kernel keeps it last, after the actions: _MegaSteps.xs0)
+        state_row = self.mega.xs0[MC.R:] if self.mega0() else self.xs[0:1]
+        torch.addmm(W.state_b[None], self.state, W.state_w, out=state_row)
         dt = -1.0 / self.num_steps
         if t.act_skinny:
             self._run_action_skinny(T, dt)
@@ -517,11 +526,11 @@ class _ViewGraph:
                                    num_stages=rb[4], workspace=ws)
             self._out_euler(dt)
 
-    def _out_euler(self, dt: float):
+    def _out_euler(self, dt: float, xs: torch.Tensor | None = None):
         W, t, a = self.eng.weights, self.eng.tuning, self.eng.cfg.action
         c = t.out_euler
-        AOE.action_out_euler(self.xs[1:], W.out_w, W.out_b, self.x_t, dt, a.rms_eps, block=c[:2], num_warps=c[2], split=c[3],
-                             workspace=self.ws, pdl=t.pdl and t.act_skinny)
+        AOE.action_out_euler(self.xs[1:] if xs is None else xs, W.out_w, W.out_b, self.x_t, dt, a.rms_eps, block=c[:2],
+                             num_warps=c[2], split=c[3], workspace=self.ws, pdl=t.pdl and t.act_skinny)
 
     def _run_action_skinny(self, T: int, dt: float):
         """The 10 Euler steps on the weight-streaming skinny matmuls (kernels/skinny_matmul.py): per layer
@@ -536,22 +545,30 @@ class _ViewGraph:
         pl = t.attn_preload
         preload = bool(pl[min(self.V, len(pl)) - 1] if isinstance(pl, (tuple, list)) else pl)
         SK.PDL_EARLY, SK.PREFETCH, SK.EARLY_EPI = t.pdl_early, t.prefetch, t.sk_early_epi
-        SK.prep_rows(self.xs[0:1], self.xsa[0:1], self.ss[:, 0:1])  # the state token's row
+        mega, mega0 = self.mega, self.mega0()  # flow steps 1.. / also step 0 (the state token's row last) persistent
+        xs_act = mega.xs0[:MC.R] if mega0 else self.xs[1:]  # the action rows' residual stream
+        if not mega0:
+            SK.prep_rows(self.xs[0:1], self.xsa[0:1], self.ss[:, 0:1])  # the state token's row
         if self.stack_plan is not None:
             self.st_bars.zero_()  # one barrier counter per step launch (a memset node in the graph)
         for step in range(self.tb.shape[0]):
             r0 = 0 if step == 0 else 1
             SK.swish_in(self.x_t, self.w1, self.tb[step], self.ht)
-            SK.skinny_residual(self.ht, W.sk_time, self.xs[1:], self.xsa[1:], self.ss[:, 1:], bias=W.time_out_b,
+            SK.skinny_residual(self.ht, W.sk_time, xs_act, self.xsa[1:], self.ss[:, 1:], bias=W.time_out_b,
                                store=True, **sk(t.sk_time, br))
             xs, xa, ss, R = self.xs[r0:], self.xsa[r0:], self.ss[:, r0:], S - r0
             q, o, h = self.q[:R], self.o[:R], self.hs[:R]
-            if self.mega is not None and step > 0:  # the 50 action rows, every layer in one persistent launch
-                if step == 1:  # the prefix's and the state token's keys are final: into the kernel's cache layout
-                    self.mega.fixed_keys(self.kc, self.vc, self.key_valid)
-                self.mega.step(self.xs[1:], self.pos[T + 1:], W.cos, W.sin, eps, pdl=t.pdl, pub=t.mega_pub, gelu=t.mega_gelu,
-                               pf=t.mega_pf, rcp=t.mega_rcp, spack=t.mega_spack, tail=t.mega_tail)
-                self._out_euler(dt)
+            if mega is not None and (mega0 or step > 0):  # every layer in one persistent launch
+                mk = dict(pdl=t.pdl, pub=t.mega_pub, gelu=t.mega_gelu, pf=t.mega_pf, rcp=t.mega_rcp, spack=t.mega_spack,
+                          tail=t.mega_tail)
+                if step == 0:  # the prefix's keys are final: into the kernel's cache layout; then the actions and the
+                    mega.fixed_keys(self.kc, self.vc, self.key_valid)  # state token (its keys: the later fixed keys)
+                    mega.step0(self.pos, W.cos, W.sin, eps, **mk)
+                else:  # the 50 action rows
+                    if step == 1 and not mega0:  # the prefix's and (step 0 on the skinny path) the state token's keys
+                        mega.fixed_keys(self.kc, self.vc, self.key_valid, with_state=True)
+                    mega.step(xs_act, self.pos[T + 1:], W.cos, W.sin, eps, **mk)
+                self._out_euler(dt, xs_act)
                 continue
             if self.stack_plan is not None:  # every layer of the step in one persistent launch
                 AS.action_stack(self.stack_plan, xs, xa, ss, q, o, h, self.kc, self.vc, self.key_valid, self.pos[T + r0:],
@@ -665,7 +682,7 @@ class _MegaSteps:
             raise ValueError("act_mega: kernels/mega_chain.py is built for the full-size action expert (width 1024, "
                              f"MLP 4096, 8 heads of 256, 50 actions); this variant has {a}")
         self.plan, self.prepared = eng.weights.mega(eng.tuning.mega_pair)
-        self.L, self.T = a.depth, T + 1
+        self.L, self.Tp, self.T = a.depth, T, T + 1  # the prefix's keys; steps 1.. also have the state token's
         rows = self.T + MC.R + 16  # 16 zero rows: a 16-key sub-block is one bulk copy
         self.kc = torch.zeros(self.L, rows, a.head_dim, dtype=bf, device=dev)
         self.vc = torch.zeros_like(self.kc)
@@ -676,10 +693,29 @@ class _MegaSteps:
         self.att = torch.zeros(MC.blocked_size(2048), dtype=bf, device=dev)
         self.ss = torch.zeros(2, self.plan.programs // 4, MC.R, device=dev)
         self.ctr = torch.zeros(self.L * 128, dtype=torch.int32, device=dev)
+        # flow step 0: the 50 actions' residual stream (every step's; rows 0..49), then the state token's (row 50),
+        # its norm sums, and the RoPE positions in that row order (the engine's pos has the state token first)
+        self.xs0 = torch.zeros(MC.R + 1, a.width, device=dev)
+        self.ss0 = torch.zeros(2, self.plan.programs // 4, MC.R + 1, device=dev)
+        self.pos0 = torch.zeros(MC.R + 1, dtype=torch.int32, device=dev)
+        self.pos0_idx = torch.cat([torch.arange(T + 1, T + 1 + MC.R), torch.tensor([T])]).to(dev)
 
-    def fixed_keys(self, kc: torch.Tensor, vc: torch.Tensor, key_valid: torch.Tensor):
-        """The engine's caches [L, >= T + 1, 256] (row-major) -> the kernel's (kv_swizzle) for the fixed keys."""
-        MC.stage_fixed_keys(kc, vc, key_valid, self.kc, self.vc, self.key_valid, self.T)
+    def fixed_keys(self, kc: torch.Tensor, vc: torch.Tensor, key_valid: torch.Tensor, with_state: bool = False):
+        """The prefix's keys: the engine's caches [L, >= Tp, 256] (row-major) -> the kernel's (kv_swizzle), with
+        their validity. Flow step 0 (step0) then writes the state token's at Tp (steps 1..'s last fixed key);
+        with_state: step 0 ran on the skinny path, so the state token's keys come from the engine's caches too."""
+        MC.stage_fixed_keys(kc, vc, key_valid, self.kc, self.vc, self.key_valid, self.T if with_state else self.Tp,
+                            valid=self.Tp)
+
+    def step0(self, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float, pdl: bool = True, **variant):
+        """Flow step 0 over xs0 (the actions' rows and the state token's, fp32, updated in place); pos: the engine's
+        positions [T + 51] (the state token's at T)."""
+        torch.index_select(pos, 0, self.pos0_idx, out=self.pos0)
+        MC.stage_step_input(self.xs0, self.acts["x"], self.ss0, self.ctr, pdl=pdl)
+        st = dict(xs=self.xs0, ss=self.ss0, pos=self.pos0, cos=cos, sin=sin, eps=eps, T=self.Tp, kc=self.kc, vc=self.vc,
+                  key_valid=self.key_valid, att=self.att, attn_mode=2, state=True)
+        MC.mega_chain(self.plan, self.prepared, self.acts, self.ctr, self.L, layer_state=st, pdl=pdl,
+                      zero_counters=False, **variant)
 
     def step(self, xs: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float,
              pdl: bool = True, pub: int = MC.PUB, gelu: int = MC.GELU, pf: int = MC.PF, rcp: int = MC.RCP,

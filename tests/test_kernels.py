@@ -663,6 +663,59 @@ def test_mega_chain_cuda(layers):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("layers", [1, 3])
+def test_mega_chain_state_row_cuda(layers):
+    """Flow step 0 in the persistent kernel (mega_chain's state): 51 rows, the last the state token, whose key is the
+    first suffix key and which attends to the prefix (a 37-token prompt's padding) and itself only, while the
+    actions attend to everything; against mega_layer_reference(state=True), bitwise repeatable, and the state row's
+    K / V land where the later steps' fixed keys expect them (key T)."""
+    from pi0_triton_policy.kernels import mega_chain as MC
+    from pi0_triton_policy.kernels.rmsnorm_qkv_rope import rope_tables
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("wgmma / sm_90a")
+    g = torch.Generator(device="cuda").manual_seed(30 + layers)
+    bf, rows, T = torch.bfloat16, MC.R + 1, 304
+    weights = {op: (torch.randn(layers, n, k, device="cuda", generator=g) * k**-0.5).to(bf)
+               for op, (n, k, *_) in MC.OPS.items()}
+    weights["qkv"][:, :2048] = (weights["qkv"][:, :2048].float() / 16).to(bf)
+    kp = torch.randn(layers, T, 256, device="cuda", generator=g).to(bf)
+    vp = torch.randn(layers, T, 256, device="cuda", generator=g).to(bf)
+    valid = torch.ones(T, dtype=torch.int32, device="cuda")
+    valid[T - 11:] = 0
+    plan = MC.plan_for_this_gpu(layer=True)
+    prepared = {op: plan.prepare(w, op) for op, w in weights.items()}
+    cols = dict(x=1024, q=2560, x2=1024, h8=4096)
+    cos, sin = rope_tables(1024, 256, device="cuda")
+    pos = torch.cat([torch.arange(561, 611), torch.tensor([560])]).to(torch.int32).cuda()  # the state first in position
+    x0 = torch.randn(rows, 1024, device="cuda", generator=g) * 3
+    ctr = torch.zeros(layers * 128, dtype=torch.int32, device="cuda")
+    zeros = torch.zeros(rows + 16, 256, dtype=bf, device="cuda")
+    runs = []
+    for _ in range(2):
+        acts = {k: torch.full((MC.blocked_size(c),), float("nan"), dtype=bf, device="cuda") for k, c in cols.items()}
+        st = dict(xs=x0.clone(), ss=torch.zeros(2, plan.programs // 4, rows, device="cuda"), pos=pos, cos=cos, sin=sin,
+                  eps=1e-6, T=T, state=True, attn_mode=2,
+                  kc=torch.stack([MC.kv_swizzle(torch.cat([k, zeros])) for k in kp]),
+                  vc=torch.stack([MC.kv_swizzle(torch.cat([v, zeros])) for v in vp]),
+                  key_valid=torch.cat([valid, torch.ones(rows, dtype=torch.int32, device="cuda"),
+                                       torch.zeros(16, dtype=torch.int32, device="cuda")]),
+                  att=torch.full((MC.blocked_size(2048),), float("nan"), dtype=bf, device="cuda"))
+        st["ss"][0, 0] = x0.pow(2).sum(1)
+        MC.to_blocked(x0.to(bf), acts["x"])
+        MC.mega_chain(plan, prepared, acts, ctr, layers, layer_state=st)
+        runs.append(dict(xs=st["xs"], q=MC.from_blocked(acts["q"], 2560, rows), h=MC.from_blocked(acts["h8"], 4096, rows),
+                         kc=MC.kv_swizzle(st["kc"][-1])[T:T + rows]))
+    ref = MC.mega_layer_reference(x0, weights, layers, pos, cos, sin, 1e-6, (kp, vp, valid), state=True)
+    for k in ("xs", "q", "h"):
+        assert rel(runs[0][k], ref[k]) < 1e-2, k
+        assert rel(runs[0][k][-1:], ref[k][-1:]) < 1e-2, f"{k}: the state row"
+        assert torch.equal(runs[0][k], runs[1][k]), f"{k} not deterministic"
+    k_own = runs[0]["q"][:, 2048:2304]  # the last layer's keys as the kernel stored them: the state token's at T
+    assert torch.equal(runs[0]["kc"][0], k_own[-1]) and torch.equal(runs[0]["kc"][1:], k_own[:-1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layers", [1, 3])
 @pytest.mark.parametrize("attn", [0, 1, 2])
 @pytest.mark.parametrize("pair", [8, 4])
 def test_mega_chain_layer_cuda(layers, attn, pair):
@@ -730,8 +783,8 @@ def test_mega_chain_layer_cuda(layers, attn, pair):
 
 @pytest.mark.parametrize("T", [5, 305, 817])
 def test_mega_stage_fixed_keys(T, gen):
-    """The fixed keys (prefix + state token) of every layer into the persistent kernel's key-swizzled caches, in one
-    launch: equal to kv_swizzle of the row-major rows; the rows past T and the state token's validity untouched."""
+    """The fixed keys of every layer into the persistent kernel's key-swizzled caches, in one launch: equal to
+    kv_swizzle of the row-major rows; the rows past T untouched, and the validity of the first `valid` keys copied."""
     from pi0_triton_policy.kernels import mega_chain as MC
 
     dt = torch.float16 if DEV == "cpu" else torch.bfloat16
@@ -745,20 +798,26 @@ def test_mega_stage_fixed_keys(T, gen):
     assert torch.equal(kd[:, :T], MC.kv_swizzle(kc[:, :T])) and torch.equal(vd[:, :T], MC.kv_swizzle(vc[:, :T]))
     assert kd[:, T:].eq(7).all() and vd[:, T:].eq(7).all()
     assert torch.equal(vd_valid[:T - 1], valid[:T - 1]) and vd_valid[T - 1:].eq(9).all()
+    # the engine's use: the prefix's T keys before flow step 0, every one's validity (the state token's comes later)
+    vd_valid.fill_(9)
+    MC.stage_fixed_keys(kc, vc, valid, kd, vd, vd_valid, T, valid=T)
+    assert torch.equal(vd_valid[:T], valid[:T]) and vd_valid[T:].eq(9).all()
 
 
-def test_mega_stage_step_input(gen):
+@pytest.mark.parametrize("rows", [50, 51])
+def test_mega_stage_step_input(gen, rows):
     """The engine-side glue of the persistent chain: the fp32 residual -> its bf16 blocked copy (as `to_blocked`) and
-    the first qkv's norm sums (the whole sum in cluster 0, zeros elsewhere), the chain's counters zeroed."""
+    the first qkv's norm sums (the whole sum in cluster 0, zeros elsewhere), the chain's counters zeroed; 51 rows:
+    flow step 0 with the state token last."""
     from pi0_triton_policy.kernels import mega_chain as MC
 
-    xs = randn(MC.R, 1024, gen=gen)
+    xs = randn(rows, 1024, gen=gen)
     xb = torch.full((MC.blocked_size(1024),), 7.0, dtype=torch.float16 if DEV == "cpu" else torch.bfloat16, device=DEV)
-    ss = torch.full((2, 30, MC.R), 5.0, device=DEV)
+    ss = torch.full((2, 30, rows), 5.0, device=DEV)
     ctr = torch.full((18 * 128,), 3, dtype=torch.int32, device=DEV)
     MC.stage_step_input(xs, xb, ss, ctr)
     assert ctr.eq(0).all()
     ref = MC.to_blocked(xs.to(xb.dtype))
-    idx = MC._blocked_index(1024, xs.device).view(-1)  # rows 50..55 of a block are not part of the activations
+    idx = MC._blocked_index(1024, xs.device, rows).view(-1)  # the rows past them are not part of the activations
     assert torch.equal(xb[idx], ref[idx])
     assert rel(ss[0, 0], xs.pow(2).sum(1)) < 1e-6 and ss[0, 1:].eq(0).all() and ss[1].eq(5.0).all()

@@ -77,9 +77,11 @@ def test_pi0_inference_api(full_size):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("mask", [[1, 0, 0], [1, 1, 1]])
-def test_full_size_mega_steps_match_reference(full_size, mask):
-    """Flow steps 1.. in the persistent CUDA kernel (Tuning.act_mega, kernels/mega_chain.py): the same 1e-2 budget
-    against the float32 reference, and the same inputs give bitwise the same actions."""
+@pytest.mark.parametrize("step0", [True, False])
+def test_full_size_mega_steps_match_reference(full_size, mask, step0):
+    """The flow steps in the persistent CUDA kernel (Tuning.act_mega, kernels/mega_chain.py), step 0 (the state
+    token's row too) there or on the skinny path (Tuning.mega_step0): the same 1e-2 budget against the float32
+    reference, and the same inputs give bitwise the same actions."""
     import dataclasses
 
     if torch.cuda.get_device_capability() != (9, 0):
@@ -89,7 +91,7 @@ def test_full_size_mega_steps_match_reference(full_size, mask):
     args = _inputs(cfg, mask, 20, seed=sum(mask) * 10 + 3)
     default = eng.tuning
     try:
-        eng.tuning = dataclasses.replace(default, act_mega=(True, True, True))
+        eng.tuning = dataclasses.replace(default, act_mega=(True, True, True), mega_step0=step0)
         eng._graphs.clear()
         a = eng.sample_actions(*args)
         assert _rel(a, ref.sample_actions(*args)) <= 1e-2
