@@ -60,7 +60,14 @@ A_BYTES = 16 * A_BLOCK  # KC <= 1024
 BN_SPLIT_MAX = 40  # widest column tile of a split op (o, down)
 RECV_BYTES = 2 * 4 * 16 * BN_SPLIT_MAX * 4  # [parity][source rank][16 owned rows][BN] fp32
 ROWSQ_BYTES = 3 * 1024  # LAYER: an owner's new x^2 [16][40] fp32; 3 KB keeps the ring 1024-aligned
-SS_BYTES = 6 * 1024  # LAYER: the clusters' sums of squares [<= 30][50] fp32, copied in by the loader
+# LAYER: the clusters' sums of squares [<= 32][RS] fp32, copied in by the loader; RS (`ss_stride`) = the rows rounded
+# up to even, so that a parity's block is a whole number of 16-byte units (a bulk copy's size and address)
+SS_BYTES = 7 * 1024
+def ss_stride(rows: int) -> int:
+    """Floats per cluster in the sums-of-squares blocks (the kernel's RS): 50 -> 50, 51 (STATE) -> 52."""
+    return rows + rows % 2
+
+
 def smem_bytes(ns: int = NS) -> int:  # + ATTN 2's K / V ring mbarriers (6 slots), MCAST's
     return A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES + ns * SLOT + 8 * (2 * ns + 9 + 2 * 6 + 1)
 
@@ -83,6 +90,7 @@ _SOURCE = r"""
 #define STATE @STATE@                    /* 1: flow step 0, whose last row is the state token: its key is the first
                                             suffix key (T), the actions' keys follow (T + 1 + r), and it sees only the
                                             prefix and itself; steps 1.. then find it among their fixed keys */
+#define RS @RS@                          /* floats per cluster in the sums of squares (ss_stride) */
 #define ATILES ((8 * R + 15) / 16)       /* ATTN 2: tiles of 16 packed (head, row) query rows, one cluster each */
 #define NS @NS@
 #define SLOT @SLOT@
@@ -376,7 +384,7 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
             float t = 0.f;
             #pragma unroll
             for (int c = lane & 3; c < 32; c += 4)
-                if (c < g.programs / 4) t += ssp[c * R + row];
+                if (c < g.programs / 4) t += ssp[c * RS + row];
             t += __shfl_xor_sync(0xffffffff, t, 1);
             t += __shfl_xor_sync(0xffffffff, t, 2);
             rs[h] = rsqrtf(t / 1024.f + g.eps);
@@ -529,7 +537,7 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
             if (tid < 16 && row < R) {
                 float t = 0.f;
                 for (int col = 0; col < NJ * 8; ++col) t += rowsq[tid * BNS + col];
-                g.ss[((P == 1 ? 1 : 0) * (g.programs / 4) + prog / 4) * R + row] = t;
+                g.ss[((P == 1 ? 1 : 0) * (g.programs / 4) + prog / 4) * RS + row] = t;
             }
         }
     }
@@ -621,10 +629,10 @@ template <int P> __device__ __forceinline__ void load_activations(const Args& g,
                      :: "r"(a_u32 + q * BYTES), "l"(src + q * BYTES), "r"(BYTES), "r"(abar) : "memory");
     }
     if (LAYER && O::SPLIT == 1) {  /* every quarter is in, so are the sums of squares published with it */
-        const unsigned sbar = bars + 8 * (2 * NS + 7), bytes = g.programs / 4 * R * 4;
+        const unsigned sbar = bars + 8 * (2 * NS + 7), bytes = g.programs / 4 * RS * 4;  /* a multiple of 16: RS */
         asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(sbar), "r"(bytes) : "memory");
         asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                     :: "r"(smem_u32(smem + A_BYTES + RECV_BYTES + ROWSQ_BYTES)), "l"(g.ss + (P == 0 ? 0 : 1) * (g.programs / 4) * R),
+                     :: "r"(smem_u32(smem + A_BYTES + RECV_BYTES + ROWSQ_BYTES)), "l"(g.ss + (P == 0 ? 0 : 1) * (g.programs / 4) * RS),
                         "r"(bytes), "r"(sbar) : "memory");
     }
     if (g.use_ts) ts[1] = globaltimer();
@@ -1310,7 +1318,7 @@ def source(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = 
     assert loader or not layer, "LAYER: the loader copies the sums of squares"
     text = _SOURCE
     assert layer or not attn, "ATTN is part of the LAYER probe"
-    consts = dict(ROWS=R + state, STATE=state, AHEAD=ahead, MCAST=mcast, GELU=gelu, PF=pf, RCP=rcp, PAIR=pair, SPACK=spack, TAIL=tail, A_PIPE=a_pipe, PUB=pub, WGD=wgd, LOADER=loader, LAYER=layer, ATTN=attn, ROWSQ_BYTES=ROWSQ_BYTES,
+    consts = dict(ROWS=R + state, RS=ss_stride(R + state), STATE=state, AHEAD=ahead, MCAST=mcast, GELU=gelu, PF=pf, RCP=rcp, PAIR=pair, SPACK=spack, TAIL=tail, A_PIPE=a_pipe, PUB=pub, WGD=wgd, LOADER=loader, LAYER=layer, ATTN=attn, ROWSQ_BYTES=ROWSQ_BYTES,
                   SS_BYTES=SS_BYTES, A_BLOCK=A_BLOCK, WGMMA=_wgmma_functions(), NS=ns, SLOT=SLOT, A_BYTES=A_BYTES, RECV_BYTES=RECV_BYTES, BN_SPLIT_MAX=BN_SPLIT_MAX,
                   HELPERS=CUDA_HELPERS % {})
     for k, v in consts.items():
@@ -1484,7 +1492,8 @@ def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tenso
     rows = R + state
     func, programs = _kernel_and_programs(ahead, a_pipe, pub, wgd, loader, int(layer), attn, mcast, gelu, pf, rcp,
                                           plan.pair if layer else PAIR, spack, ns, tail, state)
-    assert programs // CLUSTER * rows * 4 <= SS_BYTES, "the clusters' sums of squares do not fit in SS_BYTES"
+    rs = ss_stride(rows)
+    assert programs // CLUSTER * rs * 4 <= SS_BYTES, "the clusters' sums of squares do not fit in SS_BYTES"
     assert plan.programs == programs, (plan.programs, programs)
     for name, cols in dict(x=1024, q=2560, x2=1024, h8=4096 if layer else 8192).items():
         t = acts[name]
@@ -1504,7 +1513,7 @@ def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tenso
     if layer:
         st = layer_state
         assert st["xs"].shape == (rows, 1024) and st["xs"].dtype == torch.float32 and st["xs"].is_contiguous()
-        assert st["ss"].shape == (2, programs // CLUSTER, rows) and st["ss"].dtype == torch.float32
+        assert st["ss"].shape == (2, programs // CLUSTER, rs) and st["ss"].dtype == torch.float32
         assert st["pos"].shape[0] >= rows
         assert st["pos"].dtype == torch.int32 and st["cos"].shape[1] == 128 and st["sin"].shape == st["cos"].shape
         args.xs, args.ss, args.pos = st["xs"].data_ptr(), st["ss"].data_ptr(), st["pos"].data_ptr()
@@ -1604,10 +1613,10 @@ def stage_step_input(xs: torch.Tensor, x_blocked: torch.Tensor, ss: torch.Tensor
     zeroed, so mega_chain(..., zero_counters=False) needs no memset. One launch (pdl: programmatic dependent launch)."""
     rows = xs.shape[0]  # 50, or 51 (flow step 0: the state token last, mega_chain's state)
     assert rows in (R, R + 1) and xs.shape[1] == 1024 and xs.is_contiguous() and x_blocked.shape == (blocked_size(1024),)
-    assert counters.numel() <= rows * 64 and counters.dtype == torch.int32 and ss.shape[2] == rows
+    assert counters.numel() <= rows * 64 and counters.dtype == torch.int32 and ss.shape[2] == ss_stride(rows)
     pdl = bool(pdl) and HAS_PDL and xs.is_cuda
     clusters = ss.shape[1]
-    _stage_step_input_kernel[(rows,)](xs, x_blocked, ss, counters, clusters, counters.numel(), rows, D=1024,
+    _stage_step_input_kernel[(rows,)](xs, x_blocked, ss, counters, clusters, counters.numel(), ss.shape[2], D=1024,
                                    A_BLOCK_ELEMS=A_BLOCK // 2, CL=triton.next_power_of_2(clusters), PDL=pdl,
                                    num_warps=4, **pdl_kwargs(pdl))
 

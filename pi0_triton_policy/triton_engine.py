@@ -696,7 +696,7 @@ class _MegaSteps:
         # flow step 0: the 50 actions' residual stream (every step's; rows 0..49), then the state token's (row 50),
         # its norm sums, and the RoPE positions in that row order (the engine's pos has the state token first)
         self.xs0 = torch.zeros(MC.R + 1, a.width, device=dev)
-        self.ss0 = torch.zeros(2, self.plan.programs // 4, MC.R + 1, device=dev)
+        self.ss0 = torch.zeros(2, self.plan.programs // 4, MC.ss_stride(MC.R + 1), device=dev)
         self.pos0 = torch.zeros(MC.R + 1, dtype=torch.int32, device=dev)
         self.pos0_idx = torch.cat([torch.arange(T + 1, T + 1 + MC.R), torch.tensor([T])]).to(dev)
 

@@ -693,14 +693,14 @@ def test_mega_chain_state_row_cuda(layers):
     runs = []
     for _ in range(2):
         acts = {k: torch.full((MC.blocked_size(c),), float("nan"), dtype=bf, device="cuda") for k, c in cols.items()}
-        st = dict(xs=x0.clone(), ss=torch.zeros(2, plan.programs // 4, rows, device="cuda"), pos=pos, cos=cos, sin=sin,
-                  eps=1e-6, T=T, state=True, attn_mode=2,
+        st = dict(xs=x0.clone(), ss=torch.zeros(2, plan.programs // 4, MC.ss_stride(rows), device="cuda"), pos=pos,
+                  cos=cos, sin=sin, eps=1e-6, T=T, state=True, attn_mode=2,
                   kc=torch.stack([MC.kv_swizzle(torch.cat([k, zeros])) for k in kp]),
                   vc=torch.stack([MC.kv_swizzle(torch.cat([v, zeros])) for v in vp]),
                   key_valid=torch.cat([valid, torch.ones(rows, dtype=torch.int32, device="cuda"),
                                        torch.zeros(16, dtype=torch.int32, device="cuda")]),
                   att=torch.full((MC.blocked_size(2048),), float("nan"), dtype=bf, device="cuda"))
-        st["ss"][0, 0] = x0.pow(2).sum(1)
+        st["ss"][0, 0, :rows] = x0.pow(2).sum(1)
         MC.to_blocked(x0.to(bf), acts["x"])
         MC.mega_chain(plan, prepared, acts, ctr, layers, layer_state=st)
         runs.append(dict(xs=st["xs"], q=MC.from_blocked(acts["q"], 2560, rows), h=MC.from_blocked(acts["h8"], 4096, rows),
@@ -813,11 +813,11 @@ def test_mega_stage_step_input(gen, rows):
 
     xs = randn(rows, 1024, gen=gen)
     xb = torch.full((MC.blocked_size(1024),), 7.0, dtype=torch.float16 if DEV == "cpu" else torch.bfloat16, device=DEV)
-    ss = torch.full((2, 30, rows), 5.0, device=DEV)
+    ss = torch.full((2, 30, MC.ss_stride(rows)), 5.0, device=DEV)
     ctr = torch.full((18 * 128,), 3, dtype=torch.int32, device=DEV)
     MC.stage_step_input(xs, xb, ss, ctr)
     assert ctr.eq(0).all()
     ref = MC.to_blocked(xs.to(xb.dtype))
     idx = MC._blocked_index(1024, xs.device, rows).view(-1)  # the rows past them are not part of the activations
     assert torch.equal(xb[idx], ref[idx])
-    assert rel(ss[0, 0], xs.pow(2).sum(1)) < 1e-6 and ss[0, 1:].eq(0).all() and ss[1].eq(5.0).all()
+    assert rel(ss[0, 0, :rows], xs.pow(2).sum(1)) < 1e-6 and ss[0, 1:, :rows].eq(0).all() and ss[1].eq(5.0).all()
