@@ -115,7 +115,9 @@ class Tuning:
     # 10.74 / 12.85 / 15.41 -> 10.63 / 12.82 / 15.25 ms vs BH 32 (64 programs), NOTES.md session 5
     sk_o: tuple = (16, 128, 4, 5, 4, 0)
     sk_down: tuple = (16, 128, 4, 5, 4, 0)
-    sk_time: tuple = (16, 64, 4, 4, 8)  # float32 weights (tf32 dot); BH must equal sk_o's / sk_down's
+    # float32 weights (tf32 dot); BH must equal sk_o's / sk_down's while step 0 runs on the skinny path (its norm
+    # statistics tiles); with every step in the persistent kernel (mega_step0) nothing reads them and BH is free
+    sk_time: tuple = (16, 64, 4, 4, 8)
     # action attention on the skinny path per camera count (BM, BN, warps, stages, split[, peel]; split 0: one key block
     # per split; peel 0: no key block loaded outside the pipelined loop, which also turns attn_preload off)
     # every key block through the pipelined loop (peel 0, so no preload), replay vs the peeled, preloaded first
@@ -549,13 +551,14 @@ class _ViewGraph:
         xs_act = mega.xs0[:MC.R] if mega0 else self.xs[1:]  # the action rows' residual stream
         if not mega0:
             SK.prep_rows(self.xs[0:1], self.xsa[0:1], self.ss[:, 0:1])  # the state token's row
+        bt = _fit_bh(t.sk_time[0], a.width // 2) if mega0 else br  # the time MLP's half-tile (Tuning.sk_time)
         if self.stack_plan is not None:
             self.st_bars.zero_()  # one barrier counter per step launch (a memset node in the graph)
         for step in range(self.tb.shape[0]):
             r0 = 0 if step == 0 else 1
             SK.swish_in(self.x_t, self.w1, self.tb[step], self.ht)
-            SK.skinny_residual(self.ht, W.sk_time, xs_act, self.xsa[1:], self.ss[:, 1:], bias=W.time_out_b,
-                               store=True, **sk(t.sk_time, br))
+            SK.skinny_residual(self.ht, W.sk_time, xs_act, self.xsa[1:], self.ss[:a.width // (2 * bt), 1:],
+                               bias=W.time_out_b, store=True, **sk(t.sk_time, bt))
             xs, xa, ss, R = self.xs[r0:], self.xsa[r0:], self.ss[:, r0:], S - r0
             q, o, h = self.q[:R], self.o[:R], self.hs[:R]
             if mega is not None and (mega0 or step > 0):  # every layer in one persistent launch
