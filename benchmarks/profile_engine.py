@@ -33,8 +33,8 @@ def phase_of(names: list[str]) -> list[str]:
     return out
 
 
-def union_us(iv: list[tuple[int, int]]) -> float:
-    """Length of the union of [start, end) intervals (ns) in us."""
+def union_us(iv: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals (us, as the profiler's time ranges)."""
     tot, cur_s, cur_e = 0, None, None
     for a, b in sorted(iv):
         if cur_e is None or a > cur_e:
@@ -43,32 +43,32 @@ def union_us(iv: list[tuple[int, int]]) -> float:
             cur_s, cur_e = a, b
         else:
             cur_e = max(cur_e, b)
-    return (tot + (cur_e - cur_s if cur_e is not None else 0)) / 1000
+    return tot + (cur_e - cur_s if cur_e is not None else 0)
 
 
 def graph_timeline(kern, phases) -> dict:
     """kern: the kernels of one graph replay (start-ordered), phases: their phases -> the timeline summary."""
     t0 = kern[0].time_range.start
-    out = {"wall_us": (max(e.time_range.end for e in kern) - t0) / 1000, "phases": {}}
+    out = {"wall_us": max(e.time_range.end for e in kern) - t0, "phases": {}}
     for ph in ("vision", "prefix", "action"):
         ks = [e for e, p in zip(kern, phases) if p == ph]
         if not ks:
             continue
         a, b = ks[0].time_range.start, max(e.time_range.end for e in ks)
         busy = union_us([(e.time_range.start, e.time_range.end) for e in ks])
-        out["phases"][ph] = {"span_us": (b - a) / 1000, "busy_us": busy, "idle_us": (b - a) / 1000 - busy}
+        out["phases"][ph] = {"span_us": b - a, "busy_us": busy, "idle_us": b - a - busy}
     megas = [i for i, e in enumerate(kern) if "mega_chain" in e.name]
     if megas:
         first_action = next(i for i, p in enumerate(phases) if p == "action")
-        out["step0_us"] = (kern[megas[0]].time_range.start - kern[first_action].time_range.start) / 1000
+        out["step0_us"] = kern[megas[0]].time_range.start - kern[first_action].time_range.start
         out["mega_us"] = [kern[i].time_range.elapsed_us() for i in megas]
         out["boundaries"] = []
         for i, j in zip(megas, megas[1:]):
             between = [(kern[k].name[:40], round(kern[k].time_range.elapsed_us(), 2)) for k in range(i + 1, j)]
-            out["boundaries"].append({"gap_us": (kern[j].time_range.start - kern[i].time_range.end) / 1000,
+            out["boundaries"].append({"gap_us": kern[j].time_range.start - kern[i].time_range.end,
                                       "kernels": between})
         last = megas[-1]
-        out["after_last_mega_us"] = (max(e.time_range.end for e in kern) - kern[last].time_range.end) / 1000
+        out["after_last_mega_us"] = max(e.time_range.end for e in kern) - kern[last].time_range.end
     return out
 
 
@@ -117,7 +117,7 @@ def main():
             k = per_kernel[(ph, e.name[:60])]
             k[0] += us
             k[1] += 1
-        wall = (kern[-1].time_range.end - kern[0].time_range.start) / 1000
+        wall = (max(e.time_range.end for e in kern) - kern[0].time_range.start) / 1000  # us -> ms
         print(f"\n{res['card']}  views={V}: {len(kern)} kernels, {sum(per_phase.values()) / 1000:.2f} ms of kernel time "
               f"({'graph replay' if args.graph else 'eager'} span {wall:.2f} ms)")
         tl = graph_timeline(kern, phases) if args.graph else None

@@ -44,3 +44,33 @@ def test_digest_flag_prints_the_checkouts_digest_without_a_gpu():
                          text=True, timeout=300, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == _benchmark_module().source_digest()
+
+
+def test_profile_timeline_on_fake_kernels():
+    """benchmarks/profile_engine.py --graph's timeline arithmetic (the profiler's time ranges are in us): idle time per
+    phase is the span minus the union of the kernels' intervals (PDL makes them overlap), and each gap between two
+    persistent kernels lists what ran there."""
+    spec = importlib.util.spec_from_file_location("profile_engine", REPO / "benchmarks" / "profile_engine.py")
+    pe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pe)
+
+    class Range:
+        def __init__(self, start, end):
+            self.start, self.end = start, end
+
+        def elapsed_us(self):
+            return self.end - self.start
+
+    class Kernel:
+        def __init__(self, name, start, end):
+            self.name, self.time_range = name, Range(start, end)
+
+    kern = [Kernel("_patch_embed_kernel", 0, 10), Kernel("nvjet_vision", 12, 20), Kernel("_embed_tokens_kernel", 20, 22),
+            Kernel("_gemm_geglu_kernel", 22, 40), Kernel("_swish_in_kernel", 41, 43), Kernel("mega_chain_kernel", 43, 100),
+            Kernel("_action_out_euler_kernel", 95, 104), Kernel("_swish_in_kernel", 104, 106),
+            Kernel("mega_chain_kernel", 103, 160)]
+    assert pe.union_us([(0, 10), (5, 20), (30, 31)]) == 21 and pe.union_us([]) == 0
+    tl = pe.graph_timeline(kern, pe.phase_of([k.name for k in kern]))
+    assert tl["wall_us"] == 160 and tl["phases"]["vision"] == {"span_us": 20, "busy_us": 18, "idle_us": 2}
+    assert tl["phases"]["action"]["idle_us"] == 0 and tl["step0_us"] == 2 and tl["after_last_mega_us"] == 0
+    assert tl["boundaries"] == [{"gap_us": 3, "kernels": [("_action_out_euler_kernel", 9), ("_swish_in_kernel", 2)]}]
