@@ -36,6 +36,10 @@ where the real layer has attention (`mega_layer_reference` is that math), or, wi
 key_valid / T), the attention link itself (`attention_unit`: correct, deterministic, still 2.8x slower than the engine's
 Triton attention, benchmarks/NOTES.md session 7).
 
+STATE (`mega_chain(..., layer_state={..., "state": True})`, the engine's flow step 0): 51 rows, the last one the state
+token, whose key is written at T (the first suffix key, where the later steps' fixed keys expect it) and which attends
+to the prefix and itself only; a separate compile (`#define R 51`), ATTN 2 then packs 26 tiles on 104 programs.
+
 `mega_chain_reference` is the plain PyTorch math (bf16 rounding after every op, like the kernel's stores).
 """
 
@@ -919,8 +923,9 @@ __device__ __forceinline__ void load_attention_q(const Args& g, int l, int prog,
     }
 }
 
-/* ATTN 2: the attention link on 100 programs. The 8 heads share one K / V head, so the query rows of every head are
-   packed (row i = head * 50 + r: 400 rows, 25 tiles of 16, as the engine's Triton kernel packs them). Cluster t < 25
+/* ATTN 2: the attention link on 100 programs (104 with STATE). The 8 heads share one K / V head, so the query rows of
+   every head are packed (row i = head * R + r: 400 rows, 25 tiles of 16, as the engine's Triton kernel packs them;
+   STATE: 408 rows, 26 tiles). Cluster t < ATILES
    takes tile t, its rank c a quarter of the keys, and the 4 warps of the rank every 4th 16-key sub-block of that
    quarter: a 16-way key split per tile (~22 keys per warp at 1 camera, against 89 per warp with ATTN 1). The loader
    lane streams the K / V sub-blocks into a ring (one bulk copy per key row, rows padded to 528 B so that ldmatrix is
