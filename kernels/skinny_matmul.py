@@ -61,6 +61,7 @@ def _skinny_kernel(
     BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
     PDL_EARLY: tl.constexpr = False, PREFETCH: tl.constexpr = False, KP: tl.constexpr = 1, LINE: tl.constexpr = 64,
     ts_ptr=None, TS: tl.constexpr = False, EARLY: tl.constexpr = False, PEEL: tl.constexpr = 1,
+    w1_ptr=None, tb_ptr=None, SWISH_A: tl.constexpr = False, A_DIM: tl.constexpr = 32,
 ):
     ts = ts_ptr
     if TS:
@@ -69,7 +70,18 @@ def _skinny_kernel(
                  bias_ptr, h_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,
                  M, N, K, K_PER_SPLIT, stride_am, stride_x, stride_xa, stride_ss_in, stride_ss_out, stride_h, stride_q,
                  stride_kv, D_NORM, eps, EPI, NORM_A, NSS_IN, STORE, HAS_BIAS, SPLIT, NQ, HD, BM, BH, BK, PDL,
-                 PDL_EARLY, PREFETCH, KP, LINE, "", ts, TS, EARLY, PEEL)
+                 PDL_EARLY, PREFETCH, KP, LINE, "", ts, TS, EARLY, PEEL, w1_ptr, tb_ptr, SWISH_A, A_DIM)
+
+
+@triton.jit
+def _swish_a(xt, w1_ptr, tb_ptr, offs_k, k_ok, m_ok, K, A_DIM: tl.constexpr):
+    """SWISH_A: the A block [BM, BK] = swish(x_t @ w1[:, k] + tb[k]) (the time MLP's first half, as swish_in computes
+    it), zero past the rows and the K range."""
+    offs_a = tl.arange(0, A_DIM)
+    w1 = tl.load(w1_ptr + offs_a[:, None] * K + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+    hh = tl.dot(xt, w1) + tl.load(tb_ptr + offs_k, mask=k_ok, other=0.0)[None, :]
+    hh = hh / (1.0 + tl.exp(-hh))
+    return tl.where(m_ok[:, None] & k_ok[None, :], hh, 0.0)
 
 
 @triton.jit
@@ -83,6 +95,7 @@ def _skinny_item(
     BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
     PDL_EARLY: tl.constexpr, PREFETCH: tl.constexpr, KP: tl.constexpr, LINE: tl.constexpr, CM: tl.constexpr,
     ts_ptr=None, TS: tl.constexpr = False, EARLY: tl.constexpr = False, PEEL: tl.constexpr = 1,
+    w1_ptr=None, tb_ptr=None, SWISH_A: tl.constexpr = False, A_DIM: tl.constexpr = 32,
 ):
     """One (column tile, K split) of the skinny matmul: the body of `_skinny_kernel`, also called by the persistent
     action-expert kernel (kernels/action_stack.py). CM: cache modifier of activation loads (".cg" there: the rows were
@@ -93,7 +106,9 @@ def _skinny_item(
     PEEL (0 or 1): whether the first K block's weights are loaded before gdc_wait. 1 makes the loop's weight requests
     wait behind that block's A tile and dot (in-order issue); 0 (the default) asks for every tile of the first
     STAGES-1 blocks at once after the wait: faster (benchmarks/NOTES.md session 5; preloading 2-4 blocks into
-    registers was slower still, commit 3a7f2c0 has it)."""
+    registers was slower still, commit 3a7f2c0 has it).
+    SWISH_A: a_ptr is x_t [M, A_DIM] (float32) and each A block is swish(x_t @ w1 + tb) computed on the spot (`_swish_a`:
+    the action-time MLP's first half, which swish_in would write to memory for one more launch)."""
     BN: tl.constexpr = 2 * BH
     if TS:
         tl.store(ts_ptr, globaltimer(pid_n))
@@ -147,9 +162,14 @@ def _skinny_item(
             px = x_ptr + offs_m.to(tl.int64)[:, None] * stride_x + (pid_n * BN + j)[None, :]
             xo1 = tl.load(px, mask=m_ok[:, None], other=0.0, cache_modifier=CM)
             xo2 = tl.load(px + BH, mask=m_ok[:, None], other=0.0, cache_modifier=CM)
+    if SWISH_A:  # x_t: the previous kernel's output
+        xt = tl.load(a_ptr + offs_m[:, None] * A_DIM + tl.arange(0, A_DIM)[None, :], mask=m_ok[:, None], other=0.0)
     if PEEL:
-        a_0 = tl.load(a_rows + offs_k0[None, :], mask=m_ok[:, None] & (offs_k0 < k_hi)[None, :], other=0.0,
-                      cache_modifier=CM)
+        if SWISH_A:
+            a_0 = _swish_a(xt, w1_ptr, tb_ptr, offs_k0, offs_k0 < k_hi, m_ok, K, A_DIM)
+        else:
+            a_0 = tl.load(a_rows + offs_k0[None, :], mask=m_ok[:, None] & (offs_k0 < k_hi)[None, :], other=0.0,
+                          cache_modifier=CM)
         acc1 = tl.dot(a_0, tl.trans(w1_0))
         acc2 = tl.dot(a_0, tl.trans(w2_0))
     else:
@@ -160,7 +180,10 @@ def _skinny_item(
         k_ok = offs_k < K
         w1 = tl.load(w1_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0)
         w2 = tl.load(w2_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0)
-        a = tl.load(a_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0, cache_modifier=CM)
+        if SWISH_A:
+            a = _swish_a(xt, w1_ptr, tb_ptr, offs_k, k_ok, m_ok, K, A_DIM)
+        else:
+            a = tl.load(a_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0, cache_modifier=CM)
         acc1 += tl.dot(a, tl.trans(w1))
         acc2 += tl.dot(a, tl.trans(w2))
     if TS:
@@ -321,9 +344,16 @@ def transpose_weight(w: torch.Tensor, perm: torch.Tensor | None = None, dtype=No
 # ---------------------------------------------------------------- launcher
 def _launch(a, wt, epi, split, block, num_warps, num_stages, workspace, pdl=False, ss_in=None, d_norm=1, nss_in=1, eps=1e-6,
             x=None, xa=None, ss_out=None, bias=None, store=False, h=None, pos=None, cos=None, sin=None, q=None, k=None,
-            v=None, num_heads=1, head_dim=2, peel=1):
+            v=None, num_heads=1, head_dim=2, peel=1, swish=None):
     M, K = a.shape
     N, K2 = wt.shape
+    sw = {}
+    if swish is not None:  # a is x_t [M, A]: A = swish(x_t @ w1 + tb) block by block (SWISH_A)
+        w1, tb = swish
+        assert w1.shape == (K, K2) and tb.shape == (K2,) and a.is_contiguous() and w1.is_contiguous(), (a.shape, w1.shape)
+        assert a.dtype == w1.dtype == tb.dtype == torch.float32 and K == triton.next_power_of_2(K) >= 16
+        sw = dict(w1_ptr=w1, tb_ptr=tb, SWISH_A=True, A_DIM=K)
+        K = K2
     assert K == K2 and a.stride(1) == 1 and wt.is_contiguous(), (a.shape, wt.shape)
     BM, BH, BK = block
     BM = max(BM, triton.next_power_of_2(M))
@@ -359,18 +389,19 @@ def _launch(a, wt, epi, split, block, num_warps, num_stages, workspace, pdl=Fals
         d_norm, eps,
         EPI=epi, NORM_A=ss_in is not None, NSS_IN=nss_in, STORE=store, HAS_BIAS=bias is not None, SPLIT=split,
         NQ=num_heads, HD=head_dim, BM=BM, BH=BH, BK=BK, PDL=pdl, PDL_EARLY=pdl and PDL_EARLY, PREFETCH=prefetch, KP=k_per, LINE=line, num_warps=num_warps, num_stages=num_stages,
-        EARLY=bool(EARLY_EPI), PEEL=peel, **ts, **pdl_kwargs(pdl))
+        EARLY=bool(EARLY_EPI), PEEL=peel, **ts, **sw, **pdl_kwargs(pdl))
 
 
 def skinny_residual(a, wt, x, xa, ss_out, bias=None, store=False, ss_in=None, nss_in=1, d_norm=1, eps=1e-6,
-                    split=1, block=(64, 32, 128), num_warps=4, num_stages=4, workspace=None, pdl=False, peel=1):
+                    split=1, block=(64, 32, 128), num_warps=4, num_stages=4, workspace=None, pdl=False, peel=1, swish=None):
     """x [M, N] fp32 (+)= a [M, K] @ wt.T (+ bias); xa [M, N] = x in xa's dtype; ss_out [N/BN, >=M] = per-tile
-    row sums of x^2. With ss_in the product is row-scaled by rsqrt(sum ss_in / d_norm + eps) first."""
+    row sums of x^2. With ss_in the product is row-scaled by rsqrt(sum ss_in / d_norm + eps) first. swish = (w1
+    [A, K], tb [K]): a is x_t [M, A] and the A operand is swish(x_t @ w1 + tb) (swish_in's output, never stored)."""
     M = a.shape[0]
     assert x.shape == (M, wt.shape[0]) and x.dtype == torch.float32 and x.stride(1) == 1 and xa.stride(1) == 1
     assert ss_out.shape[0] == wt.shape[0] // (2 * block[1]) and ss_out.stride(1) == 1
     _launch(a, wt, EPI_RES, split, block, num_warps, num_stages, workspace, pdl, ss_in=ss_in, d_norm=d_norm, nss_in=nss_in,
-            eps=eps, x=x, xa=xa, ss_out=ss_out, bias=bias, store=store, peel=peel)
+            eps=eps, x=x, xa=xa, ss_out=ss_out, bias=bias, store=store, peel=peel, swish=swish)
     return x
 
 

@@ -118,6 +118,9 @@ class Tuning:
     # float32 weights (tf32 dot); BH must equal sk_o's / sk_down's while step 0 runs on the skinny path (its norm
     # statistics tiles); with every step in the persistent kernel (mega_step0) nothing reads them and BH is free
     sk_time: tuple = (16, 64, 4, 4, 8)
+    # the time MLP's first half (swish(x_t W1 + time bias)) computed inside its second matmul's K loop instead of by
+    # swish_in: one launch less per flow step (kernels/skinny_matmul.py SWISH_A)
+    time_fused: bool = False
     # action attention on the skinny path per camera count (BM, BN, warps, stages, split[, peel]; split 0: one key block
     # per split; peel 0: no key block loaded outside the pipelined loop, which also turns attn_preload off)
     # every key block through the pipelined loop (peel 0, so no preload), replay vs the peeled, preloaded first
@@ -556,9 +559,13 @@ class _ViewGraph:
             self.st_bars.zero_()  # one barrier counter per step launch (a memset node in the graph)
         for step in range(self.tb.shape[0]):
             r0 = 0 if step == 0 else 1
-            SK.swish_in(self.x_t, self.w1, self.tb[step], self.ht)
-            SK.skinny_residual(self.ht, W.sk_time, xs_act, self.xsa[1:], self.ss[:a.width // (2 * bt), 1:],
-                               bias=W.time_out_b, store=True, **sk(t.sk_time, bt))
+            if t.time_fused:
+                SK.skinny_residual(self.x_t, W.sk_time, xs_act, self.xsa[1:], self.ss[:a.width // (2 * bt), 1:],
+                                   bias=W.time_out_b, store=True, swish=(self.w1, self.tb[step]), **sk(t.sk_time, bt))
+            else:
+                SK.swish_in(self.x_t, self.w1, self.tb[step], self.ht)
+                SK.skinny_residual(self.ht, W.sk_time, xs_act, self.xsa[1:], self.ss[:a.width // (2 * bt), 1:],
+                                   bias=W.time_out_b, store=True, **sk(t.sk_time, bt))
             xs, xa, ss, R = self.xs[r0:], self.xsa[r0:], self.ss[:, r0:], S - r0
             q, o, h = self.q[:R], self.o[:R], self.hs[:R]
             if mega is not None and (mega0 or step > 0):  # every layer in one persistent launch

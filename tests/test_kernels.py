@@ -399,6 +399,31 @@ def test_prep_rows_and_swish_in(gen):
     assert rel(h, torch.nn.functional.silu(xt @ w1 + tb)) < (3e-3 if DEV == "cuda" else 1e-6)
 
 
+@pytest.mark.parametrize("split,peel", [(1, 1), (4, 0)])
+def test_skinny_time_mlp_with_swish_in_fused(gen, split, peel):
+    """The action-time MLP in one launch (skinny_residual(swish=...)): the A operand swish(x_t @ w1 + tb) computed
+    block by block in the K loop equals swish_in's output fed to the same matmul (store epilogue with bias, split-K
+    and not); float32 weights as the engine's."""
+    M, A, D = 37, 32, 128
+    xt, w1, tb = randn(M, A, gen=gen), randn(A, D, scale=A**-0.5, gen=gen), randn(D, gen=gen)
+    w, bias = randn(D, D, scale=D**-0.5, gen=gen), randn(D, gen=gen)
+    wt = SK.transpose_weight(w)
+    cfg = dict(split=split, block=(64, 16, 32), num_warps=4, num_stages=2, peel=peel)
+    outs = []
+    for fused in (False, True):
+        x, xa = torch.full((M, D), float("nan"), device=DEV), torch.empty(M, D, device=DEV)
+        ss = torch.empty(D // 32, M, device=DEV)
+        if fused:
+            SK.skinny_residual(xt, wt, x, xa, ss, bias=bias, store=True, swish=(w1, tb), **cfg)
+        else:
+            h = SK.swish_in(xt, w1, tb, torch.empty(M, D, device=DEV), block_n=32)
+            SK.skinny_residual(h, wt, x, xa, ss, bias=bias, store=True, **cfg)
+        outs.append((x, ss))
+    ref = torch.nn.functional.silu(xt @ w1 + tb) @ w + bias
+    tol = 3e-3 if DEV == "cuda" else 1e-6  # tf32 dots on the GPU
+    assert rel(outs[1][0], ref) < tol and rel(outs[1][0], outs[0][0]) < tol and rel(outs[1][1], outs[0][1]) < tol
+
+
 from pi0_triton_policy.kernels import action_stack as AS  # noqa: E402
 
 

@@ -103,13 +103,14 @@ def test_full_size_mega_steps_match_reference(full_size, mask, step0):
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter path is the CPU check")
-@pytest.mark.parametrize("path", ["stack", "skinny", "act_cublas"])  # the default and the two before it
+@pytest.mark.parametrize("path", ["stack", "skinny", "act_cublas", "time_fused"])  # + the time MLP in one launch
 def test_tiny_interpreter_matches_reference(path):
     from pi0_triton_policy.triton_engine import TritonPi0, Tuning
 
     cfg = get_variant("pi0_tiny")
     params = random_params(cfg, seed=1)
-    tuning = Tuning(act_stack=path == "stack", act_skinny=path in ("stack", "skinny"), act_cublas=path == "act_cublas",
+    tuning = Tuning(act_stack=path == "stack", act_skinny=path in ("stack", "skinny", "time_fused"),
+                    act_cublas=path == "act_cublas", time_fused=path == "time_fused",
                     sk_attn2=(64, 128, 4, 2, 2), st_attn2=(64, 128, 2, 2))  # few interpreter programs
     eng = TritonPi0(cfg, params, device="cpu", dtype=torch.float32, use_graphs=False, tuning=tuning)
     args = _inputs(cfg, [1, 0, 1], 37, seed=3)
