@@ -135,8 +135,8 @@ class Tuning:
     act_stack: bool = False  # measured slower than the per-layer kernels with PDL (benchmarks/NOTES.md)
     # the action expert's flow steps in the persistent CUDA kernel of kernels/mega_chain.py (qkv, attention, o,
     # gate|up, down of all layers in one launch; ATTN 2), per camera count 1, 2, 3; step 0 (51 rows: the state token
-    # last) too with mega_step0 (below), else on the skinny path. Needs sm_90a and 25 resident clusters of 4 (H100 / H200; elsewhere the
-    # skinny path runs). Replay, same process (NOTES.md session 9, under PDL): 3 cams 14.79 / 14.80 -> 14.57 / 14.57 ms;
+    # last) too with mega_step0 (below), else on the skinny path. Needs sm_90a and 25 resident clusters of 4 (H100 /
+    # H200; elsewhere the skinny path runs). Replay, same process (NOTES.md session 9, under PDL): 3 cams 14.79 / 14.80 -> 14.57 / 14.57 ms;
     # 1 cam equal, 2 cams 0.06-0.1 ms slower. With its publish's counter adds relaxed (PUB 3, NOTES.md session 10):
     # replay 10.56 / 12.41 / 14.05 (per-kernel at 1 / 2 cams) -> 10.21 / 12.11 / 14.05 ms, so on everywhere.
     act_mega: tuple = (True, True, True)
