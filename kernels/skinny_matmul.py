@@ -455,9 +455,7 @@ def _swish_in_kernel(x_ptr, w1_ptr, tb_ptr, h_ptr, R, W, stride_h, A: tl.constex
     offs_a = tl.arange(0, A)
     m_ok, n_ok = offs_m < R, offs_n < W
     x = tl.load(x_ptr + offs_m[:, None] * A + offs_a[None, :], mask=m_ok[:, None], other=0.0)
-    w1 = tl.load(w1_ptr + offs_a[:, None] * W + offs_n[None, :], mask=n_ok[None, :], other=0.0)
-    hh = tl.dot(x, w1) + tl.load(tb_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
-    hh = hh / (1.0 + tl.exp(-hh))
+    hh = _swish_a(x, w1_ptr, tb_ptr, offs_n, n_ok, m_ok, W, A)  # the same block SWISH_A computes in the matmul
     tl.store(h_ptr + offs_m[:, None] * stride_h + offs_n[None, :], hh.to(h_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
 
