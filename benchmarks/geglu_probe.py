@@ -4,6 +4,9 @@ cameras), K = 2048, 2F = 32768, random bf16 weights. Errors against the float32 
 in a CUDA graph (the weight does not fit in L2, so every call streams it from DRAM, as in the engine).
 
     python benchmarks/geglu_probe.py [--json out.json] [--configs '[[BM, BN, BK, warps, stages, group_m, persistent, flatten, warp_specialize], ...]']
+
+Rows named "t(...)" are `gemm_geglu_t` (the MMAs transposed: weight rows x tokens, 256 * views + 64 rows of MMA
+instead of 128-row tiles' 256 * views + 128) with T_CONFIGS (BF, BT, BK, BTT, warps, stages, persistent).
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ CONFIGS = [(128, 256, 64, 8, 3, 8, 1, 1, 0), (128, 256, 64, 8, 3, 4, 1, 1, 0), (
            (128, 256, 64, 8, 4, 8, 1, 1, 0), (128, 256, 64, 8, 3, 8, 1, 0, 1), (128, 256, 64, 8, 2, 8, 1, 0, 1),
            (64, 256, 64, 4, 4, 8, 1, 1, 0), (64, 256, 64, 4, 3, 8, 1, 1, 0), (128, 256, 64, 8, 3, 8, 1, 0, 0),
            (256, 128, 64, 8, 3, 8, 1, 1, 0), (128, 256, 64, 8, 3, 8, 0, 1, 0)]
+
+T_CONFIGS = [(64, 256, 64, 64, 8, 3, 1), (64, 256, 64, 64, 8, 2, 1), (64, 256, 64, 64, 8, 3, 0),
+             (128, 128, 64, 64, 8, 3, 1), (64, 128, 64, 64, 4, 3, 1)]
 
 
 def main():
@@ -41,6 +47,9 @@ def main():
             runs[str(c)] = (lambda c=c: GEG.gemm_geglu(x, w_il, out=h, block=c[:3], num_warps=c[3], num_stages=c[4],
                                                        group_m=c[5], persistent=bool(c[6]), flatten=bool(c[7]),
                                                        warp_specialize=bool(c[8])))
+        for c in T_CONFIGS:
+            runs[f"t{c}"] = (lambda c=c: GEG.gemm_geglu_t(x, w_il, out=h, block=c[:4], num_warps=c[4], num_stages=c[5],
+                                                           persistent=bool(c[6])))
         rows = measure("gate_up_geglu", V, runs, h, ref, calls=1)
         flop = 2 * M * K * 2 * F
         for r in rows:

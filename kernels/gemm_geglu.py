@@ -69,6 +69,91 @@ def _gemm_geglu_kernel(a_desc, b_desc, h_desc, M, N2, K,
         _geglu_tile(a_desc, b_desc, h_desc, tl.program_id(0), num_m, num_n, K, BM, BN, BK, GROUP_M, STAGES)
 
 
+@triton.jit
+def _geglu_t_tile(wg_desc, wu_desc, x_desc, xt_desc, h_desc, ht_desc, f0, t0, K,
+                  BF: tl.constexpr, BT: tl.constexpr, BTT: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
+                  TAIL: tl.constexpr):
+    """h rows t0.. (BT of them, + BTT more with TAIL), columns f0..f0+BF: the MMAs run transposed (weight rows x
+    tokens), so the gate and up accumulators are two [BF, tokens] tiles with the same register layout (the gating is
+    elementwise), and the tail tokens reuse each weight tile already in shared memory."""
+    acc_g = tl.zeros((BF, BT), dtype=tl.float32)
+    acc_u = tl.zeros((BF, BT), dtype=tl.float32)
+    if TAIL:
+        acc_gt = tl.zeros((BF, BTT), dtype=tl.float32)
+        acc_ut = tl.zeros((BF, BTT), dtype=tl.float32)
+    for k in tl.range(0, K, BK, num_stages=STAGES):
+        wg = wg_desc.load([f0, k])
+        wu = wu_desc.load([f0, k])
+        x = x_desc.load([t0, k])
+        acc_g = tl.dot(wg, x.T, acc_g)
+        acc_u = tl.dot(wu, x.T, acc_u)
+        if TAIL:
+            xt = xt_desc.load([t0 + BT, k])
+            acc_gt = tl.dot(wg, xt.T, acc_gt)
+            acc_ut = tl.dot(wu, xt.T, acc_ut)
+    h_desc.store([t0, f0], tl.trans(gelu_tanh(acc_g) * acc_u).to(h_desc.dtype))
+    if TAIL:
+        ht_desc.store([t0 + BT, f0], tl.trans(gelu_tanh(acc_gt) * acc_ut).to(ht_desc.dtype))
+
+
+@triton.jit
+def _gemm_geglu_t_kernel(wg_desc, wu_desc, x_desc, xt_desc, h_desc, ht_desc, F, K, G,
+                         BF: tl.constexpr, BT: tl.constexpr, BTT: tl.constexpr, BK: tl.constexpr,
+                         STAGES: tl.constexpr, NUM_PROGRAMS: tl.constexpr, TAIL: tl.constexpr):
+    # tile = (column slab, token group); the G groups of a slab are consecutive tiles, so they run at the same time and
+    # the slab's weights come from DRAM once. With TAIL the last group also takes the BTT tokens past G * BT.
+    for tile in tl.range(tl.program_id(0), tl.cdiv(F, BF) * G, NUM_PROGRAMS):
+        f0 = (tile // G) * BF
+        g = tile % G
+        if TAIL:
+            if g == G - 1:
+                _geglu_t_tile(wg_desc, wu_desc, x_desc, xt_desc, h_desc, ht_desc, f0, g * BT, K, BF, BT, BTT, BK,
+                              STAGES, True)
+            else:
+                _geglu_t_tile(wg_desc, wu_desc, x_desc, xt_desc, h_desc, ht_desc, f0, g * BT, K, BF, BT, BTT, BK,
+                              STAGES, False)
+        else:
+            _geglu_t_tile(wg_desc, wu_desc, x_desc, xt_desc, h_desc, ht_desc, f0, g * BT, K, BF, BT, BTT, BK,
+                          STAGES, False)
+
+
+def token_groups(M: int, bt: int, btt: int) -> tuple[int, bool]:
+    """(groups of bt tokens, whether the last one also takes a tail of <= btt tokens) covering M tokens. The engine's
+    prefix is 256 * views + 48 tokens: with (256, 64) that is `views` groups and a tail, 256 * views + 64 rows of MMA
+    instead of the 128-row tiles' 256 * views + 128."""
+    r = M % bt
+    if M > bt and 0 < r <= btt:
+        return M // bt, True
+    return triton.cdiv(M, bt), False
+
+
+def gemm_geglu_t(x: torch.Tensor, w_il: torch.Tensor, out: torch.Tensor | None = None, block=(64, 256, 64, 64),
+                 num_warps: int = 8, num_stages: int = 3, persistent: bool = True) -> torch.Tensor:
+    """gemm_geglu with the MMAs transposed: weight rows (BF gate + BF up columns) x tokens (BT, and BTT tail tokens in
+    the last group), so M = 256 * views + 48 runs as views x 256 + 64 rows of MMA. block = (BF, BT, BK, BTT); the
+    same interleaved weight layout (its even / odd rows read as two strided matrices), the same math."""
+    M, K = x.shape
+    F2, K2 = w_il.shape
+    assert K == K2 and F2 % 2 == 0 and x.stride(1) == 1 and w_il.is_contiguous(), (x.shape, w_il.shape)
+    F = F2 // 2
+    if out is None:
+        out = torch.empty(M, F, dtype=x.dtype, device=x.device)
+    assert out.shape == (M, F) and out.stride(1) == 1
+    BF, BT, BK, BTT = block
+    G, tail = token_groups(M, BT, BTT)
+    wg_desc = TensorDescriptor.from_tensor(w_il[0::2], [BF, BK])
+    wu_desc = TensorDescriptor.from_tensor(w_il[1::2], [BF, BK])
+    x_desc = TensorDescriptor.from_tensor(x, [BT, BK])
+    xt_desc = TensorDescriptor.from_tensor(x, [BTT, BK])
+    h_desc = TensorDescriptor.from_tensor(out, [BT, BF])
+    ht_desc = TensorDescriptor.from_tensor(out, [BTT, BF])
+    tiles = triton.cdiv(F, BF) * G
+    nprog = min(tiles, _num_sms(x.device)) if persistent else tiles
+    _gemm_geglu_t_kernel[(nprog,)](wg_desc, wu_desc, x_desc, xt_desc, h_desc, ht_desc, F, K, G, BF=BF, BT=BT, BTT=BTT,
+                                    BK=BK, STAGES=num_stages, NUM_PROGRAMS=nprog, TAIL=tail, num_warps=num_warps)
+    return out
+
+
 def interleave_gate_up(w_gu: torch.Tensor) -> torch.Tensor:
     """cuBLAS layout [K, 2F] (gate columns 0..F-1, then up) -> [2F, K] with rows 2j = gate j, 2j + 1 = up j."""
     K, F2 = w_gu.shape

@@ -249,6 +249,32 @@ def test_gemm_geglu(dtype, M, block, persistent, gen):
     assert out.shape == (M, F) and rel(out, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,block,persistent", [(37, (16, 32, 16, 16), True),   # < one group: no tail
+                                                (70, (16, 32, 16, 16), True),   # 2 groups + a 6-token tail
+                                                (70, (16, 32, 16, 16), False),  # one program per tile
+                                                (96, (16, 32, 16, 16), True),   # 3 whole groups, no tail
+                                                (304, (64, 256, 64, 64), True)])  # the engine's 1-camera shape
+def test_gemm_geglu_t(dtype, M, block, persistent, gen):
+    """The transposed gate/up + GeGLU (weight rows x tokens, the tail tokens on the last group's weight tiles) vs the
+    cuBLAS-layout matmul + geglu reference; token counts with and without a tail, more tiles than programs."""
+    K, F = 64, 80 if block[0] < 64 else 128
+    x, w_gu = randn(M, K, dtype=dtype, gen=gen), randn(K, 2 * F, scale=K**-0.5, dtype=dtype, gen=gen)
+    w_il = GEG.interleave_gate_up(w_gu)
+    ref = GG.geglu_ref(x.float() @ w_gu.float())
+    if DEV == "cuda" and dtype == torch.float32 and block[1] >= 256:
+        pytest.skip("float32 256-token tiles do not fit in shared memory (the engine's block is for bf16)")
+    out = GEG.gemm_geglu_t(x, w_il, block=block, num_warps=4, num_stages=2, persistent=persistent)
+    assert out.shape == (M, F) and rel(out, ref) < TOL[dtype]
+
+
+def test_token_groups():
+    """The engine's prefix (256 * views + 48 tokens) runs as `views` groups of 256 plus a 64-token tail."""
+    assert [GEG.token_groups(256 * v + 48, 256, 64) for v in (1, 2, 3)] == [(1, True), (2, True), (3, True)]
+    assert GEG.token_groups(512, 256, 64) == (2, False) and GEG.token_groups(400, 256, 64) == (2, False)
+    assert GEG.token_groups(48, 256, 64) == (1, False)
+
+
 from pi0_triton_policy.kernels import gemm_splitk as GSK  # noqa: E402
 
 
