@@ -62,6 +62,7 @@ def _skinny_kernel(
     PDL_EARLY: tl.constexpr = False, PREFETCH: tl.constexpr = False, KP: tl.constexpr = 1, LINE: tl.constexpr = 64,
     ts_ptr=None, TS: tl.constexpr = False, EARLY: tl.constexpr = False, PEEL: tl.constexpr = 1,
     w1_ptr=None, tb_ptr=None, SWISH_A: tl.constexpr = False, A_DIM: tl.constexpr = 32,
+    BLOCKED_XA: tl.constexpr = False,
 ):
     ts = ts_ptr
     if TS:
@@ -70,7 +71,7 @@ def _skinny_kernel(
                  bias_ptr, h_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,
                  M, N, K, K_PER_SPLIT, stride_am, stride_x, stride_xa, stride_ss_in, stride_ss_out, stride_h, stride_q,
                  stride_kv, D_NORM, eps, EPI, NORM_A, NSS_IN, STORE, HAS_BIAS, SPLIT, NQ, HD, BM, BH, BK, PDL,
-                 PDL_EARLY, PREFETCH, KP, LINE, "", ts, TS, EARLY, PEEL, w1_ptr, tb_ptr, SWISH_A, A_DIM)
+                 PDL_EARLY, PREFETCH, KP, LINE, "", ts, TS, EARLY, PEEL, w1_ptr, tb_ptr, SWISH_A, A_DIM, BLOCKED_XA)
 
 
 @triton.jit
@@ -96,6 +97,7 @@ def _skinny_item(
     PDL_EARLY: tl.constexpr, PREFETCH: tl.constexpr, KP: tl.constexpr, LINE: tl.constexpr, CM: tl.constexpr,
     ts_ptr=None, TS: tl.constexpr = False, EARLY: tl.constexpr = False, PEEL: tl.constexpr = 1,
     w1_ptr=None, tb_ptr=None, SWISH_A: tl.constexpr = False, A_DIM: tl.constexpr = 32,
+    BLOCKED_XA: tl.constexpr = False,
 ):
     """One (column tile, K split) of the skinny matmul: the body of `_skinny_kernel`, also called by the persistent
     action-expert kernel (kernels/action_stack.py). CM: cache modifier of activation loads (".cg" there: the rows were
@@ -203,13 +205,13 @@ def _skinny_item(
                              pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, stride_x, stride_xa, stride_ss_in,
                              stride_ss_out, stride_h, stride_q, stride_kv, D_NORM, eps,
                              EPI, NORM_A, NSS_IN, STORE, HAS_BIAS, NQ, HD, BM, BH, CM,
-                             EARLY, rstd, xo1, xo2, cs, sn, b1, b2)
+                             EARLY, rstd, xo1, xo2, cs, sn, b1, b2, BLOCKED_XA)
     else:
         _skinny_epilogue(acc1, acc2, pid_n, offs_m, m_ok, ss_in_ptr, x_ptr, xa_ptr, ss_out_ptr, bias_ptr, h_ptr,
                          pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, stride_x, stride_xa, stride_ss_in,
                          stride_ss_out, stride_h, stride_q, stride_kv, D_NORM, eps,
                          EPI, NORM_A, NSS_IN, STORE, HAS_BIAS, NQ, HD, BM, BH, CM,
-                         EARLY, rstd, xo1, xo2, cs, sn, b1, b2)
+                         EARLY, rstd, xo1, xo2, cs, sn, b1, b2, BLOCKED_XA)
     if TS:
         tl.debug_barrier()
         tl.store(ts_ptr + 3, globaltimer(pid_n))
@@ -251,7 +253,7 @@ def _skinny_epilogue(acc1, acc2, pid_n, offs_m, m_ok, ss_in_ptr, x_ptr, xa_ptr, 
                      EPI: tl.constexpr, NORM_A: tl.constexpr, NSS_IN: tl.constexpr, STORE: tl.constexpr,
                      HAS_BIAS: tl.constexpr, NQ: tl.constexpr, HD: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr,
                      CM: tl.constexpr = "", EARLY: tl.constexpr = False, rstd=None, xo1=None, xo2=None, cs=None, sn=None,
-                     b1=None, b2=None):
+                     b1=None, b2=None, BLOCKED_XA: tl.constexpr = False):
     if NORM_A:
         if not EARLY:
             rstd = _row_rstd(ss_in_ptr, stride_ss_in, offs_m, m_ok, D_NORM, eps, NSS_IN, BM, CM)
@@ -281,9 +283,17 @@ def _skinny_epilogue(acc1, acc2, pid_n, offs_m, m_ok, ss_in_ptr, x_ptr, xa_ptr, 
             x2 = acc2 + xo2
         tl.store(p1, x1, mask=mk)
         tl.store(p1 + BH, x2, mask=mk)
-        pa = xa_ptr + rows * stride_xa + c1[None, :]
-        tl.store(pa, x1.to(xa_ptr.dtype.element_ty), mask=mk)
-        tl.store(pa + BH, x2.to(xa_ptr.dtype.element_ty), mask=mk)
+        if BLOCKED_XA:  # kernels/mega_chain.py's activation layout (to_blocked): 64-column blocks of stride_xa
+            # elements, a row's 16-byte groups XOR-swizzled by the row
+            pa = xa_ptr + rows * 64
+            pa1 = pa + (c1 // 64)[None, :] * stride_xa + ((((c1 % 64) // 8)[None, :] ^ (rows % 8)) * 8) + (c1 % 8)[None, :]
+            pa2 = pa + (c2 // 64)[None, :] * stride_xa + ((((c2 % 64) // 8)[None, :] ^ (rows % 8)) * 8) + (c2 % 8)[None, :]
+            tl.store(pa1, x1.to(xa_ptr.dtype.element_ty), mask=mk)
+            tl.store(pa2, x2.to(xa_ptr.dtype.element_ty), mask=mk)
+        else:
+            pa = xa_ptr + rows * stride_xa + c1[None, :]
+            tl.store(pa, x1.to(xa_ptr.dtype.element_ty), mask=mk)
+            tl.store(pa + BH, x2.to(xa_ptr.dtype.element_ty), mask=mk)
         tl.store(ss_out_ptr + pid_n * stride_ss_out + offs_m, tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1), mask=m_ok)
     elif EPI == 1:
         hcol = pid_n * BH + j
@@ -344,7 +354,7 @@ def transpose_weight(w: torch.Tensor, perm: torch.Tensor | None = None, dtype=No
 # ---------------------------------------------------------------- launcher
 def _launch(a, wt, epi, split, block, num_warps, num_stages, workspace, pdl=False, ss_in=None, d_norm=1, nss_in=1, eps=1e-6,
             x=None, xa=None, ss_out=None, bias=None, store=False, h=None, pos=None, cos=None, sin=None, q=None, k=None,
-            v=None, num_heads=1, head_dim=2, peel=1, swish=None):
+            v=None, num_heads=1, head_dim=2, peel=1, swish=None, xa_block=0):
     M, K = a.shape
     N, K2 = wt.shape
     sw = {}
@@ -383,25 +393,31 @@ def _launch(a, wt, epi, split, block, num_warps, num_stages, workspace, pdl=Fals
         bias if bias is not None else dummy, h if h is not None else dummy,
         pos if pos is not None else cnt, cos if cos is not None else dummy, sin if sin is not None else dummy,
         q if q is not None else dummy, k if k is not None else dummy, v if v is not None else dummy,
-        M, N, K, k_per, a.stride(0), x.stride(0) if x is not None else 0, xa.stride(0) if xa is not None else 0,
+        M, N, K, k_per, a.stride(0), x.stride(0) if x is not None else 0,
+        xa_block if xa_block else (xa.stride(0) if xa is not None else 0),
         ss_in.stride(0) if ss_in is not None else 0, ss_out.stride(0) if ss_out is not None else 0,
         h.stride(0) if h is not None else 0, q.stride(0) if q is not None else 0, k.stride(0) if k is not None else 0,
         d_norm, eps,
         EPI=epi, NORM_A=ss_in is not None, NSS_IN=nss_in, STORE=store, HAS_BIAS=bias is not None, SPLIT=split,
         NQ=num_heads, HD=head_dim, BM=BM, BH=BH, BK=BK, PDL=pdl, PDL_EARLY=pdl and PDL_EARLY, PREFETCH=prefetch, KP=k_per, LINE=line, num_warps=num_warps, num_stages=num_stages,
-        EARLY=bool(EARLY_EPI), PEEL=peel, **ts, **sw, **pdl_kwargs(pdl))
+        EARLY=bool(EARLY_EPI), PEEL=peel, BLOCKED_XA=bool(xa_block), **ts, **sw, **pdl_kwargs(pdl))
 
 
 def skinny_residual(a, wt, x, xa, ss_out, bias=None, store=False, ss_in=None, nss_in=1, d_norm=1, eps=1e-6,
-                    split=1, block=(64, 32, 128), num_warps=4, num_stages=4, workspace=None, pdl=False, peel=1, swish=None):
+                    split=1, block=(64, 32, 128), num_warps=4, num_stages=4, workspace=None, pdl=False, peel=1, swish=None,
+                    xa_block=0):
     """x [M, N] fp32 (+)= a [M, K] @ wt.T (+ bias); xa [M, N] = x in xa's dtype; ss_out [N/BN, >=M] = per-tile
     row sums of x^2. With ss_in the product is row-scaled by rsqrt(sum ss_in / d_norm + eps) first. swish = (w1
-    [A, K], tb [K]): a is x_t [M, A] and the A operand is swish(x_t @ w1 + tb) (swish_in's output, never stored)."""
+    [A, K], tb [K]): a is x_t [M, A] and the A operand is swish(x_t @ w1 + tb) (swish_in's output, never stored).
+    xa_block > 0: xa is flat, in kernels/mega_chain.py's blocked layout with 64-column blocks of xa_block elements
+    (`to_blocked`), so the persistent kernel reads this output without a staging pass."""
     M = a.shape[0]
-    assert x.shape == (M, wt.shape[0]) and x.dtype == torch.float32 and x.stride(1) == 1 and xa.stride(1) == 1
+    assert x.shape == (M, wt.shape[0]) and x.dtype == torch.float32 and x.stride(1) == 1
+    assert (xa.dim() == 1 and xa.numel() >= (wt.shape[0] // 64) * xa_block and M <= xa_block // 64) if xa_block \
+        else xa.stride(1) == 1
     assert ss_out.shape[0] == wt.shape[0] // (2 * block[1]) and ss_out.stride(1) == 1
     _launch(a, wt, EPI_RES, split, block, num_warps, num_stages, workspace, pdl, ss_in=ss_in, d_norm=d_norm, nss_in=nss_in,
-            eps=eps, x=x, xa=xa, ss_out=ss_out, bias=bias, store=store, peel=peel, swish=swish)
+            eps=eps, x=x, xa=xa, ss_out=ss_out, bias=bias, store=store, peel=peel, swish=swish, xa_block=xa_block)
     return x
 
 

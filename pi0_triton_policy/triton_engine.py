@@ -150,6 +150,10 @@ class Tuning:
     mega_pair: int = MC.PAIR  # its qkv / gate|up column units (kernels/mega_chain.py, PAIRED)
     mega_spack: int = MC.SPACK  # its ring: two narrow weight chunks per slot (kernels/mega_chain.py, Pack)
     mega_tail: int = MC.TAIL  # its L2 prefetch of an op's chunks past the ring (kernels/mega_chain.py, TAIL)
+    # flow steps 1..: the time MLP's epilogue writes the persistent kernel's inputs itself (the blocked bf16 residual
+    # and the first qkv's norm sums) and the previous step's output projection zeroes its counters, so no staging
+    # launch (stage_step_input) sits between them
+    mega_direct: bool = True
     st_qkv: tuple = (16, 128)  # BH (fixed at load: column pairing), BK
     st_gu: tuple = (32, 128)  # BH (fixed at load), BK
     st_res: tuple = (16, 128, 4, 128, 4)  # BH (o, down, time MLP: the norm-statistics tiles), BK_o, split_o, BK_down, split_down
@@ -531,11 +535,11 @@ class _ViewGraph:
                                    num_stages=rb[4], workspace=ws)
             self._out_euler(dt)
 
-    def _out_euler(self, dt: float, xs: torch.Tensor | None = None):
+    def _out_euler(self, dt: float, xs: torch.Tensor | None = None, zero=()):
         W, t, a = self.eng.weights, self.eng.tuning, self.eng.cfg.action
         c = t.out_euler
         AOE.action_out_euler(self.xs[1:] if xs is None else xs, W.out_w, W.out_b, self.x_t, dt, a.rms_eps, block=c[:2],
-                             num_warps=c[2], split=c[3], workspace=self.ws, pdl=t.pdl and t.act_skinny)
+                             num_warps=c[2], split=c[3], workspace=self.ws, pdl=t.pdl and t.act_skinny, zero=zero)
 
     def _run_action_skinny(self, T: int, dt: float):
         """The 10 Euler steps on the weight-streaming skinny matmuls (kernels/skinny_matmul.py): per layer
@@ -555,17 +559,28 @@ class _ViewGraph:
         if not mega0:
             SK.prep_rows(self.xs[0:1], self.xsa[0:1], self.ss[:, 0:1])  # the state token's row
         bt = _fit_bh(t.sk_time[0], a.width // 2) if mega0 else br  # the time MLP's half-tile (Tuning.sk_time)
+        direct = mega is not None and t.mega_direct  # steps 1..: the time MLP writes the persistent kernel's inputs
+        if direct:  # its norm-sum tiles go to the kernel's per-cluster slots: at most one tile per cluster
+            bt_d = bt
+            while a.width // (2 * bt_d) > mega.ss.shape[1]:
+                bt_d *= 2
+            ss_tiles = a.width // (2 * bt_d)
         if self.stack_plan is not None:
             self.st_bars.zero_()  # one barrier counter per step launch (a memset node in the graph)
         for step in range(self.tb.shape[0]):
             r0 = 0 if step == 0 else 1
+            if direct and step > 0:  # xs_act, the blocked bf16 copy and the first qkv's norm sums (the other slots
+                # and the counters were zeroed by the previous step's output projection)
+                out = dict(xa=mega.acts["x"], ss_out=mega.ss[0, :ss_tiles], xa_block=MC.A_BLOCK // 2)
+                tb = bt_d
+            else:
+                out, tb = dict(xa=self.xsa[1:], ss_out=self.ss[:a.width // (2 * bt), 1:]), bt
             if t.time_fused:
-                SK.skinny_residual(self.x_t, W.sk_time, xs_act, self.xsa[1:], self.ss[:a.width // (2 * bt), 1:],
-                                   bias=W.time_out_b, store=True, swish=(self.w1, self.tb[step]), **sk(t.sk_time, bt))
+                SK.skinny_residual(self.x_t, W.sk_time, xs_act, bias=W.time_out_b, store=True,
+                                   swish=(self.w1, self.tb[step]), **out, **sk(t.sk_time, tb))
             else:
                 SK.swish_in(self.x_t, self.w1, self.tb[step], self.ht)
-                SK.skinny_residual(self.ht, W.sk_time, xs_act, self.xsa[1:], self.ss[:a.width // (2 * bt), 1:],
-                                   bias=W.time_out_b, store=True, **sk(t.sk_time, bt))
+                SK.skinny_residual(self.ht, W.sk_time, xs_act, bias=W.time_out_b, store=True, **out, **sk(t.sk_time, tb))
             xs, xa, ss, R = self.xs[r0:], self.xsa[r0:], self.ss[:, r0:], S - r0
             q, o, h = self.q[:R], self.o[:R], self.hs[:R]
             if mega is not None and (mega0 or step > 0):  # every layer in one persistent launch
@@ -577,8 +592,9 @@ class _ViewGraph:
                 else:  # the 50 action rows
                     if step == 1 and not mega0:  # the prefix's and (step 0 on the skinny path) the state token's keys
                         mega.fixed_keys(self.kc, self.vc, self.key_valid, with_state=True)
-                    mega.step(xs_act, self.pos[T + 1:], W.cos, W.sin, eps, **mk)
-                self._out_euler(dt, xs_act)
+                    mega.step(xs_act, self.pos[T + 1:], W.cos, W.sin, eps, staged=direct, **mk)
+                last = step == self.tb.shape[0] - 1
+                self._out_euler(dt, xs_act, zero=(mega.ctr, mega.ss[0, ss_tiles:]) if direct and not last else ())
                 continue
             if self.stack_plan is not None:  # every layer of the step in one persistent launch
                 AS.action_stack(self.stack_plan, xs, xa, ss, q, o, h, self.kc, self.vc, self.key_valid, self.pos[T + r0:],
@@ -597,7 +613,8 @@ class _ViewGraph:
                 SK.skinny_residual(o, W.sk_o[i], xs, xa, ss, **sk(t.sk_o, br))
                 SK.skinny_geglu(xa, W.sk_gu[i], h, **norm, **sk(t.sk_gu, bg))
                 SK.skinny_residual(h, W.sk_down[i], xs, xa, ss, **sk(t.sk_down, br))
-            self._out_euler(dt)
+            # step 0 on the skinny path before persistent steps: their counters / norm-sum slots start zeroed
+            self._out_euler(dt, zero=(mega.ctr, mega.ss[0, ss_tiles:]) if direct else ())
 
     def capture(self):
         t0 = time.perf_counter()
@@ -729,10 +746,13 @@ class _MegaSteps:
 
     def step(self, xs: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float,
              pdl: bool = True, pub: int = MC.PUB, gelu: int = MC.GELU, pf: int = MC.PF, rcp: int = MC.RCP,
-             spack: int = MC.SPACK, tail: int = MC.TAIL):
+             spack: int = MC.SPACK, tail: int = MC.TAIL, staged: bool = False):
         """One flow step over the residual xs [50, 1024] (fp32, updated in place) at RoPE positions pos [50]; pdl:
-        both launches early (programmatic dependent launch: the kernel's weight stream starts before its inputs)."""
-        MC.stage_step_input(xs, self.acts["x"], self.ss, self.ctr, pdl=pdl)
+        both launches early (programmatic dependent launch: the kernel's weight stream starts before its inputs).
+        staged: acts["x"] and ss[0] already hold the step's input and the counters are zero (Tuning.mega_direct);
+        else stage_step_input makes them from xs."""
+        if not staged:
+            MC.stage_step_input(xs, self.acts["x"], self.ss, self.ctr, pdl=pdl)
         st = dict(xs=xs, ss=self.ss, pos=pos[:MC.R], cos=cos, sin=sin, eps=eps, T=self.T, kc=self.kc, vc=self.vc,
                   key_valid=self.key_valid, att=self.att, attn_mode=2)
         MC.mega_chain(self.plan, self.prepared, self.acts, self.ctr, self.L, layer_state=st, pdl=pdl,

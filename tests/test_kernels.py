@@ -193,6 +193,13 @@ def test_action_out_euler(split, gen):
     out = AOE.action_out_euler(x, wf, b, xt.clone(), -0.1, block=(16, 32), split=split)
     assert rel(out, ref) < (1e-3 if DEV == "cuda" else 1e-6)
     assert torch.equal(out, AOE.action_out_euler(x, wf, b, xt.clone(), -0.1, block=(16, 32), split=split))
+    # with two buffers zeroed on the way (the next flow step's persistent-kernel counters and norm-sum slots): the
+    # same actions, every element of both zero, nothing past them touched
+    ctr = torch.full((18 * 128 + 1,), 3, dtype=torch.int32, device=DEV)
+    ss = torch.full((30, 50), 5.0, device=DEV)
+    out2 = AOE.action_out_euler(x, wf, b, xt.clone(), -0.1, block=(16, 32), split=split, zero=(ctr[:-1], ss[16:]))
+    assert torch.equal(out2, out) and ctr[:-1].eq(0).all() and ctr[-1] == 3
+    assert ss[16:].eq(0).all() and ss[:16].eq(5.0).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -872,3 +879,27 @@ def test_mega_stage_step_input(gen, rows):
     idx = MC._blocked_index(1024, xs.device, rows).view(-1)  # the rows past them are not part of the activations
     assert torch.equal(xb[idx], ref[idx])
     assert rel(ss[0, 0, :rows], xs.pow(2).sum(1)) < 1e-6 and ss[0, 1:, :rows].eq(0).all() and ss[1].eq(5.0).all()
+
+
+@pytest.mark.parametrize("split", [1, 8])
+def test_time_mlp_writes_mega_inputs(gen, split):
+    """Tuning.mega_direct: the time MLP's epilogue writes the persistent kernel's inputs itself: its bf16 copy in the
+    blocked layout equals what stage_step_input makes from the same residual (bitwise, every element the kernel
+    reads), and its per-tile norm sums add up to the row sums of squares; 50 rows, the engine's 1024 columns."""
+    from pi0_triton_policy.kernels import mega_chain as MC
+
+    M, D = MC.R, 1024
+    dt = torch.float16 if DEV == "cpu" else torch.bfloat16
+    h, w, bias = randn(M, D, gen=gen), randn(D, D, scale=D**-0.5, gen=gen), randn(D, gen=gen)
+    x = torch.full((M, D), float("nan"), device=DEV)
+    xb = torch.full((MC.blocked_size(D),), 7.0, dtype=dt, device=DEV)
+    ss = torch.full((30, M), 5.0, device=DEV)
+    SK.skinny_residual(h, SK.transpose_weight(w), x, xb, ss[:16], bias=bias, store=True, xa_block=MC.A_BLOCK // 2,
+                       split=split, block=(64, 32, 64), num_warps=4, num_stages=2)
+    tol = 3e-3 if DEV == "cuda" else 1e-6  # tf32 dots on the GPU
+    assert rel(x, h @ w + bias) < tol
+    xb_ref = torch.full_like(xb, 7.0)
+    MC.stage_step_input(x, xb_ref, torch.zeros(2, 30, M, device=DEV), torch.zeros(64, dtype=torch.int32, device=DEV))
+    idx = MC._blocked_index(D, x.device, M).view(-1)
+    assert torch.equal(xb[idx], xb_ref[idx])
+    assert rel(ss[:16].sum(0), x.pow(2).sum(1)) < 1e-5 and ss[16:].eq(5.0).all()
