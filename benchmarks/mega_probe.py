@@ -71,14 +71,14 @@ def layer_mode(weights, ctr, attn=0, T=304, shared_kv=False, pub=MC.PUB, ahead=M
     kv_prefix = None
     if attn:  # a prefix of T keys (the last 11 prompt keys padding) shared by every layer
         g = torch.Generator(device=dev).manual_seed(1)
-        kv_shape = (L, T, 256) if attn == 2 and not shared_kv else (T, 256)  # ATTN 2: a cache per layer, as the engine
+        kv_shape = (L, T, 256) if attn >= 2 and not shared_kv else (T, 256)  # ATTN 2 / 3: a cache per layer, as the engine
         kp = torch.randn(*kv_shape, device=dev, generator=g).to(bf)
         vp = torch.randn(*kv_shape, device=dev, generator=g).to(bf)
         valid = torch.ones(T, dtype=torch.int32, device=dev)
         valid[T - 11:] = 0
-        pad = MC.R + (16 if attn == 2 else 0)  # ATTN 2: 16 zero rows past the keys, kv_swizzle's layout
-        sw = MC.kv_swizzle if attn == 2 else (lambda t: t)
-        def cache(p):  # the prefix, then the suffix rows (+ ATTN 2's 16 zero rows), per layer for ATTN 2
+        pad = MC.kv_rows(T, MC.R, attn) - T  # the suffix rows (+ ATTN 2 / 3's zero rows past the keys)
+        sw = lambda t: MC.kv_layout(t, attn)  # noqa: E731 (ATTN 2 kv_swizzle's layout, ATTN 3 kv_blocked's)
+        def cache(p):  # the prefix, then the suffix rows and zero rows, per layer for ATTN 2 / 3
             if p.dim() == 2:
                 return sw(torch.cat([p, torch.zeros(pad, 256, dtype=bf, device=dev)]))
             return torch.stack([sw(torch.cat([x, torch.zeros(pad, 256, dtype=bf, device=dev)])) for x in p])
@@ -159,7 +159,7 @@ def main():
     ap.add_argument("--pub", type=int, nargs="+", default=[MC.PUB], help="publish variants (kernels/mega_chain.py)")
     ap.add_argument("--loader", type=int, nargs="+", default=[MC.LOADER], help="activation loader warp (1) or not (0)")
     ap.add_argument("--layer", action="store_true", help="also the real layer's epilogues (RMSNorm, RoPE, GeGLU, residual)")
-    ap.add_argument("--attn", type=int, nargs="*", default=[], help="also the layer with its attention link: modes (1, 2)")
+    ap.add_argument("--attn", type=int, nargs="*", default=[], help="also the layer with its attention link: modes (1, 2, 3)")
     ap.add_argument("--prefix-keys", type=int, nargs="+", default=[304], help="prefix keys for --attn (304: 1 camera)")
     ap.add_argument("--shared-kv", action="store_true", help="ATTN 2 also with one K / V cache for every layer")
     ap.add_argument("--mcast", type=int, nargs="+", default=[MC.MCAST], help="--layer / --attn runs: activations multicast (1) or not (0)")

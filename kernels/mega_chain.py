@@ -297,6 +297,15 @@ __device__ __forceinline__ int suffix_key(const Args& g, int row) {
 
 /* element offset of (row, col) in the activations' global layout: blocks of 64 columns x 56 rows of 128 B, the
    16-byte groups of a row XOR-swizzled by row (the shared-memory layout wgmma reads, so a K range is one bulk copy) */
+/* element offset of (key, dim d) in a layer's K / V cache: ATTN 1 row-major; ATTN 2 rows of 256 with the 16-byte groups
+   XOR-swizzled by key % 8 (kv_swizzle); ATTN 3 [key / 16][d / 64][key % 16][64] with the same swizzle inside each
+   128-byte row (kv_blocked: a sub-block of 16 keys is 8 KB, each 64-dim block of it a wgmma operand) */
+__device__ __forceinline__ size_t kv_index(int key, int d) {
+    if (ATTN == 3)
+        return (size_t)(key >> 4) * 4096 + (d >> 6) * 1024 + (key & 15) * 64 + ((((d & 63) >> 3) ^ (key & 7)) << 3) + (d & 7);
+    return (size_t)key * 256 + (ATTN == 2 ? d ^ ((key & 7) << 3) : d);
+}
+
 __device__ __forceinline__ size_t blocked(int row, int col) {
     return (size_t)(col >> 6) * (A_BLOCK / 2) + row * 64 + ((((col & 63) >> 3) ^ (row & 7)) << 3) + (col & 7);
 }
@@ -433,10 +442,10 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
             *(unsigned*)(out + blocked(row, head * 256 + dim)) = to_bf16(a0) | ((unsigned)to_bf16(a1) << 16);
             *(unsigned*)(out + blocked(row, head * 256 + 128 + dim)) = to_bf16(b0) | ((unsigned)to_bf16(b1) << 16);
             if (ATTN && head >= 8) {  /* k / v of the suffix rows -> the key / value cache (as below) */
-                const int key = suffix_key(g, row), sw = ATTN == 2 ? ((key & 7) << 3) : 0;
-                bf16* kv = (head == 8 ? g.kc : g.vc) + (size_t)l * g.kv_layer + (size_t)key * 256;
-                *(unsigned*)(kv + (dim ^ sw)) = to_bf16(a0) | ((unsigned)to_bf16(a1) << 16);
-                *(unsigned*)(kv + ((128 + dim) ^ sw)) = to_bf16(b0) | ((unsigned)to_bf16(b1) << 16);
+                const int key = suffix_key(g, row);
+                bf16* kv = (head == 8 ? g.kc : g.vc) + (size_t)l * g.kv_layer;
+                *(unsigned*)(kv + kv_index(key, dim)) = to_bf16(a0) | ((unsigned)to_bf16(a1) << 16);
+                *(unsigned*)(kv + kv_index(key, 128 + dim)) = to_bf16(b0) | ((unsigned)to_bf16(b1) << 16);
             }
         }
     } else if (LAYER && P == 0) {
@@ -458,12 +467,11 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
                 }
                 *(unsigned*)(out + blocked(row, head * 256 + dim)) = to_bf16(a0) | ((unsigned)to_bf16(a1) << 16);
                 *(unsigned*)(out + blocked(row, head * 256 + 128 + dim)) = to_bf16(b0) | ((unsigned)to_bf16(b1) << 16);
-                if (ATTN && head >= 8) {  /* k / v of the suffix rows -> the key / value cache (ATTN 2: its 16-byte
-                                             groups XOR-swizzled by key, kv_swizzle) */
-                    const int key = suffix_key(g, row), sw = ATTN == 2 ? ((key & 7) << 3) : 0;
-                    bf16* kv = (head == 8 ? g.kc : g.vc) + (size_t)l * g.kv_layer + (size_t)key * 256;
-                    *(unsigned*)(kv + (dim ^ sw)) = to_bf16(a0) | ((unsigned)to_bf16(a1) << 16);
-                    *(unsigned*)(kv + ((128 + dim) ^ sw)) = to_bf16(b0) | ((unsigned)to_bf16(b1) << 16);
+                if (ATTN && head >= 8) {  /* k / v of the suffix rows -> the key / value cache (ATTN 2 / 3: kv_index) */
+                    const int key = suffix_key(g, row);
+                    bf16* kv = (head == 8 ? g.kc : g.vc) + (size_t)l * g.kv_layer;
+                    *(unsigned*)(kv + kv_index(key, dim)) = to_bf16(a0) | ((unsigned)to_bf16(a1) << 16);
+                    *(unsigned*)(kv + kv_index(key, 128 + dim)) = to_bf16(b0) | ((unsigned)to_bf16(b1) << 16);
                 }
             }
     } else if (LAYER && P == 2) {
@@ -956,12 +964,14 @@ __device__ __forceinline__ void attention_quarter2(const Args& g, int c, int& kb
     nsb = kb < ke ? (ke - kb + 15) / 16 : 0;
 }
 
-__device__ __forceinline__ void attention_kv_issue2(const Args& g, int l, unsigned a_u32, unsigned bars, int idx, int k0) {
-    const int slot = idx % A2_SLOTS, use = idx / A2_SLOTS;
+/* sub-block idx of the loader's sequence (keys k0..k0+15 of layer l) into ring slot idx % slots at ring_u32 */
+__device__ __forceinline__ void attention_kv_issue(const Args& g, int l, unsigned ring_u32, unsigned bars, int idx, int k0,
+                                                   int slots) {
+    const int slot = idx % slots, use = idx / slots;
     const unsigned full = bars + 8 * (A2_BAR + slot), empty = bars + 8 * (A2_BAR + A2_SLOTS + slot);
     if (use > 0) while (!mbar_try(empty, (use - 1) & 1)) {}
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(full), "r"(2 * A2_SB) : "memory");
-    const unsigned dst = a_u32 + A2_KV + slot * 2 * A2_SB;
+    const unsigned dst = ring_u32 + slot * 2 * A2_SB;
     /* 16 key rows of K and of V, one bulk copy each: the cache holds >= TK + 16 rows (zeros past TK, masked) and its
        16-byte groups are already XOR-swizzled by key (kv_swizzle), so ldmatrix reads them without bank conflicts */
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
@@ -980,7 +990,7 @@ __device__ __forceinline__ void attention_loader2(const Args& g, int l, int prog
     ++au;
     int j = 0;
     for (; j < nsb && j < A2_SLOTS && kb + 16 * j + 16 <= g.T; ++j)  /* prefix keys: fixed, requested right away */
-        attention_kv_issue2(g, l, a_u32, bars, kvi + j, kb + 16 * j);
+        attention_kv_issue(g, l, a_u32 + A2_KV, bars, kvi + j, kb + 16 * j, A2_SLOTS);
     while (ld_acquire(g.ctr + (l * 4 + 0) * 32 + 31) < g.wait[1][31]) {}  /* every qkv unit has published */
     asm volatile("fence.proxy.async.global;" ::: "memory");
     /* Q: one 64-column block per activation mbarrier (each unit completes all four); the tile's rows are one or two
@@ -999,7 +1009,7 @@ __device__ __forceinline__ void attention_loader2(const Args& g, int l, int prog
             if (s == split) break;
         }
     }
-    for (; j < nsb; ++j) attention_kv_issue2(g, l, a_u32, bars, kvi + j, kb + 16 * j);
+    for (; j < nsb; ++j) attention_kv_issue(g, l, a_u32 + A2_KV, bars, kvi + j, kb + 16 * j, A2_SLOTS);
     kvi += nsb;
 }
 
@@ -1209,6 +1219,220 @@ __device__ __forceinline__ void attention_unit2(const Args& g, int l, int prog, 
     }
 }
 
+/* ATTN 3: the attention link with wgmma. Cluster h < 8 takes head h whole (its R query rows as one m64 tile: the q
+   activations' blocks 4h..4h+3 are already the A operand's K-major 128-byte-swizzled layout), rank c a quarter of the
+   keys (attention_quarter2). Per 16-key sub-block: S = Q K^T as 16 wgmma m64n16k16 (K's sub-block is a K-major B
+   operand: the cache is stored [key / 16][4 dim blocks][16 keys][128 B], 16-byte groups XOR key % 8, `kv_blocked`),
+   the online softmax on the accumulator (warp w holds rows 16w.., the mma.sync layout), then O += P V as 4 wgmma
+   m64n64k16 with P from registers and V's sub-block as an N-major B operand (the same layout read transposed). No
+   in-rank merge: warp w's 16 rows go to rank w (normalised bf16 + m, l by one bulk copy each), and rank c's warp c
+   merges rows 16c..16c+15 from the 4 quarters in fixed order (bitwise deterministic). Shared memory, inside the
+   activation region: Q, a 3-slot K / V ring, after the keys the 3 outgoing slices (past o's activations, which the
+   loader refills while other ranks may still copy them), and the 3 incoming ones (past the ring). */
+#define A3_Q 0                                    /* Q: blocks 4h..4h+3 of q, [4][56 rows][128 B] */
+#define A3_KV (4 * A_BLOCK)                       /* K / V ring: [slot][K, V][4 dim blocks][16 keys][128 B] */
+#define A3_SLOTS 3
+#define A3_SEND (8 * A_BLOCK)                     /* [3 other ranks][16 rows][A2_ROW]: O / l bf16, then m, l fp32 */
+#define A3_SLICE (16 * A2_ROW)
+#define A3_RECV (A3_SEND + 3 * A3_SLICE)          /* [3 other ranks][16 rows][A2_ROW] */
+#if ATTN == 3 && (A3_KV + A3_SLOTS * 2 * A2_SB > A3_RECV || A3_RECV + 3 * A3_SLICE > A_BYTES || A3_KV % 1024)
+#error "ATTN 3's shared memory: the ring must end before the incoming slices, all of it inside the activation region"
+#endif
+
+/* wgmma m64n64k16, A (P) from registers, B (V) from shared memory N-major (imm-trans-b 1) */
+__device__ __forceinline__ void wgmma_pv64(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                           unsigned long long db) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+                 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
+                 "{%32,%33,%34,%35}, %36, 1, 1, 1, 1;"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(db) : "memory");
+}
+
+/* an N-major bf16 B operand in the 128-byte swizzle: 8-key atoms of 128 B rows 1024 B apart (stride byte offset),
+   64-column groups 2048 B apart (leading byte offset) */
+__device__ __forceinline__ unsigned long long sw128_desc_mn(unsigned addr) {
+    return (unsigned long long)((addr & 0x3FFFF) >> 4) | ((unsigned long long)(2048 >> 4) << 16)
+         | ((unsigned long long)(1024 >> 4) << 32) | (1ull << 62);
+}
+
+__device__ __forceinline__ void attention_loader3(const Args& g, int l, int prog, unsigned char* smem, int& au, int& kvi) {
+    const unsigned a_u32 = smem_u32(smem), bars = smem_u32(smem + A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES) + NS * SLOT;
+    const int h = prog >> 2, c = prog & 3;
+    int kb, ke, nsb;
+    attention_quarter2(g, c, kb, ke, nsb);
+    if (au > 0) while (!mbar_try(bars + 8 * (2 * NS + 6), (au - 1) & 1)) {}  /* the qkv unit's activations are consumed */
+    ++au;
+    int j = 0;
+    for (; j < nsb && j < A3_SLOTS && kb + 16 * j + 16 <= g.T; ++j)  /* prefix keys: fixed, requested right away */
+        attention_kv_issue(g, l, a_u32 + A3_KV, bars, kvi + j, kb + 16 * j, A3_SLOTS);
+    while (ld_acquire(g.ctr + (l * 4 + 0) * 32 + 31) < g.wait[1][31]) {}  /* every qkv unit has published */
+    asm volatile("fence.proxy.async.global;" ::: "memory");
+    #pragma unroll 1
+    for (int b = 0; b < 4; ++b) {  /* Q: head h's four 64-column blocks, one per activation mbarrier */
+        const unsigned abar = bars + 8 * (2 * NS + 2 + b);
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(abar), "r"(A_BLOCK) : "memory");
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                     :: "r"(a_u32 + A3_Q + b * A_BLOCK), "l"(g.act[1] + (size_t)(4 * h + b) * (A_BLOCK / 2)), "r"(A_BLOCK),
+                        "r"(abar) : "memory");
+    }
+    for (; j < nsb; ++j) attention_kv_issue(g, l, a_u32 + A3_KV, bars, kvi + j, kb + 16 * j, A3_SLOTS);
+    kvi += nsb;
+}
+
+__device__ __forceinline__ void attention_unit3(const Args& g, int l, int prog, unsigned char* smem, int& au, int& kvi) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, h = prog >> 2, c = prog & 3;
+    const unsigned a_u32 = smem_u32(smem), bars = smem_u32(smem + A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES) + NS * SLOT;
+    const unsigned aparity = au & 1;
+    ++au;
+    int kb, ke, nsb;
+    attention_quarter2(g, c, kb, ke, nsb);
+    const unsigned rbar = bars + 8 * (2 * NS + 8);
+    if (tid == 0)  /* my rows' slices from the other three ranks */
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(rbar), "r"(3 * A3_SLICE) : "memory");
+    /* validity of this thread's 4 keys of every sub-block (columns 8n + 2 q4 + {0, 1}), read before Q arrives */
+    const int gq = lane >> 2, q4 = lane & 3;
+    unsigned long long vbits = 0;
+    #pragma unroll 1
+    for (int sb = 0; sb < nsb; ++sb)  /* nsb <= 16 (TK <= 1024, asserted by the host) */
+        #pragma unroll
+        for (int n = 0; n < 2; ++n)
+            #pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int key = kb + 16 * sb + 8 * n + 2 * q4 + e;
+                if (key < ke && __ldg(g.key_valid + key) != 0) vbits |= 1ull << (4 * sb + 2 * n + e);
+            }
+    /* STATE: the state token's row (R - 1) sees the prefix and its own key only */
+    const bool srow0 = STATE && 16 * warp + gq == R - 1, srow1 = STATE && 16 * warp + gq + 8 == R - 1;
+    for (int q = 0; q < 4; ++q) while (!mbar_try(bars + 8 * (2 * NS + 2 + q), aparity)) {}
+    unsigned long long* ts = g.ts + ((size_t)(prog * g.L + l) * 4 + 1) * 8;  /* o's slots 4..7: the attention unit */
+    unsigned long long* ts0 = g.ts + ((size_t)(prog * g.L + l) * 4 + 0) * 8;  /* qkv's spare slots 4, 5 */
+    if (g.use_ts && tid == 0) ts[4] = globaltimer();
+
+    const unsigned q_base = pinned_u32(a_u32 + A3_Q);
+    float o[32][4], m[2] = {-1e30f, -1e30f}, lsum[2] = {0.f, 0.f};
+    #pragma unroll
+    for (int j = 0; j < 32; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    #pragma unroll 1
+    for (int sb = 0; sb < nsb; ++sb) {
+        const int idx = kvi + sb, slot = idx % A3_SLOTS;
+        while (!mbar_try(bars + 8 * (A2_BAR + slot), (idx / A3_SLOTS) & 1)) {}
+        const unsigned kbase = pinned_u32(a_u32 + A3_KV + slot * 2 * A2_SB), vbase = kbase + A2_SB;
+        float s[2][4];
+        asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+        #pragma unroll
+        for (int b = 0; b < 4; ++b)
+            #pragma unroll
+            for (int kk = 0; kk < 4; ++kk)
+                wgmma_n<16>(&s[0][0], sw128_desc(q_base + b * A_BLOCK + 32 * kk), sw128_desc(kbase + b * 2048 + 32 * kk),
+                            b | kk);
+        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+        float mx[2] = {m[0], m[1]};
+        #pragma unroll
+        for (int n = 0; n < 2; ++n)
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = kb + 16 * sb + 8 * n + 2 * q4 + (e & 1);
+                const bool ok = ((vbits >> (4 * sb + 2 * n + (e & 1))) & 1) && !((e >> 1 ? srow1 : srow0) && key > g.T);
+                s[n][e] = ok ? s[n][e] : -1e30f;
+                mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
+            }
+        softmax_step(s, mx, m, lsum, o);
+        const unsigned p0 = to_bf16(s[0][0]) | ((unsigned)to_bf16(s[0][1]) << 16), p1 = to_bf16(s[0][2]) | ((unsigned)to_bf16(s[0][3]) << 16);
+        const unsigned p2 = to_bf16(s[1][0]) | ((unsigned)to_bf16(s[1][1]) << 16), p3 = to_bf16(s[1][2]) | ((unsigned)to_bf16(s[1][3]) << 16);
+        asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+        #pragma unroll
+        for (int q = 0; q < 4; ++q) wgmma_pv64(&o[8 * q][0], p0, p1, p2, p3, sw128_desc_mn(vbase + q * 2048));
+        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+        if (tid == 0) mbar_arrive(bars + 8 * (A2_BAR + A2_SLOTS + slot));  /* the loader may refill the slot */
+    }
+    kvi += nsb;
+    if (g.use_ts && tid == 0) ts[5] = globaltimer();
+
+    /* warp w's rows 16w.. (normalised, bf16, with m and l) to rank w; the owner's own rows stay in registers */
+    const float inv0 = lsum[0] > 0.f ? 1.f / lsum[0] : 0.f, inv1 = lsum[1] > 0.f ? 1.f / lsum[1] : 0.f;
+    const unsigned recv = a_u32 + A3_RECV;
+    if (warp != c) {
+        unsigned char* send = smem + A3_SEND + (warp < c ? warp : warp - 1) * A3_SLICE;
+        #pragma unroll
+        for (int j = 0; j < 32; ++j) {
+            *(unsigned*)(send + gq * A2_ROW + 2 * (8 * j + 2 * q4)) = to_bf16(o[j][0] * inv0) | ((unsigned)to_bf16(o[j][1] * inv0) << 16);
+            *(unsigned*)(send + (gq + 8) * A2_ROW + 2 * (8 * j + 2 * q4)) = to_bf16(o[j][2] * inv1) | ((unsigned)to_bf16(o[j][3] * inv1) << 16);
+        }
+        if (q4 == 0) {
+            *(float2*)(send + gq * A2_ROW + 512) = make_float2(m[0], lsum[0]);
+            *(float2*)(send + (gq + 8) * A2_ROW + 512) = make_float2(m[1], lsum[1]);
+        }
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  /* generic writes -> the bulk copy reads them */
+        __syncwarp();
+        if (lane == 0)
+            asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                         :: "r"(mapa(recv + (c < warp ? c : c - 1) * A3_SLICE, warp)), "r"(smem_u32(send)), "r"(A3_SLICE),
+                            "r"(mapa(rbar, warp)) : "memory");
+    } else {  /* the owner warp: rows 16c + gq, + 8 from the 4 quarters in fixed order */
+        while (!mbar_try_cluster(rbar, l & 1)) {}
+        if (g.use_ts && lane == 0) ts0[4] = globaltimer();
+        #pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            const int row = gq + 8 * hh, r = 16 * c + row;
+            float w[4], mm = -1e30f, wsum = 0.f;
+            const unsigned char* src[4];
+            #pragma unroll
+            for (int s = 0; s < 4; ++s)
+                src[s] = smem + A3_RECV + (s < c ? s : s - 1) * A3_SLICE + row * A2_ROW;
+            #pragma unroll
+            for (int s = 0; s < 4; ++s) mm = fmaxf(mm, s == c ? m[hh] : ((const float*)(src[s] + 512))[0]);
+            #pragma unroll
+            for (int s = 0; s < 4; ++s) {
+                const float ms = s == c ? m[hh] : ((const float*)(src[s] + 512))[0];
+                const float ls = s == c ? lsum[hh] : ((const float*)(src[s] + 512))[1];
+                w[s] = ls > 0.f ? __expf(ms - mm) * ls : 0.f;
+                wsum += w[s];
+            }
+            const float inv = wsum > 0.f ? 1.f / wsum : 0.f, own = hh ? inv1 : inv0;
+            if (r < R)
+                #pragma unroll
+                for (int j = 0; j < 32; ++j) {
+                    const int col = 8 * j + 2 * q4;
+                    float v0 = 0.f, v1 = 0.f;
+                    #pragma unroll
+                    for (int s = 0; s < 4; ++s) {
+                        float x0, x1;
+                        if (s == c) {
+                            x0 = o[j][2 * hh] * own;
+                            x1 = o[j][2 * hh + 1] * own;
+                        } else {
+                            const unsigned pv = *(const unsigned*)(src[s] + 2 * col);
+                            x0 = __uint_as_float(pv << 16);
+                            x1 = __uint_as_float(pv & 0xffff0000u);
+                        }
+                        v0 += w[s] * x0;
+                        v1 += w[s] * x1;
+                    }
+                    *(unsigned*)(g.att + blocked(r, 256 * h + col)) = to_bf16(v0 * inv) | ((unsigned)to_bf16(v1 * inv) << 16);
+                }
+        }
+    }
+    if (g.use_ts && tid == 0) ts0[5] = globaltimer();
+    asm volatile("fence.proxy.async.global;" ::: "memory");  /* o's loader reads att by bulk copy */
+    bar_consumers();
+    /* the loader may overwrite the activation region: o's activations (the first 8 blocks) end where the outgoing
+       slices begin, which the other ranks' copies may still be reading; gate|up's do reach them, but they wait for
+       every o unit, hence for every attention owner, hence for every slice sent */
+    mbar_arrive(bars + 8 * (2 * NS + 6));
+    if (tid == 0) {
+        if (g.use_ts) ts[6] = globaltimer();
+        pub_fence();
+        pub_add(g.ctr + (l * 4 + 0) * 32 + 20 + h);
+        if (g.use_ts) ts[7] = globaltimer();
+    }
+}
+
 extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(192, 1) mega_chain_kernel(const Args g)
 {
     extern __shared__ __align__(1024) unsigned char smem[];
@@ -1255,6 +1479,7 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(192, 1) m
                 load_activations<0>(g, l, prog, smem, au);
                 if (ATTN == 1 && prog < 32) load_attention_q(g, l, prog, smem, au);
                 if (ATTN == 2 && prog < 4 * ATILES) attention_loader2(g, l, prog, smem, au, kvi);
+                if (ATTN == 3 && prog < 32) attention_loader3(g, l, prog, smem, au, kvi);
                 load_activations<1>(g, l, prog, smem, au);
                 load_activations<2>(g, l, prog, smem, au);
                 load_activations<3>(g, l, prog, smem, au);
@@ -1269,6 +1494,7 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(192, 1) m
             consume<0>(g, l, prog, smem, ci, su, au);
             if (ATTN == 1 && prog < 32) attention_unit(g, l, prog, smem, au);
             if (ATTN == 2 && prog < 4 * ATILES) attention_unit2(g, l, prog, smem, au, kvi);
+            if (ATTN == 3 && prog < 32) attention_unit3(g, l, prog, smem, au, kvi);
             consume<1>(g, l, prog, smem, ci, su, au);
             consume<2>(g, l, prog, smem, ci, su, au);
             consume<3>(g, l, prog, smem, ci, su, au);
@@ -1316,7 +1542,7 @@ def source(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = 
            pair: int = PAIR, spack: int = SPACK, ns: int = NS, tail: int = TAIL, state: int = 0) -> str:
     assert pair in PAIRED, pair
     assert not (pf and spack), "PF counts chunks, SPACK's producer counts slots"
-    assert not state or (layer and attn == 2), "STATE: flow step 0 of the real layer with ATTN 2"
+    assert not state or (layer and attn in (2, 3)), "STATE: flow step 0 of the real layer with ATTN 2 or 3"
     assert smem_bytes(ns) <= 227 * 1024, f"a ring of {ns} slots does not fit in shared memory"
     assert a_pipe or not loader, "the loader copies the activations in quarters"
     assert loader or not mcast, "MCAST: the loader multicasts"
@@ -1493,7 +1719,7 @@ def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tenso
     layer = layer_state is not None
     attn = int(layer_state.get("attn_mode", ATTN_MODE)) if layer and "kc" in layer_state else 0
     state = int(bool(layer and layer_state.get("state", False)))
-    assert layer == plan.layer and attn in (0, 1, 2) and (not state or attn == 2)
+    assert layer == plan.layer and attn in (0, 1, 2, 3) and (not state or attn in (2, 3))
     rows = R + state
     func, programs = _kernel_and_programs(ahead, a_pipe, pub, wgd, loader, int(layer), attn, mcast, gelu, pf, rcp,
                                           plan.pair if layer else PAIR, spack, ns, tail, state)
@@ -1526,15 +1752,15 @@ def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tenso
         if attn:  # att [blocked 50 x 2048], kc / vc [TK, 256] (rows >= T written by the kernel), key_valid
             # [TK + 16] (the prefix's padding mask, 1 for the suffix keys, 0 past TK)
             T = int(st["T"])
-            # ATTN 2: kv_swizzle's layout, 16 zero rows past T + R (a sub-block of 16 keys is one bulk copy), one
+            # ATTN 2 / 3: kv_layout's layouts with the rows of kv_rows (a sub-block of 16 keys is one bulk copy), one
             # cache for every layer [rows, 256] or one per layer [layers, rows, 256]
-            krows = T + rows + (16 if attn == 2 else 0)
-            assert attn == 1 or T + rows <= 1024, "ATTN 2: at most 16 sub-blocks of 16 keys per key quarter"
+            krows = kv_rows(T, rows, attn)
+            assert attn == 1 or T + rows <= 1024, "ATTN 2 / 3: at most 16 sub-blocks of 16 keys per key quarter"
             kc = st["kc"]
             assert kc.shape == st["vc"].shape and kc.shape[-2:] == (krows, 256) and st["key_valid"].shape == (T + rows + 16,)
-            assert kc.dim() == 2 or (attn == 2 and kc.dim() == 3 and kc.shape[0] >= layers and kc.is_contiguous())
+            assert kc.dim() == 2 or (attn >= 2 and kc.dim() == 3 and kc.shape[0] >= layers and kc.is_contiguous())
             args.kv_layer = krows * 256 if kc.dim() == 3 else 0
-            assert st["att"].shape == (blocked_size(2048),) and programs >= (32 if attn == 1 else 4 * attention_tiles(rows))
+            assert st["att"].shape == (blocked_size(2048),) and programs >= (4 * attention_tiles(rows) if attn == 2 else 32)
             args.att, args.kc, args.vc = st["att"].data_ptr(), st["kc"].data_ptr(), st["vc"].data_ptr()
             args.key_valid, args.T, args.TK = st["key_valid"].data_ptr(), T, T + rows
     for p in range(4):
@@ -1571,6 +1797,45 @@ def kv_swizzle(kv: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Te
     return torch.gather(v, -2, idx).reshape(kv.shape)
 
 
+def kv_rows(T: int, rows: int, attn: int) -> int:
+    """Rows of a layer's K / V cache for T fixed keys and `rows` suffix keys: ATTN 2 16 zero rows past them (a 16-key
+    sub-block is one bulk copy), ATTN 3 that rounded up to whole 16-key sub-blocks (kv_blocked's unit)."""
+    return T + rows + 16 if attn == 2 else (T + rows + 31) // 16 * 16 if attn == 3 else T + rows
+
+
+def _kv_blocked_index(keys: int, device) -> torch.Tensor:
+    """[keys, 256]: the flat position (within the cache) of element (key, d) in kv_blocked's layout."""
+    k = torch.arange(keys, device=device).view(keys, 1)
+    d = torch.arange(256, device=device).view(1, 256)
+    return (k // 16) * 4096 + (d // 64) * 1024 + (k % 16) * 64 + ((((d % 64) // 8) ^ (k % 8)) * 8) + d % 8
+
+
+def kv_blocked(kv: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """ATTN 3's K / V cache layout: [..., keys, 256] (keys a multiple of 16) stored as [keys / 16][4 dim blocks of 64]
+    [16 keys][64] with the 16-byte groups of each 128-byte row XOR-swizzled by key % 8: each 16-key sub-block is one
+    8 KB bulk copy, and each of its dim blocks a wgmma operand in the 128-byte swizzle (K-major for S = Q K^T,
+    N-major for O = P V). The same shape, the elements permuted; inverse=True undoes it."""
+    keys = kv.shape[-2]
+    assert keys % 16 == 0 and kv.shape[-1] == 256, kv.shape
+    idx = _kv_blocked_index(keys, kv.device).reshape(-1)
+    flat = kv.reshape(*kv.shape[:-2], keys * 256)
+    out = torch.empty_like(flat)
+    if inverse:
+        out.copy_(flat[..., idx])
+    else:
+        out[..., idx] = flat
+    return out.reshape(kv.shape)
+
+
+def kv_layout(kv: torch.Tensor, attn: int) -> torch.Tensor:
+    """Row-major K / V rows in the cache layout the attention link reads (ATTN 2 kv_swizzle, ATTN 3 kv_blocked)."""
+    return kv_swizzle(kv) if attn == 2 else kv_blocked(kv) if attn == 3 else kv
+
+
+def kv_unlayout(kv: torch.Tensor, attn: int) -> torch.Tensor:
+    return kv_swizzle(kv) if attn == 2 else kv_blocked(kv, inverse=True) if attn == 3 else kv
+
+
 def attention_tiles(rows: int = R) -> int:
     """ATTN 2's tiles of 16 packed (head, row) query rows (the kernel's ATILES): 25 for 50 rows, 26 for 51."""
     return (8 * rows + 15) // 16
@@ -1580,7 +1845,7 @@ def attention_arrivals(attn: int, rows: int = R) -> list[int]:
     """Per head, how many attention units publish rows of it: ATTN 1, the 4 key quarters of the head's cluster;
     ATTN 2, the (tile, rank) row slices of the packed rows (row i = head * rows + r, rank c of tile t owns rows
     16 t + 4 c .. + 3), one arrival per head a slice touches (rows past 8 x rows, the last tile's padding, none)."""
-    if attn == 1:
+    if attn in (1, 3):  # ATTN 3: head h's 4 ranks, each owner of 16 of its rows
         return [4] * 8
     n = [0] * 8
     for t in range(attention_tiles(rows)):
@@ -1628,14 +1893,20 @@ def stage_step_input(xs: torch.Tensor, x_blocked: torch.Tensor, ss: torch.Tensor
 
 @triton.jit
 def _stage_fixed_keys_kernel(ks_ptr, vs_ptr, kd_ptr, vd_ptr, valid_src_ptr, valid_dst_ptr, T, NV, src_layer, dst_layer,
-                             BT: tl.constexpr, HD: tl.constexpr):
+                             BT: tl.constexpr, HD: tl.constexpr, BLOCKED: tl.constexpr = False):
     """Keys k0..k0+BT of layer l, K and V: the row-major rows into kv_swizzle's layout (the 16-byte group g of key k
-    at g ^ (k % 8)); the first layer's programs also copy the validity of the first NV keys."""
+    at g ^ (k % 8)), or with BLOCKED kv_blocked's; the first layer's programs also copy the validity of the first NV
+    keys."""
     kb, l = tl.program_id(0), tl.program_id(1)
     k = kb * BT + tl.arange(0, BT)
     p = tl.arange(0, HD)
-    src = l * src_layer + k[:, None] * HD + ((((p // 8)[None, :] ^ (k % 8)[:, None]) * 8) + (p % 8)[None, :])
-    dst = l * dst_layer + k[:, None] * HD + p[None, :]
+    if BLOCKED:
+        src = l * src_layer + k[:, None] * HD + p[None, :]
+        dst = (l * dst_layer + (k // 16)[:, None] * (16 * HD) + (p // 64)[None, :] * 1024 + (k % 16)[:, None] * 64
+               + ((((p % 64) // 8)[None, :] ^ (k % 8)[:, None]) * 8) + (p % 8)[None, :])
+    else:
+        src = l * src_layer + k[:, None] * HD + ((((p // 8)[None, :] ^ (k % 8)[:, None]) * 8) + (p % 8)[None, :])
+        dst = l * dst_layer + k[:, None] * HD + p[None, :]
     m = (k < T)[:, None]
     tl.store(kd_ptr + dst, tl.load(ks_ptr + src, mask=m), mask=m)
     tl.store(vd_ptr + dst, tl.load(vs_ptr + src, mask=m), mask=m)
@@ -1644,11 +1915,12 @@ def _stage_fixed_keys_kernel(ks_ptr, vs_ptr, kd_ptr, vd_ptr, valid_src_ptr, vali
 
 
 def stage_fixed_keys(kc: torch.Tensor, vc: torch.Tensor, key_valid: torch.Tensor, kc_dst: torch.Tensor,
-                     vc_dst: torch.Tensor, key_valid_dst: torch.Tensor, T: int, valid: int | None = None):
-    """The fixed keys 0..T-1 of every layer's row-major cache kc / vc [L, >= T, HD] into ATTN 2's caches kc_dst /
-    vc_dst [L, >= T, HD] (`kv_swizzle`), and key_valid[:valid] (default T - 1: the prefix's mask when the keys end
-    with the state token, whose validity is fixed) into key_valid_dst: one launch (was a torch gather + copy per
-    cache)."""
+                     vc_dst: torch.Tensor, key_valid_dst: torch.Tensor, T: int, valid: int | None = None, attn: int = 2):
+    """The fixed keys 0..T-1 of every layer's row-major cache kc / vc [L, >= T, HD] into the attention link's caches
+    kc_dst / vc_dst [L, >= T, HD] (ATTN 2 `kv_swizzle`, ATTN 3 `kv_blocked`: HD 256, rows a multiple of 16), and
+    key_valid[:valid] (default T - 1: the prefix's mask when the keys end with the state token, whose validity is
+    fixed) into key_valid_dst: one launch (was a torch gather + copy per cache)."""
+    assert attn in (2, 3) and (attn == 2 or (kc_dst.shape[-1] == 256 and kc_dst.shape[1] % 16 == 0))
     valid = T - 1 if valid is None else valid
     L, HD = kc.shape[0], kc.shape[-1]
     assert kc.shape == vc.shape and kc_dst.shape == vc_dst.shape and kc_dst.shape[0] == L and kc_dst.shape[-1] == HD
@@ -1657,7 +1929,8 @@ def stage_fixed_keys(kc: torch.Tensor, vc: torch.Tensor, key_valid: torch.Tensor
     BT = 16
     assert 0 <= valid <= T
     _stage_fixed_keys_kernel[(triton.cdiv(T, BT), L)](kc, vc, kc_dst, vc_dst, key_valid, key_valid_dst, T, valid,
-                                                      kc.stride(0), kc_dst.stride(0), BT=BT, HD=HD, num_warps=4)
+                                                      kc.stride(0), kc_dst.stride(0), BT=BT, HD=HD, BLOCKED=attn == 3,
+                                                      num_warps=4)
 
 
 def blocked_size(cols: int) -> int:

@@ -150,6 +150,9 @@ class Tuning:
     mega_pair: int = MC.PAIR  # its qkv / gate|up column units (kernels/mega_chain.py, PAIRED)
     mega_spack: int = MC.SPACK  # its ring: two narrow weight chunks per slot (kernels/mega_chain.py, Pack)
     mega_tail: int = MC.TAIL  # its L2 prefetch of an op's chunks past the ring (kernels/mega_chain.py, TAIL)
+    # its attention link: 2 mma.sync on 16-row tiles of the packed heads (100 programs), 3 wgmma on one head per
+    # cluster (32 programs; kernels/mega_chain.py attention_unit3)
+    mega_attn: int = 2
     # flow steps 1..: the time MLP's epilogue writes the persistent kernel's inputs itself (the blocked bf16 residual
     # and the first qkv's norm sums) and the previous step's output projection zeroes its counters, so no staging
     # launch (stage_step_input) sits between them
@@ -710,7 +713,8 @@ class _MegaSteps:
                              f"MLP 4096, 8 heads of 256, 50 actions); this variant has {a}")
         self.plan, self.prepared = eng.weights.mega(eng.tuning.mega_pair)
         self.L, self.Tp, self.T = a.depth, T, T + 1  # the prefix's keys; steps 1.. also have the state token's
-        rows = self.T + MC.R + 16  # 16 zero rows: a 16-key sub-block is one bulk copy
+        self.attn = eng.tuning.mega_attn
+        rows = MC.kv_rows(self.T, MC.R, self.attn)  # zero rows past the keys: a 16-key sub-block is one bulk copy
         self.kc = torch.zeros(self.L, rows, a.head_dim, dtype=bf, device=dev)
         self.vc = torch.zeros_like(self.kc)
         self.key_valid = torch.zeros(self.T + MC.R + 16, dtype=torch.int32, device=dev)
@@ -732,7 +736,7 @@ class _MegaSteps:
         their validity. Flow step 0 (step0) then writes the state token's at Tp (steps 1..'s last fixed key);
         with_state: step 0 ran on the skinny path, so the state token's keys come from the engine's caches too."""
         MC.stage_fixed_keys(kc, vc, key_valid, self.kc, self.vc, self.key_valid, self.T if with_state else self.Tp,
-                            valid=self.Tp)
+                            valid=self.Tp, attn=self.attn)
 
     def step0(self, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float, pdl: bool = True, **variant):
         """Flow step 0 over xs0 (the actions' rows and the state token's, fp32, updated in place); pos: the engine's
@@ -740,7 +744,7 @@ class _MegaSteps:
         torch.index_select(pos, 0, self.pos0_idx, out=self.pos0)
         MC.stage_step_input(self.xs0, self.acts["x"], self.ss0, self.ctr, pdl=pdl)
         st = dict(xs=self.xs0, ss=self.ss0, pos=self.pos0, cos=cos, sin=sin, eps=eps, T=self.Tp, kc=self.kc, vc=self.vc,
-                  key_valid=self.key_valid, att=self.att, attn_mode=2, state=True)
+                  key_valid=self.key_valid, att=self.att, attn_mode=self.attn, state=True)
         MC.mega_chain(self.plan, self.prepared, self.acts, self.ctr, self.L, layer_state=st, pdl=pdl,
                       zero_counters=False, **variant)
 
@@ -754,7 +758,7 @@ class _MegaSteps:
         if not staged:
             MC.stage_step_input(xs, self.acts["x"], self.ss, self.ctr, pdl=pdl)
         st = dict(xs=xs, ss=self.ss, pos=pos[:MC.R], cos=cos, sin=sin, eps=eps, T=self.T, kc=self.kc, vc=self.vc,
-                  key_valid=self.key_valid, att=self.att, attn_mode=2)
+                  key_valid=self.key_valid, att=self.att, attn_mode=self.attn)
         MC.mega_chain(self.plan, self.prepared, self.acts, self.ctr, self.L, layer_state=st, pdl=pdl,
                       zero_counters=False, pub=pub, gelu=gelu, pf=pf, rcp=rcp, spack=spack, tail=tail)
 

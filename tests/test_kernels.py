@@ -621,6 +621,22 @@ def test_cluster_attention_cuda(views, row_start, kc, rows):
     assert torch.equal(outs[0], outs[1]), "not deterministic"
 
 
+def test_mega_chain_kv_blocked():
+    """ATTN 3's cache layout: a permutation within each 16-key sub-block (8 KB: one bulk copy), element (key, d) at
+    [key / 16][d / 64][key % 16][64] with the 16-byte groups XOR key % 8; per-layer caches alike; inverse undoes it."""
+    from pi0_triton_policy.kernels import mega_chain as MC
+
+    kv = torch.arange(48 * 256, dtype=torch.float32).view(48, 256)
+    b = MC.kv_blocked(kv)
+    assert torch.equal(MC.kv_blocked(b, inverse=True), kv) and torch.equal(b.flatten().sort().values, kv.flatten())
+    for key, d in ((0, 0), (5, 70), (17, 255), (47, 129)):
+        pos = (key // 16) * 4096 + (d // 64) * 1024 + (key % 16) * 64 + (((d % 64) // 8) ^ (key % 8)) * 8 + d % 8
+        assert b.flatten()[pos] == kv[key, d]
+    assert torch.equal(b[:16], MC.kv_blocked(kv[:16]))  # sub-blocks are independent
+    assert torch.equal(MC.kv_blocked(torch.stack([kv, 2 * kv])), torch.stack([b, 2 * b]))
+    assert MC.kv_rows(305, 50, 3) % 16 == 0 and MC.kv_rows(305, 50, 3) >= 305 + 50 + 16 > MC.kv_rows(305, 50, 3) - 16
+
+
 def test_mega_chain_kv_swizzle():
     """ATTN 2's K / V cache layout: a permutation of the 16-byte groups inside each 128-byte half of a key row (its own
     inverse), with group g of key k at g ^ (k % 8), which is where the kernel's epilogue writes the suffix keys."""
@@ -721,7 +737,8 @@ def test_mega_chain_cuda(layers):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("layers", [1, 3])
-def test_mega_chain_state_row_cuda(layers):
+@pytest.mark.parametrize("attn", [2, 3])
+def test_mega_chain_state_row_cuda(layers, attn):
     """Flow step 0 in the persistent kernel (mega_chain's state): 51 rows, the last the state token, whose key is the
     first suffix key and which attends to the prefix (a 37-token prompt's padding) and itself only, while the
     actions attend to everything; against mega_layer_reference(state=True), bitwise repeatable, and the state row's
@@ -747,14 +764,14 @@ def test_mega_chain_state_row_cuda(layers):
     pos = torch.cat([torch.arange(561, 611), torch.tensor([560])]).to(torch.int32).cuda()  # the state first in position
     x0 = torch.randn(rows, 1024, device="cuda", generator=g) * 3
     ctr = torch.zeros(layers * 128, dtype=torch.int32, device="cuda")
-    zeros = torch.zeros(rows + 16, 256, dtype=bf, device="cuda")
+    zeros = torch.zeros(MC.kv_rows(T, rows, attn) - T, 256, dtype=bf, device="cuda")
     runs = []
     for _ in range(2):
         acts = {k: torch.full((MC.blocked_size(c),), float("nan"), dtype=bf, device="cuda") for k, c in cols.items()}
         st = dict(xs=x0.clone(), ss=torch.zeros(2, plan.programs // 4, MC.ss_stride(rows), device="cuda"), pos=pos,
-                  cos=cos, sin=sin, eps=1e-6, T=T, state=True, attn_mode=2,
-                  kc=torch.stack([MC.kv_swizzle(torch.cat([k, zeros])) for k in kp]),
-                  vc=torch.stack([MC.kv_swizzle(torch.cat([v, zeros])) for v in vp]),
+                  cos=cos, sin=sin, eps=1e-6, T=T, state=True, attn_mode=attn,
+                  kc=torch.stack([MC.kv_layout(torch.cat([k, zeros]), attn) for k in kp]),
+                  vc=torch.stack([MC.kv_layout(torch.cat([v, zeros]), attn) for v in vp]),
                   key_valid=torch.cat([valid, torch.ones(rows, dtype=torch.int32, device="cuda"),
                                        torch.zeros(16, dtype=torch.int32, device="cuda")]),
                   att=torch.full((MC.blocked_size(2048),), float("nan"), dtype=bf, device="cuda"))
@@ -762,7 +779,7 @@ def test_mega_chain_state_row_cuda(layers):
         MC.to_blocked(x0.to(bf), acts["x"])
         MC.mega_chain(plan, prepared, acts, ctr, layers, layer_state=st)
         runs.append(dict(xs=st["xs"], q=MC.from_blocked(acts["q"], 2560, rows), h=MC.from_blocked(acts["h8"], 4096, rows),
-                         kc=MC.kv_swizzle(st["kc"][-1])[T:T + rows]))
+                         kc=MC.kv_unlayout(st["kc"][-1], attn)[T:T + rows]))
     ref = MC.mega_layer_reference(x0, weights, layers, pos, cos, sin, 1e-6, (kp, vp, valid), state=True)
     for k in ("xs", "q", "h"):
         assert rel(runs[0][k], ref[k]) < 1e-2, k
@@ -774,7 +791,7 @@ def test_mega_chain_state_row_cuda(layers):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("layers", [1, 3])
-@pytest.mark.parametrize("attn", [0, 1, 2])
+@pytest.mark.parametrize("attn", [0, 1, 2, 3])
 @pytest.mark.parametrize("pair", [8, 4])
 def test_mega_chain_layer_cuda(layers, attn, pair):
     """The persistent chain with the real layer's epilogues (RMSNorm row scale from the clusters' sums of squares,
@@ -792,7 +809,7 @@ def test_mega_chain_layer_cuda(layers, attn, pair):
                for op, (n, k, *_) in MC.OPS.items()}
     weights["qkv"][:, :2048] = (weights["qkv"][:, :2048].float() / 16).to(bf)  # queries pre-scaled, as the engine
     T = 304
-    kv_shape = (layers, T, 256) if attn == 2 else (T, 256)
+    kv_shape = (layers, T, 256) if attn >= 2 else (T, 256)
     kp = torch.randn(*kv_shape, device="cuda", generator=g).to(bf)
     vp = torch.randn(*kv_shape, device="cuda", generator=g).to(bf)
     valid = torch.ones(T, dtype=torch.int32, device="cuda")
@@ -814,11 +831,11 @@ def test_mega_chain_layer_cuda(layers, attn, pair):
         st = dict(xs=x0.clone(), ss=torch.zeros(2, plan.programs // 4, MC.R, device="cuda"), pos=pos, cos=cos, sin=sin,
                   eps=1e-6)
         st["ss"][0, 0] = x0.pow(2).sum(1)
-        if attn:  # ATTN 2: 16 more zero rows and the swizzled cache layout
-            zeros = torch.zeros(MC.R + (16 if attn == 2 else 0), 256, dtype=bf, device="cuda")
-            if attn == 2:
-                kc = torch.stack([MC.kv_swizzle(torch.cat([k, zeros])) for k in kp])
-                vc = torch.stack([MC.kv_swizzle(torch.cat([v, zeros])) for v in vp])
+        if attn:  # ATTN 2 / 3: zero rows past the keys and the link's cache layout
+            zeros = torch.zeros(MC.kv_rows(T, MC.R, attn) - T, 256, dtype=bf, device="cuda")
+            if attn >= 2:
+                kc = torch.stack([MC.kv_layout(torch.cat([k, zeros]), attn) for k in kp])
+                vc = torch.stack([MC.kv_layout(torch.cat([v, zeros]), attn) for v in vp])
             else:
                 kc, vc = torch.cat([kp, zeros]), torch.cat([vp, zeros])
             st.update(T=T, kc=kc, vc=vc,
@@ -860,6 +877,17 @@ def test_mega_stage_fixed_keys(T, gen):
     vd_valid.fill_(9)
     MC.stage_fixed_keys(kc, vc, valid, kd, vd, vd_valid, T, valid=T)
     assert torch.equal(vd_valid[:T], valid[:T]) and vd_valid[T:].eq(9).all()
+    # ATTN 3's layout (kv_blocked: whole 16-key sub-blocks): the first T keys as kv_blocked places them, the rest kept
+    rows = MC.kv_rows(T, 50, 3)
+    kd3 = torch.full((L, rows, HD), 7.0, dtype=dt, device=DEV)
+    vd3 = torch.full_like(kd3, 7.0)
+    MC.stage_fixed_keys(kc, vc, valid, kd3, vd3, vd_valid, T, valid=T, attn=3)
+    for src, dst in ((kc, kd3), (vc, vd3)):
+        full = torch.full((L, rows, HD), 7.0, dtype=dt, device=DEV)
+        full[:, :T] = src[:, :T]
+        ref = MC.kv_blocked(full)
+        keep = MC.kv_blocked(torch.arange(rows, device=DEV).view(1, rows, 1).expand(1, rows, HD).float())[0] < T
+        assert torch.equal(dst[:, keep], ref[:, keep]) and dst[:, ~keep].eq(7).all()
 
 
 @pytest.mark.parametrize("rows", [50, 51])
