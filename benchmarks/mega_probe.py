@@ -123,7 +123,7 @@ def layer_mode(weights, ctr, attn=0, T=304, shared_kv=False, pub=MC.PUB, ahead=M
         torch.save({"ts": ts.view(plan.programs, L, 4, 8).cpu(), "meta": plan.meta},
                    f"{STAMPS_DIR}/{out['variant']}.pt")
     if attn:  # the attention units (programs 0..31 / 0..99, o's stamp slots 4..7): Q in -> keys done -> merged -> published
-        na = 32 if attn == 1 else 100
+        na = 100 if attn == 2 else 32  # ATTN 1 / 3: the 8 head clusters
         st_ = ts.view(plan.programs, L, 4, 8)[:na, 1:L - 1, 1].cpu().double() / 1000.0
         qkv_last = ts.view(plan.programs, L, 4, 8)[:, 1:L - 1, 0, 3].cpu().double().max(0).values / 1000.0
         out["attention_unit_us"] = {
