@@ -1293,23 +1293,25 @@ __device__ __forceinline__ void attention_unit3(const Args& g, int l, int prog, 
     const unsigned rbar = bars + 8 * (2 * NS + 8);
     if (tid == 0)  /* my rows' slices from the other three ranks */
         asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(rbar), "r"(3 * A3_SLICE) : "memory");
-    /* validity of this thread's 4 keys of every sub-block (columns 8n + 2 q4 + {0, 1}), read before Q arrives */
+    /* validity of this thread's 4 keys of every sub-block (columns 8n + 2 q4 + {0, 1}: two 8-byte loads), all requested
+       at once before Q arrives (one after another they would cost an L2 round trip per sub-block) */
     const int gq = lane >> 2, q4 = lane & 3;
     unsigned long long vbits = 0;
-    #pragma unroll 1
-    for (int sb = 0; sb < nsb; ++sb)  /* nsb <= 16 (TK <= 1024, asserted by the host) */
+    #pragma unroll
+    for (int sb = 0; sb < 16; ++sb)  /* nsb <= 16 (TK <= 1024, asserted by the host) */
         #pragma unroll
-        for (int n = 0; n < 2; ++n)
-            #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int key = kb + 16 * sb + 8 * n + 2 * q4 + e;
-                if (key < ke && __ldg(g.key_valid + key) != 0) vbits |= 1ull << (4 * sb + 2 * n + e);
+        for (int n = 0; n < 2; ++n) {
+            const int key = kb + 16 * sb + 8 * n + 2 * q4;
+            if (sb < nsb) {
+                const int2 v = __ldg((const int2*)(g.key_valid + key));
+                vbits |= (unsigned long long)((key < ke && v.x != 0) | ((key + 1 < ke && v.y != 0) << 1)) << (4 * sb + 2 * n);
             }
+        }
     /* STATE: the state token's row (R - 1) sees the prefix and its own key only */
     const bool srow0 = STATE && 16 * warp + gq == R - 1, srow1 = STATE && 16 * warp + gq + 8 == R - 1;
     for (int q = 0; q < 4; ++q) while (!mbar_try(bars + 8 * (2 * NS + 2 + q), aparity)) {}
     unsigned long long* ts = g.ts + ((size_t)(prog * g.L + l) * 4 + 1) * 8;  /* o's slots 4..7: the attention unit */
-    unsigned long long* ts0 = g.ts + ((size_t)(prog * g.L + l) * 4 + 0) * 8;  /* qkv's spare slots 4, 5 */
+    unsigned long long* ts0 = g.ts + ((size_t)(prog * g.L + l) * 4 + 0) * 8;  /* qkv's spare slots 4..6 */
     if (g.use_ts && tid == 0) ts[4] = globaltimer();
 
     const unsigned q_base = pinned_u32(a_u32 + A3_Q);
@@ -1323,12 +1325,10 @@ __device__ __forceinline__ void attention_unit3(const Args& g, int l, int prog, 
         const unsigned kbase = pinned_u32(a_u32 + A3_KV + slot * 2 * A2_SB), vbase = kbase + A2_SB;
         float s[2][4];
         asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-        #pragma unroll
-        for (int b = 0; b < 4; ++b)
-            #pragma unroll
-            for (int kk = 0; kk < 4; ++kk)
-                wgmma_n<16>(&s[0][0], sw128_desc(q_base + b * A_BLOCK + 32 * kk), sw128_desc(kbase + b * 2048 + 32 * kk),
-                            b | kk);
+        #pragma unroll 1
+        for (int i = 0; i < 16; ++i)  /* S = Q K^T: dim block i / 4, its k16 step i % 4 (a rolled loop: less code) */
+            wgmma_n<16>(&s[0][0], sw128_desc(q_base + (i >> 2) * A_BLOCK + 32 * (i & 3)),
+                        sw128_desc(kbase + (i >> 2) * 2048 + 32 * (i & 3)), i);
         asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
         float mx[2] = {m[0], m[1]};
@@ -1349,74 +1349,73 @@ __device__ __forceinline__ void attention_unit3(const Args& g, int l, int prog, 
         for (int q = 0; q < 4; ++q) wgmma_pv64(&o[8 * q][0], p0, p1, p2, p3, sw128_desc_mn(vbase + q * 2048));
         asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-        if (tid == 0) mbar_arrive(bars + 8 * (A2_BAR + A2_SLOTS + slot));  /* the loader may refill the slot */
+        bar_consumers();  /* every warp's share of the MMAs has read the slot */
+        if (tid == 0) mbar_arrive(bars + 8 * (A2_BAR + A2_SLOTS + slot));  /* the loader may refill it */
     }
     kvi += nsb;
     if (g.use_ts && tid == 0) ts[5] = globaltimer();
 
-    /* warp w's rows 16w.. (normalised, bf16, with m and l) to rank w; the owner's own rows stay in registers */
-    const float inv0 = lsum[0] > 0.f ? 1.f / lsum[0] : 0.f, inv1 = lsum[1] > 0.f ? 1.f / lsum[1] : 0.f;
-    const unsigned recv = a_u32 + A3_RECV;
-    if (warp != c) {
-        unsigned char* send = smem + A3_SEND + (warp < c ? warp : warp - 1) * A3_SLICE;
+    /* warp w's rows 16w.. (normalised, bf16, with m and l) to rank w by one bulk copy; rank c's own rows into the
+       ring (free now: every sub-block is consumed) */
+    {
+        const float inv0 = lsum[0] > 0.f ? 1.f / lsum[0] : 0.f, inv1 = lsum[1] > 0.f ? 1.f / lsum[1] : 0.f;
+        unsigned char* stage = warp == c ? smem + A3_KV : smem + A3_SEND + (warp < c ? warp : warp - 1) * A3_SLICE;
         #pragma unroll
         for (int j = 0; j < 32; ++j) {
-            *(unsigned*)(send + gq * A2_ROW + 2 * (8 * j + 2 * q4)) = to_bf16(o[j][0] * inv0) | ((unsigned)to_bf16(o[j][1] * inv0) << 16);
-            *(unsigned*)(send + (gq + 8) * A2_ROW + 2 * (8 * j + 2 * q4)) = to_bf16(o[j][2] * inv1) | ((unsigned)to_bf16(o[j][3] * inv1) << 16);
+            *(unsigned*)(stage + gq * A2_ROW + 2 * (8 * j + 2 * q4)) = to_bf16(o[j][0] * inv0) | ((unsigned)to_bf16(o[j][1] * inv0) << 16);
+            *(unsigned*)(stage + (gq + 8) * A2_ROW + 2 * (8 * j + 2 * q4)) = to_bf16(o[j][2] * inv1) | ((unsigned)to_bf16(o[j][3] * inv1) << 16);
         }
         if (q4 == 0) {
-            *(float2*)(send + gq * A2_ROW + 512) = make_float2(m[0], lsum[0]);
-            *(float2*)(send + (gq + 8) * A2_ROW + 512) = make_float2(m[1], lsum[1]);
+            *(float2*)(stage + gq * A2_ROW + 512) = make_float2(m[0], lsum[0]);
+            *(float2*)(stage + (gq + 8) * A2_ROW + 512) = make_float2(m[1], lsum[1]);
         }
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  /* generic writes -> the bulk copy reads them */
-        __syncwarp();
-        if (lane == 0)
-            asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                         :: "r"(mapa(recv + (c < warp ? c : c - 1) * A3_SLICE, warp)), "r"(smem_u32(send)), "r"(A3_SLICE),
-                            "r"(mapa(rbar, warp)) : "memory");
-    } else {  /* the owner warp: rows 16c + gq, + 8 from the 4 quarters in fixed order */
-        while (!mbar_try_cluster(rbar, l & 1)) {}
-        if (g.use_ts && lane == 0) ts0[4] = globaltimer();
+        if (warp != c) {
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  /* generic writes -> the bulk copy reads them */
+            __syncwarp();
+            if (lane == 0)
+                asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                             :: "r"(mapa(a_u32 + A3_RECV + (c < warp ? c : c - 1) * A3_SLICE, warp)), "r"(smem_u32(stage)),
+                                "r"(A3_SLICE), "r"(mapa(rbar, warp)) : "memory");
+        }
+    }
+    bar_consumers();  /* the own rows are staged */
+    while (!mbar_try_cluster(rbar, l & 1)) {}
+    if (g.use_ts && tid == 0) ts0[4] = globaltimer();
+    {   /* rows 16c..16c+15 from the 4 quarters in fixed order; thread: row tid / 8, 32 columns in 4 groups of 8 */
+        const int row = tid >> 3, r = 16 * c + row, col0 = 32 * (tid & 7);
+        const unsigned char* src[4];
         #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-            const int row = gq + 8 * hh, r = 16 * c + row;
-            float w[4], mm = -1e30f, wsum = 0.f;
-            const unsigned char* src[4];
-            #pragma unroll
-            for (int s = 0; s < 4; ++s)
-                src[s] = smem + A3_RECV + (s < c ? s : s - 1) * A3_SLICE + row * A2_ROW;
-            #pragma unroll
-            for (int s = 0; s < 4; ++s) mm = fmaxf(mm, s == c ? m[hh] : ((const float*)(src[s] + 512))[0]);
-            #pragma unroll
-            for (int s = 0; s < 4; ++s) {
-                const float ms = s == c ? m[hh] : ((const float*)(src[s] + 512))[0];
-                const float ls = s == c ? lsum[hh] : ((const float*)(src[s] + 512))[1];
-                w[s] = ls > 0.f ? __expf(ms - mm) * ls : 0.f;
-                wsum += w[s];
-            }
-            const float inv = wsum > 0.f ? 1.f / wsum : 0.f, own = hh ? inv1 : inv0;
-            if (r < R)
-                #pragma unroll
-                for (int j = 0; j < 32; ++j) {
-                    const int col = 8 * j + 2 * q4;
-                    float v0 = 0.f, v1 = 0.f;
-                    #pragma unroll
-                    for (int s = 0; s < 4; ++s) {
-                        float x0, x1;
-                        if (s == c) {
-                            x0 = o[j][2 * hh] * own;
-                            x1 = o[j][2 * hh + 1] * own;
-                        } else {
-                            const unsigned pv = *(const unsigned*)(src[s] + 2 * col);
-                            x0 = __uint_as_float(pv << 16);
-                            x1 = __uint_as_float(pv & 0xffff0000u);
-                        }
-                        v0 += w[s] * x0;
-                        v1 += w[s] * x1;
-                    }
-                    *(unsigned*)(g.att + blocked(r, 256 * h + col)) = to_bf16(v0 * inv) | ((unsigned)to_bf16(v1 * inv) << 16);
-                }
+        for (int s = 0; s < 4; ++s)
+            src[s] = s == c ? smem + A3_KV + row * A2_ROW : smem + A3_RECV + (s < c ? s : s - 1) * A3_SLICE + row * A2_ROW;
+        float w[4], mm = -1e30f, wsum = 0.f;
+        #pragma unroll
+        for (int s = 0; s < 4; ++s) mm = fmaxf(mm, ((const float*)(src[s] + 512))[0]);
+        #pragma unroll
+        for (int s = 0; s < 4; ++s) {
+            const float2 ml = *(const float2*)(src[s] + 512);
+            w[s] = ml.y > 0.f ? __expf(ml.x - mm) * ml.y : 0.f;
+            wsum += w[s];
         }
+        const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
+        if (r < R)
+            #pragma unroll 1
+            for (int cg = 0; cg < 32; cg += 8) {
+                float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+                #pragma unroll
+                for (int s = 0; s < 4; ++s) {
+                    const uint4 pv = *(const uint4*)(src[s] + 2 * (col0 + cg));
+                    const unsigned pw[4] = {pv.x, pv.y, pv.z, pv.w};
+                    #pragma unroll
+                    for (int u = 0; u < 4; ++u) {
+                        acc[2 * u] += w[s] * __uint_as_float(pw[u] << 16);
+                        acc[2 * u + 1] += w[s] * __uint_as_float(pw[u] & 0xffff0000u);
+                    }
+                }
+                unsigned pk[4];
+                #pragma unroll
+                for (int u = 0; u < 4; ++u) pk[u] = to_bf16(acc[2 * u] * inv) | ((unsigned)to_bf16(acc[2 * u + 1] * inv) << 16);
+                *(uint4*)(g.att + blocked(r, 256 * h + col0 + cg)) = make_uint4(pk[0], pk[1], pk[2], pk[3]);
+            }
     }
     if (g.use_ts && tid == 0) ts0[5] = globaltimer();
     asm volatile("fence.proxy.async.global;" ::: "memory");  /* o's loader reads att by bulk copy */
