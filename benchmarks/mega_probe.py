@@ -49,6 +49,28 @@ STAMPS_DIR = None  # --stamps DIR
 T0 = time.time()
 
 
+_SOURCE = MC._SOURCE
+_BLOAT_AT = "    const unsigned aparity = au & 1;\n    ++au;\n    if (!LOADER) {"
+
+
+def set_bloat(k: int):
+    """--bloat K: K extra straight-line instructions (mad.lo over 8 registers, nothing ptxas can fold) at the start of
+    every program's qkv unit, executed once per layer by the consumer warpgroup. Warm in the instruction cache they
+    cost ~K cycles; fetched anew every layer, ~10x that (NOTES.md session 12). Patches the kernel source in this
+    process only; the compiled kernels are re-made."""
+    assert _SOURCE.count(_BLOAT_AT) == 1, "the qkv unit's start moved: update _BLOAT_AT"
+    src = _SOURCE
+    if k:
+        regs = ", ".join(f"d{i} = tid + {i}" for i in range(8))
+        body = "".join(f'asm volatile("mad.lo.u32 %0, %0, %1, %2;" : "+r"(d{i % 8}) : "r"(d{(i + 3) % 8}), '
+                       f'"r"(d{(i + 5) % 8}));' for i in range(k))
+        src = src.replace(_BLOAT_AT, f"    if (P == 0) {{ unsigned {regs}; {body}\n"
+                          "        if (d0 + d1 + d2 + d3 + d4 + d5 + d6 + d7 == 0x7fffffffu) asm volatile(\"trap;\"); }\n"
+                          + _BLOAT_AT)
+    MC._SOURCE = src
+    MC._kernel_and_programs.cache_clear()
+
+
 def layer_mode(weights, ctr, attn=0, T=304, shared_kv=False, pub=MC.PUB, ahead=MC.AHEAD, mcast=MC.MCAST, gelu=MC.GELU,
                pf=MC.PF, rcp=MC.RCP, pair=MC.PAIR, spack=MC.SPACK, ns=MC.NS, tail=MC.TAIL):
     """The chain with the real layer's epilogues (MegaPlan(layer=True)): checked against mega_layer_reference (1 and
@@ -164,6 +186,8 @@ def main():
     ap.add_argument("--shared-kv", action="store_true", help="ATTN 2 also with one K / V cache for every layer")
     ap.add_argument("--mcast", type=int, nargs="+", default=[MC.MCAST], help="--layer / --attn runs: activations multicast (1) or not (0)")
     ap.add_argument("--stamps", default=None, help="directory: save every program's stamps of the layer runs")
+    ap.add_argument("--bloat", type=int, nargs="+", default=[0],
+                    help="--layer / --attn runs: K extra straight-line instructions per layer in the qkv unit (set_bloat)")
     ap.add_argument("--gelu", type=int, nargs="+", default=[MC.GELU], help="--layer / --attn runs: gate|up's GELU variant")
     ap.add_argument("--pf", type=int, nargs="+", default=[MC.PF], help="--layer / --attn runs: lazy L2 prefetch lookahead (chunks)")
     ap.add_argument("--rcp", type=int, nargs="+", default=[MC.RCP], help="--attn 2 runs: softmax normalisers (0 IEEE, 1 fast)")
@@ -232,13 +256,19 @@ def main():
                 (p, a, m, u, f, r, w, k, t) for p in args.pub for a in args.ahead for m in args.mcast for u in args.gelu
                 for f in args.pf for r in args.rcp for w in args.pair for k in args.spack for t in args.tail]:
             v = dict(pub=pub, ahead=ahead, mcast=mcast, gelu=gelu, pf=pf, rcp=rcp, pair=pair, spack=spack, tail=tail)
-            if args.layer:
-                res["rows"].append(layer_mode(weights, ctr, **v))
-            for T in args.prefix_keys:
-                for mode in args.attn:
-                    res["rows"].append(layer_mode(weights, ctr, attn=mode, T=T, **v))
-                    if mode == 2 and args.shared_kv:
-                        res["rows"].append(layer_mode(weights, ctr, attn=mode, T=T, shared_kv=True, **v))
+            for bloat in args.bloat:
+                set_bloat(bloat)
+                if args.layer:
+                    res["rows"].append(dict(layer_mode(weights, ctr, **v), bloat=bloat))
+                for T in args.prefix_keys:
+                    for mode in args.attn:
+                        res["rows"].append(dict(layer_mode(weights, ctr, attn=mode, T=T, **v), bloat=bloat))
+                        if mode == 2 and args.shared_kv:
+                            res["rows"].append(dict(layer_mode(weights, ctr, attn=mode, T=T, shared_kv=True, **v),
+                                                    bloat=bloat))
+                if bloat:
+                    print(f"(the rows above: --bloat {bloat})", flush=True)
+            set_bloat(0)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1, default=str)

@@ -74,3 +74,21 @@ def test_profile_timeline_on_fake_kernels():
     assert tl["wall_us"] == 160 and tl["phases"]["vision"] == {"span_us": 20, "busy_us": 18, "idle_us": 2}
     assert tl["phases"]["action"]["idle_us"] == 0 and tl["step0_us"] == 2 and tl["after_last_mega_us"] == 0
     assert tl["boundaries"] == [{"gap_us": 3, "kernels": [("_action_out_euler_kernel", 9), ("_swish_in_kernel", 2)]}]
+
+
+def test_mega_probe_bloat_patches_only_the_qkv_unit_and_restores():
+    """benchmarks/mega_probe.py --bloat K (the instruction-cache experiment, NOTES.md session 12): K extra mad.lo
+    instructions in the kernel source, inside the qkv unit only (P == 0), and K = 0 restores the source exactly."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import mega_probe
+        from pi0_triton_policy.kernels import mega_chain as MC
+
+        original = MC._SOURCE
+        mega_probe.set_bloat(24)
+        src = MC.source(layer=1, attn=2)
+        assert src.count("mad.lo.u32") == 24 and "if (P == 0) { unsigned d0 = tid + 0" in src
+        mega_probe.set_bloat(0)
+        assert MC._SOURCE == original and "mad.lo.u32" not in MC.source(layer=1, attn=2)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
