@@ -72,7 +72,7 @@ def set_bloat(k: int):
 
 
 def layer_mode(weights, ctr, attn=0, T=304, shared_kv=False, pub=MC.PUB, ahead=MC.AHEAD, mcast=MC.MCAST, gelu=MC.GELU,
-               pf=MC.PF, rcp=MC.RCP, pair=MC.PAIR, spack=MC.SPACK, ns=MC.NS, tail=MC.TAIL):
+               pf=MC.PF, rcp=MC.RCP, pair=MC.PAIR, spack=MC.SPACK, ns=MC.NS, tail=MC.TAIL, stamp_code=0):
     """The chain with the real layer's epilogues (MegaPlan(layer=True)): checked against mega_layer_reference (1 and
     18 layers, bitwise repeat), then timed like the plain chain. attn: the attention link too (1: session 7's unit,
     2: packed rows on 100 programs; kernels/mega_chain.py) over a T-key prefix (304: 1 camera, 816: 3)."""
@@ -123,7 +123,8 @@ def layer_mode(weights, ctr, attn=0, T=304, shared_kv=False, pub=MC.PUB, ahead=M
            + (f"_mcast{mcast}" if mcast != MC.MCAST else "") + (f"_gelu{gelu}" if gelu != MC.GELU else "")
            + (f"_pf{pf}" if pf != MC.PF else "") + (f"_rcp{rcp}" if rcp != MC.RCP else "")
            + (f"_pair{pair}" if pair != MC.PAIR else "") + (f"_spack{spack}" if spack != MC.SPACK else "")
-           + (f"_ns{ns}" if ns != MC.NS else "") + (f"_tail{tail}" if tail != MC.TAIL else "")}
+           + (f"_ns{ns}" if ns != MC.NS else "") + (f"_tail{tail}" if tail != MC.TAIL else "")
+           + ("_stampcode" if stamp_code else "")}
     for layers in (1, L):
         reset()
         MC.mega_chain(plan, prepared, acts, ctr, layers, layer_state=st, pub=pub, ahead=ahead, mcast=mcast, gelu=gelu, pf=pf, rcp=rcp, spack=spack, ns=ns, tail=tail)
@@ -136,7 +137,8 @@ def layer_mode(weights, ctr, attn=0, T=304, shared_kv=False, pub=MC.PUB, ahead=M
         torch.cuda.synchronize()
         out[f"bitwise_repeat_{layers}"] = bool(torch.equal(st["xs"], got["xs"]))
     print("layer mode vs torch:", out, f"({time.time() - T0:.0f} s since start)", flush=True)
-    t = time_graph(lambda: MC.mega_chain(plan, prepared, acts, ctr, L, layer_state=st, pub=pub, ahead=ahead, mcast=mcast, gelu=gelu, pf=pf, rcp=rcp, spack=spack, ns=ns, tail=tail))
+    t = time_graph(lambda: MC.mega_chain(plan, prepared, acts, ctr, L, layer_state=st, pub=pub, ahead=ahead, mcast=mcast, gelu=gelu, pf=pf, rcp=rcp, spack=spack, ns=ns, tail=tail,
+                                         ts_code=stamp_code))
     ts = torch.zeros(plan.programs * L * 32, dtype=torch.int64, device=dev)
     MC.mega_chain(plan, prepared, acts, ctr, L, timestamps=ts, layer_state=st, pub=pub, ahead=ahead, mcast=mcast, gelu=gelu, pf=pf, rcp=rcp, spack=spack, ns=ns, tail=tail)
     torch.cuda.synchronize()
@@ -186,6 +188,8 @@ def main():
     ap.add_argument("--shared-kv", action="store_true", help="ATTN 2 also with one K / V cache for every layer")
     ap.add_argument("--mcast", type=int, nargs="+", default=[MC.MCAST], help="--layer / --attn runs: activations multicast (1) or not (0)")
     ap.add_argument("--stamps", default=None, help="directory: save every program's stamps of the layer runs")
+    ap.add_argument("--stamp-code", type=int, nargs="+", default=[0],
+                    help="--layer / --attn runs: time the kernel with the stamps' code compiled in (1) or out (0)")
     ap.add_argument("--bloat", type=int, nargs="+", default=[0],
                     help="--layer / --attn runs: K extra straight-line instructions per layer in the qkv unit (set_bloat)")
     ap.add_argument("--gelu", type=int, nargs="+", default=[MC.GELU], help="--layer / --attn runs: gate|up's GELU variant")
@@ -252,10 +256,12 @@ def main():
                             "timeline": tl, "ring": [MC.NS, MC.SLOT], "ops": MC.OPS, "programs": plan.programs,
                             "wait": plan.wait})
     for rnd in range(args.rounds):  # --pub / --ahead variants alternate, so an A/B sees the same drift
-        for pub, ahead, mcast, gelu, pf, rcp, pair, spack, tail in [
-                (p, a, m, u, f, r, w, k, t) for p in args.pub for a in args.ahead for m in args.mcast for u in args.gelu
-                for f in args.pf for r in args.rcp for w in args.pair for k in args.spack for t in args.tail]:
-            v = dict(pub=pub, ahead=ahead, mcast=mcast, gelu=gelu, pf=pf, rcp=rcp, pair=pair, spack=spack, tail=tail)
+        for pub, ahead, mcast, gelu, pf, rcp, pair, spack, tail, sc in [
+                (p, a, m, u, f, r, w, k, t, c) for p in args.pub for a in args.ahead for m in args.mcast for u in args.gelu
+                for f in args.pf for r in args.rcp for w in args.pair for k in args.spack for t in args.tail
+                for c in args.stamp_code]:
+            v = dict(pub=pub, ahead=ahead, mcast=mcast, gelu=gelu, pf=pf, rcp=rcp, pair=pair, spack=spack, tail=tail,
+                     stamp_code=sc)
             for bloat in args.bloat:
                 set_bloat(bloat)
                 if args.layer:

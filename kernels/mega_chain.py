@@ -121,6 +121,9 @@ _SOURCE = r"""
                                           0 off, 1 gate|up only, 2 every op */
 #define SPACK @SPACK@                  /* 1: consecutive chunks of an op share a ring slot while they fit (produce) */
 #define PAIR @PAIR@                    /* LAYER: columns per half of a qkv / gate|up unit (8: 16-column units, 4: 8) */
+#define TS @TS@                        /* 0: the %globaltimer stamps compiled out (the engine's kernels: less code to
+                                          fetch every layer, NOTES.md session 12); 1: stamped when Args.use_ts */
+#define STAMPS (TS && g.use_ts)
 #define RCP @RCP@                      /* ATTN 2's softmax normalisers: 0 IEEE reciprocal (a slow-path CALL), 1 fast */
 #define A_FREE (2 * NS + 9 + 2 * 6)    /* MCAST's mbarrier, after ATTN 2's K / V ring's */
 @HELPERS@
@@ -327,7 +330,7 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
     const unsigned ring = smem_u32(smem + A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES), bars = ring + NS * SLOT;
     float* recv = (float*)(smem + A_BYTES);
     float* rowsq = (float*)(smem + A_BYTES + RECV_BYTES);
-    const bool stamp = g.use_ts && tid == 0;
+    const bool stamp = STAMPS && tid == 0;
     const int r0 = 16 * warp + (lane >> 2), c0 = 2 * (lane & 3);
     /* LAYER qkv: the RoPE factors of this thread's rows and columns do not depend on anything: loaded before the MMAs */
     float2 rc[NJ / 2 > 0 ? NJ / 2 : 1][2], rsn[NJ / 2 > 0 ? NJ / 2 : 1][2];
@@ -577,7 +580,7 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
             for (int q = c0 / O::RANGE; q <= (c1 - 1) / O::RANGE; ++q)
                 pub_add(ctr + q);
         }
-        if (g.use_ts && tid == 0) ts[3] = globaltimer();
+        if (STAMPS && tid == 0) ts[3] = globaltimer();
     }
 }
 
@@ -613,7 +616,7 @@ template <int P> __device__ __forceinline__ void load_activations(const Args& g,
             const unsigned* ctr = g.ctr + ((P == 0 ? l - 1 : l) * 4 + (P + 3) % 4) * 32 + c;
             while (ld_acquire(ctr) < g.wait[P][c]) {}
         }
-        if (g.use_ts) ts[0] = globaltimer();
+        if (STAMPS) ts[0] = globaltimer();
         asm volatile("fence.proxy.async.global;" ::: "memory");
         while (!mbar_try_cluster(freed, P == 0 ? 0 : 1)) {}
         asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1], %2, [%3], %4;"
@@ -633,7 +636,7 @@ template <int P> __device__ __forceinline__ void load_activations(const Args& g,
             const unsigned* c = g.ctr + ((P == 0 ? l - 1 : l) * 4 + (P + 3) % 4) * 32 + r;
             while (ld_acquire(c) < g.wait[P][r]) {}
         }
-        if (g.use_ts && q == 0) ts[0] = globaltimer();
+        if (STAMPS && q == 0) ts[0] = globaltimer();
         asm volatile("fence.proxy.async.global;" ::: "memory");  /* generic-proxy stores of other SMs -> async-proxy reads */
         const unsigned abar = bars + 8 * (2 * NS + 2 + q);
         asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(abar), "r"(BYTES) : "memory");
@@ -647,7 +650,7 @@ template <int P> __device__ __forceinline__ void load_activations(const Args& g,
                      :: "r"(smem_u32(smem + A_BYTES + RECV_BYTES + ROWSQ_BYTES)), "l"(g.ss + (P == 0 ? 0 : 1) * (g.programs / 4) * RS),
                         "r"(bytes), "r"(sbar) : "memory");
     }
-    if (g.use_ts) ts[1] = globaltimer();
+    if (STAMPS) ts[1] = globaltimer();
 }
 
 template <int P> __device__ __forceinline__ void consume(const Args& g, int l, int prog, unsigned char* smem,
@@ -674,7 +677,7 @@ template <int P> __device__ __forceinline__ void consume(const Args& g, int l, i
                 const unsigned* c = g.ctr + ((P == 0 ? l - 1 : l) * 4 + (P + 3) % 4) * 32 + r;
                 while (ld_acquire(c) < g.wait[P][r]) {}
             }
-        if (g.use_ts) ts[0] = globaltimer();
+        if (STAMPS) ts[0] = globaltimer();
     }
     bar_consumers();
 
@@ -695,7 +698,7 @@ template <int P> __device__ __forceinline__ void consume(const Args& g, int l, i
         }
     }
     if (!A_PIPE) while (!mbar_try(abar, aparity)) {}
-    if (tid == 0 && g.use_ts) ts[1] = globaltimer();
+    if (tid == 0 && STAMPS) ts[1] = globaltimer();
     }
 
     /* 3. MMA + epilogue, specialised on the tile width (programs differ by one column group at most) */
@@ -774,7 +777,7 @@ __device__ __forceinline__ void attention_unit(const Args& g, int l, int prog, u
     for (int q = 0; q < 4; ++q) while (!mbar_try(bars + 8 * (2 * NS + 2 + q), aparity)) {}
     for (int i = 0; i < 2 && i < nsb; ++i) load_kv_sub(g, a_u32, i, kb + i * ATT_SB, tid);
     unsigned long long* ts = g.ts + ((size_t)(prog * g.L + l) * 4 + 1) * 8;  /* o's slots 4..7: the attention unit */
-    if (g.use_ts && tid == 0) ts[4] = globaltimer();
+    if (STAMPS && tid == 0) ts[4] = globaltimer();
 
     /* Q fragments of my warp's 16 rows: 16 k16 steps (A operand of S = Q K^T) */
     unsigned qf[16][4];
@@ -839,7 +842,7 @@ __device__ __forceinline__ void attention_unit(const Args& g, int l, int prog, u
         bar_consumers();  /* the buffer may be refilled */
     }
 
-    if (g.use_ts && tid == 0) ts[5] = globaltimer();
+    if (STAMPS && tid == 0) ts[5] = globaltimer();
     /* merge: warp w's rows belong to rank w. Partials of the other ranks arrive by st.async into ATT_RECV slots
        ordered by source rank (mine excluded) */
     const unsigned recv = a_u32 + ATT_RECV;
@@ -868,7 +871,7 @@ __device__ __forceinline__ void attention_unit(const Args& g, int l, int prog, u
                          code that runs once per layer is fetched cold every time */
         while (!mbar_try_cluster(rbar, l & 1)) {}
         unsigned long long* ts0 = g.ts + ((size_t)(prog * g.L + l) * 4 + 0) * 8;  /* qkv's spare slots 4, 5 */
-        if (g.use_ts && lane == 0) ts0[4] = globaltimer();
+        if (STAMPS && lane == 0) ts0[4] = globaltimer();
         const unsigned char* rv = smem + ATT_RECV;
         #pragma unroll 1
         for (int hh = 0; hh < 2; ++hh) {
@@ -901,16 +904,16 @@ __device__ __forceinline__ void attention_unit(const Args& g, int l, int prog, u
                     *(unsigned*)(g.att + blocked(row, 256 * h + 8 * j + 2 * q4)) = to_bf16(v0 * inv) | ((unsigned)to_bf16(v1 * inv) << 16);
             }
         }
-        if (g.use_ts && lane == 0) ts0[5] = globaltimer();
+        if (STAMPS && lane == 0) ts0[5] = globaltimer();
     }
     asm volatile("fence.proxy.async.global;" ::: "memory");
     bar_consumers();
     mbar_arrive(bars + 8 * (2 * NS + 6));  /* the loader may overwrite the activation region */
     if (tid == 0) {
-        if (g.use_ts) ts[6] = globaltimer();
+        if (STAMPS) ts[6] = globaltimer();
         pub_fence();
         pub_add(g.ctr + (l * 4 + 0) * 32 + 20 + h);
-        if (g.use_ts) ts[7] = globaltimer();
+        if (STAMPS) ts[7] = globaltimer();
     }
 }
 
@@ -1042,7 +1045,7 @@ __device__ __forceinline__ void attention_unit2(const Args& g, int l, int prog, 
     for (int q = 0; q < 4; ++q) while (!mbar_try(bars + 8 * (2 * NS + 2 + q), aparity)) {}
     unsigned long long* ts = g.ts + ((size_t)(prog * g.L + l) * 4 + 1) * 8;  /* o's slots 4..7: the attention unit */
     unsigned long long* ts0 = g.ts + ((size_t)(prog * g.L + l) * 4 + 0) * 8;  /* qkv's spare slots 4, 5 */
-    if (g.use_ts && tid == 0) ts[4] = globaltimer();
+    if (STAMPS && tid == 0) ts[4] = globaltimer();
 
     /* Q fragments (A operand of S = Q K^T) are read from shared memory at each k16 step rather than held: 64 fewer
        registers (at 255, ptxas serialised the other ops' wgmma) */
@@ -1108,7 +1111,7 @@ __device__ __forceinline__ void attention_unit2(const Args& g, int l, int prog, 
         if (real && lane == 0) mbar_arrive(bars + 8 * (A2_BAR + A2_SLOTS + slot));  /* the loader may refill the slot */
     }
     kvi += nsb;
-    if (g.use_ts && tid == 0) ts[5] = globaltimer();
+    if (STAMPS && tid == 0) ts[5] = globaltimer();
 
     /* the 4 warps' partials (unnormalised O, m, l) into shared memory; the ring is free: every sub-block is consumed */
     bar_consumers();
@@ -1158,7 +1161,7 @@ __device__ __forceinline__ void attention_unit2(const Args& g, int l, int prog, 
     }
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  /* generic writes -> the bulk copies read them */
     bar_consumers();
-    if (g.use_ts && tid == 0) ts0[6] = globaltimer();  /* the rank's tile merged (qkv's spare slot 6) */
+    if (STAMPS && tid == 0) ts0[6] = globaltimer();  /* the rank's tile merged (qkv's spare slot 6) */
     const unsigned recv = a_u32 + A2_RECV;
     if (tid == 0)
         #pragma unroll 1
@@ -1168,7 +1171,7 @@ __device__ __forceinline__ void attention_unit2(const Args& g, int l, int prog, 
                              :: "r"(mapa(recv + (c < d ? c : c - 1) * A2_SLICE, d)), "r"(a_u32 + A2_SEND + 4 * d * A2_ROW), "r"(A2_SLICE),
                                 "r"(mapa(rbar, d)) : "memory");
     while (!mbar_try_cluster(rbar, l & 1)) {}
-    if (g.use_ts && tid == 0) ts0[4] = globaltimer();
+    if (STAMPS && tid == 0) ts0[4] = globaltimer();
     {   /* rows 4c..4c+3 of the tile from the 4 ranks in fixed order; thread: row tid / 32, 8 columns */
         const int row = tid >> 5, col = 8 * (tid & 31), i = 16 * t + 4 * c + row;
         const unsigned char* src[4];
@@ -1201,7 +1204,7 @@ __device__ __forceinline__ void attention_unit2(const Args& g, int l, int prog, 
         for (int u = 0; u < 4; ++u) pk[u] = to_bf16(acc[2 * u] * inv) | ((unsigned)to_bf16(acc[2 * u + 1] * inv) << 16);
         if (i < 8 * R) *(uint4*)(g.att + blocked(i % R, 256 * (i / R) + col)) = make_uint4(pk[0], pk[1], pk[2], pk[3]);
     }
-    if (g.use_ts && tid == 0) ts0[5] = globaltimer();
+    if (STAMPS && tid == 0) ts0[5] = globaltimer();
     asm volatile("fence.proxy.async.global;" ::: "memory");  /* o's loader reads att by bulk copy */
     bar_consumers();
     /* the loader may overwrite the activation region: o's activations (the first 8 blocks) do not reach A2_SEND, which
@@ -1209,13 +1212,13 @@ __device__ __forceinline__ void attention_unit2(const Args& g, int l, int prog, 
        attention owner, hence for every slice sent */
     mbar_arrive(bars + 8 * (2 * NS + 6));
     if (tid == 0) {
-        if (g.use_ts) ts[6] = globaltimer();
+        if (STAMPS) ts[6] = globaltimer();
         const int i0 = 16 * t + 4 * c, h0 = i0 / R, h1 = (i0 + 3) / R;  /* rows past 8 R (the last tile's padding,
                                                                          STATE) belong to no head */
         pub_fence();
         if (h0 < 8) pub_add(g.ctr + (l * 4 + 0) * 32 + 20 + h0);
         if (h1 != h0 && h1 < 8) pub_add(g.ctr + (l * 4 + 0) * 32 + 20 + h1);
-        if (g.use_ts) ts[7] = globaltimer();
+        if (STAMPS) ts[7] = globaltimer();
     }
 }
 
@@ -1312,7 +1315,7 @@ __device__ __forceinline__ void attention_unit3(const Args& g, int l, int prog, 
     for (int q = 0; q < 4; ++q) while (!mbar_try(bars + 8 * (2 * NS + 2 + q), aparity)) {}
     unsigned long long* ts = g.ts + ((size_t)(prog * g.L + l) * 4 + 1) * 8;  /* o's slots 4..7: the attention unit */
     unsigned long long* ts0 = g.ts + ((size_t)(prog * g.L + l) * 4 + 0) * 8;  /* qkv's spare slots 4..6 */
-    if (g.use_ts && tid == 0) ts[4] = globaltimer();
+    if (STAMPS && tid == 0) ts[4] = globaltimer();
 
     const unsigned q_base = pinned_u32(a_u32 + A3_Q);
     float o[32][4], m[2] = {-1e30f, -1e30f}, lsum[2] = {0.f, 0.f};
@@ -1353,7 +1356,7 @@ __device__ __forceinline__ void attention_unit3(const Args& g, int l, int prog, 
         if (tid == 0) mbar_arrive(bars + 8 * (A2_BAR + A2_SLOTS + slot));  /* the loader may refill it */
     }
     kvi += nsb;
-    if (g.use_ts && tid == 0) ts[5] = globaltimer();
+    if (STAMPS && tid == 0) ts[5] = globaltimer();
 
     /* warp w's rows 16w.. (normalised, bf16, with m and l) to rank w by one bulk copy; rank c's own rows into the
        ring (free now: every sub-block is consumed) */
@@ -1380,7 +1383,7 @@ __device__ __forceinline__ void attention_unit3(const Args& g, int l, int prog, 
     }
     bar_consumers();  /* the own rows are staged */
     while (!mbar_try_cluster(rbar, l & 1)) {}
-    if (g.use_ts && tid == 0) ts0[4] = globaltimer();
+    if (STAMPS && tid == 0) ts0[4] = globaltimer();
     {   /* rows 16c..16c+15 from the 4 quarters in fixed order; thread: row tid / 8, 32 columns in 4 groups of 8 */
         const int row = tid >> 3, r = 16 * c + row, col0 = 32 * (tid & 7);
         const unsigned char* src[4];
@@ -1417,7 +1420,7 @@ __device__ __forceinline__ void attention_unit3(const Args& g, int l, int prog, 
                 *(uint4*)(g.att + blocked(r, 256 * h + col0 + cg)) = make_uint4(pk[0], pk[1], pk[2], pk[3]);
             }
     }
-    if (g.use_ts && tid == 0) ts0[5] = globaltimer();
+    if (STAMPS && tid == 0) ts0[5] = globaltimer();
     asm volatile("fence.proxy.async.global;" ::: "memory");  /* o's loader reads att by bulk copy */
     bar_consumers();
     /* the loader may overwrite the activation region: o's activations (the first 8 blocks) end where the outgoing
@@ -1425,10 +1428,10 @@ __device__ __forceinline__ void attention_unit3(const Args& g, int l, int prog, 
        every o unit, hence for every attention owner, hence for every slice sent */
     mbar_arrive(bars + 8 * (2 * NS + 6));
     if (tid == 0) {
-        if (g.use_ts) ts[6] = globaltimer();
+        if (STAMPS) ts[6] = globaltimer();
         pub_fence();
         pub_add(g.ctr + (l * 4 + 0) * 32 + 20 + h);
-        if (g.use_ts) ts[7] = globaltimer();
+        if (STAMPS) ts[7] = globaltimer();
     }
 }
 
@@ -1538,7 +1541,7 @@ def _wgmma_functions() -> str:
 
 def source(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = WGD, loader: int = LOADER,
            layer: int = 0, attn: int = 0, mcast: int = MCAST, gelu: int = GELU, pf: int = PF, rcp: int = RCP,
-           pair: int = PAIR, spack: int = SPACK, ns: int = NS, tail: int = TAIL, state: int = 0) -> str:
+           pair: int = PAIR, spack: int = SPACK, ns: int = NS, tail: int = TAIL, state: int = 0, ts: int = 1) -> str:
     assert pair in PAIRED, pair
     assert not (pf and spack), "PF counts chunks, SPACK's producer counts slots"
     assert not state or (layer and attn in (2, 3)), "STATE: flow step 0 of the real layer with ATTN 2 or 3"
@@ -1548,7 +1551,7 @@ def source(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = 
     assert loader or not layer, "LAYER: the loader copies the sums of squares"
     text = _SOURCE
     assert layer or not attn, "ATTN is part of the LAYER probe"
-    consts = dict(ROWS=R + state, RS=ss_stride(R + state), STATE=state, AHEAD=ahead, MCAST=mcast, GELU=gelu, PF=pf, RCP=rcp, PAIR=pair, SPACK=spack, TAIL=tail, A_PIPE=a_pipe, PUB=pub, WGD=wgd, LOADER=loader, LAYER=layer, ATTN=attn, ROWSQ_BYTES=ROWSQ_BYTES,
+    consts = dict(TS=ts, ROWS=R + state, RS=ss_stride(R + state), STATE=state, AHEAD=ahead, MCAST=mcast, GELU=gelu, PF=pf, RCP=rcp, PAIR=pair, SPACK=spack, TAIL=tail, A_PIPE=a_pipe, PUB=pub, WGD=wgd, LOADER=loader, LAYER=layer, ATTN=attn, ROWSQ_BYTES=ROWSQ_BYTES,
                   SS_BYTES=SS_BYTES, A_BLOCK=A_BLOCK, WGMMA=_wgmma_functions(), NS=ns, SLOT=SLOT, A_BYTES=A_BYTES, RECV_BYTES=RECV_BYTES, BN_SPLIT_MAX=BN_SPLIT_MAX,
                   HELPERS=CUDA_HELPERS % {})
     for k, v in consts.items():
@@ -1670,9 +1673,9 @@ class MegaPlan:
 def _kernel_and_programs(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = WGD,
                          loader: int = LOADER, layer: int = 0, attn: int = 0, mcast: int = MCAST, gelu: int = GELU,
                          pf: int = PF, rcp: int = RCP, pair: int = PAIR, spack: int = SPACK, ns: int = NS,
-                         tail: int = TAIL, state: int = 0):
+                         tail: int = TAIL, state: int = 0, ts: int = 1):
     func = compile_cuda(source(ahead, a_pipe, pub, wgd, loader, layer, attn, mcast, gelu, pf, rcp, pair, spack, ns, tail,
-                               state),
+                               state, ts),
                         "mega_chain_kernel", smem_bytes(ns),
                         arch_suffix="a")
     cfg = _LaunchConfig(128, 1, 1, THREADS, 1, 1, smem_bytes(ns), None, None, 0)
@@ -1690,7 +1693,7 @@ def attention_available(device) -> bool:
         dev = torch.device(device)
         if dev.type != "cuda" or torch.cuda.get_device_capability(dev) != (9, 0):
             return False
-        return _kernel_and_programs(AHEAD, A_PIPE, PUB, WGD, LOADER, 1, 2, MCAST, GELU, PF, RCP)[1] >= 100
+        return _kernel_and_programs(AHEAD, A_PIPE, PUB, WGD, LOADER, 1, 2, MCAST, GELU, PF, RCP, ts=0)[1] >= 100
     except Exception:  # no NVRTC / driver entry points: the engine keeps its per-kernel path
         return False
 
@@ -1698,15 +1701,15 @@ def attention_available(device) -> bool:
 def plan_for_this_gpu(layer: bool = False, pair: int = PAIR) -> MegaPlan:
     # every variant has the same shared memory and threads, hence the same resident clusters: ask the one that will run
     # (LAYER: the engine's LAYER + ATTN 2 kernel), so no other variant is compiled just to count them
-    return MegaPlan(_kernel_and_programs(AHEAD, A_PIPE, PUB, WGD, LOADER, 1, ATTN_MODE, MCAST, GELU, PF, RCP)[1] if layer
-                    else _kernel_and_programs()[1], layer, pair)
+    return MegaPlan(_kernel_and_programs(AHEAD, A_PIPE, PUB, WGD, LOADER, 1, ATTN_MODE, MCAST, GELU, PF, RCP, ts=0)[1]
+                    if layer else _kernel_and_programs(ts=0)[1], layer, pair)
 
 
 def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tensor, layers: int,
                timestamps: torch.Tensor | None = None, ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB,
                wgd: int = WGD, loader: int = LOADER, layer_state: dict | None = None, pdl: bool = False,
                zero_counters: bool = True, mcast: int = MCAST, gelu: int = GELU, pf: int = PF, rcp: int = RCP,
-               spack: int = SPACK, ns: int = NS, tail: int = TAIL):
+               spack: int = SPACK, ns: int = NS, tail: int = TAIL, ts_code: int | None = None):
     """Run `layers` layers of the chain on acts = {x, q, x2, h8}: [50, 1024 / 2560 / 1024 / 8192] bf16 in the blocked
     layout (`to_blocked` / `from_blocked`); counters: >= layers * 128 int32 (zeroed here, inside the stream).
     layer_state (a plan made with layer=True): the real layer's epilogues; acts x / x2 are then the bf16 copies of
@@ -1714,14 +1717,18 @@ def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tenso
     ss ([2, clusters, 50] sums of squares; ss[0] of the input must be set), pos (int32 [50]), cos, sin
     ([positions, 128] fp32), eps. With state=True (ATTN 2 only) the rows are 51, the last one the state token
     (flow step 0: kernel STATE; xs [51, 1024], ss [2, clusters, 51], pos [51]): T is then the prefix alone, the
-    state token's key goes to T and the actions' to T + 1..T + 50, as the later steps' fixed keys expect."""
+    state token's key goes to T and the actions' to T + 1..T + 50, as the later steps' fixed keys expect.
+    ts_code: compile the %globaltimer stamps in (default: only when `timestamps` is given)."""
     layer = layer_state is not None
     attn = int(layer_state.get("attn_mode", ATTN_MODE)) if layer and "kc" in layer_state else 0
     state = int(bool(layer and layer_state.get("state", False)))
     assert layer == plan.layer and attn in (0, 1, 2, 3) and (not state or attn in (2, 3))
     rows = R + state
+    # the stamps' code only in the kernels that stamp (ts_code forces it either way: the probe's A/B of its cost)
+    ts_code = int(timestamps is not None) if ts_code is None else int(ts_code)
+    assert ts_code or timestamps is None, "timestamps need the kernel with the stamps' code"
     func, programs = _kernel_and_programs(ahead, a_pipe, pub, wgd, loader, int(layer), attn, mcast, gelu, pf, rcp,
-                                          plan.pair if layer else PAIR, spack, ns, tail, state)
+                                          plan.pair if layer else PAIR, spack, ns, tail, state, ts_code)
     rs = ss_stride(rows)
     assert programs // CLUSTER * rs * 4 <= SS_BYTES, "the clusters' sums of squares do not fit in SS_BYTES"
     assert plan.programs == programs, (plan.programs, programs)
