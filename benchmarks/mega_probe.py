@@ -190,6 +190,8 @@ def main():
     ap.add_argument("--stamps", default=None, help="directory: save every program's stamps of the layer runs")
     ap.add_argument("--stamp-code", type=int, nargs="+", default=[0],
                     help="--layer / --attn runs: time the kernel with the stamps' code compiled in (1) or out (0)")
+    ap.add_argument("--roll", type=int, nargs="+", default=[MC.ROLL],
+                    help="--layer / --attn runs: qkv's / gate|up's epilogues rolled (1) or unrolled (0) (kernels/mega_chain.py ROLL)")
     ap.add_argument("--bloat", type=int, nargs="+", default=[0],
                     help="--layer / --attn runs: K extra straight-line instructions per layer in the qkv unit (set_bloat)")
     ap.add_argument("--gelu", type=int, nargs="+", default=[MC.GELU], help="--layer / --attn runs: gate|up's GELU variant")
@@ -262,8 +264,9 @@ def main():
                 for c in args.stamp_code]:
             v = dict(pub=pub, ahead=ahead, mcast=mcast, gelu=gelu, pf=pf, rcp=rcp, pair=pair, spack=spack, tail=tail,
                      stamp_code=sc)
-            for bloat in args.bloat:
+            for bloat, roll in [(b, r) for b in args.bloat for r in args.roll]:
                 set_bloat(bloat)
+                MC.ROLL = roll  # a module switch of source(): the compiled kernels were just dropped by set_bloat
                 if args.layer:
                     res["rows"].append(dict(layer_mode(weights, ctr, **v), bloat=bloat))
                 for T in args.prefix_keys:
@@ -272,8 +275,8 @@ def main():
                         if mode == 2 and args.shared_kv:
                             res["rows"].append(dict(layer_mode(weights, ctr, attn=mode, T=T, shared_kv=True, **v),
                                                     bloat=bloat))
-                if bloat:
-                    print(f"(the rows above: --bloat {bloat})", flush=True)
+                if bloat or len(args.roll) > 1:
+                    print(f"(the rows above: --bloat {bloat} --roll {roll})", flush=True)
             set_bloat(0)
     if args.json:
         with open(args.json, "w") as f:

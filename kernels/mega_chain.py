@@ -124,6 +124,8 @@ _SOURCE = r"""
 #define TS @TS@                        /* 0: the %globaltimer stamps compiled out (the engine's kernels: less code to
                                           fetch every layer, NOTES.md session 12); 1: stamped when Args.use_ts */
 #define STAMPS (TS && g.use_ts)
+#define ROLL @ROLL@                    /* 1: qkv's and gate|up's epilogues (PAIR 8) as rolled loops over the accumulators
+                                          staged in the activation region (less code fetched every layer) */
 #define RCP @RCP@                      /* ATTN 2's softmax normalisers: 0 IEEE reciprocal (a slow-path CALL), 1 fast */
 #define A_FREE (2 * NS + 9 + 2 * 6)    /* MCAST's mbarrier, after ATTN 2's K / V ring's */
 @HELPERS@
@@ -407,7 +409,9 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
         }
     }
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-    if (LOADER) mbar_arrive(bars + 8 * (2 * NS + 6));  /* the loader may overwrite the activations */
+    /* ROLL: the epilogue stages the accumulators in the activation region, which the loader may refill after it */
+    constexpr bool STAGED = ROLL && LAYER && PAIR == 8 && (P == 0 || P == 2);
+    if (LOADER && !STAGED) mbar_arrive(bars + 8 * (2 * NS + 6));  /* the loader may overwrite the activations */
     #pragma unroll
     for (int back = WGD; back >= 1; --back)
         if ((NCH - back) % CPS == CPS - 1) mbar_arrive(bars + 8 * (NS + (ci + (NCH - back) / CPS) % NS));
@@ -451,6 +455,50 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
                 *(unsigned*)(kv + kv_index(key, 128 + dim)) = to_bf16(b0) | ((unsigned)to_bf16(b1) << 16);
             }
         }
+    } else if (STAGED) {
+        /* the same math as the unrolled branches below, one loop iteration per (group pair, row half): the thread's
+           accumulators (and qkv's RoPE factors) through shared memory, so the body is compiled once */
+        float* scr = (float*)smem + tid * (NJ * 4 + 1);
+        float* scc = (float*)smem + NC * (NJ * 4 + 1) + tid * (NJ * 4 + 1);  /* qkv: [iteration][cos x2, sin x2] */
+        #pragma unroll
+        for (int i = 0; i < NJ * 4; ++i) scr[i] = d[i];
+        if (P == 0)
+            #pragma unroll
+            for (int j = 0; j < NJ; j += 2)
+                #pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    float* f = scc + (j + h) * 4;  /* iteration j + h of the loop below */
+                    f[0] = rc[j / 2][h].x; f[1] = rc[j / 2][h].y; f[2] = rsn[j / 2][h].x; f[3] = rsn[j / 2][h].y;
+                }
+        #pragma unroll 1
+        for (int it = 0; it < NJ; ++it) {
+            const int j = 2 * (it >> 1), h = it & 1, row = r0 + 8 * h;
+            if (row >= R) continue;
+            const float sc = h ? rs[1] : rs[0];
+            float a0 = scr[4 * j + 2 * h] * sc, a1 = scr[4 * j + 2 * h + 1] * sc;
+            float b0 = scr[4 * (j + 1) + 2 * h] * sc, b1 = scr[4 * (j + 1) + 2 * h + 1] * sc;
+            if (P == 2) {
+                const int col = 8 * ((n0 + 8 * j) / 16) + c0;
+                *(unsigned*)(out + blocked(row, col)) = to_bf16(gelu_tanh_f(a0) * b0) | ((unsigned)to_bf16(gelu_tanh_f(a1) * b1) << 16);
+            } else {
+                const int pr = (n0 + 8 * j) / 16, head = pr / 16, dim = 8 * (pr % 16) + c0;
+                if (head < 9) {
+                    const float* f = scc + it * 4;
+                    const float x0 = a0 * f[0] - b0 * f[2], y0 = b0 * f[0] + a0 * f[2];
+                    const float x1 = a1 * f[1] - b1 * f[3], y1 = b1 * f[1] + a1 * f[3];
+                    a0 = x0; b0 = y0; a1 = x1; b1 = y1;
+                }
+                *(unsigned*)(out + blocked(row, head * 256 + dim)) = to_bf16(a0) | ((unsigned)to_bf16(a1) << 16);
+                *(unsigned*)(out + blocked(row, head * 256 + 128 + dim)) = to_bf16(b0) | ((unsigned)to_bf16(b1) << 16);
+                if (ATTN && head >= 8) {
+                    const int key = suffix_key(g, row);
+                    bf16* kv = (head == 8 ? g.kc : g.vc) + (size_t)l * g.kv_layer;
+                    *(unsigned*)(kv + kv_index(key, dim)) = to_bf16(a0) | ((unsigned)to_bf16(a1) << 16);
+                    *(unsigned*)(kv + kv_index(key, 128 + dim)) = to_bf16(b0) | ((unsigned)to_bf16(b1) << 16);
+                }
+            }
+        }
+        if (LOADER) mbar_arrive(bars + 8 * (2 * NS + 6));  /* this thread's staged values are read */
     } else if (LAYER && P == 0) {
         /* pairs of groups (j, j + 1) = head columns 8g.. and 128 + 8g..: scaled, RoPE'd (q, k), stored in place */
         #pragma unroll
@@ -1516,6 +1564,7 @@ AHEAD = 0  # default L2 prefetch distance in ops (0: off; 1-8 measured slower, b
 MCAST = 0  # default: each rank copies the qkv / gate|up activations itself (1: multicast; measured slower, NOTES.md)
 GELU = 1  # gate|up's GELU variant (gelu_tanh_f; 1 vs 0: NOTES.md session 10); the engine's is Tuning.mega_gelu
 PF = 0  # default lazy L2 prefetch lookahead in ring chunks (produce; 0: off)
+ROLL = 0  # qkv's / gate|up's epilogues rolled over staged accumulators (source(); a module switch for the probe's A/B)
 RCP = 0  # default ATTN 2 softmax normalisers: 0 IEEE reciprocal, 1 fast (__fdividef)
 PAIR = 8  # default LAYER unit half-width (see PAIRED)
 SPACK = 0  # default: one weight chunk per ring slot (1: two narrow chunks share a slot, Pack)
@@ -1551,7 +1600,7 @@ def source(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = 
     assert loader or not layer, "LAYER: the loader copies the sums of squares"
     text = _SOURCE
     assert layer or not attn, "ATTN is part of the LAYER probe"
-    consts = dict(TS=ts, ROWS=R + state, RS=ss_stride(R + state), STATE=state, AHEAD=ahead, MCAST=mcast, GELU=gelu, PF=pf, RCP=rcp, PAIR=pair, SPACK=spack, TAIL=tail, A_PIPE=a_pipe, PUB=pub, WGD=wgd, LOADER=loader, LAYER=layer, ATTN=attn, ROWSQ_BYTES=ROWSQ_BYTES,
+    consts = dict(ROLL=ROLL, TS=ts, ROWS=R + state, RS=ss_stride(R + state), STATE=state, AHEAD=ahead, MCAST=mcast, GELU=gelu, PF=pf, RCP=rcp, PAIR=pair, SPACK=spack, TAIL=tail, A_PIPE=a_pipe, PUB=pub, WGD=wgd, LOADER=loader, LAYER=layer, ATTN=attn, ROWSQ_BYTES=ROWSQ_BYTES,
                   SS_BYTES=SS_BYTES, A_BLOCK=A_BLOCK, WGMMA=_wgmma_functions(), NS=ns, SLOT=SLOT, A_BYTES=A_BYTES, RECV_BYTES=RECV_BYTES, BN_SPLIT_MAX=BN_SPLIT_MAX,
                   HELPERS=CUDA_HELPERS % {})
     for k, v in consts.items():
