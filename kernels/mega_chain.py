@@ -1564,7 +1564,7 @@ AHEAD = 0  # default L2 prefetch distance in ops (0: off; 1-8 measured slower, b
 MCAST = 0  # default: each rank copies the qkv / gate|up activations itself (1: multicast; measured slower, NOTES.md)
 GELU = 1  # gate|up's GELU variant (gelu_tanh_f; 1 vs 0: NOTES.md session 10); the engine's is Tuning.mega_gelu
 PF = 0  # default lazy L2 prefetch lookahead in ring chunks (produce; 0: off)
-ROLL = 0  # qkv's / gate|up's epilogues rolled over staged accumulators (source(); a module switch for the probe's A/B)
+ROLL = 0  # default: qkv's / gate|up's epilogues unrolled (1: rolled over staged accumulators; measured slower, NOTES.md)
 RCP = 0  # default ATTN 2 softmax normalisers: 0 IEEE reciprocal, 1 fast (__fdividef)
 PAIR = 8  # default LAYER unit half-width (see PAIRED)
 SPACK = 0  # default: one weight chunk per ring slot (1: two narrow chunks share a slot, Pack)
@@ -1590,7 +1590,8 @@ def _wgmma_functions() -> str:
 
 def source(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = WGD, loader: int = LOADER,
            layer: int = 0, attn: int = 0, mcast: int = MCAST, gelu: int = GELU, pf: int = PF, rcp: int = RCP,
-           pair: int = PAIR, spack: int = SPACK, ns: int = NS, tail: int = TAIL, state: int = 0, ts: int = 1) -> str:
+           pair: int = PAIR, spack: int = SPACK, ns: int = NS, tail: int = TAIL, state: int = 0, ts: int = 1,
+           roll: int = ROLL) -> str:
     assert pair in PAIRED, pair
     assert not (pf and spack), "PF counts chunks, SPACK's producer counts slots"
     assert not state or (layer and attn in (2, 3)), "STATE: flow step 0 of the real layer with ATTN 2 or 3"
@@ -1600,7 +1601,7 @@ def source(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = 
     assert loader or not layer, "LAYER: the loader copies the sums of squares"
     text = _SOURCE
     assert layer or not attn, "ATTN is part of the LAYER probe"
-    consts = dict(ROLL=ROLL, TS=ts, ROWS=R + state, RS=ss_stride(R + state), STATE=state, AHEAD=ahead, MCAST=mcast, GELU=gelu, PF=pf, RCP=rcp, PAIR=pair, SPACK=spack, TAIL=tail, A_PIPE=a_pipe, PUB=pub, WGD=wgd, LOADER=loader, LAYER=layer, ATTN=attn, ROWSQ_BYTES=ROWSQ_BYTES,
+    consts = dict(ROLL=roll, TS=ts, ROWS=R + state, RS=ss_stride(R + state), STATE=state, AHEAD=ahead, MCAST=mcast, GELU=gelu, PF=pf, RCP=rcp, PAIR=pair, SPACK=spack, TAIL=tail, A_PIPE=a_pipe, PUB=pub, WGD=wgd, LOADER=loader, LAYER=layer, ATTN=attn, ROWSQ_BYTES=ROWSQ_BYTES,
                   SS_BYTES=SS_BYTES, A_BLOCK=A_BLOCK, WGMMA=_wgmma_functions(), NS=ns, SLOT=SLOT, A_BYTES=A_BYTES, RECV_BYTES=RECV_BYTES, BN_SPLIT_MAX=BN_SPLIT_MAX,
                   HELPERS=CUDA_HELPERS % {})
     for k, v in consts.items():
@@ -1722,9 +1723,9 @@ class MegaPlan:
 def _kernel_and_programs(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = WGD,
                          loader: int = LOADER, layer: int = 0, attn: int = 0, mcast: int = MCAST, gelu: int = GELU,
                          pf: int = PF, rcp: int = RCP, pair: int = PAIR, spack: int = SPACK, ns: int = NS,
-                         tail: int = TAIL, state: int = 0, ts: int = 1):
+                         tail: int = TAIL, state: int = 0, ts: int = 1, roll: int = ROLL):
     func = compile_cuda(source(ahead, a_pipe, pub, wgd, loader, layer, attn, mcast, gelu, pf, rcp, pair, spack, ns, tail,
-                               state, ts),
+                               state, ts, roll),
                         "mega_chain_kernel", smem_bytes(ns),
                         arch_suffix="a")
     cfg = _LaunchConfig(128, 1, 1, THREADS, 1, 1, smem_bytes(ns), None, None, 0)
@@ -1758,7 +1759,7 @@ def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tenso
                timestamps: torch.Tensor | None = None, ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB,
                wgd: int = WGD, loader: int = LOADER, layer_state: dict | None = None, pdl: bool = False,
                zero_counters: bool = True, mcast: int = MCAST, gelu: int = GELU, pf: int = PF, rcp: int = RCP,
-               spack: int = SPACK, ns: int = NS, tail: int = TAIL, ts_code: int | None = None):
+               spack: int = SPACK, ns: int = NS, tail: int = TAIL, ts_code: int | None = None, roll: int = ROLL):
     """Run `layers` layers of the chain on acts = {x, q, x2, h8}: [50, 1024 / 2560 / 1024 / 8192] bf16 in the blocked
     layout (`to_blocked` / `from_blocked`); counters: >= layers * 128 int32 (zeroed here, inside the stream).
     layer_state (a plan made with layer=True): the real layer's epilogues; acts x / x2 are then the bf16 copies of
@@ -1777,7 +1778,7 @@ def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tenso
     ts_code = int(timestamps is not None) if ts_code is None else int(ts_code)
     assert ts_code or timestamps is None, "timestamps need the kernel with the stamps' code"
     func, programs = _kernel_and_programs(ahead, a_pipe, pub, wgd, loader, int(layer), attn, mcast, gelu, pf, rcp,
-                                          plan.pair if layer else PAIR, spack, ns, tail, state, ts_code)
+                                          plan.pair if layer else PAIR, spack, ns, tail, state, ts_code, roll)
     rs = ss_stride(rows)
     assert programs // CLUSTER * rs * 4 <= SS_BYTES, "the clusters' sums of squares do not fit in SS_BYTES"
     assert plan.programs == programs, (plan.programs, programs)
