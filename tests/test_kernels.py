@@ -823,7 +823,8 @@ def test_mega_chain_layer_cuda(layers, attn, pair):
     ctr = torch.zeros(layers * 128, dtype=torch.int32, device="cuda")
     runs = []
     # twice the default, then the other activation delivery, the L2 prefetch on / off, the other ring packing (same
-    # bits: data movement only), the other softmax normaliser (other bits: checked against the reference only)
+    # bits: data movement only), the other softmax normaliser and the rolled epilogues (other bits: checked against
+    # the reference only)
     variants = [{}, {}, dict(mcast=1 - MC.MCAST), dict(pf=16 if MC.PF == 0 else 0, spack=0, tail=2 - MC.TAIL),
                 dict(spack=1 - MC.SPACK, pf=0), dict(rcp=1 - MC.RCP), dict(roll=1 - MC.ROLL)]
     for v in variants:
@@ -853,8 +854,8 @@ def test_mega_chain_layer_cuda(layers, attn, pair):
         assert torch.equal(runs[0][k], runs[3][k]), f"{k}: {variants[3]} gives other bits"
         assert torch.equal(runs[0][k], runs[4][k]), f"{k}: {variants[4]} gives other bits"
         assert rel(runs[5][k], ref[k]) < 1e-2, (k, variants[5])
-        if pair == 8:  # ROLL: the same math in the same order, only the epilogues' code is laid out differently
-            assert torch.equal(runs[0][k], runs[6][k]), f"{k}: {variants[6]} gives other bits"
+        # ROLL: the same math, laid out as a loop (the compiler may contract other multiply-adds: other bits)
+        assert rel(runs[6][k], ref[k]) < 1e-2, (k, variants[6])
 
 
 
