@@ -1031,19 +1031,60 @@ __device__ __forceinline__ void attention_kv_issue(const Args& g, int l, unsigne
                  :: "r"(dst + A2_SB), "l"(g.vc + (size_t)l * g.kv_layer + (size_t)k0 * 256), "r"(A2_SB), "r"(full) : "memory");
 }
 
+/* the end of an attention unit (ATTN 2 / 3), after its rows of att are stored: att ordered before o's bulk-copy reads,
+   the activation region handed back to the loader (o's activations, the first 8 blocks, stop short of the outgoing
+   slices that other ranks may still be copying; gate|up's reach them, but they wait for every o unit, hence for every
+   attention owner, hence for every slice sent), then the publish on the counters of heads h0 and h1 (h1 == h0: one;
+   >= 8: rows past the heads, the last tile's padding) */
+__device__ __forceinline__ void attention_unit_end(const Args& g, int l, unsigned bars, unsigned long long* ts, int h0,
+                                                   int h1) {
+    asm volatile("fence.proxy.async.global;" ::: "memory");
+    bar_consumers();
+    mbar_arrive(bars + 8 * (2 * NS + 6));
+    if (threadIdx.x == 0) {
+        if (STAMPS) ts[6] = globaltimer();
+        pub_fence();
+        if (h0 < 8) pub_add(g.ctr + (l * 4 + 0) * 32 + 20 + h0);
+        if (h1 != h0 && h1 < 8) pub_add(g.ctr + (l * 4 + 0) * 32 + 20 + h1);
+        if (STAMPS) ts[7] = globaltimer();
+    }
+}
+
+/* the loader's start of an attention unit (ATTN 2 / 3): once the qkv unit's activations are consumed, the key quarter's
+   prefix sub-blocks (fixed keys: they do not wait for this layer's qkv) into the ring at ring_u32, then the wait for
+   every qkv unit's publish; returns how many sub-blocks are requested */
+__device__ __forceinline__ int attention_loader_begin(const Args& g, int l, int c, unsigned ring_u32, unsigned bars,
+                                                      int slots, int& au, int kvi, int& kb, int& ke, int& nsb) {
+    attention_quarter2(g, c, kb, ke, nsb);
+    if (au > 0) while (!mbar_try(bars + 8 * (2 * NS + 6), (au - 1) & 1)) {}  /* the qkv unit's activations are consumed */
+    ++au;
+    int j = 0;
+    for (; j < nsb && j < slots && kb + 16 * j + 16 <= g.T; ++j)  /* prefix keys: fixed, requested right away */
+        attention_kv_issue(g, l, ring_u32, bars, kvi + j, kb + 16 * j, slots);
+    while (ld_acquire(g.ctr + (l * 4 + 0) * 32 + 31) < g.wait[1][31]) {}  /* every qkv unit has published */
+    asm volatile("fence.proxy.async.global;" ::: "memory");
+    return j;
+}
+
+/* the consumers' start of an attention unit (ATTN 2 / 3): the activation parity, the key quarter, and the bytes the
+   other ranks' slices of this rank's rows will bring to the partials' mbarrier */
+__device__ __forceinline__ unsigned attention_unit_begin(const Args& g, int c, unsigned bars, unsigned slices_bytes,
+                                                         int& au, int& kb, int& ke, int& nsb) {
+    const unsigned aparity = au & 1;
+    ++au;
+    attention_quarter2(g, c, kb, ke, nsb);
+    if (threadIdx.x == 0)  /* my rows' slices from the other three ranks */
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(bars + 8 * (2 * NS + 8)),
+                     "r"(slices_bytes) : "memory");
+    return aparity;
+}
+
 /* the loader's part of an attention unit */
 __device__ __forceinline__ void attention_loader2(const Args& g, int l, int prog, unsigned char* smem, int& au, int& kvi) {
     const unsigned a_u32 = smem_u32(smem), bars = smem_u32(smem + A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES) + NS * SLOT;
     const int t = prog >> 2, c = prog & 3;
     int kb, ke, nsb;
-    attention_quarter2(g, c, kb, ke, nsb);
-    if (au > 0) while (!mbar_try(bars + 8 * (2 * NS + 6), (au - 1) & 1)) {}  /* the qkv unit's activations are consumed */
-    ++au;
-    int j = 0;
-    for (; j < nsb && j < A2_SLOTS && kb + 16 * j + 16 <= g.T; ++j)  /* prefix keys: fixed, requested right away */
-        attention_kv_issue(g, l, a_u32 + A2_KV, bars, kvi + j, kb + 16 * j, A2_SLOTS);
-    while (ld_acquire(g.ctr + (l * 4 + 0) * 32 + 31) < g.wait[1][31]) {}  /* every qkv unit has published */
-    asm volatile("fence.proxy.async.global;" ::: "memory");
+    int j = attention_loader_begin(g, l, c, a_u32 + A2_KV, bars, A2_SLOTS, au, kvi, kb, ke, nsb);
     /* Q: one 64-column block per activation mbarrier (each unit completes all four); the tile's rows are one or two
        runs of consecutive rows of one head, each run one bulk copy per block */
     const int i0 = 16 * t, split = min(16, R * (i0 / R + 1) - i0);  /* rows 0..split-1: head i0 / R, the rest: the next */
@@ -1067,13 +1108,9 @@ __device__ __forceinline__ void attention_loader2(const Args& g, int l, int prog
 __device__ __forceinline__ void attention_unit2(const Args& g, int l, int prog, unsigned char* smem, int& au, int& kvi) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, t = prog >> 2, c = prog & 3;
     const unsigned a_u32 = smem_u32(smem), bars = smem_u32(smem + A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES) + NS * SLOT;
-    const unsigned aparity = au & 1;
-    ++au;
     int kb, ke, nsb;
-    attention_quarter2(g, c, kb, ke, nsb);
+    const unsigned aparity = attention_unit_begin(g, c, bars, 3 * A2_SLICE, au, kb, ke, nsb);
     const unsigned rbar = bars + 8 * (2 * NS + 8);
-    if (tid == 0)  /* my rows' slices from the other three ranks */
-        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(rbar), "r"(3 * A2_SLICE) : "memory");
     /* key validity of this thread's keys in every iteration (fixed during the kernel: read before Q arrives, off the
        keys loop's critical path) */
     const int gq = lane >> 2, q4 = lane & 3;
@@ -1253,21 +1290,8 @@ __device__ __forceinline__ void attention_unit2(const Args& g, int l, int prog, 
         if (i < 8 * R) *(uint4*)(g.att + blocked(i % R, 256 * (i / R) + col)) = make_uint4(pk[0], pk[1], pk[2], pk[3]);
     }
     if (STAMPS && tid == 0) ts0[5] = globaltimer();
-    asm volatile("fence.proxy.async.global;" ::: "memory");  /* o's loader reads att by bulk copy */
-    bar_consumers();
-    /* the loader may overwrite the activation region: o's activations (the first 8 blocks) do not reach A2_SEND, which
-       the other ranks may still be copying from; gate|up's do, but they wait for every o unit, hence for every
-       attention owner, hence for every slice sent */
-    mbar_arrive(bars + 8 * (2 * NS + 6));
-    if (tid == 0) {
-        if (STAMPS) ts[6] = globaltimer();
-        const int i0 = 16 * t + 4 * c, h0 = i0 / R, h1 = (i0 + 3) / R;  /* rows past 8 R (the last tile's padding,
-                                                                         STATE) belong to no head */
-        pub_fence();
-        if (h0 < 8) pub_add(g.ctr + (l * 4 + 0) * 32 + 20 + h0);
-        if (h1 != h0 && h1 < 8) pub_add(g.ctr + (l * 4 + 0) * 32 + 20 + h1);
-        if (STAMPS) ts[7] = globaltimer();
-    }
+    const int i0 = 16 * t + 4 * c;  /* my rows' heads (rows past 8 R: the last tile's padding, STATE: no head) */
+    attention_unit_end(g, l, bars, ts, i0 / R, (i0 + 3) / R);
 }
 
 /* ATTN 3: the attention link with wgmma. Cluster h < 8 takes head h whole (its R query rows as one m64 tile: the q
@@ -1314,14 +1338,7 @@ __device__ __forceinline__ void attention_loader3(const Args& g, int l, int prog
     const unsigned a_u32 = smem_u32(smem), bars = smem_u32(smem + A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES) + NS * SLOT;
     const int h = prog >> 2, c = prog & 3;
     int kb, ke, nsb;
-    attention_quarter2(g, c, kb, ke, nsb);
-    if (au > 0) while (!mbar_try(bars + 8 * (2 * NS + 6), (au - 1) & 1)) {}  /* the qkv unit's activations are consumed */
-    ++au;
-    int j = 0;
-    for (; j < nsb && j < A3_SLOTS && kb + 16 * j + 16 <= g.T; ++j)  /* prefix keys: fixed, requested right away */
-        attention_kv_issue(g, l, a_u32 + A3_KV, bars, kvi + j, kb + 16 * j, A3_SLOTS);
-    while (ld_acquire(g.ctr + (l * 4 + 0) * 32 + 31) < g.wait[1][31]) {}  /* every qkv unit has published */
-    asm volatile("fence.proxy.async.global;" ::: "memory");
+    int j = attention_loader_begin(g, l, c, a_u32 + A3_KV, bars, A3_SLOTS, au, kvi, kb, ke, nsb);
     #pragma unroll 1
     for (int b = 0; b < 4; ++b) {  /* Q: head h's four 64-column blocks, one per activation mbarrier */
         const unsigned abar = bars + 8 * (2 * NS + 2 + b);
@@ -1337,13 +1354,9 @@ __device__ __forceinline__ void attention_loader3(const Args& g, int l, int prog
 __device__ __forceinline__ void attention_unit3(const Args& g, int l, int prog, unsigned char* smem, int& au, int& kvi) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, h = prog >> 2, c = prog & 3;
     const unsigned a_u32 = smem_u32(smem), bars = smem_u32(smem + A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES) + NS * SLOT;
-    const unsigned aparity = au & 1;
-    ++au;
     int kb, ke, nsb;
-    attention_quarter2(g, c, kb, ke, nsb);
+    const unsigned aparity = attention_unit_begin(g, c, bars, 3 * A3_SLICE, au, kb, ke, nsb);
     const unsigned rbar = bars + 8 * (2 * NS + 8);
-    if (tid == 0)  /* my rows' slices from the other three ranks */
-        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(rbar), "r"(3 * A3_SLICE) : "memory");
     /* validity of this thread's 4 keys of every sub-block (columns 8n + 2 q4 + {0, 1}: two 8-byte loads), all requested
        at once before Q arrives (one after another they would cost an L2 round trip per sub-block) */
     const int gq = lane >> 2, q4 = lane & 3;
@@ -1469,18 +1482,7 @@ __device__ __forceinline__ void attention_unit3(const Args& g, int l, int prog, 
             }
     }
     if (STAMPS && tid == 0) ts0[5] = globaltimer();
-    asm volatile("fence.proxy.async.global;" ::: "memory");  /* o's loader reads att by bulk copy */
-    bar_consumers();
-    /* the loader may overwrite the activation region: o's activations (the first 8 blocks) end where the outgoing
-       slices begin, which the other ranks' copies may still be reading; gate|up's do reach them, but they wait for
-       every o unit, hence for every attention owner, hence for every slice sent */
-    mbar_arrive(bars + 8 * (2 * NS + 6));
-    if (tid == 0) {
-        if (STAMPS) ts[6] = globaltimer();
-        pub_fence();
-        pub_add(g.ctr + (l * 4 + 0) * 32 + 20 + h);
-        if (STAMPS) ts[7] = globaltimer();
-    }
+    attention_unit_end(g, l, bars, ts, h, h);
 }
 
 extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(192, 1) mega_chain_kernel(const Args g)
