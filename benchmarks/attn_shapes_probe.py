@@ -3,7 +3,7 @@ cameras), and the vision kernel's split head dim (72 = 64 + 16 instead of paddin
 the float32 reference, then timed as 17 (prefix) / 27 (vision) chained calls in a CUDA graph, the way the engine runs
 them (the patch embedding: 1 call per graph node, 20 nodes).
 
-    python benchmarks/attn_shapes_probe.py [--json out.json] [--prefix '[[BM, BN, warps, stages], ...]']
+    python benchmarks/attn_shapes_probe.py [--json out.json] [--prefix '[[BM, BN, warps, stages, split], ...]']
         [--vision '[[BM, BN, warps, stages, split_d], ...]'] [--patch '[[BM, BN, BK, warps], ...]']
 """
 
@@ -17,8 +17,11 @@ from pi0_triton_policy.kernels import patch_embed as PE, prefix_attention as PA,
 from sdpa_probe import (  # noqa: E402 (benchmarks/ is the script's directory)
     configs_arg, fastest, finish, measure, prefix_inputs, start, vision_inputs)
 
-PREFIX = [(64, 64, 8, 2), (32, 64, 4, 2), (32, 64, 4, 3), (32, 128, 4, 2), (32, 128, 8, 2), (16, 64, 4, 2),
-          (16, 128, 4, 2), (64, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)]
+# (BM, BN, warps, stages[, split]): split > 1 = split-KV, the key blocks shared out over that many programs per
+# (row block, head) and merged by the last (1 cam: 5 row blocks x 8 heads = 40 programs without it)
+PREFIX = [(64, 64, 4, 2, 1), (64, 64, 4, 2, 2), (64, 64, 4, 2, 3), (64, 64, 4, 2, 5), (64, 64, 4, 3, 2),
+          (64, 64, 4, 3, 3), (32, 64, 4, 2, 2), (32, 64, 4, 2, 3), (128, 64, 8, 2, 1), (128, 64, 8, 2, 2),
+          (128, 64, 8, 2, 3), (64, 128, 8, 2, 2), (64, 32, 4, 3, 3), (64, 64, 8, 2, 2), (32, 64, 4, 2, 1)]
 VISION = [(64, 64, 4, 2, False), (64, 64, 4, 2, True), (64, 32, 4, 3, True), (32, 64, 4, 2, True), (32, 32, 4, 3, True),
           (128, 64, 8, 2, True), (64, 128, 4, 2, True), (32, 128, 4, 2, True), (64, 64, 8, 2, True), (128, 128, 8, 2, True)]
 PATCH = [(64, 64, 32, 4), (32, 64, 32, 4), (32, 32, 32, 4), (64, 32, 32, 4), (16, 64, 32, 4), (32, 64, 64, 4), (32, 128, 32, 4)]
@@ -30,6 +33,7 @@ def main():
     ap.add_argument("--prefix", default=None)
     ap.add_argument("--vision", default=None)
     ap.add_argument("--patch", default=None)
+    ap.add_argument("--only", nargs="*", default=["prefix", "vision", "patch"], help="phases to time")
     args = ap.parse_args()
     cfgs = {name: configs_arg(getattr(args, name), default)
             for name, default in (("prefix", PREFIX), ("vision", VISION), ("patch", PATCH))}
@@ -38,12 +42,15 @@ def main():
     for V in (1, 2, 3):
         q, k, v, valid, ref, out, nh = prefix_inputs(V, g)
         runs = {str(c): (lambda c=c: PA.prefix_attention(q, k, v, valid, nh, out=out, block=c[:2], num_warps=c[2],
-                                                         num_stages=c[3])) for c in cfgs['prefix']}
-        res["rows"] += measure("prefix", V, runs, out, ref, calls=17)
+                                                         num_stages=c[3], split=c[4] if len(c) > 4 else 1))
+                for c in cfgs['prefix']}
+        if "prefix" in args.only:
+            res["rows"] += measure("prefix", V, runs, out, ref, calls=17)
         qkv, vref, vout, nhv = vision_inputs(V, g)
         runs = {str(c): (lambda c=c: VA.vision_attention(qkv, V, nhv, out=vout, block=c[:2], num_warps=c[2],
                                                          num_stages=c[3], split_d=c[4])) for c in cfgs['vision']}
-        res["rows"] += measure("vision", V, runs, vout, vref, calls=27)
+        if "vision" in args.only:
+            res["rows"] += measure("vision", V, runs, vout, vref, calls=27)
         img = torch.rand(V, 224, 224, 3, device=dev, generator=g) * 2 - 1
         pw = torch.randn(14 * 14 * 3, 1152, device=dev, generator=g) * 0.04
         padd = torch.randn(256, 1152, device=dev, generator=g)
@@ -51,9 +58,10 @@ def main():
         pout = torch.empty(V * 256, 1152, device=dev)
         runs = {str(c): (lambda c=c: PE.patch_embed(img, pw, padd, out=pout, block=c[:3], num_warps=c[3]))
                 for c in cfgs["patch"]}
-        res["rows"] += measure("patch", V, runs, pout, pref, calls=1)
+        if "patch" in args.only:
+            res["rows"] += measure("patch", V, runs, pout, pref, calls=1)
     print("\nphase   views  best configs (us per call)")
-    for phase in ("prefix", "vision", "patch"):
+    for phase in args.only:
         for V in (1, 2, 3):
             print(f"{phase:7s} {V}      " + "  ".join(f"{r['impl']} {r['us_per_call']:.2f}" for r in fastest(res, phase, V)))
     finish(res, args.json)

@@ -128,8 +128,9 @@ def main():
     res, g = start()
     for V in (1, 2, 3):
         q, k, v, valid, ref, out, nh = prefix_inputs(V, g)
-        runs = {"triton": lambda: PA.prefix_attention(q, k, v, valid, nh, out=out, block=t.pre_attn[:2],
-                                                      num_warps=t.pre_attn[2], num_stages=t.pre_attn[3])}
+        pa = t.pre_attn[min(V, 3) - 1]
+        runs = {"triton": lambda: PA.prefix_attention(q, k, v, valid, nh, out=out, block=pa[:2], num_warps=pa[2],
+                                                      num_stages=pa[3], split=pa[4])}
         for name, b in BACKENDS.items():
             runs[name] = lambda b=b: prefix_sdpa(q, k, v, valid, nh, out, b)
         res["rows"] += measure("prefix", V, runs, out, ref, calls=17)

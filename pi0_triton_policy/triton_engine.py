@@ -73,9 +73,10 @@ class Tuning:
     pre_mlp: tuple = (128, 128, 64, 8, 3)
     pre_res: tuple = (128, 128, 64, 8, 3)
     pre_split: int = 2
-    # (64, 64) x 4 warps (one warpgroup): 11.4 / 17.5 / 24.3 us per call vs 15.1 / 24.6 / 34.5 for (64, 64) x 8 warps
-    # (benchmarks/attn_shapes_probe.py, NOTES.md session 8)
-    pre_attn: tuple = (64, 64, 4, 2)
+    # per camera count 1, 2, 3: (BM, BN, warps, stages, split): split > 1 shares a (row block, head)'s key blocks out
+    # over that many programs, merged by the last (kernels/prefix_attention.py). (64, 64) x 4 warps (one warpgroup):
+    # 11.4 / 17.5 / 24.3 us per call vs 15.1 / 24.6 / 34.5 for (64, 64) x 8 warps (attn_shapes_probe, NOTES.md s8)
+    pre_attn: tuple = ((64, 64, 4, 2, 1), (64, 64, 4, 2, 1), (64, 64, 4, 2, 1))
     # the prefix gate/up matmul with the GeGLU in its epilogue (kernels/gemm_geglu.py: persistent TMA matmul over
     # interleaved gate/up weight rows, no gate/up intermediate in DRAM): 72.7 / 119.6 / 161.8 us per layer vs cuBLAS +
     # the GeGLU pass 72.2 / 130.0 / 171.7 (benchmarks/geglu_probe.py). Per camera count 1, 2, 3; False: cuBLAS on the
@@ -382,7 +383,8 @@ class _ViewGraph:
         self.ht = z(S - 1, a.width)
         ws = max(t.vis_split * M * v.width, t.pre_split * T * p.width, t.act_split * S * a.width,
                  max(t.act_attn_split, (T + S) // 16 + 1) * p.num_heads * S * (p.head_dim + 2),
-                 64 * 2 * a.mlp_dim * max(t.sk_gu[4], t.sk_qkv[4], t.sk_o[4], t.sk_down[4], t.sk_time[4]))
+                 64 * 2 * a.mlp_dim * max(t.sk_gu[4], t.sk_qkv[4], t.sk_o[4], t.sk_down[4], t.sk_time[4]),
+                 PA.workspace_numel(T, p.num_heads, p.head_dim, *(lambda c: (c[:2], c[4]))(t.pre_attn[min(num_views, 3) - 1])))
         self.ws = Workspace(dev, numel=ws, counters=4096)
         self.stack_plan = None
         if t.act_stack and t.act_skinny:
@@ -481,8 +483,9 @@ class _ViewGraph:
                             pdl=pg, interleaved=True)
             if i == p.depth - 1:
                 break  # the last layer's attention output and MLP feed nothing: only its K/V are used
+            pa = t.pre_attn[min(self.V, 3) - 1]
             PA.prefix_attention(self.q, self.kc[i], self.vc[i], self.key_valid, p.num_heads, out=self.o,
-                                block=t.pre_attn[:2], num_warps=t.pre_attn[2], num_stages=t.pre_attn[3], pdl=pg)
+                                block=pa[:2], num_warps=pa[2], num_stages=pa[3], pdl=pg, split=pa[4], workspace=ws)
             torch.mm(self.o, W.o[0][i], out=self.tmp_p)
             AN.add_norm(self.xp, self.xpn, self.tmp_p, eps=p.rms_eps, pdl=pg)
             if self.gu_fused():

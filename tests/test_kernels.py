@@ -27,6 +27,7 @@ from pi0_triton_policy.kernels import (  # noqa: E402
     rmsnorm_qkv_rope as RQR,
     vision_attention as VA,
 )
+from pi0_triton_policy.kernels._common import Workspace  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEV == "cuda" else [])
@@ -136,18 +137,23 @@ def test_vision_attention(dtype, views, hd, split_d, gen):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("views", [1, 3])
-def test_prefix_attention(dtype, views, gen):
+@pytest.mark.parametrize("split", [1, 2, 3])  # split-KV: key ranges merged by the last program (3 cams: 6 key blocks)
+def test_prefix_attention(dtype, views, split, gen):
     P, L, NQ, HD = 16, 37, 8, 16
     T = views * P + L
     q, k, v = randn(T, NQ * HD, dtype=dtype, gen=gen), randn(T, HD, dtype=dtype, gen=gen), randn(T, HD, dtype=dtype, gen=gen)
     valid = torch.ones(T, dtype=torch.int32)
-    valid[views * P + 20 :] = 0  # a 20-token prompt padded to 37
+    valid[views * P + 20 :] = 0  # a 20-token prompt padded to 37: the last key range holds only padding at 1 cam
     valid = valid.to(DEV)
-    out = PA.prefix_attention(q, k, v, valid, NQ, block=(16, 16))
+    ws = Workspace(DEV, numel=16)  # grows on demand: the split's partials
+    out = PA.prefix_attention(q, k, v, valid, NQ, block=(16, 16), split=split, workspace=ws)
     ref = PA.prefix_attention_ref(q, k, v, valid, NQ)
     rows = valid.bool()
     assert rel(out[rows], ref[rows]) < TOL[dtype]
     assert torch.isfinite(out.float()).all()
+    assert int(ws.counters.abs().sum()) == 0  # the arrival counters are back to 0 for the next launch
+    again = PA.prefix_attention(q, k, v, valid, NQ, block=(16, 16), split=split, workspace=ws)
+    assert torch.equal(again, out)  # fixed-order merge: bitwise repeatable
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
