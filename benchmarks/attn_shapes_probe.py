@@ -3,7 +3,7 @@ cameras), and the vision kernel's split head dim (72 = 64 + 16 instead of paddin
 the float32 reference, then timed as 17 (prefix) / 27 (vision) chained calls in a CUDA graph, the way the engine runs
 them (the patch embedding: 1 call per graph node, 20 nodes).
 
-    python benchmarks/attn_shapes_probe.py [--json out.json] [--prefix '[[BM, BN, warps, stages, split], ...]']
+    python benchmarks/attn_shapes_probe.py [--json out.json] [--prefix '[[BM, BN, warps, stages, split, tma], ...]']
         [--vision '[[BM, BN, warps, stages, split_d], ...]'] [--patch '[[BM, BN, BK, warps], ...]']
 """
 
@@ -17,11 +17,11 @@ from pi0_triton_policy.kernels import patch_embed as PE, prefix_attention as PA,
 from sdpa_probe import (  # noqa: E402 (benchmarks/ is the script's directory)
     configs_arg, fastest, finish, measure, prefix_inputs, start, vision_inputs)
 
-# (BM, BN, warps, stages[, split]): split > 1 = split-KV, the key blocks shared out over that many programs per
-# (row block, head) and merged by the last (1 cam: 5 row blocks x 8 heads = 40 programs without it)
-PREFIX = [(64, 64, 4, 2, 1), (64, 64, 4, 2, 2), (64, 64, 4, 2, 3), (64, 64, 4, 2, 5), (64, 64, 4, 3, 2),
-          (64, 64, 4, 3, 3), (32, 64, 4, 2, 2), (32, 64, 4, 2, 3), (128, 64, 8, 2, 1), (128, 64, 8, 2, 2),
-          (128, 64, 8, 2, 3), (64, 128, 8, 2, 2), (64, 32, 4, 3, 3), (64, 64, 8, 2, 2), (32, 64, 4, 2, 1)]
+# (BM, BN, warps, stages[, split[, tma]]): split > 1 = split-KV, the key blocks shared out over that many programs per
+# (row block, head) and merged by the last (1 cam: 5 row blocks x 8 heads = 40 programs without it; measured slower
+# everywhere, session13/attn_split); tma 1 = the tiles through tensor descriptors
+PREFIX = [(64, 64, 4, 2, 1, 0), (64, 64, 4, 2, 1, 1), (64, 64, 4, 3, 1, 1), (128, 64, 8, 2, 1, 1), (64, 32, 4, 3, 1, 1),
+          (64, 32, 4, 4, 1, 1), (32, 64, 4, 2, 1, 1), (64, 64, 8, 2, 1, 1), (128, 64, 8, 2, 1, 0), (64, 64, 4, 2, 2, 0)]
 VISION = [(64, 64, 4, 2, False), (64, 64, 4, 2, True), (64, 32, 4, 3, True), (32, 64, 4, 2, True), (32, 32, 4, 3, True),
           (128, 64, 8, 2, True), (64, 128, 4, 2, True), (32, 128, 4, 2, True), (64, 64, 8, 2, True), (128, 128, 8, 2, True)]
 PATCH = [(64, 64, 32, 4), (32, 64, 32, 4), (32, 32, 32, 4), (64, 32, 32, 4), (16, 64, 32, 4), (32, 64, 64, 4), (32, 128, 32, 4)]
@@ -42,7 +42,8 @@ def main():
     for V in (1, 2, 3):
         q, k, v, valid, ref, out, nh = prefix_inputs(V, g)
         runs = {str(c): (lambda c=c: PA.prefix_attention(q, k, v, valid, nh, out=out, block=c[:2], num_warps=c[2],
-                                                         num_stages=c[3], split=c[4] if len(c) > 4 else 1))
+                                                         num_stages=c[3], split=c[4] if len(c) > 4 else 1,
+                                                         tma=bool(c[5]) if len(c) > 5 else False))
                 for c in cfgs['prefix']}
         if "prefix" in args.only:
             res["rows"] += measure("prefix", V, runs, out, ref, calls=17)

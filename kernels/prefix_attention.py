@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from pi0_triton_policy.kernels._common import (HAS_PDL, arrive_last, default_workspace, gdc_launch_dependents, gdc_wait,
                                                pdl_kwargs)
@@ -78,11 +79,43 @@ def _prefix_attention_kernel(
             tl.store(o_ptrs, (tot / den[:, None]).to(o_ptr.dtype.element_ty), mask=m_ok[:, None])
 
 
+@triton.jit
+def _prefix_attention_tma_kernel(q_desc, k_desc, v_desc, o_desc, valid_ptr, T,
+                                 HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
+                                 PDL: tl.constexpr = False):
+    """The same math with every tile moved by the TMA engine (tensor descriptors): q / o [T, NQ*HD] in [BM, HD]
+    boxes, k / v [T, HD] in [BN, HD] boxes (rows past T zero-filled on load, clipped on store)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    pid_m, head = tl.program_id(0), tl.program_id(1)
+    q = q_desc.load([pid_m * BLOCK_M, head * HD])
+    m_i = tl.full((BLOCK_M,), -1e30, dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HD), dtype=tl.float32)
+    for n0 in tl.range(0, T, BLOCK_N, num_stages=STAGES):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < T
+        ok = (tl.load(valid_ptr + offs_n, mask=n_ok, other=0) != 0) & n_ok
+        k = k_desc.load([n0, 0])
+        s = tl.dot(q, tl.trans(k)) * 1.4426950408889634
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = v_desc.load([n0, 0])
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    o_desc.store([pid_m * BLOCK_M, head * HD], (acc / l_i[:, None]).to(o_desc.dtype))
+
+
 def prefix_attention(q, k, v, key_valid, num_heads: int, out=None, block=(64, 64), num_warps: int = 8, num_stages: int = 2,
-                     pdl: bool = False, split: int = 1, workspace=None):
+                     pdl: bool = False, split: int = 1, workspace=None, tma: bool = False):
     """q [T, NQ*HD], k/v [T, HD] (rows may be strided), key_valid [T] int -> out [T, NQ*HD].
     split > 1: the keys in `split` ranges of whole key blocks, one program each, merged by the last to finish
-    (fp32 partials in `workspace`, default: the device's shared one)."""
+    (fp32 partials in `workspace`, default: the device's shared one). tma: the tiles through tensor descriptors
+    (no split; rows 16-byte aligned)."""
     pdl = bool(pdl) and HAS_PDL and q.is_cuda
     T, W = q.shape
     HD = W // num_heads
@@ -90,6 +123,14 @@ def prefix_attention(q, k, v, key_valid, num_heads: int, out=None, block=(64, 64
     if out is None:
         out = torch.empty(T, W, dtype=q.dtype, device=q.device)
     BM, BN = block
+    if tma:
+        assert split == 1, "the TMA kernel has no split-KV"
+        descs = [TensorDescriptor.from_tensor(q, [BM, HD]), TensorDescriptor.from_tensor(k[:T], [BN, HD]),
+                 TensorDescriptor.from_tensor(v[:T], [BN, HD]), TensorDescriptor.from_tensor(out, [BM, HD])]
+        _prefix_attention_tma_kernel[(triton.cdiv(T, BM), num_heads)](*descs, key_valid, T, HD=HD, BLOCK_M=BM,
+                                                                      BLOCK_N=BN, STAGES=num_stages, num_warps=num_warps,
+                                                                      PDL=pdl, **pdl_kwargs(pdl))
+        return out
     blocks = triton.cdiv(T, BN)
     per = triton.cdiv(blocks, max(1, min(split, blocks)))
     split = triton.cdiv(blocks, per)  # no empty ranges

@@ -73,8 +73,9 @@ class Tuning:
     pre_mlp: tuple = (128, 128, 64, 8, 3)
     pre_res: tuple = (128, 128, 64, 8, 3)
     pre_split: int = 2
-    # per camera count 1, 2, 3: (BM, BN, warps, stages, split): split > 1 shares a (row block, head)'s key blocks out
-    # over that many programs, merged by the last (kernels/prefix_attention.py). (64, 64) x 4 warps (one warpgroup):
+    # per camera count 1, 2, 3: (BM, BN, warps, stages, split[, tma]): split > 1 shares a (row block, head)'s key blocks
+    # out over that many programs, merged by the last (measured slower: NOTES.md session 13); tma 1: the tiles through
+    # tensor descriptors (kernels/prefix_attention.py). (64, 64) x 4 warps (one warpgroup):
     # 11.4 / 17.5 / 24.3 us per call vs 15.1 / 24.6 / 34.5 for (64, 64) x 8 warps (attn_shapes_probe, NOTES.md s8)
     pre_attn: tuple = ((64, 64, 4, 2, 1), (64, 64, 4, 2, 1), (64, 64, 4, 2, 1))
     # the prefix gate/up matmul with the GeGLU in its epilogue (kernels/gemm_geglu.py: persistent TMA matmul over
@@ -485,7 +486,8 @@ class _ViewGraph:
                 break  # the last layer's attention output and MLP feed nothing: only its K/V are used
             pa = t.pre_attn[min(self.V, 3) - 1]
             PA.prefix_attention(self.q, self.kc[i], self.vc[i], self.key_valid, p.num_heads, out=self.o,
-                                block=pa[:2], num_warps=pa[2], num_stages=pa[3], pdl=pg, split=pa[4], workspace=ws)
+                                block=pa[:2], num_warps=pa[2], num_stages=pa[3], pdl=pg, split=pa[4], workspace=ws,
+                                tma=len(pa) > 5 and bool(pa[5]))
             torch.mm(self.o, W.o[0][i], out=self.tmp_p)
             AN.add_norm(self.xp, self.xpn, self.tmp_p, eps=p.rms_eps, pdl=pg)
             if self.gu_fused():

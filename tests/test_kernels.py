@@ -137,8 +137,8 @@ def test_vision_attention(dtype, views, hd, split_d, gen):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("views", [1, 3])
-@pytest.mark.parametrize("split", [1, 2, 3])  # split-KV: key ranges merged by the last program (3 cams: 6 key blocks)
-def test_prefix_attention(dtype, views, split, gen):
+@pytest.mark.parametrize("split,tma", [(1, False), (2, False), (3, False), (1, True)])  # split-KV: key ranges merged
+def test_prefix_attention(dtype, views, split, tma, gen):  # by the last program; tma: tiles through tensor descriptors
     P, L, NQ, HD = 16, 37, 8, 16
     T = views * P + L
     q, k, v = randn(T, NQ * HD, dtype=dtype, gen=gen), randn(T, HD, dtype=dtype, gen=gen), randn(T, HD, dtype=dtype, gen=gen)
@@ -146,13 +146,13 @@ def test_prefix_attention(dtype, views, split, gen):
     valid[views * P + 20 :] = 0  # a 20-token prompt padded to 37: the last key range holds only padding at 1 cam
     valid = valid.to(DEV)
     ws = Workspace(DEV, numel=16)  # grows on demand: the split's partials
-    out = PA.prefix_attention(q, k, v, valid, NQ, block=(16, 16), split=split, workspace=ws)
+    out = PA.prefix_attention(q, k, v, valid, NQ, block=(16, 16), split=split, workspace=ws, tma=tma)
     ref = PA.prefix_attention_ref(q, k, v, valid, NQ)
     rows = valid.bool()
     assert rel(out[rows], ref[rows]) < TOL[dtype]
     assert torch.isfinite(out.float()).all()
     assert int(ws.counters.abs().sum()) == 0  # the arrival counters are back to 0 for the next launch
-    again = PA.prefix_attention(q, k, v, valid, NQ, block=(16, 16), split=split, workspace=ws)
+    again = PA.prefix_attention(q, k, v, valid, NQ, block=(16, 16), split=split, workspace=ws, tma=tma)
     assert torch.equal(again, out)  # fixed-order merge: bitwise repeatable
 
 
