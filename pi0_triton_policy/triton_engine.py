@@ -75,9 +75,10 @@ class Tuning:
     pre_split: int = 2
     # per camera count 1, 2, 3: (BM, BN, warps, stages, split[, tma]): split > 1 shares a (row block, head)'s key blocks
     # out over that many programs, merged by the last (measured slower: NOTES.md session 13); tma 1: the tiles through
-    # tensor descriptors (kernels/prefix_attention.py). (64, 64) x 4 warps (one warpgroup):
-    # 11.4 / 17.5 / 24.3 us per call vs 15.1 / 24.6 / 34.5 for (64, 64) x 8 warps (attn_shapes_probe, NOTES.md s8)
-    pre_attn: tuple = ((64, 64, 4, 2, 1), (64, 64, 4, 2, 1), (64, 64, 4, 2, 1))
+    # tensor descriptors (kernels/prefix_attention.py). (64, 64) x 4 warps (one warpgroup): 11.4 / 17.5 / 24.3 us per
+    # call vs 15.1 / 24.6 / 34.5 for (64, 64) x 8 warps (attn_shapes_probe, NOTES.md s8); with TMA and 3 stages 9.0 /
+    # 13.5 / 17.9 vs 11.2 / 17.6 / 23.9 (the K / V tiles' intake was the limit, NOTES.md session 13)
+    pre_attn: tuple = ((64, 64, 4, 3, 1, 1), (64, 64, 4, 3, 1, 1), (64, 64, 4, 3, 1, 1))
     # the prefix gate/up matmul with the GeGLU in its epilogue (kernels/gemm_geglu.py: persistent TMA matmul over
     # interleaved gate/up weight rows, no gate/up intermediate in DRAM): 72.7 / 119.6 / 161.8 us per layer vs cuBLAS +
     # the GeGLU pass 72.2 / 130.0 / 171.7 (benchmarks/geglu_probe.py). Per camera count 1, 2, 3; False: cuBLAS on the
