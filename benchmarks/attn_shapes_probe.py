@@ -4,7 +4,7 @@ the float32 reference, then timed as 17 (prefix) / 27 (vision) chained calls in 
 them (the patch embedding: 1 call per graph node, 20 nodes).
 
     python benchmarks/attn_shapes_probe.py [--json out.json] [--prefix '[[BM, BN, warps, stages, split, tma], ...]']
-        [--vision '[[BM, BN, warps, stages, split_d], ...]'] [--patch '[[BM, BN, BK, warps], ...]']
+        [--vision '[[BM, BN, warps, stages, split_d, tma], ...]'] [--patch '[[BM, BN, BK, warps], ...]']
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ from sdpa_probe import (  # noqa: E402 (benchmarks/ is the script's directory)
 # everywhere, session13/attn_split); tma 1 = the tiles through tensor descriptors
 PREFIX = [(64, 64, 4, 2, 1, 0), (64, 64, 4, 2, 1, 1), (64, 64, 4, 3, 1, 1), (128, 64, 8, 2, 1, 1), (64, 32, 4, 3, 1, 1),
           (64, 32, 4, 4, 1, 1), (32, 64, 4, 2, 1, 1), (64, 64, 8, 2, 1, 1), (128, 64, 8, 2, 1, 0), (64, 64, 4, 2, 2, 0)]
-VISION = [(64, 64, 4, 2, False), (64, 64, 4, 2, True), (64, 32, 4, 3, True), (32, 64, 4, 2, True), (32, 32, 4, 3, True),
-          (128, 64, 8, 2, True), (64, 128, 4, 2, True), (32, 128, 4, 2, True), (64, 64, 8, 2, True), (128, 128, 8, 2, True)]
+# (BM, BN, warps, stages, split_d[, tma])
+VISION = [(64, 64, 4, 3, False, 0), (64, 64, 4, 3, False, 1), (64, 64, 4, 2, False, 1), (64, 64, 4, 4, False, 1),
+          (64, 64, 4, 3, True, 1), (64, 64, 4, 4, True, 1), (64, 64, 4, 2, True, 1), (128, 128, 8, 2, True, 1),
+          (64, 64, 8, 3, True, 1), (32, 32, 4, 3, True, 1), (32, 32, 4, 4, False, 1), (128, 128, 8, 2, False, 1)]
 PATCH = [(64, 64, 32, 4), (32, 64, 32, 4), (32, 32, 32, 4), (64, 32, 32, 4), (16, 64, 32, 4), (32, 64, 64, 4), (32, 128, 32, 4)]
 
 
@@ -49,7 +51,9 @@ def main():
             res["rows"] += measure("prefix", V, runs, out, ref, calls=17)
         qkv, vref, vout, nhv = vision_inputs(V, g)
         runs = {str(c): (lambda c=c: VA.vision_attention(qkv, V, nhv, out=vout, block=c[:2], num_warps=c[2],
-                                                         num_stages=c[3], split_d=c[4])) for c in cfgs['vision']}
+                                                         num_stages=c[3], split_d=c[4],
+                                                         tma=bool(c[5]) if len(c) > 5 else False))
+                for c in cfgs['vision']}
         if "vision" in args.only:
             res["rows"] += measure("vision", V, runs, vout, vref, calls=27)
         img = torch.rand(V, 224, 224, 3, device=dev, generator=g) * 2 - 1

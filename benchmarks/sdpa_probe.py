@@ -135,8 +135,9 @@ def main():
             runs[name] = lambda b=b: prefix_sdpa(q, k, v, valid, nh, out, b)
         res["rows"] += measure("prefix", V, runs, out, ref, calls=17)
         qkv, vref, vout, nhv = vision_inputs(V, g)
-        runs = {"triton": lambda: VA.vision_attention(qkv, V, nhv, out=vout, block=t.vis_attn[:2],
-                                                      num_warps=t.vis_attn[2], num_stages=t.vis_attn[3])}
+        va = t.vis_attn[min(V, 3) - 1]
+        runs = {"triton": lambda: VA.vision_attention(qkv, V, nhv, out=vout, block=va[:2], num_warps=va[2],
+                                                      num_stages=va[3], split_d=bool(va[4]), tma=bool(va[5]))}
         for name, b in BACKENDS.items():
             runs[name] = lambda b=b: vision_sdpa(qkv, V, nhv, vout, b)
         res["rows"] += measure("vision", V, runs, vout, vref, calls=27)

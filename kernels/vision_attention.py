@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from pi0_triton_policy.kernels._common import HAS_PDL, gdc_launch_dependents, gdc_wait, pdl_kwargs
 
@@ -69,6 +70,61 @@ def _vision_attention_kernel(
                  mask=m_ok[:, None] & d2_ok[None, :])
 
 
+@triton.jit
+def _vision_attention_tma_kernel(
+    qkv_desc, qkv2_desc, o_ptr, P, stride_o,
+    NH: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D2: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr = False,
+):
+    """The same math with q / k / v tiles moved by the TMA engine: boxes [rows, BLOCK_D] (and [rows, BLOCK_D2]) of the
+    fused qkv at the head's first column. A box wider than the head reads the next head's columns (or zeros past the
+    last): q's are zeroed once in registers, so they add nothing to the logits, and o's are never stored. Key rows of
+    the next view (P not a multiple of BLOCK_N) are masked like padding."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    pid_m, head, view = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    W: tl.constexpr = NH * HD
+    row0 = view * P
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < P
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HD
+    q = qkv_desc.load([row0 + pid_m * BLOCK_M, head * HD])
+    if BLOCK_D > HD:
+        q = tl.where(d_ok[None, :], q, 0.0)
+    m_i = tl.full((BLOCK_M,), -1e30, dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    if BLOCK_D2 > 0:
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        d2_ok = offs_d2 < HD
+        q2 = tl.where(d2_ok[None, :], qkv2_desc.load([row0 + pid_m * BLOCK_M, head * HD + BLOCK_D]), 0.0)
+        acc2 = tl.zeros((BLOCK_M, BLOCK_D2), dtype=tl.float32)
+    for n0 in tl.range(0, P, BLOCK_N, num_stages=STAGES):
+        n_ok = n0 + tl.arange(0, BLOCK_N) < P
+        k = qkv_desc.load([row0 + n0, W + head * HD])
+        s = tl.dot(q, tl.trans(k))
+        if BLOCK_D2 > 0:
+            s += tl.dot(q2, tl.trans(qkv2_desc.load([row0 + n0, W + head * HD + BLOCK_D])))
+        s = tl.where(n_ok[None, :], s * 1.4426950408889634, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = qkv_desc.load([row0 + n0, 2 * W + head * HD])
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        if BLOCK_D2 > 0:
+            v2 = qkv2_desc.load([row0 + n0, 2 * W + head * HD + BLOCK_D])
+            acc2 = acc2 * alpha[:, None] + tl.dot(p.to(v2.dtype), v2)
+        m_i = m_new
+    o_rows = o_ptr + (row0 + offs_m).to(tl.int64)[:, None] * stride_o + head * HD
+    tl.store(o_rows + offs_d[None, :], (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    if BLOCK_D2 > 0:
+        tl.store(o_rows + offs_d2[None, :], (acc2 / l_i[:, None]).to(o_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & d2_ok[None, :])
+
+
 def head_dim_blocks(hd: int, split: bool) -> tuple[int, int]:
     """(BLOCK_D, BLOCK_D2): one padded block, or (when `split` and hd is not a power of two) the largest power of two
     below hd plus a masked power-of-two block (>= 16, the MMA's K minimum) for the rest."""
@@ -80,8 +136,9 @@ def head_dim_blocks(hd: int, split: bool) -> tuple[int, int]:
 
 def vision_attention(qkv: torch.Tensor, num_views: int, num_heads: int, out: torch.Tensor | None = None,
                      block=(64, 64), num_warps: int = 4, num_stages: int = 2, pdl: bool = False,
-                     split_d: bool = False) -> torch.Tensor:
-    """qkv [V*P, 3*NH*HD] -> out [V*P, NH*HD] (same dtype). `split_d`: see head_dim_blocks."""
+                     split_d: bool = False, tma: bool = False) -> torch.Tensor:
+    """qkv [V*P, 3*NH*HD] -> out [V*P, NH*HD] (same dtype). `split_d`: see head_dim_blocks. `tma`: the q / k / v
+    tiles through tensor descriptors (BM == BN; rows and head offsets 16-byte aligned)."""
     pdl = bool(pdl) and HAS_PDL and qkv.is_cuda
     M, W3 = qkv.shape
     W = W3 // 3
@@ -93,6 +150,14 @@ def vision_attention(qkv: torch.Tensor, num_views: int, num_heads: int, out: tor
     BM, BN = block
     BD, BD2 = head_dim_blocks(HD, split_d)
     grid = (triton.cdiv(P, BM), num_heads, num_views)
+    if tma:
+        assert BM == BN, "one descriptor box for q, k and v rows"
+        d1 = TensorDescriptor.from_tensor(qkv, [BM, BD])
+        d2 = TensorDescriptor.from_tensor(qkv, [BM, BD2]) if BD2 else d1
+        _vision_attention_tma_kernel[grid](d1, d2, out, P, out.stride(0), NH=num_heads, HD=HD, BLOCK_D=BD, BLOCK_D2=BD2,
+                                           BLOCK_M=BM, BLOCK_N=BN, STAGES=num_stages, num_warps=num_warps, PDL=pdl,
+                                           **pdl_kwargs(pdl))
+        return out
     _vision_attention_kernel[grid](qkv, out, P, qkv.stride(0), out.stride(0), NH=num_heads, HD=HD,
                                    BLOCK_D=BD, BLOCK_D2=BD2, BLOCK_M=BM, BLOCK_N=BN,
                                    num_warps=num_warps, num_stages=num_stages, PDL=pdl, **pdl_kwargs(pdl))

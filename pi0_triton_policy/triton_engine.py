@@ -68,7 +68,9 @@ class Tuning:
     vis_ln: tuple = (64, 128, 64, 4, 3)  # BM, BN, BK, warps, stages
     vis_res: tuple = (64, 64, 64, 4, 3)
     vis_split: int = 2
-    vis_attn: tuple = (64, 64, 4, 3)  # 6.9 / 7.2 / 9.7 us per call vs 7.4 / 7.7 / 9.9 with 2 stages (session 8)
+    # per camera count 1, 2, 3: (BM, BN, warps, stages, split_d, tma) (kernels/vision_attention.py); (64, 64, 4, 3)
+    # 6.9 / 7.2 / 9.7 us per call vs 7.4 / 7.7 / 9.9 with 2 stages (session 8)
+    vis_attn: tuple = ((64, 64, 4, 3, 0, 0), (64, 64, 4, 3, 0, 0), (64, 64, 4, 3, 0, 0))
     pre_qkv: tuple = (64, 64, 64, 4, 3)
     pre_mlp: tuple = (128, 128, 64, 8, 3)
     pre_res: tuple = (128, 128, 64, 8, 3)
@@ -442,8 +444,9 @@ class _ViewGraph:
             AN.add_norm(self.xv, self.xvn, norm="layer", eps=eps, pdl=pg)
             for i in range(v.depth):
                 torch.addmm(W.v_qkv_bb[i], self.xvn, W.v_qkv_w[i], out=self.v_qkv)
-                VA.vision_attention(self.v_qkv, V, v.num_heads, out=self.v_o, block=t.vis_attn[:2], num_warps=t.vis_attn[2],
-                                    num_stages=t.vis_attn[3], pdl=pg)
+                va = t.vis_attn[min(self.V, 3) - 1]
+                VA.vision_attention(self.v_qkv, V, v.num_heads, out=self.v_o, block=va[:2], num_warps=va[2],
+                                    num_stages=va[3], pdl=pg, split_d=bool(va[4]), tma=bool(va[5]))
                 torch.mm(self.v_o, W.v_o_w[i], out=self.tmp_v)
                 AN.add_norm(self.xv, self.xvn, self.tmp_v, W.v_o_b[i], norm="layer", eps=eps, pdl=pg)
                 if self.gelu_epilogue:  # cuBLASLt's GELU epilogue (tanh form on CUDA; tests/test_kernels.py checks)
@@ -459,8 +462,9 @@ class _ViewGraph:
             for i in range(v.depth):
                 LNL.layernorm_linear(self.xv, W.v_qkv_w[i], W.v_qkv_b[i], out=self.v_qkv, eps=eps,
                                      block=(bm, bn, bk), num_warps=nw, num_stages=ns)
-                VA.vision_attention(self.v_qkv, V, v.num_heads, out=self.v_o, block=t.vis_attn[:2], num_warps=t.vis_attn[2],
-                                    num_stages=t.vis_attn[3])
+                va = t.vis_attn[min(self.V, 3) - 1]
+                VA.vision_attention(self.v_qkv, V, v.num_heads, out=self.v_o, block=va[:2], num_warps=va[2],
+                                    num_stages=va[3], split_d=bool(va[4]), tma=bool(va[5]))
                 LR.linear_residual(self.v_o, W.v_o_w[i], self.xv, W.v_o_b[i], split_k=t.vis_split, block=rb[:3],
                                    num_warps=rb[3], num_stages=rb[4], workspace=ws)
                 LNL.layernorm_linear(self.xv, W.v_fc1_w[i], W.v_fc1_b[i], out=self.v_h, act="gelu", eps=eps,

@@ -127,11 +127,12 @@ def test_rmsnorm_geglu(dtype, gen):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("views", [1, 3])
-@pytest.mark.parametrize("hd,split_d", [(24, False), (24, True), (72, True)])
-def test_vision_attention(dtype, views, hd, split_d, gen):
+@pytest.mark.parametrize("hd,split_d", [(24, False), (24, True), (72, True), (72, False)])
+@pytest.mark.parametrize("tma", [False, True])  # tma: tiles through tensor descriptors, boxes past the head masked
+def test_vision_attention(dtype, views, hd, split_d, tma, gen):
     P, NH = 40, 2  # non-power-of-2 head_dim like So400m's 72 (split_d: 64 + a masked 16-column block)
     qkv = randn(views * P, 3 * NH * hd, dtype=dtype, gen=gen)
-    out = VA.vision_attention(qkv, views, NH, block=(16, 16), split_d=split_d)
+    out = VA.vision_attention(qkv, views, NH, block=(16, 16), split_d=split_d, tma=tma)
     assert rel(out, VA.vision_attention_ref(qkv, views, NH)) < TOL[dtype]
 
 
