@@ -7,7 +7,7 @@ follows them in the engine: cuBLAS mm + add_norm(x += y + b, LayerNorm) against 
 add_norm. Errors are max-abs relative to the float32 reference of one call.
 
     python benchmarks/vision_gemm_probe.py [--json out.json] [--views 1 2 3] [--ops qkv o fc1 fc2]
-        [--configs '[[BM, BN, BK, warps, stages, split], ...]']
+        [--configs '[[BM, BN, BK, warps, stages, split], ...]'] [--splits 2 3 4] [--no-triton]
 """
 
 from __future__ import annotations
@@ -45,6 +45,9 @@ def main():
     ap.add_argument("--views", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--ops", nargs="+", default=list(OPS))
     ap.add_argument("--configs", default=None)
+    ap.add_argument("--splits", type=int, nargs="*", default=[2, 3, 4],
+                    help="o / fc2: cuBLAS split over K as one batched call (add_norm.mm_split_k) + add_norm of the parts")
+    ap.add_argument("--no-triton", action="store_true", help="cuBLAS rows only (no gemm_splitk configs)")
     args = ap.parse_args()
     bf, dev = torch.bfloat16, "cuda"
     res, g = start(dev)
@@ -86,8 +89,16 @@ def main():
                 if act == "residual":
                     AN.add_norm(x, xn, norm="layer")
 
-            configs = configs_arg(args.configs, None) or candidates(M, K, N, sms)
+            configs = [] if args.no_triton else configs_arg(args.configs, None) or candidates(M, K, N, sms)
             runs = {"cublas": cublas, **{str(c): (lambda i=0, c=c: ours(i, c)) for c in configs}}
+            if act == "residual":
+                for S in args.splits:
+                    parts = torch.empty(S, M, N, dtype=bf, device=dev)
+
+                    def cublas_split(i=0, S=S, parts=parts):
+                        AN.mm_split_k(a, w[i], parts)
+                        AN.add_norm(x, xn, parts, b[i], norm="layer")
+                    runs[f"cublas_split{S}"] = cublas_split
             for name, fn in runs.items():
                 try:
                     err = check(fn)
@@ -103,7 +114,7 @@ def main():
         for V in args.views:
             rows = [r for r in res["rows"] if r["op"] == op and r["views"] == V and "us_per_call" in r]
             cb = next((r for r in rows if r["impl"] == "cublas"), None)
-            best = sorted((r for r in rows if r["impl"] != "cublas"), key=lambda r: r["us_per_call"])[:3]
+            best = sorted((r for r in rows if r["impl"] != "cublas"), key=lambda r: r["us_per_call"])[:4]
             print(f"{op:4} {V}      {cb['us_per_call'] if cb else '-':>8}  | " +
                   "  ".join(f"{r['impl']} {r['us_per_call']} ({r['tflops']}, {r['rel_err']:.1e})" for r in best))
     finish(res, args.json)

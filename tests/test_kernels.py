@@ -233,6 +233,23 @@ def test_add_norm(norm, has_y, gen):
     assert rel(x2, xr) < 1e-6 and rel(xn, nr) < 1e-5
 
 
+@pytest.mark.parametrize("splits", [2, 3])
+def test_add_norm_split_k(splits, gen):
+    """A matmul split over K as one batched call (mm_split_k) + add_norm summing its partials == the whole matmul +
+    add_norm (SigLIP's o / fc2 at one camera)."""
+    M, K, D = 37, 48 * splits, 72
+    a, w = randn(M, K, dtype=torch.float16, gen=gen), randn(K, D, scale=K**-0.5, dtype=torch.float16, gen=gen)
+    x, b = randn(M, D, gen=gen), randn(D, gen=gen)
+    if DEV == "cpu":  # CPU half bmm may be missing on old torch: the same split in float32
+        a, w = a.float(), w.float()
+    parts = AN.mm_split_k(a, w, torch.empty(splits, M, D, dtype=a.dtype, device=DEV))
+    assert rel(parts.float().sum(0), a.float() @ w.float()) < 2e-3
+    xr, nr = AN.add_norm_ref(x, a.float() @ w.float(), b, "layer")
+    xn = torch.empty(M, D, device=DEV)
+    AN.add_norm(x, xn, parts, b, "layer")
+    assert rel(x, xr) < 2e-3 and rel(xn, nr) < 2e-3
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("interleaved", [False, True])
 def test_geglu(dtype, interleaved, gen):
