@@ -104,9 +104,11 @@ class Tuning:
     # faster for vision and prefix (compute-bound); see benchmarks/NOTES.md
     vis_cublas: bool = True
     vis_gelu_epilogue: bool = True  # vision fc1's tanh-GELU in cuBLASLt's epilogue (CUDA) instead of a separate pass
-    # per camera count 1, 2, 3: SigLIP's o / fc2 projections as S K-parts in one batched cuBLAS call (twice the tiles
-    # for 132 SMs), the parts summed by the add_norm that follows (kernels/add_norm.py mm_split_k); 1: one mm
-    vis_res_split: tuple = (1, 1, 1)
+    # per camera count 1, 2, 3, (o, fc2): SigLIP's o / fc2 projection as S K-parts in one batched cuBLAS call (more
+    # tiles for 132 SMs), the parts summed by the add_norm that follows (kernels/add_norm.py mm_split_k); 1: one mm.
+    # vision_gemm_probe (27 layers, + add_norm): fc2 at 1 cam 11.8 us split 2 vs 13.2; o and 2-3 cams slower split
+    # (NOTES.md session 13)
+    vis_res_split: tuple = ((1, 2), (1, 1), (1, 1))
     # patch embedding (kernels/patch_embed.py): BM, BN, BK, warps, tl.dot input precision ("tf32x3": float32-accurate
     # on the tensor cores; "ieee": FMA units). patch_embed_probe, us at 1 / 2 / 3 cams: (64, 64, 32) ieee 36.8 / 52.5 /
     # 51.5, (32, 64, 32) tf32x3 30.1 / 39.6 / 50.6 (NOTES.md session 10)
@@ -371,7 +373,7 @@ class _ViewGraph:
         self.hs = z(S, a.mlp_dim, dtype=dt)
         self.xvn = z(M, v.width, dtype=dt)
         self.tmp_v = z(M, v.width, dtype=dt)
-        self.v_parts = None  # [S, M, width]: the K-parts of o / fc2 (Tuning.vis_res_split), made on first use
+        self.v_parts = {}  # S -> [S, M, width]: the K-parts of o / fc2 (Tuning.vis_res_split), made on first use
         self.head_out = z(M, p.width, dtype=dt)
         self.xpn = z(T, p.width, dtype=dt)
         self.qkv = z(T, (p.num_heads + 2) * p.head_dim, dtype=dt)
@@ -448,24 +450,25 @@ class _ViewGraph:
         if t.vis_cublas:
             AN.add_norm(self.xv, self.xvn, norm="layer", eps=eps, pdl=pg)
             vs = t.vis_res_split[min(self.V, 3) - 1]
-            if vs > 1 and (self.v_parts is None or self.v_parts.shape[0] != vs):
-                self.v_parts = torch.empty(vs, M, v.width, dtype=self.tmp_v.dtype, device=self.tmp_v.device)
+            for s in vs:  # made by the eager run before a capture, reused by it
+                if s > 1 and s not in self.v_parts:
+                    self.v_parts[s] = torch.empty(s, M, v.width, dtype=self.tmp_v.dtype, device=self.tmp_v.device)
 
-            def project(a, w):  # o / fc2: the product (or its K-parts) that add_norm adds to the residual
-                return torch.mm(a, w, out=self.tmp_v) if vs == 1 else AN.mm_split_k(a, w, self.v_parts)
+            def project(a, w, s):  # o / fc2: the product (or its s K-parts) that add_norm adds to the residual
+                return torch.mm(a, w, out=self.tmp_v) if s == 1 else AN.mm_split_k(a, w, self.v_parts[s])
 
             for i in range(v.depth):
                 torch.addmm(W.v_qkv_bb[i], self.xvn, W.v_qkv_w[i], out=self.v_qkv)
                 va = t.vis_attn[min(self.V, 3) - 1]
                 VA.vision_attention(self.v_qkv, V, v.num_heads, out=self.v_o, block=va[:2], num_warps=va[2],
                                     num_stages=va[3], pdl=pg, split_d=bool(va[4]), tma=bool(va[5]))
-                AN.add_norm(self.xv, self.xvn, project(self.v_o, W.v_o_w[i]), W.v_o_b[i], norm="layer", eps=eps, pdl=pg)
+                AN.add_norm(self.xv, self.xvn, project(self.v_o, W.v_o_w[i], vs[0]), W.v_o_b[i], norm="layer", eps=eps, pdl=pg)
                 if self.gelu_epilogue:  # cuBLASLt's GELU epilogue (tanh form on CUDA; tests/test_kernels.py checks)
                     torch._addmm_activation(W.v_fc1_bb[i], self.xvn, W.v_fc1_w[i], use_gelu=True, out=self.v_h)
                 else:  # on CPU _addmm_activation's GELU is the erf form, SigLIP uses tanh
                     torch.addmm(W.v_fc1_bb[i], self.xvn, W.v_fc1_w[i], out=self.v_h)
                     torch._C._nn.gelu_(self.v_h, approximate="tanh")
-                AN.add_norm(self.xv, self.xvn, project(self.v_h, W.v_fc2_w[i]), W.v_fc2_b[i], norm="layer", eps=eps,
+                AN.add_norm(self.xv, self.xvn, project(self.v_h, W.v_fc2_w[i], vs[1]), W.v_fc2_b[i], norm="layer", eps=eps,
                             pdl=pg)  # last: encoder_norm
             torch.addmm(W.head_bb, self.xvn, W.head_w, out=self.head_out)
             self.xp[:M].copy_(self.head_out)
