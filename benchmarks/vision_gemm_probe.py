@@ -22,6 +22,9 @@ from stack_probe import time_graph  # noqa: E402
 
 D, F, LAYERS = 1152, 4304, 27
 OPS = {"qkv": (D, 3 * D, "none"), "o": (D, D, "residual"), "fc1": (D, F, "gelu"), "fc2": (F, D, "residual")}
+# the Gemma prefix's o / down projections (256 * views + 48 rows; 17 layers in the engine, timed as 27 like the rest;
+# LayerNorm instead of RMSNorm after them: the same kernel)
+PREFIX_OPS = {"pre_o": (2048, 2048, "residual"), "pre_down": (16384, 2048, "residual")}
 SHAPES = [(64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 64, 8, 4), (64, 256, 64, 4, 3),
           (128, 256, 64, 8, 3)]
 SPLITS = [1, 2, 3, 4, 6, 8]
@@ -43,7 +46,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
     ap.add_argument("--views", type=int, nargs="+", default=[1, 2, 3])
-    ap.add_argument("--ops", nargs="+", default=list(OPS))
+    ap.add_argument("--ops", nargs="+", default=list(OPS), help=f"of {list(OPS) + list(PREFIX_OPS)}")
     ap.add_argument("--configs", default=None)
     ap.add_argument("--splits", type=int, nargs="*", default=[2, 3, 4],
                     help="o / fc2: cuBLAS split over K as one batched call (add_norm.mm_split_k) + add_norm of the parts")
@@ -54,11 +57,11 @@ def main():
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     ws = GSK.default_workspace(dev)
     for op in args.ops:
-        K, N, act = OPS[op]
+        K, N, act = {**OPS, **PREFIX_OPS}[op]
         w = [(torch.randn(K, N, device=dev, generator=g) * K**-0.5).to(bf) for _ in range(LAYERS)]
         b = [(torch.randn(N, device=dev, generator=g) * 0.1).to(bf) for _ in range(LAYERS)]
         for V in args.views:
-            M = 256 * V
+            M = 256 * V + (48 if op in PREFIX_OPS else 0)
             a = torch.randn(M, K, device=dev, generator=g).to(bf)
             x0 = torch.randn(M, N, device=dev, generator=g)
             x, xn, y = x0.clone(), torch.empty(M, N, dtype=bf, device=dev), torch.empty(M, N, dtype=bf, device=dev)

@@ -109,6 +109,7 @@ class Tuning:
     # vision_gemm_probe (27 layers, + add_norm): fc2 at 1 cam 11.8 us split 2 vs 13.2; o and 2-3 cams slower split
     # (NOTES.md session 13)
     vis_res_split: tuple = ((1, 2), (1, 1), (1, 1))
+    pre_res_split: tuple = ((1, 1), (1, 1), (1, 1))  # the same for the Gemma prefix's o / down, per camera count
     # patch embedding (kernels/patch_embed.py): BM, BN, BK, warps, tl.dot input precision ("tf32x3": float32-accurate
     # on the tensor cores; "ieee": FMA units). patch_embed_probe, us at 1 / 2 / 3 cams: (64, 64, 32) ieee 36.8 / 52.5 /
     # 51.5, (32, 64, 32) tf32x3 30.1 / 39.6 / 50.6 (NOTES.md session 10)
@@ -378,6 +379,7 @@ class _ViewGraph:
         self.xpn = z(T, p.width, dtype=dt)
         self.qkv = z(T, (p.num_heads + 2) * p.head_dim, dtype=dt)
         self.tmp_p = z(T, p.width, dtype=dt)
+        self.p_parts = {}  # S -> [S, T, width]: the K-parts of the prefix's o / down (Tuning.pre_res_split)
         # gate|up output of the prefix MLP (only without the fused gemm_geglu)
         self.gu = None if self.gu_fused() else z(T, 2 * p.mlp_dim, dtype=dt)
         self.xsn = z(S, a.width, dtype=dt)
@@ -491,6 +493,7 @@ class _ViewGraph:
         ET.embed_tokens(self.tokens, W.embedding, out=self.xp[M:])
         # ---- Gemma prefix: KV cache for all 18 layers
         qb, mb, rb = t.pre_qkv, t.pre_mlp, t.pre_res
+        ps = t.pre_res_split[min(self.V, 3) - 1]
         AN.add_norm(self.xp, self.xpn, eps=p.rms_eps, pdl=pg)
         for i in range(p.depth):
             if t.pre_qkv_fused[min(self.V, 3) - 1]:
@@ -507,8 +510,7 @@ class _ViewGraph:
             PA.prefix_attention(self.q, self.kc[i], self.vc[i], self.key_valid, p.num_heads, out=self.o,
                                 block=pa[:2], num_warps=pa[2], num_stages=pa[3], pdl=pg, split=pa[4], workspace=ws,
                                 tma=len(pa) > 5 and bool(pa[5]))
-            torch.mm(self.o, W.o[0][i], out=self.tmp_p)
-            AN.add_norm(self.xp, self.xpn, self.tmp_p, eps=p.rms_eps, pdl=pg)
+            AN.add_norm(self.xp, self.xpn, self._prefix_project(self.o, W.o[0][i], ps[0]), eps=p.rms_eps, pdl=pg)
             if self.gu_fused():
                 gb = t.pre_gu
                 GEG.gemm_geglu(self.xpn, W.gu[0][i], out=self.hp, block=gb[:3], num_warps=gb[3], num_stages=gb[4],
@@ -516,8 +518,7 @@ class _ViewGraph:
             else:
                 torch.mm(self.xpn, W.gu[0][i].t(), out=self.gu)
                 GG.geglu(self.gu, out=self.hp, pdl=pg, interleaved=True)
-            torch.mm(self.hp, W.down[0][i], out=self.tmp_p)
-            AN.add_norm(self.xp, self.xpn, self.tmp_p, eps=p.rms_eps, pdl=pg)
+            AN.add_norm(self.xp, self.xpn, self._prefix_project(self.hp, W.down[0][i], ps[1]), eps=p.rms_eps, pdl=pg)
         # ---- action expert: 10 Euler steps over (state, 50 actions)
         # the state token's row (the persistent kernel keeps it last, after the actions: _MegaSteps.xs0)
         state_row = self.mega.xs0[MC.R:] if self.mega0() else self.xs[0:1]
@@ -561,6 +562,14 @@ class _ViewGraph:
                 LR.linear_residual(h, W.down[1][i], xs, split_k=t.act_split, block=rb[:3], num_warps=rb[3],
                                    num_stages=rb[4], workspace=ws)
             self._out_euler(dt)
+
+    def _prefix_project(self, a: torch.Tensor, w: torch.Tensor, splits: int) -> torch.Tensor:
+        """The prefix's o / down product (or its K-parts, Tuning.pre_res_split) that add_norm adds to the residual."""
+        if splits == 1:
+            return torch.mm(a, w, out=self.tmp_p)
+        if splits not in self.p_parts:  # made by the eager run before a capture, reused by it
+            self.p_parts[splits] = torch.empty(splits, *self.tmp_p.shape, dtype=self.tmp_p.dtype, device=self.tmp_p.device)
+        return AN.mm_split_k(a, w, self.p_parts[splits])
 
     def _out_euler(self, dt: float, xs: torch.Tensor | None = None, zero=()):
         W, t, a = self.eng.weights, self.eng.tuning, self.eng.cfg.action

@@ -112,7 +112,8 @@ def test_tiny_interpreter_matches_reference(path):
     tuning = Tuning(act_stack=path == "stack", act_skinny=path in ("stack", "skinny", "time_fused"),
                     act_cublas=path == "act_cublas", time_fused=path == "time_fused",
                     sk_attn2=(64, 128, 4, 2, 2), st_attn2=(64, 128, 2, 2),  # few interpreter programs
-                    vis_res_split=((2, 2),) * 3 if path == "act_cublas" else ((1, 1),) * 3)  # + SigLIP's o / fc2 split over K
+                    vis_res_split=((2, 2),) * 3 if path == "act_cublas" else ((1, 1),) * 3,  # + SigLIP's and the
+                    pre_res_split=((2, 2),) * 3 if path == "act_cublas" else ((1, 1),) * 3)  # prefix's o / down split over K
     eng = TritonPi0(cfg, params, device="cpu", dtype=torch.float32, use_graphs=False, tuning=tuning)
     args = _inputs(cfg, [1, 0, 1], 37, seed=3)
     assert _rel(eng.sample_actions(*args), TorchPi0(cfg, params).sample_actions(*args)) < 1e-5
