@@ -109,7 +109,10 @@ class Tuning:
     # vision_gemm_probe (27 layers, + add_norm): fc2 at 1 cam 11.8 us split 2 vs 13.2; o and 2-3 cams slower split
     # (NOTES.md session 13)
     vis_res_split: tuple = ((1, 2), (1, 1), (1, 1))
-    pre_res_split: tuple = ((1, 1), (1, 1), (1, 1))  # the same for the Gemma prefix's o / down, per camera count
+    # the same for the Gemma prefix's o / down, per camera count. vision_gemm_probe (+ add_norm): down 47.4 / 65.0 /
+    # 96.2 us -> 38.3 (split 4) / 57.2 / 78.3 (split 2), o 11.3 / 15.8 / 18.9 -> 10.3 / 14.5 / 18.5 (split 2); engine
+    # replay 9.27 / 11.11 / 13.01 ms vs 9.29 / 11.28 / 13.22 and 9.40 / 11.26 / 13.27 unsplit (NOTES.md session 13)
+    pre_res_split: tuple = ((2, 4), (2, 2), (2, 2))
     # patch embedding (kernels/patch_embed.py): BM, BN, BK, warps, tl.dot input precision ("tf32x3": float32-accurate
     # on the tensor cores; "ieee": FMA units). patch_embed_probe, us at 1 / 2 / 3 cams: (64, 64, 32) ieee 36.8 / 52.5 /
     # 51.5, (32, 64, 32) tf32x3 30.1 / 39.6 / 50.6 (NOTES.md session 10)
