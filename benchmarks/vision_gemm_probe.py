@@ -51,6 +51,8 @@ def main():
     ap.add_argument("--splits", type=int, nargs="*", default=[2, 3, 4],
                     help="o / fc2: cuBLAS split over K as one batched call (add_norm.mm_split_k) + add_norm of the parts")
     ap.add_argument("--no-triton", action="store_true", help="cuBLAS rows only (no gemm_splitk configs)")
+    ap.add_argument("--transposed", action="store_true",
+                    help="also cuBLAS on weights stored [N, K] (used as w.t(): the 'TN' layout, other kernels)")
     args = ap.parse_args()
     bf, dev = torch.bfloat16, "cuda"
     res, g = start(dev)
@@ -94,6 +96,18 @@ def main():
 
             configs = [] if args.no_triton else configs_arg(args.configs, None) or candidates(M, K, N, sms)
             runs = {"cublas": cublas, **{str(c): (lambda i=0, c=c: ours(i, c)) for c in configs}}
+            if args.transposed:
+                wt = [x.t().contiguous().t() for x in w]  # same values, [N, K] storage
+
+                def cublas_t(i=0):
+                    if act == "none":
+                        torch.addmm(b[i], a, wt[i], out=y)
+                    elif act == "gelu":
+                        torch._addmm_activation(b[i], a, wt[i], use_gelu=True, out=y)
+                    else:
+                        torch.mm(a, wt[i], out=y)
+                        AN.add_norm(x, xn, y, b[i], norm="layer")
+                runs["cublas_T"] = cublas_t
             if act == "residual":
                 for S in args.splits:
                     parts = torch.empty(S, M, N, dtype=bf, device=dev)
