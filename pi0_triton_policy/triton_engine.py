@@ -104,6 +104,7 @@ class Tuning:
     # faster for vision and prefix (compute-bound); see benchmarks/NOTES.md
     vis_cublas: bool = True
     vis_gelu_epilogue: bool = True  # vision fc1's tanh-GELU in cuBLASLt's epilogue (CUDA) instead of a separate pass
+    vis_fc1_t: bool = True  # (load time) vision fc1's weights stored [N, K] for cuBLAS (the same [K, N] matrix)
     # per camera count 1, 2, 3, (o, fc2): SigLIP's o / fc2 projection as S K-parts in one batched cuBLAS call (more
     # tiles for 132 SMs), the parts summed by the add_norm that follows (kernels/add_norm.py mm_split_k); 1: one mm.
     # vision_gemm_probe (27 layers, + add_norm): fc2 at 1 cam 11.8 us split 2 vs 13.2; o and 2-3 cams slower split
@@ -250,7 +251,8 @@ class EngineWeights:
             self.v_o_b.append(get(f"{att}/out/bias")[i].to(f32).contiguous())
             wf, bf = LNL.fold_layernorm(get(f"{blk}/LayerNorm_1/scale")[i], get(f"{blk}/LayerNorm_1/bias")[i],
                                         get(f"{blk}/MlpBlock_0/Dense_0/kernel")[i], get(f"{blk}/MlpBlock_0/Dense_0/bias")[i], dtype)
-            self.v_fc1_w.append(wf)
+            # cuBLAS runs fc1 faster on [N, K] storage ("TN"): 9.3 / 12.2 / 15.6 vs 9.7 / 12.6 / 16.3 us (NOTES.md s13)
+            self.v_fc1_w.append(wf.t().contiguous().t() if tuning.vis_fc1_t and tuning.vis_cublas else wf)
             self.v_fc1_b.append(bf)
             self.v_fc2_w.append(get(f"{blk}/MlpBlock_0/Dense_1/kernel")[i].to(dtype).contiguous())
             self.v_fc2_b.append(get(f"{blk}/MlpBlock_0/Dense_1/bias")[i].to(f32).contiguous())
