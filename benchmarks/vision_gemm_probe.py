@@ -79,7 +79,7 @@ def main():
                 torch.cuda.synchronize()
                 return rel(xn if act == "residual" else y, ref)
 
-            def cublas(i=0):
+            def cublas(i=0, w=w):  # w: the layers' weights ([K, N] storage, or [N, K] for --transposed)
                 if act == "none":
                     torch.addmm(b[i], a, w[i], out=y)
                 elif act == "gelu":
@@ -97,17 +97,8 @@ def main():
             configs = [] if args.no_triton else configs_arg(args.configs, None) or candidates(M, K, N, sms)
             runs = {"cublas": cublas, **{str(c): (lambda i=0, c=c: ours(i, c)) for c in configs}}
             if args.transposed:
-                wt = [x.t().contiguous().t() for x in w]  # same values, [N, K] storage
-
-                def cublas_t(i=0):
-                    if act == "none":
-                        torch.addmm(b[i], a, wt[i], out=y)
-                    elif act == "gelu":
-                        torch._addmm_activation(b[i], a, wt[i], use_gelu=True, out=y)
-                    else:
-                        torch.mm(a, wt[i], out=y)
-                        AN.add_norm(x, xn, y, b[i], norm="layer")
-                runs["cublas_T"] = cublas_t
+                wt = [m.t().contiguous().t() for m in w]  # same values, [N, K] storage
+                runs["cublas_T"] = lambda i=0: cublas(i, wt)
             if act == "residual":
                 for S in args.splits:
                     parts = torch.empty(S, M, N, dtype=bf, device=dev)

@@ -3,6 +3,7 @@
 - `gelu_tanh`: tanh-approximate GELU written with exp, so it runs the same under TRITON_INTERPRET=1.
 - `bulk_prefetch_rows`: thread 0 asks the copy engine to pull rows of a weight slab into L2 (Hopper), so a
   kernel launched early under PDL can have its weights on chip before the previous kernel ends.
+- `online_softmax_step`: one key block of the flash attention kernels' online softmax (base 2).
 - `arrive_last`: the "last program of a group reduces" pattern. Split-K matmuls and split-KV attention
   write fp32 partials to a workspace, then bump a per-tile counter; the program that arrives last sums
   the partials in a FIXED order (s = 0, 1, ...), so results are bitwise deterministic (unlike float
@@ -49,6 +50,18 @@ def gelu_tanh(x):
     y = 0.7978845608028654 * (x + 0.044715 * x * x * x)
     t = 1.0 - 2.0 / (tl.exp(2.0 * y) + 1.0)
     return 0.5 * x * (1.0 + t)
+
+
+@triton.jit
+def online_softmax_step(s, ok, m_i, l_i):
+    """One key block of a flash (online) softmax, in base 2: s [rows, keys] the block's logits (softmax scale already
+    applied), ok [keys] which keys count, m_i / l_i the rows' running max and sum (start: -1e30 / 0). Returns the
+    block's probabilities p, the factor alpha that rescales what was accumulated before, and the new max and sum."""
+    s = tl.where(ok[None, :], s * 1.4426950408889634, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
 
 
 @triton.jit

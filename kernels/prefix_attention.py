@@ -16,7 +16,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from pi0_triton_policy.kernels._common import (HAS_PDL, arrive_last, default_workspace, gdc_launch_dependents, gdc_wait,
-                                               pdl_kwargs)
+                                               online_softmax_step, pdl_kwargs)
 
 
 @triton.jit
@@ -32,7 +32,6 @@ def _prefix_attention_kernel(
     offs_d = tl.arange(0, HD)
     m_ok = offs_m < T
     q = tl.load(q_ptr + offs_m.to(tl.int64)[:, None] * stride_qm + head * HD + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-    # base-2 softmax: the logits times log2(e), so every exponential is one exp2
     m_i = tl.full((BLOCK_M,), -1e30, dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, HD), dtype=tl.float32)
@@ -43,15 +42,9 @@ def _prefix_attention_kernel(
         n_ok = offs_n < k_hi
         ok = (tl.load(valid_ptr + offs_n, mask=n_ok, other=0) != 0) & n_ok
         k = tl.load(k_ptr + offs_n[:, None] * stride_kv + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * 1.4426950408889634
-        s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_i, l_i = online_softmax_step(tl.dot(q, tl.trans(k)), ok, m_i, l_i)
         v = tl.load(v_ptr + offs_n[:, None] * stride_kv + offs_d[None, :], mask=n_ok[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
     o_ptrs = o_ptr + offs_m.to(tl.int64)[:, None] * stride_om + head * HD + offs_d[None, :]
     if SPLIT == 1:
         tl.store(o_ptrs, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=m_ok[:, None])
@@ -98,15 +91,9 @@ def _prefix_attention_tma_kernel(q_desc, k_desc, v_desc, o_desc, valid_ptr, T,
         n_ok = offs_n < T
         ok = (tl.load(valid_ptr + offs_n, mask=n_ok, other=0) != 0) & n_ok
         k = k_desc.load([n0, 0])
-        s = tl.dot(q, tl.trans(k)) * 1.4426950408889634
-        s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_i, l_i = online_softmax_step(tl.dot(q, tl.trans(k)), ok, m_i, l_i)
         v = v_desc.load([n0, 0])
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
     o_desc.store([pid_m * BLOCK_M, head * HD], (acc / l_i[:, None]).to(o_desc.dtype))
 
 

@@ -13,7 +13,21 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from pi0_triton_policy.kernels._common import HAS_PDL, gdc_launch_dependents, gdc_wait, pdl_kwargs
+from pi0_triton_policy.kernels._common import HAS_PDL, gdc_launch_dependents, gdc_wait, online_softmax_step, pdl_kwargs
+
+
+@triton.jit
+def _store_rows(o_ptr, row0, offs_m, m_ok, stride_o, head, HD: tl.constexpr, acc, l_i, BLOCK_D: tl.constexpr,
+                BLOCK_D2: tl.constexpr, acc2):
+    """The normalised output of one (row block, head): the head's HD columns of rows row0 + offs_m (acc holds the
+    first BLOCK_D of them, acc2 the BLOCK_D2 after, when the head dim is split); padding columns are not stored."""
+    o_rows = o_ptr + (row0 + offs_m).to(tl.int64)[:, None] * stride_o + head * HD
+    offs_d = tl.arange(0, BLOCK_D)
+    tl.store(o_rows + offs_d[None, :], (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_d < HD)[None, :])
+    if BLOCK_D2 > 0:
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        tl.store(o_rows + offs_d2[None, :], (acc2 / l_i[:, None]).to(o_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & (offs_d2 < HD)[None, :])
 
 
 @triton.jit
@@ -52,22 +66,16 @@ def _vision_attention_kernel(
         if BLOCK_D2 > 0:
             k2 = tl.load(kv_rows + W + offs_d2[None, :], mask=n_ok[:, None] & d2_ok[None, :], other=0.0)
             s += tl.dot(q2, tl.trans(k2))
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_i, l_i = online_softmax_step(s, n_ok, m_i, l_i)
         v = tl.load(kv_rows + 2 * W + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         if BLOCK_D2 > 0:
             v2 = tl.load(kv_rows + 2 * W + offs_d2[None, :], mask=n_ok[:, None] & d2_ok[None, :], other=0.0)
             acc2 = acc2 * alpha[:, None] + tl.dot(p.to(v2.dtype), v2)
-        m_i = m_new
-    o_rows = o_ptr + (view * P + offs_m).to(tl.int64)[:, None] * stride_o + head * HD
-    tl.store(o_rows + offs_d[None, :], (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     if BLOCK_D2 > 0:
-        tl.store(o_rows + offs_d2[None, :], (acc2 / l_i[:, None]).to(o_ptr.dtype.element_ty),
-                 mask=m_ok[:, None] & d2_ok[None, :])
+        _store_rows(o_ptr, view * P, offs_m, m_ok, stride_o, head, HD, acc, l_i, BLOCK_D, BLOCK_D2, acc2)
+    else:
+        _store_rows(o_ptr, view * P, offs_m, m_ok, stride_o, head, HD, acc, l_i, BLOCK_D, BLOCK_D2, acc)
 
 
 @triton.jit
@@ -107,22 +115,16 @@ def _vision_attention_tma_kernel(
         s = tl.dot(q, tl.trans(k))
         if BLOCK_D2 > 0:
             s += tl.dot(q2, tl.trans(qkv2_desc.load([row0 + n0, W + head * HD + BLOCK_D])))
-        s = tl.where(n_ok[None, :], s * 1.4426950408889634, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_i, l_i = online_softmax_step(s, n_ok, m_i, l_i)
         v = qkv_desc.load([row0 + n0, 2 * W + head * HD])
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         if BLOCK_D2 > 0:
             v2 = qkv2_desc.load([row0 + n0, 2 * W + head * HD + BLOCK_D])
             acc2 = acc2 * alpha[:, None] + tl.dot(p.to(v2.dtype), v2)
-        m_i = m_new
-    o_rows = o_ptr + (row0 + offs_m).to(tl.int64)[:, None] * stride_o + head * HD
-    tl.store(o_rows + offs_d[None, :], (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     if BLOCK_D2 > 0:
-        tl.store(o_rows + offs_d2[None, :], (acc2 / l_i[:, None]).to(o_ptr.dtype.element_ty),
-                 mask=m_ok[:, None] & d2_ok[None, :])
+        _store_rows(o_ptr, row0, offs_m, m_ok, stride_o, head, HD, acc, l_i, BLOCK_D, BLOCK_D2, acc2)
+    else:
+        _store_rows(o_ptr, row0, offs_m, m_ok, stride_o, head, HD, acc, l_i, BLOCK_D, BLOCK_D2, acc)
 
 
 def head_dim_blocks(hd: int, split: bool) -> tuple[int, int]:
