@@ -5,13 +5,20 @@ in a CUDA graph (the weight does not fit in L2, so every call streams it from DR
 
     python benchmarks/geglu_probe.py [--json out.json] [--configs '[[BM, BN, BK, warps, stages, group_m, persistent, flatten, warp_specialize], ...]']
 
+$GEGLU_PROBE_PRECISE_EXP=1: the GeGLU epilogue with tl.exp (Triton's precise float32 expf) as before session 13,
+for an A/B against the default exp2; $GEGLU_PROBE_NO_T=1: no gemm_geglu_t rows.
+
 Rows named "t(...)" are `gemm_geglu_t` (the MMAs transposed: weight rows x tokens, 256 * views + 64 rows of MMA
 instead of 128-row tiles' 256 * views + 128) with T_CONFIGS (BF, BT, BK, BTT, warps, stages, persistent).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
+import triton
+import triton.language as tl
 
 from pi0_triton_policy.kernels import gemm_geglu as GEG, geglu as GG
 from sdpa_probe import configs_start, fastest, finish, measure  # noqa: E402 (benchmarks/ is the script's directory)
@@ -25,7 +32,16 @@ T_CONFIGS = [(64, 256, 64, 64, 8, 3, 1), (64, 256, 64, 64, 8, 3, 0), (64, 256, 3
              (64, 256, 32, 64, 8, 6, 1), (64, 256, 32, 64, 8, 6, 0), (64, 256, 32, 64, 8, 7, 1)]
 
 
+@triton.jit
+def gelu_tanh_precise_exp(x):
+    """_common.gelu_tanh as it was before session 13 (tl.exp: Triton's precise float32 expf), for the A/B below."""
+    y = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    return 0.5 * x * (2.0 - 2.0 / (tl.exp(2.0 * y) + 1.0))
+
+
 def main():
+    if os.environ.get("GEGLU_PROBE_PRECISE_EXP") == "1":  # before anything compiles: the kernels resolve it then
+        GEG.gelu_tanh = gelu_tanh_precise_exp
     args, configs, res, g = configs_start(CONFIGS)
     bf, dev = torch.bfloat16, "cuda"
     K, F = 2048, 16384
@@ -47,7 +63,7 @@ def main():
             runs[str(c)] = (lambda c=c: GEG.gemm_geglu(x, w_il, out=h, block=c[:3], num_warps=c[3], num_stages=c[4],
                                                        group_m=c[5], persistent=bool(c[6]), flatten=bool(c[7]),
                                                        warp_specialize=bool(c[8])))
-        for c in T_CONFIGS:
+        for c in ([] if os.environ.get("GEGLU_PROBE_NO_T") == "1" else T_CONFIGS):
             runs[f"t{c}"] = (lambda c=c: GEG.gemm_geglu_t(x, w_il, out=h, block=c[:4], num_warps=c[4], num_stages=c[5],
                                                            persistent=bool(c[6])))
         rows = measure("gate_up_geglu", V, runs, h, ref, calls=1)

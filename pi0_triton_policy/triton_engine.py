@@ -70,8 +70,9 @@ class Tuning:
     vis_split: int = 2
     # per camera count 1, 2, 3: (BM, BN, warps, stages, split_d, tma) (kernels/vision_attention.py); (64, 64, 4, 3)
     # 6.9 / 7.2 / 9.7 us per call vs 7.4 / 7.7 / 9.9 with 2 stages (session 8); through tensor descriptors 5.9 / 6.5 /
-    # 8.7 (3 cams: (128, 128, 8, 2) with the 64 + 16 head dim) vs 6.8 / 7.3 / 9.5 (NOTES.md session 13)
-    vis_attn: tuple = ((64, 64, 4, 3, 0, 1), (64, 64, 4, 3, 0, 1), (128, 128, 8, 2, 1, 1))
+    # 8.7 (3 cams: (128, 128, 8, 2) with the 64 + 16 head dim) vs 6.8 / 7.3 / 9.5; per-thread loads with the base-2
+    # softmax 5.95 / 6.07 / 9.09 vs TMA 5.85 / 6.39 / 8.60 (NOTES.md session 13)
+    vis_attn: tuple = ((64, 64, 4, 3, 0, 1), (64, 64, 4, 3, 0, 0), (128, 128, 8, 2, 1, 1))
     pre_qkv: tuple = (64, 64, 64, 4, 3)
     pre_mlp: tuple = (128, 128, 64, 8, 3)
     pre_res: tuple = (128, 128, 64, 8, 3)
