@@ -72,7 +72,8 @@ def set_bloat(k: int):
 
 
 def layer_mode(weights, ctr, attn=0, T=304, shared_kv=False, pub=MC.PUB, ahead=MC.AHEAD, mcast=MC.MCAST, gelu=MC.GELU,
-               pf=MC.PF, rcp=MC.RCP, pair=MC.PAIR, spack=MC.SPACK, ns=MC.NS, tail=MC.TAIL, stamp_code=0, roll=MC.ROLL):
+               pf=MC.PF, rcp=MC.RCP, pair=MC.PAIR, spack=MC.SPACK, ns=MC.NS, tail=MC.TAIL, stamp_code=0, roll=MC.ROLL,
+               exp=MC.EXP):
     """The chain with the real layer's epilogues (MegaPlan(layer=True)): checked against mega_layer_reference (1 and
     18 layers, bitwise repeat), then timed like the plain chain. attn: the attention link too (1: session 7's unit,
     2: packed rows on 100 programs; kernels/mega_chain.py) over a T-key prefix (304: 1 camera, 816: 3)."""
@@ -124,23 +125,24 @@ def layer_mode(weights, ctr, attn=0, T=304, shared_kv=False, pub=MC.PUB, ahead=M
            + (f"_pf{pf}" if pf != MC.PF else "") + (f"_rcp{rcp}" if rcp != MC.RCP else "")
            + (f"_pair{pair}" if pair != MC.PAIR else "") + (f"_spack{spack}" if spack != MC.SPACK else "")
            + (f"_ns{ns}" if ns != MC.NS else "") + (f"_tail{tail}" if tail != MC.TAIL else "")
-           + ("_stampcode" if stamp_code else "") + (f"_roll{roll}" if roll != MC.ROLL else "")}
+           + ("_stampcode" if stamp_code else "") + (f"_roll{roll}" if roll != MC.ROLL else "")
+           + (f"_exp{exp}" if exp != MC.EXP else "")}
     for layers in (1, L):
         reset()
-        MC.mega_chain(plan, prepared, acts, ctr, layers, layer_state=st, pub=pub, ahead=ahead, mcast=mcast, gelu=gelu, pf=pf, rcp=rcp, spack=spack, ns=ns, tail=tail, roll=roll)
+        MC.mega_chain(plan, prepared, acts, ctr, layers, layer_state=st, pub=pub, ahead=ahead, mcast=mcast, gelu=gelu, pf=pf, rcp=rcp, spack=spack, ns=ns, tail=tail, roll=roll, exp=exp)
         torch.cuda.synchronize()
         ref = MC.mega_layer_reference(x0, weights, layers, pos, cos, sin, st["eps"], kv_prefix)
         got = dict(xs=st["xs"].clone(), q=MC.from_blocked(acts["q"], 2560), h=MC.from_blocked(acts["h8"], 4096))
         out[f"err_{layers}"] = {k: round(rel(got[k], ref[k]), 5) for k in got}
         reset()
-        MC.mega_chain(plan, prepared, acts, ctr, layers, layer_state=st, pub=pub, ahead=ahead, mcast=mcast, gelu=gelu, pf=pf, rcp=rcp, spack=spack, ns=ns, tail=tail, roll=roll)
+        MC.mega_chain(plan, prepared, acts, ctr, layers, layer_state=st, pub=pub, ahead=ahead, mcast=mcast, gelu=gelu, pf=pf, rcp=rcp, spack=spack, ns=ns, tail=tail, roll=roll, exp=exp)
         torch.cuda.synchronize()
         out[f"bitwise_repeat_{layers}"] = bool(torch.equal(st["xs"], got["xs"]))
     print("layer mode vs torch:", out, f"({time.time() - T0:.0f} s since start)", flush=True)
     t = time_graph(lambda: MC.mega_chain(plan, prepared, acts, ctr, L, layer_state=st, pub=pub, ahead=ahead, mcast=mcast, gelu=gelu, pf=pf, rcp=rcp, spack=spack, ns=ns, tail=tail,
-                                         ts_code=stamp_code, roll=roll))
+                                         ts_code=stamp_code, roll=roll, exp=exp))
     ts = torch.zeros(plan.programs * L * 32, dtype=torch.int64, device=dev)
-    MC.mega_chain(plan, prepared, acts, ctr, L, timestamps=ts, layer_state=st, pub=pub, ahead=ahead, mcast=mcast, gelu=gelu, pf=pf, rcp=rcp, spack=spack, ns=ns, tail=tail, roll=roll)
+    MC.mega_chain(plan, prepared, acts, ctr, L, timestamps=ts, layer_state=st, pub=pub, ahead=ahead, mcast=mcast, gelu=gelu, pf=pf, rcp=rcp, spack=spack, ns=ns, tail=tail, roll=roll, exp=exp)
     torch.cuda.synchronize()
     out.update(us_step=t, us_layer=t / L, timeline=timeline(ts, plan.programs))
     if STAMPS_DIR:  # every program's stamps [programs, layers, 4 ops, 8] (ns) and the plan's columns, for offline study
@@ -200,6 +202,8 @@ def main():
     ap.add_argument("--pair", type=int, nargs="+", default=[MC.PAIR], help="--layer / --attn runs: qkv / gate|up unit half-width (8, 4)")
     ap.add_argument("--spack", type=int, nargs="+", default=[MC.SPACK], help="--layer / --attn runs: two narrow chunks per ring slot (1)")
     ap.add_argument("--tail", type=int, nargs="+", default=[MC.TAIL], help="--layer / --attn runs: L2 prefetch past the ring (0, 1 gate|up, 2 all)")
+    ap.add_argument("--exp", type=int, nargs="+", default=[MC.EXP],
+                    help="--layer / --attn runs: exponentials (0 __expf, 1 ex2.approx.ftz; kernels/mega_chain.py fexp)")
     ap.add_argument("--rounds", type=int, default=1, help="repeat the --layer / --attn runs (variants alternate)")
     ap.add_argument("--skip-plain", action="store_true", help="only the --layer / --attn runs")
     ap.add_argument("--wgd", type=int, nargs="+", default=[MC.WGD], help="wgmma groups in flight before a slot is freed")
@@ -264,9 +268,9 @@ def main():
                 for c in args.stamp_code]:
             v = dict(pub=pub, ahead=ahead, mcast=mcast, gelu=gelu, pf=pf, rcp=rcp, pair=pair, spack=spack, tail=tail,
                      stamp_code=sc)
-            for bloat, roll in [(b, r) for b in args.bloat for r in args.roll]:
+            for bloat, roll, exp in [(b, r, e) for b in args.bloat for r in args.roll for e in args.exp]:
                 set_bloat(bloat)
-                v["roll"] = roll
+                v["roll"], v["exp"] = roll, exp
                 if args.layer:
                     res["rows"].append(dict(layer_mode(weights, ctr, **v), bloat=bloat))
                 for T in args.prefix_keys:

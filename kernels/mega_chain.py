@@ -127,6 +127,8 @@ _SOURCE = r"""
 #define ROLL @ROLL@                    /* 1: qkv's and gate|up's epilogues (PAIR 8) as rolled loops over the accumulators
                                           staged in the activation region (less code fetched every layer) */
 #define RCP @RCP@                      /* ATTN 2's softmax normalisers: 0 IEEE reciprocal (a slow-path CALL), 1 fast */
+#define EXP @EXP@                      /* exponentials (fexp): 0 __expf (no -ftz: FMUL + a denormal guard + MUFU.EX2, 5
+                                          instructions), 1 ex2.approx.ftz of x log2(e) (FMUL + MUFU.EX2) */
 #define A_FREE (2 * NS + 9 + 2 * 6)    /* MCAST's mbarrier, after ATTN 2's K / V ring's */
 @HELPERS@
 typedef unsigned short bf16;
@@ -197,12 +199,21 @@ __device__ __forceinline__ unsigned mapa(unsigned addr, unsigned rank) {
    (NVRTC has no fast math: a slow-path subroutine per call, 38 in the code); 1: the sigmoid form with a fast division
    (2 ulp, far below the bf16 rounding that follows; no cancellation in 1 + t for negative x); 2: the hardware
    tanh.approx.f32 (2^-11 relative in t, which 1 + t turns into several % for x < -2) */
+__device__ __forceinline__ float fexp(float x) {
+#if EXP
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+    return y;
+#else
+    return __expf(x);
+#endif
+}
 __device__ __forceinline__ float gelu_tanh_f(float x) {
     const float y = 0.7978845608028654f * (x + 0.044715f * x * x * x);
-    if (GELU == 1) return __fdividef(x, 1.f + __expf(-2.f * y));
+    if (GELU == 1) return __fdividef(x, 1.f + fexp(-2.f * y));
     float t;
     if (GELU == 2) asm("tanh.approx.f32 %0, %1;" : "=f"(t) : "f"(y));
-    else t = 1.f - 2.f / (__expf(2.f * y) + 1.f);
+    else t = 1.f - 2.f / (fexp(2.f * y) + 1.f);
     return 0.5f * x * (1.f + t);
 }
 /* a publish: one fence after the unit's barrier (PUB 4: release only, no L1 invalidate; needs PTX ISA 8.6), then
@@ -765,12 +776,12 @@ __device__ __forceinline__ void softmax_step(float (&s)[2][4], float (&mx)[2], f
     }
     float alpha[2], rowsum[2] = {0.f, 0.f};
     #pragma unroll
-    for (int hh = 0; hh < 2; ++hh) alpha[hh] = __expf(m[hh] - mx[hh]);
+    for (int hh = 0; hh < 2; ++hh) alpha[hh] = fexp(m[hh] - mx[hh]);
     #pragma unroll
     for (int n = 0; n < 2; ++n)
         #pragma unroll
         for (int e = 0; e < 4; ++e) {
-            s[n][e] = s[n][e] <= -1e29f ? 0.f : __expf(s[n][e] - mx[e >> 1]);
+            s[n][e] = s[n][e] <= -1e29f ? 0.f : fexp(s[n][e] - mx[e >> 1]);
             rowsum[e >> 1] += s[n][e];
         }
     #pragma unroll
@@ -934,7 +945,7 @@ __device__ __forceinline__ void attention_unit(const Args& g, int l, int prog, u
             #pragma unroll
             for (int src = 0; src < 4; ++src) {  /* the weight of a source's O / l: exp(m - max) l */
                 const float* pm = (const float*)(rv + (src == c ? 3 : src < c ? src : src - 1) * ATT_PART + 16 * 256 * 2) + 2 * (gq + 8 * hh);
-                w[src] = __expf(w[src] - mm) * pm[1];
+                w[src] = fexp(w[src] - mm) * pm[1];
                 wsum += w[src];
             }
             const float inv = 1.f / wsum;
@@ -1221,7 +1232,7 @@ __device__ __forceinline__ void attention_unit2(const Args& g, int l, int prog, 
         #pragma unroll
         for (int w = 0; w < 4; ++w) {
             const float2 ml = *(const float2*)(smem + A2_ML + (w * 16 + row) * 8);
-            e[w] = ml.y > 0.f ? __expf(ml.x - mm) : 0.f;
+            e[w] = ml.y > 0.f ? fexp(ml.x - mm) : 0.f;
             lw += e[w] * ml.y;
         }
         const float inv = lw > 0.f ? (RCP ? __fdividef(1.f, lw) : 1.f / lw) : 0.f;
@@ -1269,7 +1280,7 @@ __device__ __forceinline__ void attention_unit2(const Args& g, int l, int prog, 
         #pragma unroll
         for (int s = 0; s < 4; ++s) {
             const float2 ml = *(const float2*)(src[s] + 512);
-            w[s] = ml.y > 0.f ? __expf(ml.x - mm) * ml.y : 0.f;
+            w[s] = ml.y > 0.f ? fexp(ml.x - mm) * ml.y : 0.f;
             wsum += w[s];
         }
         const float inv = wsum > 0.f ? (RCP ? __fdividef(1.f, wsum) : 1.f / wsum) : 0.f;
@@ -1457,7 +1468,7 @@ __device__ __forceinline__ void attention_unit3(const Args& g, int l, int prog, 
         #pragma unroll
         for (int s = 0; s < 4; ++s) {
             const float2 ml = *(const float2*)(src[s] + 512);
-            w[s] = ml.y > 0.f ? __expf(ml.x - mm) * ml.y : 0.f;
+            w[s] = ml.y > 0.f ? fexp(ml.x - mm) * ml.y : 0.f;
             wsum += w[s];
         }
         const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
@@ -1568,6 +1579,7 @@ GELU = 1  # gate|up's GELU variant (gelu_tanh_f; 1 vs 0: NOTES.md session 10); t
 PF = 0  # default lazy L2 prefetch lookahead in ring chunks (produce; 0: off)
 ROLL = 0  # default: qkv's / gate|up's epilogues unrolled (1: rolled over staged accumulators; measured slower, NOTES.md)
 RCP = 0  # default ATTN 2 softmax normalisers: 0 IEEE reciprocal, 1 fast (__fdividef)
+EXP = 0  # default exponentials (fexp): 0 __expf, 1 ex2.approx.ftz (NOTES.md session 13)
 PAIR = 8  # default LAYER unit half-width (see PAIRED)
 SPACK = 0  # default: one weight chunk per ring slot (1: two narrow chunks share a slot, Pack)
 TAIL = 0  # default: no L2 prefetch of an op's chunks past the ring (1: gate|up's, 2: every op's)
@@ -1593,7 +1605,7 @@ def _wgmma_functions() -> str:
 def source(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = WGD, loader: int = LOADER,
            layer: int = 0, attn: int = 0, mcast: int = MCAST, gelu: int = GELU, pf: int = PF, rcp: int = RCP,
            pair: int = PAIR, spack: int = SPACK, ns: int = NS, tail: int = TAIL, state: int = 0, ts: int = 1,
-           roll: int = ROLL) -> str:
+           roll: int = ROLL, exp: int = EXP) -> str:
     assert pair in PAIRED, pair
     assert not (pf and spack), "PF counts chunks, SPACK's producer counts slots"
     assert not state or (layer and attn in (2, 3)), "STATE: flow step 0 of the real layer with ATTN 2 or 3"
@@ -1603,7 +1615,7 @@ def source(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = 
     assert loader or not layer, "LAYER: the loader copies the sums of squares"
     text = _SOURCE
     assert layer or not attn, "ATTN is part of the LAYER probe"
-    consts = dict(ROLL=roll, TS=ts, ROWS=R + state, RS=ss_stride(R + state), STATE=state, AHEAD=ahead, MCAST=mcast, GELU=gelu, PF=pf, RCP=rcp, PAIR=pair, SPACK=spack, TAIL=tail, A_PIPE=a_pipe, PUB=pub, WGD=wgd, LOADER=loader, LAYER=layer, ATTN=attn, ROWSQ_BYTES=ROWSQ_BYTES,
+    consts = dict(EXP=exp, ROLL=roll, TS=ts, ROWS=R + state, RS=ss_stride(R + state), STATE=state, AHEAD=ahead, MCAST=mcast, GELU=gelu, PF=pf, RCP=rcp, PAIR=pair, SPACK=spack, TAIL=tail, A_PIPE=a_pipe, PUB=pub, WGD=wgd, LOADER=loader, LAYER=layer, ATTN=attn, ROWSQ_BYTES=ROWSQ_BYTES,
                   SS_BYTES=SS_BYTES, A_BLOCK=A_BLOCK, WGMMA=_wgmma_functions(), NS=ns, SLOT=SLOT, A_BYTES=A_BYTES, RECV_BYTES=RECV_BYTES, BN_SPLIT_MAX=BN_SPLIT_MAX,
                   HELPERS=CUDA_HELPERS % {})
     for k, v in consts.items():
@@ -1725,9 +1737,9 @@ class MegaPlan:
 def _kernel_and_programs(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = WGD,
                          loader: int = LOADER, layer: int = 0, attn: int = 0, mcast: int = MCAST, gelu: int = GELU,
                          pf: int = PF, rcp: int = RCP, pair: int = PAIR, spack: int = SPACK, ns: int = NS,
-                         tail: int = TAIL, state: int = 0, ts: int = 1, roll: int = ROLL):
+                         tail: int = TAIL, state: int = 0, ts: int = 1, roll: int = ROLL, exp: int = EXP):
     func = compile_cuda(source(ahead, a_pipe, pub, wgd, loader, layer, attn, mcast, gelu, pf, rcp, pair, spack, ns, tail,
-                               state, ts, roll),
+                               state, ts, roll, exp),
                         "mega_chain_kernel", smem_bytes(ns),
                         arch_suffix="a")
     cfg = _LaunchConfig(128, 1, 1, THREADS, 1, 1, smem_bytes(ns), None, None, 0)
@@ -1761,7 +1773,8 @@ def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tenso
                timestamps: torch.Tensor | None = None, ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB,
                wgd: int = WGD, loader: int = LOADER, layer_state: dict | None = None, pdl: bool = False,
                zero_counters: bool = True, mcast: int = MCAST, gelu: int = GELU, pf: int = PF, rcp: int = RCP,
-               spack: int = SPACK, ns: int = NS, tail: int = TAIL, ts_code: int | None = None, roll: int = ROLL):
+               spack: int = SPACK, ns: int = NS, tail: int = TAIL, ts_code: int | None = None, roll: int = ROLL,
+               exp: int = EXP):
     """Run `layers` layers of the chain on acts = {x, q, x2, h8}: [50, 1024 / 2560 / 1024 / 8192] bf16 in the blocked
     layout (`to_blocked` / `from_blocked`); counters: >= layers * 128 int32 (zeroed here, inside the stream).
     layer_state (a plan made with layer=True): the real layer's epilogues; acts x / x2 are then the bf16 copies of
@@ -1780,7 +1793,7 @@ def mega_chain(plan: MegaPlan, prepared: dict, acts: dict, counters: torch.Tenso
     ts_code = int(timestamps is not None) if ts_code is None else int(ts_code)
     assert ts_code or timestamps is None, "timestamps need the kernel with the stamps' code"
     func, programs = _kernel_and_programs(ahead, a_pipe, pub, wgd, loader, int(layer), attn, mcast, gelu, pf, rcp,
-                                          plan.pair if layer else PAIR, spack, ns, tail, state, ts_code, roll)
+                                          plan.pair if layer else PAIR, spack, ns, tail, state, ts_code, roll, exp)
     rs = ss_stride(rows)
     assert programs // CLUSTER * rs * 4 <= SS_BYTES, "the clusters' sums of squares do not fit in SS_BYTES"
     assert plan.programs == programs, (plan.programs, programs)

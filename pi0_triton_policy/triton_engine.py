@@ -164,6 +164,7 @@ class Tuning:
     mega_gelu: int = MC.GELU  # its gate|up GELU variant (kernels/mega_chain.py, gelu_tanh_f)
     mega_pf: int = MC.PF  # its lazy L2 prefetch lookahead in ring chunks (kernels/mega_chain.py, prefetch_chunk)
     mega_rcp: int = MC.RCP  # its attention's softmax normalisers (0 IEEE reciprocal, 1 fast)
+    mega_exp: int = MC.EXP  # its exponentials (kernels/mega_chain.py fexp: 0 __expf, 1 ex2.approx.ftz)
     mega_pair: int = MC.PAIR  # its qkv / gate|up column units (kernels/mega_chain.py, PAIRED)
     mega_spack: int = MC.SPACK  # its ring: two narrow weight chunks per slot (kernels/mega_chain.py, Pack)
     mega_tail: int = MC.TAIL  # its L2 prefetch of an op's chunks past the ring (kernels/mega_chain.py, TAIL)
@@ -627,7 +628,7 @@ class _ViewGraph:
             q, o, h = self.q[:R], self.o[:R], self.hs[:R]
             if mega is not None and (mega0 or step > 0):  # every layer in one persistent launch
                 mk = dict(pdl=t.pdl, pub=t.mega_pub, gelu=t.mega_gelu, pf=t.mega_pf, rcp=t.mega_rcp, spack=t.mega_spack,
-                          tail=t.mega_tail)
+                          tail=t.mega_tail, exp=t.mega_exp)
                 if step == 0:  # the prefix's keys are final: into the kernel's cache layout; then the actions and the
                     mega.fixed_keys(self.kc, self.vc, self.key_valid)  # state token (its keys: the later fixed keys)
                     mega.step0(self.pos, W.cos, W.sin, eps, **mk)
@@ -789,7 +790,7 @@ class _MegaSteps:
 
     def step(self, xs: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float,
              pdl: bool = True, pub: int = MC.PUB, gelu: int = MC.GELU, pf: int = MC.PF, rcp: int = MC.RCP,
-             spack: int = MC.SPACK, tail: int = MC.TAIL, staged: bool = False):
+             spack: int = MC.SPACK, tail: int = MC.TAIL, staged: bool = False, exp: int = MC.EXP):
         """One flow step over the residual xs [50, 1024] (fp32, updated in place) at RoPE positions pos [50]; pdl:
         both launches early (programmatic dependent launch: the kernel's weight stream starts before its inputs).
         staged: acts["x"] and ss[0] already hold the step's input and the counters are zero (Tuning.mega_direct);
@@ -799,7 +800,7 @@ class _MegaSteps:
         st = dict(xs=xs, ss=self.ss, pos=pos[:MC.R], cos=cos, sin=sin, eps=eps, T=self.T, kc=self.kc, vc=self.vc,
                   key_valid=self.key_valid, att=self.att, attn_mode=self.attn)
         MC.mega_chain(self.plan, self.prepared, self.acts, self.ctr, self.L, layer_state=st, pdl=pdl,
-                      zero_counters=False, pub=pub, gelu=gelu, pf=pf, rcp=rcp, spack=spack, tail=tail)
+                      zero_counters=False, pub=pub, gelu=gelu, pf=pf, rcp=rcp, spack=spack, tail=tail, exp=exp)
 
 
 class TritonPi0:
