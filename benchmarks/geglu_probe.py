@@ -5,6 +5,7 @@ in a CUDA graph (the weight does not fit in L2, so every call streams it from DR
 
     python benchmarks/geglu_probe.py [--json out.json] [--configs '[[BM, BN, BK, warps, stages, group_m, persistent, flatten, warp_specialize], ...]']
 
+Rows "wgmma<stages>": kernels/wgmma_geglu.py (CUDA wgmma, tokens as N) with $GEGLU_PROBE_WGMMA_STAGES (default 3,4).
 $GEGLU_PROBE_PRECISE_EXP=1: the GeGLU epilogue with tl.exp (Triton's precise float32 expf) as before session 13,
 for an A/B against the default exp2; $GEGLU_PROBE_NO_T=1: no gemm_geglu_t rows.
 
@@ -20,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pi0_triton_policy.kernels import gemm_geglu as GEG, geglu as GG
+from pi0_triton_policy.kernels import gemm_geglu as GEG, geglu as GG, wgmma_geglu as WG
 from sdpa_probe import configs_start, fastest, finish, measure  # noqa: E402 (benchmarks/ is the script's directory)
 
 CONFIGS = [(128, 256, 64, 8, 3, 8, 1, 1, 0), (128, 256, 64, 8, 3, 4, 1, 1, 0), (128, 256, 64, 8, 3, 16, 1, 1, 0),
@@ -28,6 +29,7 @@ CONFIGS = [(128, 256, 64, 8, 3, 8, 1, 1, 0), (128, 256, 64, 8, 3, 4, 1, 1, 0), (
            (64, 256, 64, 4, 4, 8, 1, 1, 0), (64, 256, 64, 4, 3, 8, 1, 1, 0), (128, 256, 64, 8, 3, 8, 1, 0, 0),
            (256, 128, 64, 8, 3, 8, 1, 1, 0), (128, 256, 64, 8, 3, 8, 0, 1, 0)]
 
+WGMMA_STAGES = [int(s) for s in os.environ.get("GEGLU_PROBE_WGMMA_STAGES", "3,4").split(",")]
 T_CONFIGS = [(64, 256, 64, 64, 8, 3, 1), (64, 256, 64, 64, 8, 3, 0), (64, 256, 32, 64, 8, 5, 1),
              (64, 256, 32, 64, 8, 6, 1), (64, 256, 32, 64, 8, 6, 0), (64, 256, 32, 64, 8, 7, 1)]
 
@@ -66,6 +68,9 @@ def main():
         for c in ([] if os.environ.get("GEGLU_PROBE_NO_T") == "1" else T_CONFIGS):
             runs[f"t{c}"] = (lambda c=c: GEG.gemm_geglu_t(x, w_il, out=h, block=c[:4], num_warps=c[4], num_stages=c[5],
                                                            persistent=bool(c[6])))
+        if WG.available(dev):  # kernels/wgmma_geglu.py: the tokens as wgmma's N (no padded rows), per ring depth
+            for st in WGMMA_STAGES:
+                runs[f"wgmma{st}"] = (lambda st=st: WG.wgmma_geglu(x, w_il, out=h, stages=st))
         rows = measure("gate_up_geglu", V, runs, h, ref, calls=1)
         flop = 2 * M * K * 2 * F
         for r in rows:

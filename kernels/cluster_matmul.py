@@ -296,13 +296,14 @@ _ATTR_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID
 def launch(func, grid: int, block: int, smem: int, args: list, pdl: bool):
     """cuLaunchKernelEx on the current stream; pdl: programmatic stream serialization (the kernel may start while
     the previous one in the stream finishes; it calls griddepcontrol.wait before reading its inputs)."""
+    launch_raw(func, grid, block, smem, [ctypes.c_void_p(x.data_ptr()) if isinstance(x, torch.Tensor)
+                                         else ctypes.c_int(int(x)) for x in args], pdl)
+
+
+def launch_raw(func, grid: int, block: int, smem: int, args: list, pdl: bool = False):
+    """`launch` with the kernel's parameters as ctypes objects (any by-value struct, e.g. a CUtensorMap)."""
     lib = _libcuda()
-    keep, ptrs = [], []
-    for x in args:
-        c = ctypes.c_void_p(x.data_ptr()) if isinstance(x, torch.Tensor) else ctypes.c_int(int(x))
-        keep.append(c)
-        ptrs.append(ctypes.cast(ctypes.byref(c), ctypes.c_void_p))
-    arr = (ctypes.c_void_p * len(ptrs))(*ptrs)
+    arr = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.byref(c), ctypes.c_void_p) for c in args])
     attrs = (_LaunchAttr * 1)()
     attrs[0].id = _ATTR_PROGRAMMATIC_STREAM_SERIALIZATION
     attrs[0].value.flag = 1

@@ -299,6 +299,41 @@ def test_gemm_geglu_t(dtype, M, block, persistent, gen):
     assert out.shape == (M, F) and rel(out, ref) < TOL[dtype]
 
 
+def test_wgmma_token_split():
+    """kernels/wgmma_geglu.py puts the tokens on wgmma's N side: the fewest tiles of <= 304 tokens, each two
+    instructions of N multiples of 8 (<= 256); the engine's 256 * views + 48 tokens without a padded row."""
+    from pi0_triton_policy.kernels import wgmma_geglu as WG
+
+    assert [WG.token_split(256 * v + 48) for v in (1, 2, 3)] == [(1, 152, 152), (2, 144, 136), (3, 136, 136)]
+    for M in range(1, 2049):
+        tiles, nh, n2 = WG.token_split(M)
+        tn = nh + n2
+        assert (tiles - 1) * tn < M <= tiles * tn and nh % 8 == 0 and n2 % 8 == 0 and 8 <= n2 <= nh <= 256 and tn <= 304
+        assert tiles == -(-M // 304)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [37, 304, 560, 816, 1000])
+def test_wgmma_geglu(M):
+    """The tokens-as-N wgmma gate/up + GeGLU (CUDA C++, sm_90a) against the float32 reference on fresh random data:
+    the engine's 1 / 2 / 3-camera token counts, a 37-token one (one tile of 24 + 16, 3 rows past M) and 1000 (4
+    tiles of 256, the last one 232 rows); bitwise repeatable."""
+    from pi0_triton_policy.kernels import wgmma_geglu as WG
+
+    if not WG.available("cuda"):
+        pytest.skip("needs sm_90a (wgmma, TMA)")
+    g = torch.Generator(device="cuda").manual_seed(M)
+    K, F = 2048, 4096 if M > 37 else 192
+    x = torch.randn(M, K, device="cuda", generator=g).to(torch.bfloat16)
+    w_gu = (torch.randn(K, 2 * F, device="cuda", generator=g) * K**-0.5).to(torch.bfloat16)
+    w_il = GEG.interleave_gate_up(w_gu)
+    out = torch.full((M, F), float("nan"), dtype=torch.bfloat16, device="cuda")
+    WG.wgmma_geglu(x, w_il, out=out)
+    assert rel(out, GG.geglu_ref(x.float() @ w_gu.float())) < 5e-3
+    again = WG.wgmma_geglu(x, w_il, stages=3)
+    assert torch.equal(out, again), "not deterministic (or the stage count changed the result)"
+
+
 def test_token_groups():
     """The engine's prefix (256 * views + 48 tokens) runs as `views` groups of 256 plus a 64-token tail."""
     assert [GEG.token_groups(256 * v + 48, 256, 64) for v in (1, 2, 3)] == [(1, True), (2, True), (3, True)]

@@ -1,0 +1,266 @@
+"""The prefix's gate/up matmul + GeGLU with the weights as the MMA's M side and the tokens as its N side (CUDA C++ via
+NVRTC, Hopper wgmma; the same math and weight layout as kernels/gemm_geglu.py).
+
+Why: the prefix has 256 * views + 48 tokens (304 / 560 / 816). As the M side of 128-row tiles they are 384 / 640 /
+896 rows of MMA (26 / 14 / 10 % padding: gemm_geglu at 1 camera runs 3 tiles of 23.5 us per SM). wgmma's N can be
+any multiple of 8 up to 256, so with the tokens on the N side a tile covers them exactly: a program takes 128 weight
+rows (64 interleaved gate/up pairs, `interleave_gate_up`) x TN tokens, TN = M / tiles_t (304, 280, 272 for 1 / 2
+/ 3 cameras: multiples of 8), as two wgmma of N = NH and TN - NH per 16-column K step. At 1 camera that
+is 256 tiles of 128 x 304 on 132 SMs (2 per SM) instead of 384 of 128 x 256 (3 per SM on most). Session 12's Triton
+version of the idea (`gemm_geglu_t`) lost because Triton only tiles in powers of two (256 + a 64-token tail, which
+it split into n32 MMAs); here the N of each instruction is exact.
+
+Layout: one producer warp (in a warpgroup that gives its registers away: setmaxnreg) loads per 64-column K step the
+[128, 64] weight box and two [NH, 64] token boxes by TMA in the 128-byte swizzle (tensor maps made on the host with
+cuTensorMapEncodeTiled), into a ring of STAGES slots; two consumer warpgroups each multiply their 64 weight rows by
+all TN tokens (152 accumulator registers at TN = 304) straight from the slot. Epilogue: in the accumulator layout a
+thread holds weight rows r and r + 8 of its warp's 16; with the gate/up rows interleaved (2j gate, 2j + 1 up) the
+partner of row r is in lane ^ 4, so one shuffle pair per 4 values gives each thread a gate and its up; h goes
+through shared memory (16-byte groups swizzled by token) to 128-byte row segments of h [M, F] in global memory.
+
+Measured against gemm_geglu in benchmarks/geglu_probe.py; NOTES.md session 14.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from pi0_triton_policy.kernels.cluster_matmul import CUDA_HELPERS, _libcuda, compile_cuda, launch_raw
+
+BW, BK = 128, 64  # weight rows per tile (2 consumer warpgroups x 64), K columns per ring slot
+THREADS = 384  # warpgroup 0: the producer (one lane works), 1-2: consumers
+MAX_TN = 304  # tokens per tile: 152 accumulator registers per consumer thread
+
+_SOURCE = r"""
+#define NH @NH@
+#define N2 @N2@
+#define TN (NH + N2)
+#define STAGES @STAGES@
+#define BW 128
+#define BK 64
+#define W_BYTES (BW * BK * 2)
+#define X_BYTES (2 * NH * BK * 2)
+#define STAGE_BYTES (W_BYTES + X_BYTES)
+typedef unsigned short bf16;
+struct __align__(64) TensorMap { unsigned long long d[16]; };
+@HELPERS@
+__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ bool mbar_try(unsigned bar, unsigned parity) {
+    unsigned ok;
+    asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+                 : "=r"(ok) : "r"(bar), "r"(parity) : "memory");
+    return ok;
+}
+__device__ __forceinline__ void mbar_arrive(unsigned bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(bar) : "memory");
+}
+__device__ __forceinline__ void tma_load_2d(unsigned dst, const TensorMap* map, int c0, int c1, unsigned bar) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
+                 :: "r"(dst), "l"(map), "r"(c0), "r"(c1), "r"(bar) : "memory");
+}
+/* wgmma descriptor of a K-major bf16 tile in the 128-byte swizzle (rows of 64 elements, 8-row atoms 1024 B apart) */
+__device__ __forceinline__ unsigned long long sw128_desc(unsigned addr) {
+    return (unsigned long long)((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((unsigned long long)(1024 >> 4) << 32) | (1ull << 62);
+}
+/* GELU, tanh form as x / (1 + exp(-2y)) with one ex2 and a fast division (kernels/mega_chain.py GELU 1, EXP 1) */
+__device__ __forceinline__ float gelu_tanh_f(float x) {
+    const float y = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+    float e;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(-2.f * 1.4426950408889634f * y));
+    return __fdividef(x, 1.f + e);
+}
+@WGMMA@
+
+extern "C" __global__ void __launch_bounds__(384, 1)
+wgmma_geglu_kernel(const __grid_constant__ TensorMap wmap, const __grid_constant__ TensorMap xmap,
+                   bf16* __restrict__ h, int M, int F, int K, int tiles_t)
+{
+    extern __shared__ __align__(1024) unsigned char smem[];
+    const unsigned base = smem_u32(smem), bars = base + STAGES * STAGE_BYTES;  /* full[s], then empty[s] */
+    const int tid = threadIdx.x, wg = tid >> 7;
+    const int t0 = (blockIdx.x % tiles_t) * TN, w0 = (blockIdx.x / tiles_t) * BW;  /* a weight tile's token tiles
+        are consecutive programs: they run together and the weights come from DRAM once */
+    const int nk = K / BK;
+    if (base & 1023) asm volatile("trap;");  /* the swizzle atoms assume a 1024-aligned window */
+    if (tid == 0) {
+        for (int s = 0; s < STAGES; ++s) { mbar_init(bars + 8 * s, 1); mbar_init(bars + 8 * (STAGES + s), 256); }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+    if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+        if (tid == 0) {
+            asm volatile("prefetch.tensormap [%0];" :: "l"(&wmap) : "memory");
+            asm volatile("prefetch.tensormap [%0];" :: "l"(&xmap) : "memory");
+            for (int k = 0; k < nk; ++k) {
+                const int s = k % STAGES, use = k / STAGES;
+                const unsigned full = bars + 8 * s, slot = base + s * STAGE_BYTES;
+                if (use > 0) while (!mbar_try(bars + 8 * (STAGES + s), (use - 1) & 1)) {}
+                asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(full), "r"(STAGE_BYTES) : "memory");
+                tma_load_2d(slot, &wmap, k * BK, w0, full);
+                tma_load_2d(slot + W_BYTES, &xmap, k * BK, t0, full);
+                tma_load_2d(slot + W_BYTES + NH * 128, &xmap, k * BK, t0 + NH, full);
+            }
+        }
+        return;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+    const int cw = wg - 1, ct = tid - 128, lane = tid & 31, q = (ct >> 5) & 3;
+    float d1[NH / 2], d2[N2 / 2];
+    #pragma unroll
+    for (int i = 0; i < NH / 2; ++i) d1[i] = 0.f;
+    #pragma unroll
+    for (int i = 0; i < N2 / 2; ++i) d2[i] = 0.f;
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+    for (int k = 0; k < nk; ++k) {
+        const int s = k % STAGES;
+        while (!mbar_try(bars + 8 * s, (k / STAGES) & 1)) {}
+        const unsigned slot = base + s * STAGE_BYTES;
+        const unsigned long long da = sw128_desc(slot + cw * 64 * 128);
+        const unsigned long long db1 = sw128_desc(slot + W_BYTES), db2 = sw128_desc(slot + W_BYTES + NH * 128);
+        #pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            wgmma_n<NH>(d1, da + 2 * kk, db1 + 2 * kk, 1);
+            wgmma_n<N2>(d2, da + 2 * kk, db2 + 2 * kk, 1);
+        }
+        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+        if (k > 0) {  /* the MMAs of step k - 1 are done: its slot may be refilled */
+            asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+            mbar_arrive(bars + 8 * (STAGES + (k - 1) % STAGES));
+        }
+    }
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+    /* the accumulators are read only from here on (the compiler does not see that the asm above writes them) */
+    #pragma unroll
+    for (int i = 0; i < NH / 2; ++i) asm volatile("" : "+f"(d1[i]) :: "memory");
+    #pragma unroll
+    for (int i = 0; i < N2 / 2; ++i) asm volatile("" : "+f"(d2[i]) :: "memory");
+    asm volatile("bar.sync 1, 256;" ::: "memory");  /* both warpgroups are done with every slot: slot 0 stages h */
+
+    /* thread (q, i = lane / 4): weight rows 16q + i (+ 8) of this warpgroup's 64; i even: gate rows, i odd: up rows of
+       the same h columns (lane ^ 4). The even lane finishes h column 8q + i/2, the odd one 8q + i/2 + 4 */
+    const int i = lane >> 2;
+    const bool even = !(i & 1);
+    const int hc = 32 * cw + 8 * q + (i >> 1) + 4 * (i & 1);
+    unsigned char* stage = smem;  /* [TN tokens][64 h columns] bf16, 16-byte groups XOR-swizzled by token */
+    #pragma unroll
+    for (int j = 0; j < TN / 8; ++j) {
+        const float* d = j < NH / 8 ? d1 + 4 * j : d2 + 4 * (j - NH / 8);
+        const float s0 = even ? d[2] : d[0], s1 = even ? d[3] : d[1];
+        const float r0 = __shfl_xor_sync(0xffffffff, s0, 4), r1 = __shfl_xor_sync(0xffffffff, s1, 4);
+        const float g0 = even ? d[0] : r0, g1 = even ? d[1] : r1;
+        const float u0 = even ? r0 : d[2], u1 = even ? r1 : d[3];
+        const int tok = 8 * j + 2 * (lane & 3);
+        #pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int t = tok + e;
+            const float v = gelu_tanh_f(e ? g1 : g0) * (e ? u1 : u0);
+            *(bf16*)(stage + t * 128 + ((((hc >> 3) ^ (t & 7)) << 4) | ((hc & 7) << 1))) = to_bf16(v);
+        }
+    }
+    asm volatile("bar.sync 1, 256;" ::: "memory");
+    for (int idx = ct; idx < TN * 8; idx += 256) {
+        const int t = idx >> 3, c = idx & 7;
+        if (t0 + t >= M) break;
+        const uint4 v = *(const uint4*)(stage + t * 128 + ((c ^ (t & 7)) << 4));
+        *(uint4*)(h + (size_t)(t0 + t) * F + w0 / 2 + 8 * c) = v;
+    }
+}
+"""
+
+
+def _wgmma_n(widths) -> str:
+    """wgmma_n<N>(d, desc_a, desc_b, accumulate): m64nNk16, bf16 -> fp32, both operands K-major from shared memory."""
+    out = ["template <int N> __device__ __forceinline__ void wgmma_n(float* d, unsigned long long da, unsigned long long db, int acc);"]
+    for n in sorted(set(widths)):
+        regs = ",".join(f"%{i}" for i in range(n // 2))
+        ops = ", ".join(f'"+f"(d[{i}])' for i in range(n // 2))
+        out.append(
+            f"template <> __device__ __forceinline__ void wgmma_n<{n}>(float* d, unsigned long long da, unsigned long long db, int acc) {{\n"
+            f'    asm volatile("{{ .reg .pred p; setp.ne.b32 p, %{n // 2 + 2}, 0; '
+            f'wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 {{{regs}}}, %{n // 2}, %{n // 2 + 1}, p, 1, 1, 0, 0; }}"\n'
+            f'                 : {ops} : "l"(da), "l"(db), "r"(acc) : "memory");\n}}')
+    return "\n".join(out)
+
+
+def token_split(M: int) -> tuple[int, int, int]:
+    """(token tiles, NH, N2): the fewest tiles of at most MAX_TN tokens, TN = NH + N2 tokens each (multiples of 8, as
+    wgmma's N; NH >= N2 >= 8). The engine's 256 * views + 48 tokens divide exactly; otherwise the last tile runs past
+    M (rows zero-filled by the TMA, never stored)."""
+    tiles = -(-M // MAX_TN)
+    tn = max(16, 8 * -(-M // (8 * tiles)))
+    nh = 8 * -(-tn // 16)
+    return tiles, nh, tn - nh
+
+
+def smem_bytes(nh: int, stages: int) -> int:
+    return stages * (BW * BK * 2 + 2 * nh * BK * 2) + 2 * stages * 8
+
+
+def source(nh: int, n2: int, stages: int) -> str:
+    assert nh % 8 == 0 and n2 % 8 == 0 and 8 <= n2 <= nh <= 256, (nh, n2)
+    text = _SOURCE
+    for k, v in dict(NH=nh, N2=n2, STAGES=stages, WGMMA=_wgmma_n((nh, n2)), HELPERS=CUDA_HELPERS % {}).items():
+        text = text.replace(f"@{k}@", str(v))
+    return text
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(nh: int, n2: int, stages: int):
+    return compile_cuda(source(nh, n2, stages), "wgmma_geglu_kernel", smem_bytes(nh, stages), arch_suffix="a")
+
+
+class _TensorMap(ctypes.Structure):
+    _fields_ = [("d", ctypes.c_uint64 * 16)]
+
+
+_MAPS: dict = {}  # (pointer, rows, cols, box rows) -> its CUtensorMap: made once per buffer, captured by value
+
+
+def tensor_map(t: torch.Tensor, box_rows: int) -> _TensorMap:
+    """A 2-D TMA map of a row-major bf16 [rows, cols] tensor: boxes of [box_rows, 64] in the 128-byte swizzle, rows
+    past the end zero-filled."""
+    assert t.dim() == 2 and t.dtype == torch.bfloat16 and t.stride(1) == 1 and t.data_ptr() % 16 == 0
+    rows, cols = t.shape
+    key = (t.data_ptr(), rows, cols, t.stride(0), box_rows)
+    if key not in _MAPS:
+        buf = ctypes.create_string_buffer(128 + 64)  # cuTensorMapEncodeTiled wants the map 64-byte aligned
+        m = _TensorMap.from_address(ctypes.addressof(buf) + (-ctypes.addressof(buf)) % 64)
+        err = _libcuda().cuTensorMapEncodeTiled(
+            ctypes.byref(m), ctypes.c_int(9), ctypes.c_uint(2), ctypes.c_void_p(t.data_ptr()),  # 9: BFLOAT16
+            (ctypes.c_uint64 * 2)(cols, rows), (ctypes.c_uint64 * 1)(t.stride(0) * 2), (ctypes.c_uint32 * 2)(BK, box_rows),
+            (ctypes.c_uint32 * 2)(1, 1), ctypes.c_int(0), ctypes.c_int(3), ctypes.c_int(2), ctypes.c_int(0))  # swizzle 128B, L2 128B
+        if err != 0:
+            raise RuntimeError(f"cuTensorMapEncodeTiled({tuple(t.shape)}, box {box_rows}) failed: CUresult {err}")
+        _MAPS[key] = (buf, m)
+    return _MAPS[key][1]
+
+
+def available(device) -> bool:
+    dev = torch.device(device)
+    return dev.type == "cuda" and torch.cuda.get_device_capability(dev) == (9, 0)
+
+
+def wgmma_geglu(x: torch.Tensor, w_il: torch.Tensor, out: torch.Tensor | None = None, stages: int = 4) -> torch.Tensor:
+    """x [M, K], w_il [2F, K] (gemm_geglu.interleave_gate_up) -> h [M, F] = gelu_tanh(x Wg) * (x Wu) (float32
+    accumulation; reference gemm_geglu.gemm_geglu_ref). CUDA, sm_90a only."""
+    M, K = x.shape
+    F2, K2 = w_il.shape
+    assert K == K2 and K % BK == 0 and F2 % BW == 0, (x.shape, w_il.shape)
+    assert x.is_contiguous() and w_il.is_contiguous() and x.dtype == w_il.dtype == torch.bfloat16
+    F = F2 // 2
+    if out is None:
+        out = torch.empty(M, F, dtype=x.dtype, device=x.device)
+    assert out.shape == (M, F) and out.is_contiguous() and out.dtype == torch.bfloat16
+    tiles_t, nh, n2 = token_split(M)
+    func = _kernel(nh, n2, stages)
+    wmap, xmap = tensor_map(w_il, BW), tensor_map(x, nh)
+    launch_raw(func, F2 // BW * tiles_t, THREADS, smem_bytes(nh, stages),
+               [wmap, xmap, ctypes.c_void_p(out.data_ptr()), ctypes.c_int(M), ctypes.c_int(F), ctypes.c_int(K),
+                ctypes.c_int(tiles_t)])
+    return out
