@@ -39,6 +39,12 @@ _SOURCE = r"""
 #define N2 @N2@
 #define TN (NH + N2)
 #define STAGES @STAGES@
+#define CL @CL@            /* programs per cluster: with 2, each loads one of the two token boxes for both (multicast) */
+#if CL > 1
+#define CLUSTER_DIMS __cluster_dims__(CL, 1, 1)
+#else
+#define CLUSTER_DIMS   /* no cluster launch at all */
+#endif
 #define BW 128
 #define BK 64
 #define W_BYTES (BW * BK * 2)
@@ -59,6 +65,15 @@ __device__ __forceinline__ bool mbar_try(unsigned bar, unsigned parity) {
 __device__ __forceinline__ void mbar_arrive(unsigned bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(bar) : "memory");
 }
+/* a cluster barrier without the release fence (MEMBAR.ALL.GPU): nothing but the barrier itself is ordered by it */
+__device__ __forceinline__ void cluster_sync_relaxed() {
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void tma_load_2d_mc(unsigned dst, const TensorMap* map, int c0, int c1, unsigned bar,
+                                               unsigned short mask) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%2, %3}], [%4], %5;"
+                 :: "r"(dst), "l"(map), "r"(c0), "r"(c1), "r"(bar), "h"(mask) : "memory");
+}
 __device__ __forceinline__ void tma_load_2d(unsigned dst, const TensorMap* map, int c0, int c1, unsigned bar) {
     asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
                  :: "r"(dst), "l"(map), "r"(c0), "r"(c1), "r"(bar) : "memory");
@@ -76,22 +91,26 @@ __device__ __forceinline__ float gelu_tanh_f(float x) {
 }
 @WGMMA@
 
-extern "C" __global__ void __launch_bounds__(384, 1)
+extern "C" __global__ void CLUSTER_DIMS __launch_bounds__(384, 1)
 wgmma_geglu_kernel(const __grid_constant__ TensorMap wmap, const __grid_constant__ TensorMap xmap,
                    bf16* __restrict__ h, int M, int F, int K, int tiles_t)
 {
     extern __shared__ __align__(1024) unsigned char smem[];
     const unsigned base = smem_u32(smem), bars = base + STAGES * STAGE_BYTES;  /* full[s], then empty[s] */
     const int tid = threadIdx.x, wg = tid >> 7;
-    const int t0 = (blockIdx.x % tiles_t) * TN, w0 = (blockIdx.x / tiles_t) * BW;  /* a weight tile's token tiles
-        are consecutive programs: they run together and the weights come from DRAM once */
+    /* cluster c = (weight tile pair, token tile), the token tiles of a pair consecutive (they run together, so the
+       weights come from DRAM once); rank r of the cluster takes weight tile CL * (pair) + r */
+    const int cid = blockIdx.x / CL, rank = blockIdx.x % CL;
+    const int t0 = (cid % tiles_t) * TN, w0 = (CL * (cid / tiles_t) + rank) * BW;
     const int nk = K / BK;
     if (base & 1023) asm volatile("trap;");  /* the swizzle atoms assume a 1024-aligned window */
     if (tid == 0) {
-        for (int s = 0; s < STAGES; ++s) { mbar_init(bars + 8 * s, 1); mbar_init(bars + 8 * (STAGES + s), 256); }
+        /* empty[s]: one arrival per consumer warp of every program that loads into slot s (the cluster's) */
+        for (int s = 0; s < STAGES; ++s) { mbar_init(bars + 8 * s, 1); mbar_init(bars + 8 * (STAGES + s), 8 * CL); }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
+    if (CL > 1) cluster_sync_relaxed();  /* the peer's barriers exist (fenced above) before its boxes or arrivals */
     if (wg == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
         if (tid == 0) {
@@ -103,8 +122,11 @@ wgmma_geglu_kernel(const __grid_constant__ TensorMap wmap, const __grid_constant
                 if (use > 0) while (!mbar_try(bars + 8 * (STAGES + s), (use - 1) & 1)) {}
                 asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(full), "r"(STAGE_BYTES) : "memory");
                 tma_load_2d(slot, &wmap, k * BK, w0, full);
-                tma_load_2d(slot + W_BYTES, &xmap, k * BK, t0, full);
-                tma_load_2d(slot + W_BYTES + NH * 128, &xmap, k * BK, t0 + NH, full);
+                if (CL == 1) {
+                    tma_load_2d(slot + W_BYTES, &xmap, k * BK, t0, full);
+                    tma_load_2d(slot + W_BYTES + NH * 128, &xmap, k * BK, t0 + NH, full);
+                } else  /* my token box into both programs (same slot, same barrier offset) */
+                    tma_load_2d_mc(slot + W_BYTES + rank * NH * 128, &xmap, k * BK, t0 + rank * NH, full, 3);
             }
         }
         return;
@@ -129,9 +151,17 @@ wgmma_geglu_kernel(const __grid_constant__ TensorMap wmap, const __grid_constant
             wgmma_n<N2>(d2, da + 2 * kk, db2 + 2 * kk, 1);
         }
         asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-        if (k > 0) {  /* the MMAs of step k - 1 are done: its slot may be refilled */
+        if (k > 0) {  /* this warp's MMAs of step k - 1 are done: its slot may be refilled (in every program of the
+                         cluster: each one's producer writes it) */
             asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
-            mbar_arrive(bars + 8 * (STAGES + (k - 1) % STAGES));
+            __syncwarp();
+            const unsigned empty = bars + 8 * (STAGES + (k - 1) % STAGES);
+            if (CL == 1 && lane == 0) mbar_arrive(empty);
+            if (CL > 1 && lane < CL) {  /* no .release.cluster: that would put a MEMBAR.ALL.GPU in the loop */
+                unsigned remote;
+                asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(empty), "r"(lane));
+                asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" :: "r"(remote) : "memory");
+            }
         }
     }
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
@@ -170,6 +200,7 @@ wgmma_geglu_kernel(const __grid_constant__ TensorMap wmap, const __grid_constant
         const uint4 v = *(const uint4*)(stage + t * 128 + ((c ^ (t & 7)) << 4));
         *(uint4*)(h + (size_t)(t0 + t) * F + w0 / 2 + 8 * c) = v;
     }
+    if (CL > 1) cluster_sync_relaxed();  /* no program leaves while its peer may still arrive on its barriers */
 }
 """
 
@@ -198,21 +229,21 @@ def token_split(M: int) -> tuple[int, int, int]:
     return tiles, nh, tn - nh
 
 
-def smem_bytes(nh: int, stages: int) -> int:
+def smem_bytes(nh: int, stages: int) -> int:  # the same for every cluster size
     return stages * (BW * BK * 2 + 2 * nh * BK * 2) + 2 * stages * 8
 
 
-def source(nh: int, n2: int, stages: int) -> str:
-    assert nh % 8 == 0 and n2 % 8 == 0 and 8 <= n2 <= nh <= 256, (nh, n2)
+def source(nh: int, n2: int, stages: int, cluster: int = 1) -> str:
+    assert nh % 8 == 0 and n2 % 8 == 0 and 8 <= n2 <= nh <= 256 and cluster in (1, 2), (nh, n2, cluster)
     text = _SOURCE
-    for k, v in dict(NH=nh, N2=n2, STAGES=stages, WGMMA=_wgmma_n((nh, n2)), HELPERS=CUDA_HELPERS % {}).items():
+    for k, v in dict(NH=nh, N2=n2, STAGES=stages, CL=cluster, WGMMA=_wgmma_n((nh, n2)), HELPERS=CUDA_HELPERS % {}).items():
         text = text.replace(f"@{k}@", str(v))
     return text
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(nh: int, n2: int, stages: int):
-    return compile_cuda(source(nh, n2, stages), "wgmma_geglu_kernel", smem_bytes(nh, stages), arch_suffix="a")
+def _kernel(nh: int, n2: int, stages: int, cluster: int):
+    return compile_cuda(source(nh, n2, stages, cluster), "wgmma_geglu_kernel", smem_bytes(nh, stages), arch_suffix="a")
 
 
 class _TensorMap(ctypes.Structure):
@@ -246,19 +277,21 @@ def available(device) -> bool:
     return dev.type == "cuda" and torch.cuda.get_device_capability(dev) == (9, 0)
 
 
-def wgmma_geglu(x: torch.Tensor, w_il: torch.Tensor, out: torch.Tensor | None = None, stages: int = 4) -> torch.Tensor:
+def wgmma_geglu(x: torch.Tensor, w_il: torch.Tensor, out: torch.Tensor | None = None, stages: int = 4,
+                cluster: int = 1) -> torch.Tensor:
     """x [M, K], w_il [2F, K] (gemm_geglu.interleave_gate_up) -> h [M, F] = gelu_tanh(x Wg) * (x Wu) (float32
-    accumulation; reference gemm_geglu.gemm_geglu_ref). CUDA, sm_90a only."""
+    accumulation; reference gemm_geglu.gemm_geglu_ref). CUDA, sm_90a only. cluster 2: pairs of programs (adjacent
+    weight tiles, the same tokens) each load one token box for both by TMA multicast (half the token reads)."""
     M, K = x.shape
     F2, K2 = w_il.shape
-    assert K == K2 and K % BK == 0 and F2 % BW == 0, (x.shape, w_il.shape)
+    assert K == K2 and K % BK == 0 and F2 % (BW * cluster) == 0, (x.shape, w_il.shape, cluster)
     assert x.is_contiguous() and w_il.is_contiguous() and x.dtype == w_il.dtype == torch.bfloat16
     F = F2 // 2
     if out is None:
         out = torch.empty(M, F, dtype=x.dtype, device=x.device)
     assert out.shape == (M, F) and out.is_contiguous() and out.dtype == torch.bfloat16
     tiles_t, nh, n2 = token_split(M)
-    func = _kernel(nh, n2, stages)
+    func = _kernel(nh, n2, stages, cluster)
     wmap, xmap = tensor_map(w_il, BW), tensor_map(x, nh)
     launch_raw(func, F2 // BW * tiles_t, THREADS, smem_bytes(nh, stages),
                [wmap, xmap, ctypes.c_void_p(out.data_ptr()), ctypes.c_int(M), ctypes.c_int(F), ctypes.c_int(K),

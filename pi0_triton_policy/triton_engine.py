@@ -47,6 +47,7 @@ from pi0_triton_policy.kernels import (
     action_stack as AS,
     rmsnorm_qkv_rope as RQR,
     vision_attention as VA,
+    wgmma_geglu as WGG,
 )
 from pi0_triton_policy.kernels._common import Workspace
 
@@ -89,6 +90,11 @@ class Tuning:
     # same interleaved layout + the GeGLU pass. pre_gu: (BM, BN, BK, warps, stages, group_m)
     pre_gu_fused: tuple = (True, True, True)
     pre_gu: tuple = (128, 256, 64, 8, 4, 8)
+    # the fused gate/up on kernels/wgmma_geglu.py instead (CUDA wgmma with the tokens as N: no padded rows; sm_90a),
+    # per camera count, and its ring depth. geglu_probe: 65.5 / 110.2 / 158.3 us vs gemm_geglu 72.6 / 116.6 / 162.6
+    # (3 stages 74.5 / 116-119 / 163.6; pairs of programs multicasting the tokens 66.6 / 111.0 / 159.2: NOTES.md s14)
+    pre_gu_wgmma: tuple = (True, True, True)
+    pre_gu_wgmma_stages: int = 4
     # the prefix QKV matmul with RoPE in its epilogue (kernels/gemm_rope_qkv.py, writes q and the K/V cache rows),
     # per camera count; False: cuBLAS on the same (pair-interleaved, i.e. transposed) layout + the RoPE pass, which
     # profiled at 11.7 + 3.8 / 14.6 + 7.1 us per layer (1 / 3 cams). Fused, benchmarks/qkv_rope_probe.py: 11.3 / 16.7 /
@@ -432,6 +438,11 @@ class _ViewGraph:
     def gu_fused(self) -> bool:
         return bool(self.eng.tuning.pre_gu_fused[min(self.V, 3) - 1])
 
+    def gu_wgmma(self) -> bool:
+        """The fused gate/up on kernels/wgmma_geglu.py (Tuning.pre_gu_wgmma; sm_90a only)."""
+        return (self.gu_fused() and bool(self.eng.tuning.pre_gu_wgmma[min(self.V, 3) - 1])
+                and WGG.available(self.xpn.device))
+
     def positions(self):
         """Positions of the prompt and suffix tokens and the prompt keys' validity from token_mask (OPENPI_SPEC:
         cumsum(mask) - 1 after the image tokens; the suffix follows the last valid prompt token). Part of run()."""
@@ -518,7 +529,9 @@ class _ViewGraph:
                                 block=pa[:2], num_warps=pa[2], num_stages=pa[3], pdl=pg, split=pa[4], workspace=ws,
                                 tma=len(pa) > 5 and bool(pa[5]))
             AN.add_norm(self.xp, self.xpn, self._prefix_project(self.o, W.o[0][i], ps[0]), eps=p.rms_eps, pdl=pg)
-            if self.gu_fused():
+            if self.gu_wgmma():
+                WGG.wgmma_geglu(self.xpn, W.gu[0][i], out=self.hp, stages=t.pre_gu_wgmma_stages)
+            elif self.gu_fused():
                 gb = t.pre_gu
                 GEG.gemm_geglu(self.xpn, W.gu[0][i], out=self.hp, block=gb[:3], num_warps=gb[3], num_stages=gb[4],
                                group_m=gb[5])

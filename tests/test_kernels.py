@@ -316,22 +316,23 @@ def test_wgmma_token_split():
 @pytest.mark.parametrize("M", [37, 304, 560, 816, 1000])
 def test_wgmma_geglu(M):
     """The tokens-as-N wgmma gate/up + GeGLU (CUDA C++, sm_90a) against the float32 reference on fresh random data:
-    the engine's 1 / 2 / 3-camera token counts, a 37-token one (one tile of 24 + 16, 3 rows past M) and 1000 (4
+    the engine's 1 / 2 / 3-camera token counts, a 37-token one (one tile of 24 + 16, 3 rows past M; 256 h columns) and 1000 (4
     tiles of 256, the last one 232 rows); bitwise repeatable."""
     from pi0_triton_policy.kernels import wgmma_geglu as WG
 
     if not WG.available("cuda"):
         pytest.skip("needs sm_90a (wgmma, TMA)")
     g = torch.Generator(device="cuda").manual_seed(M)
-    K, F = 2048, 4096 if M > 37 else 192
+    K, F = 2048, 4096 if M > 37 else 256
     x = torch.randn(M, K, device="cuda", generator=g).to(torch.bfloat16)
     w_gu = (torch.randn(K, 2 * F, device="cuda", generator=g) * K**-0.5).to(torch.bfloat16)
     w_il = GEG.interleave_gate_up(w_gu)
     out = torch.full((M, F), float("nan"), dtype=torch.bfloat16, device="cuda")
     WG.wgmma_geglu(x, w_il, out=out)
     assert rel(out, GG.geglu_ref(x.float() @ w_gu.float())) < 5e-3
-    again = WG.wgmma_geglu(x, w_il, stages=3)
-    assert torch.equal(out, again), "not deterministic (or the stage count changed the result)"
+    for stages, cluster in ((3, 1), (4, 2)):  # the token boxes by multicast in pairs of programs: the same sums
+        again = WG.wgmma_geglu(x, w_il, stages=stages, cluster=cluster)
+        assert torch.equal(out, again), f"not deterministic ({stages} stages, cluster {cluster})"
 
 
 def test_token_groups():
