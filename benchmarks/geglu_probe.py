@@ -5,8 +5,8 @@ in a CUDA graph (the weight does not fit in L2, so every call streams it from DR
 
     python benchmarks/geglu_probe.py [--json out.json] [--configs '[[BM, BN, BK, warps, stages, group_m, persistent, flatten, warp_specialize], ...]']
 
-Rows "wgmma<stages>c<cluster>": kernels/wgmma_geglu.py (CUDA wgmma, tokens as N) with $GEGLU_PROBE_WGMMA_STAGES
-(default 3,4), alone or in pairs of programs that multicast the token boxes.
+Rows "wgmma<stages>[p]": kernels/wgmma_geglu.py (CUDA wgmma, tokens as N) with $GEGLU_PROBE_WGMMA_STAGES (default
+3,4), persistent (p: one program per SM) or one program per tile.
 $GEGLU_PROBE_PRECISE_EXP=1: the GeGLU epilogue with tl.exp (Triton's precise float32 expf) as before session 13,
 for an A/B against the default exp2; $GEGLU_PROBE_NO_T=1: no gemm_geglu_t rows.
 
@@ -71,8 +71,9 @@ def main():
                                                            persistent=bool(c[6])))
         if WG.available(dev):  # kernels/wgmma_geglu.py: the tokens as wgmma's N (no padded rows), per ring depth
             for st in WGMMA_STAGES:
-                for cl in (1, 2):
-                    runs[f"wgmma{st}c{cl}"] = (lambda st=st, cl=cl: WG.wgmma_geglu(x, w_il, out=h, stages=st, cluster=cl))
+                for pe in (1, 0):
+                    runs[f"wgmma{st}{'p' if pe else ''}"] = (lambda st=st, pe=pe: WG.wgmma_geglu(x, w_il, out=h, stages=st,
+                                                                                               persistent=bool(pe)))
         rows = measure("gate_up_geglu", V, runs, h, ref, calls=1)
         flop = 2 * M * K * 2 * F
         for r in rows:

@@ -13,10 +13,11 @@ it split into n32 MMAs); here the N of each instruction is exact.
 Layout: one producer warp (in a warpgroup that gives its registers away: setmaxnreg) loads per 64-column K step the
 [128, 64] weight box and two [NH, 64] token boxes by TMA in the 128-byte swizzle (tensor maps made on the host with
 cuTensorMapEncodeTiled), into a ring of STAGES slots; two consumer warpgroups each multiply their 64 weight rows by
-all TN tokens (152 accumulator registers at TN = 304) straight from the slot. Epilogue: in the accumulator layout a
-thread holds weight rows r and r + 8 of its warp's 16; with the gate/up rows interleaved (2j gate, 2j + 1 up) the
-partner of row r is in lane ^ 4, so one shuffle pair per 4 values gives each thread a gate and its up; h goes
-through shared memory (16-byte groups swizzled by token) to 128-byte row segments of h [M, F] in global memory.
+all TN tokens (152 accumulator registers at TN = 304) straight from the slot. One program per SM walks the tiles
+(persistent): the producer runs on into the next tile while the consumers do this one's epilogue. Epilogue: in the
+accumulator layout a thread holds weight rows r and r + 8 of its warp's 16; with the gate/up rows interleaved (2j
+gate, 2j + 1 up) the partner of row r is in lane ^ 4, so one shuffle pair per 4 values gives each thread a gate and
+its up; h goes from the registers to h [M, F] (a warp's store: 8 columns x 4 tokens).
 
 Measured against gemm_geglu in benchmarks/geglu_probe.py; NOTES.md session 14.
 """
@@ -39,12 +40,6 @@ _SOURCE = r"""
 #define N2 @N2@
 #define TN (NH + N2)
 #define STAGES @STAGES@
-#define CL @CL@            /* programs per cluster: with 2, each loads one of the two token boxes for both (multicast) */
-#if CL > 1
-#define CLUSTER_DIMS __cluster_dims__(CL, 1, 1)
-#else
-#define CLUSTER_DIMS   /* no cluster launch at all */
-#endif
 #define BW 128
 #define BK 64
 #define W_BYTES (BW * BK * 2)
@@ -65,15 +60,6 @@ __device__ __forceinline__ bool mbar_try(unsigned bar, unsigned parity) {
 __device__ __forceinline__ void mbar_arrive(unsigned bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(bar) : "memory");
 }
-/* a cluster barrier without the release fence (MEMBAR.ALL.GPU): nothing but the barrier itself is ordered by it */
-__device__ __forceinline__ void cluster_sync_relaxed() {
-    asm volatile("barrier.cluster.arrive.relaxed.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
-}
-__device__ __forceinline__ void tma_load_2d_mc(unsigned dst, const TensorMap* map, int c0, int c1, unsigned bar,
-                                               unsigned short mask) {
-    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%2, %3}], [%4], %5;"
-                 :: "r"(dst), "l"(map), "r"(c0), "r"(c1), "r"(bar), "h"(mask) : "memory");
-}
 __device__ __forceinline__ void tma_load_2d(unsigned dst, const TensorMap* map, int c0, int c1, unsigned bar) {
     asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
                  :: "r"(dst), "l"(map), "r"(c0), "r"(c1), "r"(bar) : "memory");
@@ -91,116 +77,101 @@ __device__ __forceinline__ float gelu_tanh_f(float x) {
 }
 @WGMMA@
 
-extern "C" __global__ void CLUSTER_DIMS __launch_bounds__(384, 1)
+extern "C" __global__ void __launch_bounds__(384, 1)
 wgmma_geglu_kernel(const __grid_constant__ TensorMap wmap, const __grid_constant__ TensorMap xmap,
-                   bf16* __restrict__ h, int M, int F, int K, int tiles_t)
+                   bf16* __restrict__ h, int M, int F, int K, int tiles_t, int tiles)
 {
     extern __shared__ __align__(1024) unsigned char smem[];
     const unsigned base = smem_u32(smem), bars = base + STAGES * STAGE_BYTES;  /* full[s], then empty[s] */
     const int tid = threadIdx.x, wg = tid >> 7;
-    /* cluster c = (weight tile pair, token tile), the token tiles of a pair consecutive (they run together, so the
-       weights come from DRAM once); rank r of the cluster takes weight tile CL * (pair) + r */
-    const int cid = blockIdx.x / CL, rank = blockIdx.x % CL;
-    const int t0 = (cid % tiles_t) * TN, w0 = (CL * (cid / tiles_t) + rank) * BW;
     const int nk = K / BK;
     if (base & 1023) asm volatile("trap;");  /* the swizzle atoms assume a 1024-aligned window */
     if (tid == 0) {
-        /* empty[s]: one arrival per consumer warp of every program that loads into slot s (the cluster's) */
-        for (int s = 0; s < STAGES; ++s) { mbar_init(bars + 8 * s, 1); mbar_init(bars + 8 * (STAGES + s), 8 * CL); }
+        for (int s = 0; s < STAGES; ++s) { mbar_init(bars + 8 * s, 1); mbar_init(bars + 8 * (STAGES + s), 8); }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
-    if (CL > 1) cluster_sync_relaxed();  /* the peer's barriers exist (fenced above) before its boxes or arrivals */
+    /* tile = (weight tile, token tile), the token tiles of a weight tile consecutive: they run at the same time on
+       neighbouring programs, so the weights come from DRAM once. A program walks tiles blockIdx.x + i * gridDim.x;
+       the producer runs ahead into the next tile while the consumers finish this one (the ring never drains) */
     if (wg == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
         if (tid == 0) {
             asm volatile("prefetch.tensormap [%0];" :: "l"(&wmap) : "memory");
             asm volatile("prefetch.tensormap [%0];" :: "l"(&xmap) : "memory");
-            for (int k = 0; k < nk; ++k) {
-                const int s = k % STAGES, use = k / STAGES;
-                const unsigned full = bars + 8 * s, slot = base + s * STAGE_BYTES;
-                if (use > 0) while (!mbar_try(bars + 8 * (STAGES + s), (use - 1) & 1)) {}
-                asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(full), "r"(STAGE_BYTES) : "memory");
-                tma_load_2d(slot, &wmap, k * BK, w0, full);
-                if (CL == 1) {
+            int step = 0;
+            for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+                const int t0 = (tile % tiles_t) * TN, w0 = (tile / tiles_t) * BW;
+                for (int k = 0; k < nk; ++k, ++step) {
+                    const int s = step % STAGES, use = step / STAGES;
+                    const unsigned full = bars + 8 * s, slot = base + s * STAGE_BYTES;
+                    if (use > 0) while (!mbar_try(bars + 8 * (STAGES + s), (use - 1) & 1)) {}
+                    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(full), "r"(STAGE_BYTES) : "memory");
+                    tma_load_2d(slot, &wmap, k * BK, w0, full);
                     tma_load_2d(slot + W_BYTES, &xmap, k * BK, t0, full);
                     tma_load_2d(slot + W_BYTES + NH * 128, &xmap, k * BK, t0 + NH, full);
-                } else  /* my token box into both programs (same slot, same barrier offset) */
-                    tma_load_2d_mc(slot + W_BYTES + rank * NH * 128, &xmap, k * BK, t0 + rank * NH, full, 3);
+                }
             }
         }
         return;
     }
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
-    const int cw = wg - 1, ct = tid - 128, lane = tid & 31, q = (ct >> 5) & 3;
-    float d1[NH / 2], d2[N2 / 2];
-    #pragma unroll
-    for (int i = 0; i < NH / 2; ++i) d1[i] = 0.f;
-    #pragma unroll
-    for (int i = 0; i < N2 / 2; ++i) d2[i] = 0.f;
-    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-    for (int k = 0; k < nk; ++k) {
-        const int s = k % STAGES;
-        while (!mbar_try(bars + 8 * s, (k / STAGES) & 1)) {}
-        const unsigned slot = base + s * STAGE_BYTES;
-        const unsigned long long da = sw128_desc(slot + cw * 64 * 128);
-        const unsigned long long db1 = sw128_desc(slot + W_BYTES), db2 = sw128_desc(slot + W_BYTES + NH * 128);
-        #pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-            wgmma_n<NH>(d1, da + 2 * kk, db1 + 2 * kk, 1);
-            wgmma_n<N2>(d2, da + 2 * kk, db2 + 2 * kk, 1);
-        }
-        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-        if (k > 0) {  /* this warp's MMAs of step k - 1 are done: its slot may be refilled (in every program of the
-                         cluster: each one's producer writes it) */
-            asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
-            __syncwarp();
-            const unsigned empty = bars + 8 * (STAGES + (k - 1) % STAGES);
-            if (CL == 1 && lane == 0) mbar_arrive(empty);
-            if (CL > 1 && lane < CL) {  /* no .release.cluster: that would put a MEMBAR.ALL.GPU in the loop */
-                unsigned remote;
-                asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(empty), "r"(lane));
-                asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" :: "r"(remote) : "memory");
-            }
-        }
-    }
-    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-    /* the accumulators are read only from here on (the compiler does not see that the asm above writes them) */
-    #pragma unroll
-    for (int i = 0; i < NH / 2; ++i) asm volatile("" : "+f"(d1[i]) :: "memory");
-    #pragma unroll
-    for (int i = 0; i < N2 / 2; ++i) asm volatile("" : "+f"(d2[i]) :: "memory");
-    asm volatile("bar.sync 1, 256;" ::: "memory");  /* both warpgroups are done with every slot: slot 0 stages h */
-
+    const int cw = wg - 1, lane = tid & 31, q = ((tid - 128) >> 5) & 3;
     /* thread (q, i = lane / 4): weight rows 16q + i (+ 8) of this warpgroup's 64; i even: gate rows, i odd: up rows of
        the same h columns (lane ^ 4). The even lane finishes h column 8q + i/2, the odd one 8q + i/2 + 4 */
     const int i = lane >> 2;
     const bool even = !(i & 1);
     const int hc = 32 * cw + 8 * q + (i >> 1) + 4 * (i & 1);
-    unsigned char* stage = smem;  /* [TN tokens][64 h columns] bf16, 16-byte groups XOR-swizzled by token */
-    #pragma unroll
-    for (int j = 0; j < TN / 8; ++j) {
-        const float* d = j < NH / 8 ? d1 + 4 * j : d2 + 4 * (j - NH / 8);
-        const float s0 = even ? d[2] : d[0], s1 = even ? d[3] : d[1];
-        const float r0 = __shfl_xor_sync(0xffffffff, s0, 4), r1 = __shfl_xor_sync(0xffffffff, s1, 4);
-        const float g0 = even ? d[0] : r0, g1 = even ? d[1] : r1;
-        const float u0 = even ? r0 : d[2], u1 = even ? r1 : d[3];
-        const int tok = 8 * j + 2 * (lane & 3);
+    int step = 0;
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x, step += nk) {
+        const int t0 = (tile % tiles_t) * TN, w0 = (tile / tiles_t) * BW;
+        float d1[NH / 2], d2[N2 / 2];
         #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-            const int t = tok + e;
-            const float v = gelu_tanh_f(e ? g1 : g0) * (e ? u1 : u0);
-            *(bf16*)(stage + t * 128 + ((((hc >> 3) ^ (t & 7)) << 4) | ((hc & 7) << 1))) = to_bf16(v);
+        for (int j = 0; j < NH / 2; ++j) d1[j] = 0.f;
+        #pragma unroll
+        for (int j = 0; j < N2 / 2; ++j) d2[j] = 0.f;
+        asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+        for (int k = 0; k < nk; ++k) {
+            const int s = (step + k) % STAGES;
+            while (!mbar_try(bars + 8 * s, ((step + k) / STAGES) & 1)) {}
+            const unsigned slot = base + s * STAGE_BYTES;
+            const unsigned long long da = sw128_desc(slot + cw * 64 * 128);
+            const unsigned long long db1 = sw128_desc(slot + W_BYTES), db2 = sw128_desc(slot + W_BYTES + NH * 128);
+            #pragma unroll
+            for (int kk = 0; kk < 4; ++kk) {
+                wgmma_n<NH>(d1, da + 2 * kk, db1 + 2 * kk, 1);
+                wgmma_n<N2>(d2, da + 2 * kk, db2 + 2 * kk, 1);
+            }
+            asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+            if (k > 0) {  /* this warp's MMAs of step k - 1 are done: its slot may be refilled */
+                asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+                __syncwarp();
+                if (lane == 0) mbar_arrive(bars + 8 * (STAGES + (step + k - 1) % STAGES));
+            }
+        }
+        asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+        /* the accumulators are read only from here on (the compiler does not see that the asm above writes them) */
+        #pragma unroll
+        for (int j = 0; j < NH / 2; ++j) asm volatile("" : "+f"(d1[j]) :: "memory");
+        #pragma unroll
+        for (int j = 0; j < N2 / 2; ++j) asm volatile("" : "+f"(d2[j]) :: "memory");
+        __syncwarp();
+        if (lane == 0) mbar_arrive(bars + 8 * (STAGES + (step + nk - 1) % STAGES));  /* the tile's last slot */
+        /* h straight from the registers (the ring is refilled meanwhile): a warp's store covers 8 columns x 4 tokens,
+           16-byte runs */
+        bf16* hcol = h + w0 / 2 + hc;
+        #pragma unroll
+        for (int j = 0; j < TN / 8; ++j) {
+            const float* d = j < NH / 8 ? d1 + 4 * j : d2 + 4 * (j - NH / 8);
+            const float s0 = even ? d[2] : d[0], s1 = even ? d[3] : d[1];
+            const float r0 = __shfl_xor_sync(0xffffffff, s0, 4), r1 = __shfl_xor_sync(0xffffffff, s1, 4);
+            const float g0 = even ? d[0] : r0, g1 = even ? d[1] : r1;
+            const float u0 = even ? r0 : d[2], u1 = even ? r1 : d[3];
+            const int t = t0 + 8 * j + 2 * (lane & 3);
+            if (t < M) hcol[(size_t)t * F] = to_bf16(gelu_tanh_f(g0) * u0);
+            if (t + 1 < M) hcol[(size_t)(t + 1) * F] = to_bf16(gelu_tanh_f(g1) * u1);
         }
     }
-    asm volatile("bar.sync 1, 256;" ::: "memory");
-    for (int idx = ct; idx < TN * 8; idx += 256) {
-        const int t = idx >> 3, c = idx & 7;
-        if (t0 + t >= M) break;
-        const uint4 v = *(const uint4*)(stage + t * 128 + ((c ^ (t & 7)) << 4));
-        *(uint4*)(h + (size_t)(t0 + t) * F + w0 / 2 + 8 * c) = v;
-    }
-    if (CL > 1) cluster_sync_relaxed();  /* no program leaves while its peer may still arrive on its barriers */
 }
 """
 
@@ -229,21 +200,21 @@ def token_split(M: int) -> tuple[int, int, int]:
     return tiles, nh, tn - nh
 
 
-def smem_bytes(nh: int, stages: int) -> int:  # the same for every cluster size
+def smem_bytes(nh: int, stages: int) -> int:
     return stages * (BW * BK * 2 + 2 * nh * BK * 2) + 2 * stages * 8
 
 
-def source(nh: int, n2: int, stages: int, cluster: int = 1) -> str:
-    assert nh % 8 == 0 and n2 % 8 == 0 and 8 <= n2 <= nh <= 256 and cluster in (1, 2), (nh, n2, cluster)
+def source(nh: int, n2: int, stages: int) -> str:
+    assert nh % 8 == 0 and n2 % 8 == 0 and 8 <= n2 <= nh <= 256, (nh, n2)
     text = _SOURCE
-    for k, v in dict(NH=nh, N2=n2, STAGES=stages, CL=cluster, WGMMA=_wgmma_n((nh, n2)), HELPERS=CUDA_HELPERS % {}).items():
+    for k, v in dict(NH=nh, N2=n2, STAGES=stages, WGMMA=_wgmma_n((nh, n2)), HELPERS=CUDA_HELPERS % {}).items():
         text = text.replace(f"@{k}@", str(v))
     return text
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(nh: int, n2: int, stages: int, cluster: int):
-    return compile_cuda(source(nh, n2, stages, cluster), "wgmma_geglu_kernel", smem_bytes(nh, stages), arch_suffix="a")
+def _kernel(nh: int, n2: int, stages: int):
+    return compile_cuda(source(nh, n2, stages), "wgmma_geglu_kernel", smem_bytes(nh, stages), arch_suffix="a")
 
 
 class _TensorMap(ctypes.Structure):
@@ -278,22 +249,22 @@ def available(device) -> bool:
 
 
 def wgmma_geglu(x: torch.Tensor, w_il: torch.Tensor, out: torch.Tensor | None = None, stages: int = 4,
-                cluster: int = 1) -> torch.Tensor:
+                persistent: bool = True) -> torch.Tensor:
     """x [M, K], w_il [2F, K] (gemm_geglu.interleave_gate_up) -> h [M, F] = gelu_tanh(x Wg) * (x Wu) (float32
-    accumulation; reference gemm_geglu.gemm_geglu_ref). CUDA, sm_90a only. cluster 2: pairs of programs (adjacent
-    weight tiles, the same tokens) each load one token box for both by TMA multicast (half the token reads)."""
+    accumulation; reference gemm_geglu.gemm_geglu_ref). CUDA, sm_90a only. persistent: one program per SM walking
+    the tiles (the next tile's loads overlap this one's epilogue); else one program per tile."""
     M, K = x.shape
     F2, K2 = w_il.shape
-    assert K == K2 and K % BK == 0 and F2 % (BW * cluster) == 0, (x.shape, w_il.shape, cluster)
+    assert K == K2 and K % BK == 0 and F2 % BW == 0, (x.shape, w_il.shape)
     assert x.is_contiguous() and w_il.is_contiguous() and x.dtype == w_il.dtype == torch.bfloat16
     F = F2 // 2
     if out is None:
         out = torch.empty(M, F, dtype=x.dtype, device=x.device)
     assert out.shape == (M, F) and out.is_contiguous() and out.dtype == torch.bfloat16
     tiles_t, nh, n2 = token_split(M)
-    func = _kernel(nh, n2, stages, cluster)
-    wmap, xmap = tensor_map(w_il, BW), tensor_map(x, nh)
-    launch_raw(func, F2 // BW * tiles_t, THREADS, smem_bytes(nh, stages),
-               [wmap, xmap, ctypes.c_void_p(out.data_ptr()), ctypes.c_int(M), ctypes.c_int(F), ctypes.c_int(K),
-                ctypes.c_int(tiles_t)])
+    tiles = F2 // BW * tiles_t
+    programs = min(tiles, torch.cuda.get_device_properties(x.device).multi_processor_count) if persistent else tiles
+    launch_raw(_kernel(nh, n2, stages), programs, THREADS, smem_bytes(nh, stages),
+               [tensor_map(w_il, BW), tensor_map(x, nh), ctypes.c_void_p(out.data_ptr()), ctypes.c_int(M),
+                ctypes.c_int(F), ctypes.c_int(K), ctypes.c_int(tiles_t), ctypes.c_int(tiles)])
     return out

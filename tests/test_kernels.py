@@ -316,8 +316,9 @@ def test_wgmma_token_split():
 @pytest.mark.parametrize("M", [37, 304, 560, 816, 1000])
 def test_wgmma_geglu(M):
     """The tokens-as-N wgmma gate/up + GeGLU (CUDA C++, sm_90a) against the float32 reference on fresh random data:
-    the engine's 1 / 2 / 3-camera token counts, a 37-token one (one tile of 24 + 16, 3 rows past M; 256 h columns) and 1000 (4
-    tiles of 256, the last one 232 rows); bitwise repeatable."""
+    the engine's 1 / 2 / 3-camera token counts, a 37-token one (one tile of 24 + 16, 3 rows past M; 256 h columns)
+    and 1000 (4 tiles of 256, the last one 232 rows); 2 F / 128 x token tiles > 132 SMs (persistent programs take
+    several tiles); bitwise repeatable, persistent or not."""
     from pi0_triton_policy.kernels import wgmma_geglu as WG
 
     if not WG.available("cuda"):
@@ -330,9 +331,9 @@ def test_wgmma_geglu(M):
     out = torch.full((M, F), float("nan"), dtype=torch.bfloat16, device="cuda")
     WG.wgmma_geglu(x, w_il, out=out)
     assert rel(out, GG.geglu_ref(x.float() @ w_gu.float())) < 5e-3
-    for stages, cluster in ((3, 1), (4, 2)):  # the token boxes by multicast in pairs of programs: the same sums
-        again = WG.wgmma_geglu(x, w_il, stages=stages, cluster=cluster)
-        assert torch.equal(out, again), f"not deterministic ({stages} stages, cluster {cluster})"
+    for stages, persistent in ((3, True), (4, False)):  # a program per tile: the same sums
+        again = WG.wgmma_geglu(x, w_il, stages=stages, persistent=persistent)
+        assert torch.equal(out, again), f"not deterministic ({stages} stages, persistent {persistent})"
 
 
 def test_token_groups():
