@@ -17,7 +17,7 @@ all TN tokens (152 accumulator registers at TN = 304) straight from the slot. On
 (persistent): the producer runs on into the next tile while the consumers do this one's epilogue. Epilogue: in the
 accumulator layout a thread holds weight rows r and r + 8 of its warp's 16; with the gate/up rows interleaved (2j
 gate, 2j + 1 up) the partner of row r is in lane ^ 4, so one shuffle pair per 4 values gives each thread a gate and
-its up; h goes from the registers to h [M, F] (a warp's store: 8 columns x 4 tokens).
+its up; h goes through two 4 KB staging buffers (32 tokens each) to 128-byte row segments of h [M, F].
 
 Measured against gemm_geglu in benchmarks/geglu_probe.py; NOTES.md session 14.
 """
@@ -45,6 +45,7 @@ _SOURCE = r"""
 #define W_BYTES (BW * BK * 2)
 #define X_BYTES (2 * NH * BK * 2)
 #define STAGE_BYTES (W_BYTES + X_BYTES)
+#define STAGE_OUT (32 * 128)  /* one epilogue chunk: 32 tokens x 64 h columns bf16 */
 typedef unsigned short bf16;
 struct __align__(64) TensorMap { unsigned long long d[16]; };
 @HELPERS@
@@ -122,7 +123,10 @@ wgmma_geglu_kernel(const __grid_constant__ TensorMap wmap, const __grid_constant
     const int i = lane >> 2;
     const bool even = !(i & 1);
     const int hc = 32 * cw + 8 * q + (i >> 1) + 4 * (i & 1);
-    int step = 0;
+    const int ct = tid - 128;
+    unsigned char* stage = smem + STAGES * STAGE_BYTES + 128;  /* 2 x [32 tokens][64 h columns] bf16, 16-byte
+                                                                  groups XOR-swizzled by token */
+    int step = 0, chunk = 0;
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x, step += nk) {
         const int t0 = (tile % tiles_t) * TN, w0 = (tile / tiles_t) * BW;
         float d1[NH / 2], d2[N2 / 2];
@@ -157,9 +161,10 @@ wgmma_geglu_kernel(const __grid_constant__ TensorMap wmap, const __grid_constant
         for (int j = 0; j < N2 / 2; ++j) asm volatile("" : "+f"(d2[j]) :: "memory");
         __syncwarp();
         if (lane == 0) mbar_arrive(bars + 8 * (STAGES + (step + nk - 1) % STAGES));  /* the tile's last slot */
-        /* h straight from the registers (the ring is refilled meanwhile): a warp's store covers 8 columns x 4 tokens,
-           16-byte runs */
-        bf16* hcol = h + w0 / 2 + hc;
+        /* h through a double-buffered staging area, 32 tokens at a time (the ring is refilled meanwhile): a thread
+           writes its 2-byte values, then the 256 threads copy the chunk out as 128-byte row segments of h. One
+           barrier per chunk: chunk c's copy-out and chunk c + 1's writes use different buffers, and everyone has
+           finished copying chunk c - 1 before anyone passes barrier c */
         #pragma unroll
         for (int j = 0; j < TN / 8; ++j) {
             const float* d = j < NH / 8 ? d1 + 4 * j : d2 + 4 * (j - NH / 8);
@@ -167,9 +172,20 @@ wgmma_geglu_kernel(const __grid_constant__ TensorMap wmap, const __grid_constant
             const float r0 = __shfl_xor_sync(0xffffffff, s0, 4), r1 = __shfl_xor_sync(0xffffffff, s1, 4);
             const float g0 = even ? d[0] : r0, g1 = even ? d[1] : r1;
             const float u0 = even ? r0 : d[2], u1 = even ? r1 : d[3];
-            const int t = t0 + 8 * j + 2 * (lane & 3);
-            if (t < M) hcol[(size_t)t * F] = to_bf16(gelu_tanh_f(g0) * u0);
-            if (t + 1 < M) hcol[(size_t)(t + 1) * F] = to_bf16(gelu_tanh_f(g1) * u1);
+            unsigned char* buf = stage + (chunk & 1) * STAGE_OUT;
+            #pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int t = 8 * (j % 4) + 2 * (lane & 3) + e;
+                const float v = gelu_tanh_f(e ? g1 : g0) * (e ? u1 : u0);
+                *(bf16*)(buf + t * 128 + ((((hc >> 3) ^ (t & 7)) << 4) | ((hc & 7) << 1))) = to_bf16(v);
+            }
+            if (j % 4 == 3 || j == TN / 8 - 1) {
+                asm volatile("bar.sync 1, 256;" ::: "memory");
+                const int tl = ct >> 3, c = ct & 7, t = t0 + 32 * (j / 4) + tl;
+                if (tl < 8 * (j % 4 + 1) && t < M)
+                    *(uint4*)(h + (size_t)t * F + w0 / 2 + 8 * c) = *(const uint4*)(buf + tl * 128 + ((c ^ (tl & 7)) << 4));
+                ++chunk;
+            }
         }
     }
 }
@@ -200,8 +216,8 @@ def token_split(M: int) -> tuple[int, int, int]:
     return tiles, nh, tn - nh
 
 
-def smem_bytes(nh: int, stages: int) -> int:
-    return stages * (BW * BK * 2 + 2 * nh * BK * 2) + 2 * stages * 8
+def smem_bytes(nh: int, stages: int) -> int:  # the ring, its barriers (128 B), 2 epilogue chunks
+    return stages * (BW * BK * 2 + 2 * nh * BK * 2) + 128 + 2 * 32 * 128
 
 
 def source(nh: int, n2: int, stages: int) -> str:
