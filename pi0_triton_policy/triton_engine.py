@@ -91,8 +91,9 @@ class Tuning:
     pre_gu_fused: tuple = (True, True, True)
     pre_gu: tuple = (128, 256, 64, 8, 4, 8)
     # the fused gate/up on kernels/wgmma_geglu.py instead (CUDA wgmma with the tokens as N: no padded rows; sm_90a),
-    # per camera count, and its ring depth. geglu_probe: 65.5 / 110.2 / 158.3 us vs gemm_geglu 72.6 / 116.6 / 162.6
-    # (3 stages 74.5 / 116-119 / 163.6; pairs of programs multicasting the tokens 66.6 / 111.0 / 159.2: NOTES.md s14)
+    # per camera count, and its ring depth. geglu_probe (persistent, epilogue in 32-token chunks): 63.5 / 102.9 /
+    # 147.5 us vs gemm_geglu 70.2 / 113.1 / 160.1 in the same call (3 stages, one program per tile, tokens multicast
+    # in pairs of programs, h stored from the registers: all slower, NOTES.md session 14)
     pre_gu_wgmma: tuple = (True, True, True)
     pre_gu_wgmma_stages: int = 4
     # the prefix QKV matmul with RoPE in its epilogue (kernels/gemm_rope_qkv.py, writes q and the K/V cache rows),
