@@ -208,6 +208,17 @@ __device__ __forceinline__ float fexp(float x) {
     return __expf(x);
 #endif
 }
+/* the RMSNorm row scales: EXP 2 also takes rsqrt as the one MUFU instruction (rsqrtf without -ftz adds a denormal
+   guard around it; the argument is >= eps, never denormal) */
+__device__ __forceinline__ float frsqrt(float x) {
+#if EXP >= 2
+    float y;
+    asm("rsqrt.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+#else
+    return rsqrtf(x);
+#endif
+}
 __device__ __forceinline__ float gelu_tanh_f(float x) {
     const float y = 0.7978845608028654f * (x + 0.044715f * x * x * x);
     if (GELU == 1) return __fdividef(x, 1.f + fexp(-2.f * y));
@@ -416,7 +427,7 @@ template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g
                 if (c < g.programs / 4) t += ssp[c * RS + row];
             t += __shfl_xor_sync(0xffffffff, t, 1);
             t += __shfl_xor_sync(0xffffffff, t, 2);
-            rs[h] = rsqrtf(t / 1024.f + g.eps);
+            rs[h] = frsqrt(t / 1024.f + g.eps);
         }
     }
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
@@ -1579,7 +1590,8 @@ GELU = 1  # gate|up's GELU variant (gelu_tanh_f; 1 vs 0: NOTES.md session 10); t
 PF = 0  # default lazy L2 prefetch lookahead in ring chunks (produce; 0: off)
 ROLL = 0  # default: qkv's / gate|up's epilogues unrolled (1: rolled over staged accumulators; measured slower, NOTES.md)
 RCP = 0  # default ATTN 2 softmax normalisers: 0 IEEE reciprocal, 1 fast (__fdividef)
-EXP = 1  # default exponentials (fexp): 1 ex2.approx.ftz, 0 __expf (probe -0.1..-0.6 us per layer, engine -0.1 ms: NOTES.md s13)
+EXP = 2  # default exponentials (fexp): 1 ex2.approx.ftz, 0 __expf (probe -0.1..-0.6 us per layer, engine -0.1 ms: NOTES.md
+# s13); 2: also the row scales' rsqrt as rsqrt.approx.ftz (frsqrt)
 PAIR = 8  # default LAYER unit half-width (see PAIRED)
 SPACK = 0  # default: one weight chunk per ring slot (1: two narrow chunks share a slot, Pack)
 TAIL = 0  # default: no L2 prefetch of an op's chunks past the ring (1: gate|up's, 2: every op's)

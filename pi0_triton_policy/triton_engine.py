@@ -122,6 +122,9 @@ class Tuning:
     # 96.2 us -> 38.3 (split 4) / 57.2 / 78.3 (split 2), o 11.3 / 15.8 / 18.9 -> 10.3 / 14.5 / 18.5 (split 2); engine
     # replay 9.27 / 11.11 / 13.01 ms vs 9.29 / 11.28 / 13.22 and 9.40 / 11.26 / 13.27 unsplit (NOTES.md session 13)
     pre_res_split: tuple = ((2, 4), (2, 2), (2, 2))
+    # warps per row of the add_norm glue (kernels/add_norm.py: one row per program), SigLIP (D 1152) and Gemma (2048)
+    vis_norm_warps: int = 4
+    pre_norm_warps: int = 4
     # patch embedding (kernels/patch_embed.py): BM, BN, BK, warps, tl.dot input precision ("tf32x3": float32-accurate
     # on the tensor cores; "ieee": FMA units). patch_embed_probe, us at 1 / 2 / 3 cams: (64, 64, 32) ieee 36.8 / 52.5 /
     # 51.5, (32, 64, 32) tf32x3 30.1 / 39.6 / 50.6 (NOTES.md session 10)
@@ -171,7 +174,7 @@ class Tuning:
     mega_gelu: int = MC.GELU  # its gate|up GELU variant (kernels/mega_chain.py, gelu_tanh_f)
     mega_pf: int = MC.PF  # its lazy L2 prefetch lookahead in ring chunks (kernels/mega_chain.py, prefetch_chunk)
     mega_rcp: int = MC.RCP  # its attention's softmax normalisers (0 IEEE reciprocal, 1 fast)
-    mega_exp: int = MC.EXP  # its exponentials (kernels/mega_chain.py fexp: 0 __expf, 1 ex2.approx.ftz)
+    mega_exp: int = MC.EXP  # its exponentials (kernels/mega_chain.py fexp: 0 __expf, 1 ex2.approx.ftz; 2 also frsqrt)
     mega_pair: int = MC.PAIR  # its qkv / gate|up column units (kernels/mega_chain.py, PAIRED)
     mega_spack: int = MC.SPACK  # its ring: two narrow weight chunks per slot (kernels/mega_chain.py, Pack)
     mega_tail: int = MC.TAIL  # its L2 prefetch of an op's chunks past the ring (kernels/mega_chain.py, TAIL)
@@ -469,7 +472,7 @@ class _ViewGraph:
         rb = t.vis_res
         eps = v.layer_norm_eps
         if t.vis_cublas:
-            AN.add_norm(self.xv, self.xvn, norm="layer", eps=eps, pdl=pg)
+            AN.add_norm(self.xv, self.xvn, norm="layer", eps=eps, pdl=pg, num_warps=t.vis_norm_warps)
             vs = t.vis_res_split[min(self.V, 3) - 1]
             for s in vs:  # made by the eager run before a capture, reused by it
                 if s > 1 and s not in self.v_parts:
@@ -483,14 +486,15 @@ class _ViewGraph:
                 va = t.vis_attn[min(self.V, 3) - 1]
                 VA.vision_attention(self.v_qkv, V, v.num_heads, out=self.v_o, block=va[:2], num_warps=va[2],
                                     num_stages=va[3], pdl=pg, split_d=bool(va[4]), tma=bool(va[5]))
-                AN.add_norm(self.xv, self.xvn, project(self.v_o, W.v_o_w[i], vs[0]), W.v_o_b[i], norm="layer", eps=eps, pdl=pg)
+                AN.add_norm(self.xv, self.xvn, project(self.v_o, W.v_o_w[i], vs[0]), W.v_o_b[i], norm="layer", eps=eps, pdl=pg,
+                            num_warps=t.vis_norm_warps)
                 if self.gelu_epilogue:  # cuBLASLt's GELU epilogue (tanh form on CUDA; tests/test_kernels.py checks)
                     torch._addmm_activation(W.v_fc1_bb[i], self.xvn, W.v_fc1_w[i], use_gelu=True, out=self.v_h)
                 else:  # on CPU _addmm_activation's GELU is the erf form, SigLIP uses tanh
                     torch.addmm(W.v_fc1_bb[i], self.xvn, W.v_fc1_w[i], out=self.v_h)
                     torch._C._nn.gelu_(self.v_h, approximate="tanh")
                 AN.add_norm(self.xv, self.xvn, project(self.v_h, W.v_fc2_w[i], vs[1]), W.v_fc2_b[i], norm="layer", eps=eps,
-                            pdl=pg)  # last: encoder_norm
+                            pdl=pg, num_warps=t.vis_norm_warps)  # last: encoder_norm
             torch.addmm(W.head_bb, self.xvn, W.head_w, out=self.head_out)
             self.xp[:M].copy_(self.head_out)
         else:
@@ -513,7 +517,7 @@ class _ViewGraph:
         # ---- Gemma prefix: KV cache for all 18 layers
         qb, mb, rb = t.pre_qkv, t.pre_mlp, t.pre_res
         ps = t.pre_res_split[min(self.V, 3) - 1]
-        AN.add_norm(self.xp, self.xpn, eps=p.rms_eps, pdl=pg)
+        AN.add_norm(self.xp, self.xpn, eps=p.rms_eps, pdl=pg, num_warps=t.pre_norm_warps)
         for i in range(p.depth):
             if t.pre_qkv_fused[min(self.V, 3) - 1]:
                 qg = t.pre_qkv_g[min(self.V, 3) - 1]
@@ -529,7 +533,8 @@ class _ViewGraph:
             PA.prefix_attention(self.q, self.kc[i], self.vc[i], self.key_valid, p.num_heads, out=self.o,
                                 block=pa[:2], num_warps=pa[2], num_stages=pa[3], pdl=pg, split=pa[4], workspace=ws,
                                 tma=len(pa) > 5 and bool(pa[5]))
-            AN.add_norm(self.xp, self.xpn, self._prefix_project(self.o, W.o[0][i], ps[0]), eps=p.rms_eps, pdl=pg)
+            AN.add_norm(self.xp, self.xpn, self._prefix_project(self.o, W.o[0][i], ps[0]), eps=p.rms_eps, pdl=pg,
+                        num_warps=t.pre_norm_warps)
             if self.gu_wgmma():
                 WGG.wgmma_geglu(self.xpn, W.gu[0][i], out=self.hp, stages=t.pre_gu_wgmma_stages)
             elif self.gu_fused():
@@ -539,7 +544,8 @@ class _ViewGraph:
             else:
                 torch.mm(self.xpn, W.gu[0][i].t(), out=self.gu)
                 GG.geglu(self.gu, out=self.hp, pdl=pg, interleaved=True)
-            AN.add_norm(self.xp, self.xpn, self._prefix_project(self.hp, W.down[0][i], ps[1]), eps=p.rms_eps, pdl=pg)
+            AN.add_norm(self.xp, self.xpn, self._prefix_project(self.hp, W.down[0][i], ps[1]), eps=p.rms_eps, pdl=pg,
+                        num_warps=t.pre_norm_warps)
         # ---- action expert: 10 Euler steps over (state, 50 actions)
         # the state token's row (the persistent kernel keeps it last, after the actions: _MegaSteps.xs0)
         state_row = self.mega.xs0[MC.R:] if self.mega0() else self.xs[0:1]
