@@ -100,15 +100,26 @@ wgmma_geglu_kernel(const __grid_constant__ TensorMap wmap, const __grid_constant
         if (tid == 0) {
             asm volatile("prefetch.tensormap [%0];" :: "l"(&wmap) : "memory");
             asm volatile("prefetch.tensormap [%0];" :: "l"(&xmap) : "memory");
+            /* launched with programmatic dependent launch: the first tile's weight boxes (constants) are asked for
+               before waiting for the previous kernel (which writes x), its token boxes after */
+            const int pre = blockIdx.x < tiles ? (nk < STAGES ? nk : STAGES) : 0;
+            const int w00 = (blockIdx.x / tiles_t) * BW;
+            for (int k = 0; k < pre; ++k) {
+                asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(bars + 8 * k), "r"(STAGE_BYTES) : "memory");
+                tma_load_2d(base + k * STAGE_BYTES, &wmap, k * BK, w00, bars + 8 * k);
+            }
+            asm volatile("griddepcontrol.wait;" ::: "memory");
             int step = 0;
             for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
                 const int t0 = (tile % tiles_t) * TN, w0 = (tile / tiles_t) * BW;
                 for (int k = 0; k < nk; ++k, ++step) {
                     const int s = step % STAGES, use = step / STAGES;
                     const unsigned full = bars + 8 * s, slot = base + s * STAGE_BYTES;
-                    if (use > 0) while (!mbar_try(bars + 8 * (STAGES + s), (use - 1) & 1)) {}
-                    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(full), "r"(STAGE_BYTES) : "memory");
-                    tma_load_2d(slot, &wmap, k * BK, w0, full);
+                    if (step >= pre) {
+                        if (use > 0) while (!mbar_try(bars + 8 * (STAGES + s), (use - 1) & 1)) {}
+                        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(full), "r"(STAGE_BYTES) : "memory");
+                        tma_load_2d(slot, &wmap, k * BK, w0, full);
+                    }
                     tma_load_2d(slot + W_BYTES, &xmap, k * BK, t0, full);
                     tma_load_2d(slot + W_BYTES + NH * 128, &xmap, k * BK, t0 + NH, full);
                 }
@@ -265,10 +276,11 @@ def available(device) -> bool:
 
 
 def wgmma_geglu(x: torch.Tensor, w_il: torch.Tensor, out: torch.Tensor | None = None, stages: int = 4,
-                persistent: bool = True) -> torch.Tensor:
+                persistent: bool = True, pdl: bool = True) -> torch.Tensor:
     """x [M, K], w_il [2F, K] (gemm_geglu.interleave_gate_up) -> h [M, F] = gelu_tanh(x Wg) * (x Wu) (float32
     accumulation; reference gemm_geglu.gemm_geglu_ref). CUDA, sm_90a only. persistent: one program per SM walking
-    the tiles (the next tile's loads overlap this one's epilogue); else one program per tile."""
+    the tiles (the next tile's loads overlap this one's epilogue); else one program per tile. pdl: launched with
+    programmatic dependent launch (the kernel asks for its first weight boxes, then waits for the previous kernel)."""
     M, K = x.shape
     F2, K2 = w_il.shape
     assert K == K2 and K % BK == 0 and F2 % BW == 0, (x.shape, w_il.shape)
@@ -282,5 +294,5 @@ def wgmma_geglu(x: torch.Tensor, w_il: torch.Tensor, out: torch.Tensor | None = 
     programs = min(tiles, torch.cuda.get_device_properties(x.device).multi_processor_count) if persistent else tiles
     launch_raw(_kernel(nh, n2, stages), programs, THREADS, smem_bytes(nh, stages),
                [tensor_map(w_il, BW), tensor_map(x, nh), ctypes.c_void_p(out.data_ptr()), ctypes.c_int(M),
-                ctypes.c_int(F), ctypes.c_int(K), ctypes.c_int(tiles_t), ctypes.c_int(tiles)])
+                ctypes.c_int(F), ctypes.c_int(K), ctypes.c_int(tiles_t), ctypes.c_int(tiles)], pdl)
     return out

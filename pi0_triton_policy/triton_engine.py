@@ -96,6 +96,7 @@ class Tuning:
     # in pairs of programs, h stored from the registers: all slower, NOTES.md session 14)
     pre_gu_wgmma: tuple = (True, True, True)
     pre_gu_wgmma_stages: int = 4
+    pre_gu_wgmma_pdl: bool = True  # its first weight boxes asked for while the add_norm before it finishes (PDL)
     # the prefix QKV matmul with RoPE in its epilogue (kernels/gemm_rope_qkv.py, writes q and the K/V cache rows),
     # per camera count; False: cuBLAS on the same (pair-interleaved, i.e. transposed) layout + the RoPE pass, which
     # profiled at 11.7 + 3.8 / 14.6 + 7.1 us per layer (1 / 3 cams). Fused, benchmarks/qkv_rope_probe.py: 11.3 / 16.7 /
@@ -536,7 +537,7 @@ class _ViewGraph:
             AN.add_norm(self.xp, self.xpn, self._prefix_project(self.o, W.o[0][i], ps[0]), eps=p.rms_eps, pdl=pg,
                         num_warps=t.pre_norm_warps)
             if self.gu_wgmma():
-                WGG.wgmma_geglu(self.xpn, W.gu[0][i], out=self.hp, stages=t.pre_gu_wgmma_stages)
+                WGG.wgmma_geglu(self.xpn, W.gu[0][i], out=self.hp, stages=t.pre_gu_wgmma_stages, pdl=t.pre_gu_wgmma_pdl)
             elif self.gu_fused():
                 gb = t.pre_gu
                 GEG.gemm_geglu(self.xpn, W.gu[0][i], out=self.hp, block=gb[:3], num_warps=gb[3], num_stages=gb[4],
