@@ -7,7 +7,8 @@ follows them in the engine: cuBLAS mm + add_norm(x += y + b, LayerNorm) against 
 add_norm. Errors are max-abs relative to the float32 reference of one call.
 
     python benchmarks/vision_gemm_probe.py [--json out.json] [--views 1 2 3] [--ops qkv o fc1 fc2]
-        [--configs '[[BM, BN, BK, warps, stages, split], ...]'] [--splits 2 3 4] [--no-triton]
+        [--configs '[[BM, BN, BK, warps, stages, split], ...]'] [--splits 2 3 4] [--no-triton] [--transposed]
+        [--wgmma [BN ...]]
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import argparse
 
 import torch
 
-from pi0_triton_policy.kernels import add_norm as AN, gemm_splitk as GSK
+from pi0_triton_policy.kernels import add_norm as AN, gemm_splitk as GSK, wgmma_linear as WL
 from sdpa_probe import configs_arg, finish, rel, start  # noqa: E402 (benchmarks/ is the script's directory)
 from stack_probe import time_graph  # noqa: E402
 
@@ -53,6 +54,9 @@ def main():
     ap.add_argument("--no-triton", action="store_true", help="cuBLAS rows only (no gemm_splitk configs)")
     ap.add_argument("--transposed", action="store_true",
                     help="also cuBLAS on weights stored [N, K] (used as w.t(): the 'TN' layout, other kernels)")
+    ap.add_argument("--wgmma", type=int, nargs="*", default=None,
+                    help="qkv / fc1: kernels/wgmma_linear.py (weights stored [N, K]) with its one-wave tile width, "
+                         "and with each width given here")
     args = ap.parse_args()
     bf, dev = torch.bfloat16, "cuda"
     res, g = start(dev)
@@ -99,6 +103,12 @@ def main():
             if args.transposed:
                 wt = [m.t().contiguous().t() for m in w]  # same values, [N, K] storage
                 runs["cublas_T"] = lambda i=0: cublas(i, wt)
+            if args.wgmma is not None and act in ("none", "gelu"):
+                wnk = [m.t().contiguous() for m in w]  # [N, K] storage
+                bf32 = [v.float() for v in b]
+                for bn in [None] + args.wgmma:
+                    runs[f"wgmma{bn or WL.one_wave_width(M, N, sms)}"] = (
+                        lambda i=0, bn=bn: WL.wgmma_linear(a, wnk[i], bf32[i], out=y, gelu=act == "gelu", bn=bn))
             if act == "residual":
                 for S in args.splits:
                     parts = torch.empty(S, M, N, dtype=bf, device=dev)

@@ -35,17 +35,8 @@ BW, BK = 128, 64  # weight rows per tile (2 consumer warpgroups x 64), K columns
 THREADS = 384  # warpgroup 0: the producer (one lane works), 1-2: consumers
 MAX_TN = 304  # tokens per tile: 152 accumulator registers per consumer thread
 
-_SOURCE = r"""
-#define NH @NH@
-#define N2 @N2@
-#define TN (NH + N2)
-#define STAGES @STAGES@
-#define BW 128
-#define BK 64
-#define W_BYTES (BW * BK * 2)
-#define X_BYTES (2 * NH * BK * 2)
-#define STAGE_BYTES (W_BYTES + X_BYTES)
-#define STAGE_OUT (32 * 128)  /* one epilogue chunk: 32 tokens x 64 h columns bf16 */
+# device code shared with kernels/wgmma_linear.py: TMA tensor maps, mbarriers, the swizzled descriptor, GELU
+DEVICE_HELPERS = r"""
 typedef unsigned short bf16;
 struct __align__(64) TensorMap { unsigned long long d[16]; };
 @HELPERS@
@@ -76,6 +67,20 @@ __device__ __forceinline__ float gelu_tanh_f(float x) {
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(-2.f * 1.4426950408889634f * y));
     return __fdividef(x, 1.f + e);
 }
+"""
+
+_SOURCE = r"""
+#define NH @NH@
+#define N2 @N2@
+#define TN (NH + N2)
+#define STAGES @STAGES@
+#define BW 128
+#define BK 64
+#define W_BYTES (BW * BK * 2)
+#define X_BYTES (2 * NH * BK * 2)
+#define STAGE_BYTES (W_BYTES + X_BYTES)
+#define STAGE_OUT (32 * 128)  /* one epilogue chunk: 32 tokens x 64 h columns bf16 */
+@DEVICE@
 @WGMMA@
 
 extern "C" __global__ void __launch_bounds__(384, 1)
@@ -203,6 +208,10 @@ wgmma_geglu_kernel(const __grid_constant__ TensorMap wmap, const __grid_constant
 """
 
 
+def device_helpers() -> str:
+    return DEVICE_HELPERS.replace("@HELPERS@", CUDA_HELPERS % {})
+
+
 def _wgmma_n(widths) -> str:
     """wgmma_n<N>(d, desc_a, desc_b, accumulate): m64nNk16, bf16 -> fp32, both operands K-major from shared memory."""
     out = ["template <int N> __device__ __forceinline__ void wgmma_n(float* d, unsigned long long da, unsigned long long db, int acc);"]
@@ -234,7 +243,7 @@ def smem_bytes(nh: int, stages: int) -> int:  # the ring, its barriers (128 B), 
 def source(nh: int, n2: int, stages: int) -> str:
     assert nh % 8 == 0 and n2 % 8 == 0 and 8 <= n2 <= nh <= 256, (nh, n2)
     text = _SOURCE
-    for k, v in dict(NH=nh, N2=n2, STAGES=stages, WGMMA=_wgmma_n((nh, n2)), HELPERS=CUDA_HELPERS % {}).items():
+    for k, v in dict(NH=nh, N2=n2, STAGES=stages, WGMMA=_wgmma_n((nh, n2)), DEVICE=device_helpers()).items():
         text = text.replace(f"@{k}@", str(v))
     return text
 

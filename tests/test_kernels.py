@@ -336,6 +336,43 @@ def test_wgmma_geglu(M):
         assert torch.equal(out, again), f"not deterministic ({stages} stages, persistent {persistent})"
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,gelu", [(256, 4304, True), (512, 4304, True), (768, 4304, True), (37, 200, False),
+                                      (768, 3456, False)])
+def test_wgmma_linear(M, N, gelu):
+    """The one-wave wgmma linear (CUDA C++, sm_90a) against the float32 reference on fresh random data: SigLIP's fc1
+    (GELU) at 1 / 2 / 3 cameras, its qkv, and 37 tokens (a partial token tile); another ring depth and tile width give
+    the same bits where the width is the same, the reference's error where it is not."""
+    from pi0_triton_policy.kernels import wgmma_linear as WL
+
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs sm_90a (wgmma, TMA)")
+    g = torch.Generator(device="cuda").manual_seed(M + N)
+    K = 1152
+    x = torch.randn(M, K, device="cuda", generator=g).to(torch.bfloat16)
+    w = (torch.randn(N, K, device="cuda", generator=g) * K**-0.5).to(torch.bfloat16)
+    b = torch.randn(N, device="cuda", generator=g) * 0.1
+    ref = WL.linear_ref(x, w, b, gelu)
+    out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device="cuda")
+    WL.wgmma_linear(x, w, b, out=out, gelu=gelu)
+    assert rel(out, ref) < 5e-3
+    again = WL.wgmma_linear(x, w, b, gelu=gelu, stages=3)
+    assert torch.equal(out, again), "not deterministic (or the ring depth changed the result)"
+    assert rel(WL.wgmma_linear(x, w, b, gelu=gelu, bn=128), ref) < 5e-3
+
+
+def test_wgmma_linear_one_wave():
+    """SigLIP's fc1 at 1 / 2 / 3 cameras on 132 SMs: 72 / 136 / 200 columns per tile, 120 / 128 / 132 programs."""
+    from pi0_triton_policy.kernels import wgmma_linear as WL
+
+    assert [WL.one_wave_width(256 * v, 4304, 132) for v in (1, 2, 3)] == [72, 136, 200]
+    for M in (37, 256, 768, 2000):
+        for N in (8, 1152, 3456, 4304):
+            bn = WL.one_wave_width(M, N, 132)
+            assert bn % 8 == 0 and 8 <= bn <= 256
+            assert bn == 256 or -(-M // 128) * -(-N // bn) <= 132
+
+
 def test_token_groups():
     """The engine's prefix (256 * views + 48 tokens) runs as `views` groups of 256 plus a 64-token tail."""
     assert [GEG.token_groups(256 * v + 48, 256, 64) for v in (1, 2, 3)] == [(1, True), (2, True), (3, True)]
