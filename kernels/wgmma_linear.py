@@ -149,6 +149,11 @@ def _kernel(bn: int, stages: int, gelu: bool):
     return compile_cuda(source(bn, stages, gelu), "wgmma_linear_kernel", smem_bytes(bn, stages), arch_suffix="a")
 
 
+def available(device) -> bool:
+    dev = torch.device(device)
+    return dev.type == "cuda" and torch.cuda.get_device_capability(dev) == (9, 0)
+
+
 def one_wave_width(M: int, N: int, sms: int) -> int:
     """The narrowest output tile (a multiple of 8, <= 256) that covers N columns in floor(sms / token tiles) tiles."""
     tiles_m = -(-M // BM)

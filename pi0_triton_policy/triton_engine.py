@@ -48,6 +48,7 @@ from pi0_triton_policy.kernels import (
     rmsnorm_qkv_rope as RQR,
     vision_attention as VA,
     wgmma_geglu as WGG,
+    wgmma_linear as WL,
 )
 from pi0_triton_policy.kernels._common import Workspace
 
@@ -114,6 +115,10 @@ class Tuning:
     vis_cublas: bool = True
     vis_gelu_epilogue: bool = True  # vision fc1's tanh-GELU in cuBLASLt's epilogue (CUDA) instead of a separate pass
     vis_fc1_t: bool = True  # (load time) vision fc1's weights stored [N, K] for cuBLAS (the same [K, N] matrix)
+    # per camera count 1, 2, 3: SigLIP's qkv (+ bias) on kernels/wgmma_linear.py (a one-wave output tile width; sm_90a),
+    # which keeps a second copy of its weights stored [N, K] (+215 MB) when any is on. vision_gemm_probe (27 layers):
+    # 9.14 / 12.35 us at 2 / 3 cams vs cuBLAS 12.22 / 13.63; at 1 cam 7.79 vs 7.05 (NOTES.md session 14)
+    vis_qkv_wgmma: tuple = (False, True, True)
     # per camera count 1, 2, 3, (o, fc2): SigLIP's o / fc2 projection as S K-parts in one batched cuBLAS call (more
     # tiles for 132 SMs), the parts summed by the add_norm that follows (kernels/add_norm.py mm_split_k); 1: one mm.
     # vision_gemm_probe (27 layers, + add_norm): fc2 at 1 cam 11.8 us split 2 vs 13.2; o and 2-3 cams slower split
@@ -249,6 +254,7 @@ class EngineWeights:
         W = v.width
         qs = v.head_dim**-0.5
         self.v_qkv_w, self.v_qkv_b, self.v_o_w, self.v_o_b = [], [], [], []
+        self.v_qkv_nk = []  # [N, K] copies for wgmma_linear (Tuning.vis_qkv_wgmma), else empty
         self.v_fc1_w, self.v_fc1_b, self.v_fc2_w, self.v_fc2_b = [], [], [], []
         for i in range(v.depth):
             w = torch.cat([get(f"{att}/query/kernel")[i].float().reshape(W, W) * qs,
@@ -260,6 +266,8 @@ class EngineWeights:
             wf, bf = LNL.fold_layernorm(get(f"{blk}/LayerNorm_0/scale")[i], get(f"{blk}/LayerNorm_0/bias")[i], w, b, dtype)
             self.v_qkv_w.append(wf)
             self.v_qkv_b.append(bf)
+            if any(tuning.vis_qkv_wgmma) and tuning.vis_cublas and WL.available(dev):
+                self.v_qkv_nk.append(wf.t().contiguous())
             self.v_o_w.append(get(f"{att}/out/kernel")[i].reshape(W, W).to(dtype).contiguous())
             self.v_o_b.append(get(f"{att}/out/bias")[i].to(f32).contiguous())
             wf, bf = LNL.fold_layernorm(get(f"{blk}/LayerNorm_1/scale")[i], get(f"{blk}/LayerNorm_1/bias")[i],
@@ -479,11 +487,16 @@ class _ViewGraph:
                 if s > 1 and s not in self.v_parts:
                     self.v_parts[s] = torch.empty(s, M, v.width, dtype=self.tmp_v.dtype, device=self.tmp_v.device)
 
+            qkv_wgmma = bool(t.vis_qkv_wgmma[min(self.V, 3) - 1]) and len(W.v_qkv_nk) == v.depth
+
             def project(a, w, s):  # o / fc2: the product (or its s K-parts) that add_norm adds to the residual
                 return torch.mm(a, w, out=self.tmp_v) if s == 1 else AN.mm_split_k(a, w, self.v_parts[s])
 
             for i in range(v.depth):
-                torch.addmm(W.v_qkv_bb[i], self.xvn, W.v_qkv_w[i], out=self.v_qkv)
+                if qkv_wgmma:
+                    WL.wgmma_linear(self.xvn, W.v_qkv_nk[i], W.v_qkv_b[i], out=self.v_qkv)
+                else:
+                    torch.addmm(W.v_qkv_bb[i], self.xvn, W.v_qkv_w[i], out=self.v_qkv)
                 va = t.vis_attn[min(self.V, 3) - 1]
                 VA.vision_attention(self.v_qkv, V, v.num_heads, out=self.v_o, block=va[:2], num_warps=va[2],
                                     num_stages=va[3], pdl=pg, split_d=bool(va[4]), tma=bool(va[5]))
