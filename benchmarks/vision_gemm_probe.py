@@ -55,8 +55,8 @@ def main():
     ap.add_argument("--transposed", action="store_true",
                     help="also cuBLAS on weights stored [N, K] (used as w.t(): the 'TN' layout, other kernels)")
     ap.add_argument("--wgmma", type=int, nargs="*", default=None,
-                    help="qkv / fc1: kernels/wgmma_linear.py (weights stored [N, K]) with its one-wave tile width, "
-                         "and with each width given here")
+                    help="kernels/wgmma_linear.py (weights stored [N, K]) with its one-wave tile width, and with "
+                         "each width given here")
     args = ap.parse_args()
     bf, dev = torch.bfloat16, "cuda"
     res, g = start(dev)
@@ -103,12 +103,16 @@ def main():
             if args.transposed:
                 wt = [m.t().contiguous().t() for m in w]  # same values, [N, K] storage
                 runs["cublas_T"] = lambda i=0: cublas(i, wt)
-            if args.wgmma is not None and act in ("none", "gelu"):
+            if args.wgmma is not None:
                 wnk = [m.t().contiguous() for m in w]  # [N, K] storage
                 bf32 = [v.float() for v in b]
+
+                def wgmma(i=0, bn=None):  # residual ops: the bias in the matmul's epilogue, then add_norm as cuBLAS's
+                    WL.wgmma_linear(a, wnk[i], bf32[i], out=y, gelu=act == "gelu", bn=bn)
+                    if act == "residual":
+                        AN.add_norm(x, xn, y, norm="layer")
                 for bn in [None] + args.wgmma:
-                    runs[f"wgmma{bn or WL.one_wave_width(M, N, sms)}"] = (
-                        lambda i=0, bn=bn: WL.wgmma_linear(a, wnk[i], bf32[i], out=y, gelu=act == "gelu", bn=bn))
+                    runs[f"wgmma{bn or WL.one_wave_width(M, N, sms)}"] = (lambda i=0, bn=bn: wgmma(i, bn))
             if act == "residual":
                 for S in args.splits:
                     parts = torch.empty(S, M, N, dtype=bf, device=dev)

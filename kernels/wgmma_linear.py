@@ -48,7 +48,7 @@ wgmma_linear_kernel(const __grid_constant__ TensorMap xmap, const __grid_constan
     extern __shared__ __align__(1024) unsigned char smem[];
     const unsigned base = smem_u32(smem), bars = base + STAGES * STAGE_BYTES;  /* full[s], then empty[s] */
     const int tid = threadIdx.x, wg = tid >> 7;
-    const int nk = K / BK;
+    const int nk = (K + BK - 1) / BK;  /* a K tail past the last full box is zero-filled by the TMA (both operands) */
     /* tile = (token tile, column tile), the token tiles of a column tile consecutive (its weights from DRAM once) */
     const int m0 = (blockIdx.x % tiles_m) * BM, n0 = (blockIdx.x / tiles_m) * BN;
     if (base & 1023) asm volatile("trap;");
@@ -168,7 +168,7 @@ def wgmma_linear(x: torch.Tensor, w_nk: torch.Tensor, bias: torch.Tensor, out: t
     the ring depth (default: as many as fit). pdl: launched with programmatic dependent launch. CUDA, sm_90a only."""
     M, K = x.shape
     N, K2 = w_nk.shape
-    assert K == K2 and K % BK == 0 and N % 8 == 0, (x.shape, w_nk.shape)
+    assert K == K2 and K % 8 == 0 and N % 8 == 0, (x.shape, w_nk.shape)  # 16-byte rows for the tensor maps
     assert x.is_contiguous() and w_nk.is_contiguous() and x.dtype == w_nk.dtype == torch.bfloat16
     assert bias.shape == (N,) and bias.dtype == torch.float32 and bias.is_contiguous()
     if out is None:

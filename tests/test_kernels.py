@@ -337,18 +337,17 @@ def test_wgmma_geglu(M):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M,N,gelu", [(256, 4304, True), (512, 4304, True), (768, 4304, True), (37, 200, False),
-                                      (768, 3456, False)])
-def test_wgmma_linear(M, N, gelu):
+@pytest.mark.parametrize("M,N,K,gelu", [(256, 4304, 1152, True), (512, 4304, 1152, True), (768, 4304, 1152, True),
+                                        (37, 200, 1152, False), (768, 3456, 1152, False), (256, 1152, 4304, False)])
+def test_wgmma_linear(M, N, K, gelu):
     """The one-wave wgmma linear (CUDA C++, sm_90a) against the float32 reference on fresh random data: SigLIP's fc1
-    (GELU) at 1 / 2 / 3 cameras, its qkv, and 37 tokens (a partial token tile); another ring depth and tile width give
-    the same bits where the width is the same, the reference's error where it is not."""
+    (GELU) at 1 / 2 / 3 cameras, its qkv, its fc2 (K = 4304: a zero-filled K tail) and 37 tokens (a partial token
+    tile); another ring depth gives the same bits, another tile width the reference's error."""
     from pi0_triton_policy.kernels import wgmma_linear as WL
 
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("needs sm_90a (wgmma, TMA)")
     g = torch.Generator(device="cuda").manual_seed(M + N)
-    K = 1152
     x = torch.randn(M, K, device="cuda", generator=g).to(torch.bfloat16)
     w = (torch.randn(N, K, device="cuda", generator=g) * K**-0.5).to(torch.bfloat16)
     b = torch.randn(N, device="cuda", generator=g) * 0.1
