@@ -59,6 +59,43 @@ __device__ __forceinline__ unsigned short to_bf16(float x) {
 
 """
 
+# mbarriers and the wgmma shared-memory descriptor, shared by the Hopper kernels (mega_chain, wgmma_geglu, wgmma_linear);
+# plain text (no % formatting)
+HOPPER_HELPERS = r"""
+__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ bool mbar_try(unsigned bar, unsigned parity) {
+    unsigned ok;
+    asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+                 : "=r"(ok) : "r"(bar), "r"(parity) : "memory");
+    return ok;
+}
+__device__ __forceinline__ void mbar_arrive(unsigned bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(bar) : "memory");
+}
+/* wgmma descriptor of a K-major bf16 tile in the 128-byte swizzle: rows of 64 elements (128 B), 8-row atoms 1024 B
+   apart (stride byte offset), 1024-aligned; +32 B on the address steps K by 16 inside the atom */
+__device__ __forceinline__ unsigned long long sw128_desc(unsigned addr) {
+    return (unsigned long long)((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((unsigned long long)(1024 >> 4) << 32) | (1ull << 62);
+}
+"""
+
+def wgmma_n_source(widths) -> str:
+    """wgmma_n<N>(d, desc_a, desc_b, accumulate) for each N of `widths`: m64nNk16, bf16 -> fp32, both operands K-major
+    from shared memory, N / 2 accumulator registers per thread (written out: inline asm takes no register arrays)."""
+    out = ["template <int N> __device__ __forceinline__ void wgmma_n(float* d, unsigned long long da, unsigned long long db, int acc);"]
+    for n in sorted(set(widths)):
+        regs = ",".join(f"%{i}" for i in range(n // 2))
+        ops = ", ".join(f'"+f"(d[{i}])' for i in range(n // 2))
+        out.append(
+            f"template <> __device__ __forceinline__ void wgmma_n<{n}>(float* d, unsigned long long da, unsigned long long db, int acc) {{\n"
+            f'    asm volatile("{{ .reg .pred p; setp.ne.b32 p, %{n // 2 + 2}, 0; '
+            f'wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 {{{regs}}}, %{n // 2}, %{n // 2 + 1}, p, 1, 1, 0, 0; }}"\n'
+            f'                 : {ops} : "l"(da), "l"(db), "r"(acc) : "memory");\n}}')
+    return "\n".join(out)
+
+
 _SOURCE = r"""
 #define BN %(BN)d
 #define KC %(KC)d

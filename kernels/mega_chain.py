@@ -53,8 +53,9 @@ import triton
 import triton.language as tl
 
 from pi0_triton_policy.kernels._common import HAS_PDL, gdc_launch_dependents, gdc_wait, pdl_kwargs
-from pi0_triton_policy.kernels.cluster_matmul import (_ATTR_PROGRAMMATIC_STREAM_SERIALIZATION, CUDA_HELPERS, _LaunchAttr,
-                                                      _LaunchConfig, _libcuda, compile_cuda)
+from pi0_triton_policy.kernels.cluster_matmul import (_ATTR_PROGRAMMATIC_STREAM_SERIALIZATION, CUDA_HELPERS,
+                                                      HOPPER_HELPERS, _LaunchAttr, _LaunchConfig, _libcuda, compile_cuda,
+                                                      wgmma_n_source)
 
 R = 50  # activation rows (the action tokens)
 CLUSTER, THREADS = 4, 192  # 4 consumer warps + the weight producer warp + the activation loader warp
@@ -131,6 +132,7 @@ _SOURCE = r"""
                                           instructions), 1 ex2.approx.ftz of x log2(e) (FMUL + MUFU.EX2) */
 #define A_FREE (2 * NS + 9 + 2 * 6)    /* MCAST's mbarrier, after ATTN 2's K / V ring's */
 @HELPERS@
+@HOPPER@
 typedef unsigned short bf16;
 
 /* per op: columns, K, K split (1, or the cluster's 4 ranks), K columns per ring chunk, most n8 column groups per
@@ -172,23 +174,11 @@ struct Args {
 };
 
 __device__ __forceinline__ void bar_consumers() { asm volatile("bar.sync 1, 128;" ::: "memory"); }
-__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ bool mbar_try(unsigned bar, unsigned parity) {
-    unsigned ok;
-    asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-                 : "=r"(ok) : "r"(bar), "r"(parity) : "memory");
-    return ok;
-}
 __device__ __forceinline__ bool mbar_try_cluster(unsigned bar, unsigned parity) {
     unsigned ok;
     asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
                  : "=r"(ok) : "r"(bar), "r"(parity) : "memory");
     return ok;
-}
-__device__ __forceinline__ void mbar_arrive(unsigned bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(bar) : "memory");
 }
 __device__ __forceinline__ unsigned mapa(unsigned addr, unsigned rank) {
     unsigned r;
@@ -337,11 +327,6 @@ __device__ __forceinline__ size_t blocked(int row, int col) {
     return (size_t)(col >> 6) * (A_BLOCK / 2) + row * 64 + ((((col & 63) >> 3) ^ (row & 7)) << 3) + (col & 7);
 }
 
-/* wgmma descriptor of a K-major bf16 tile in the 128-byte swizzle: rows of 64 elements (128 B), 8-row atoms 1024 B
-   apart (stride byte offset), 1024-aligned; +32 B on the address steps K by 16 inside the atom */
-__device__ __forceinline__ unsigned long long sw128_desc(unsigned addr) {
-    return (unsigned long long)((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((unsigned long long)(1024 >> 4) << 32) | (1ull << 62);
-}
 
 /* the MMA and epilogue of one unit whose tile is NJ x 8 columns wide (one warpgroup: 64 rows x NJ*8, K = KC) */
 template <int P, int NJ> __device__ __forceinline__ void unit_body(const Args& g, int l, int prog, unsigned char* smem,
@@ -1598,20 +1583,9 @@ TAIL = 0  # default: no L2 prefetch of an op's chunks past the ring (1: gate|up'
 
 
 def _wgmma_functions() -> str:
-    """wgmma_n<N>(d, desc_a, desc_b, accumulate) for the tile widths the plan deals (N/2 accumulator registers per
-    thread: written out, inline asm takes no register arrays)."""
-    widths = sorted({8 * nj for (_, _, _, _, njmax) in OPS.values() for nj in (njmax, njmax - 1)}
-                    | {8 * nj for by_op in PAIRED.values() for pair in by_op.values() for nj in pair})
-    out = ["template <int N> __device__ __forceinline__ void wgmma_n(float* d, unsigned long long da, unsigned long long db, int acc);"]
-    for n in widths:
-        regs = ",".join(f"%{i}" for i in range(n // 2))
-        ops = ", ".join(f'"+f"(d[{i}])' for i in range(n // 2))
-        out.append(
-            f"template <> __device__ __forceinline__ void wgmma_n<{n}>(float* d, unsigned long long da, unsigned long long db, int acc) {{\n"
-            f'    asm volatile("{{ .reg .pred p; setp.ne.b32 p, %{n // 2 + 2}, 0; '
-            f'wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 {{{regs}}}, %{n // 2}, %{n // 2 + 1}, p, 1, 1, 0, 0; }}"\n'
-            f'                 : {ops} : "l"(da), "l"(db), "r"(acc) : "memory");\n}}')
-    return "\n".join(out)
+    """wgmma_n<N> for the tile widths the plan deals."""
+    return wgmma_n_source({8 * nj for (_, _, _, _, njmax) in OPS.values() for nj in (njmax, njmax - 1)}
+                          | {8 * nj for by_op in PAIRED.values() for pair in by_op.values() for nj in pair})
 
 
 def source(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = WGD, loader: int = LOADER,
@@ -1629,7 +1603,7 @@ def source(ahead: int = AHEAD, a_pipe: int = A_PIPE, pub: int = PUB, wgd: int = 
     assert layer or not attn, "ATTN is part of the LAYER probe"
     consts = dict(EXP=exp, ROLL=roll, TS=ts, ROWS=R + state, RS=ss_stride(R + state), STATE=state, AHEAD=ahead, MCAST=mcast, GELU=gelu, PF=pf, RCP=rcp, PAIR=pair, SPACK=spack, TAIL=tail, A_PIPE=a_pipe, PUB=pub, WGD=wgd, LOADER=loader, LAYER=layer, ATTN=attn, ROWSQ_BYTES=ROWSQ_BYTES,
                   SS_BYTES=SS_BYTES, A_BLOCK=A_BLOCK, WGMMA=_wgmma_functions(), NS=ns, SLOT=SLOT, A_BYTES=A_BYTES, RECV_BYTES=RECV_BYTES, BN_SPLIT_MAX=BN_SPLIT_MAX,
-                  HELPERS=CUDA_HELPERS % {})
+                  HELPERS=CUDA_HELPERS % {}, HOPPER=HOPPER_HELPERS)
     for k, v in consts.items():
         text = text.replace(f"@{k}@", str(v))
     return text

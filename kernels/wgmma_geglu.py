@@ -29,36 +29,21 @@ import functools
 
 import torch
 
-from pi0_triton_policy.kernels.cluster_matmul import CUDA_HELPERS, _libcuda, compile_cuda, launch_raw
+from pi0_triton_policy.kernels.cluster_matmul import (CUDA_HELPERS, HOPPER_HELPERS, _libcuda, compile_cuda, launch_raw,
+                                                      wgmma_n_source)
 
 BW, BK = 128, 64  # weight rows per tile (2 consumer warpgroups x 64), K columns per ring slot
 THREADS = 384  # warpgroup 0: the producer (one lane works), 1-2: consumers
 MAX_TN = 304  # tokens per tile: 152 accumulator registers per consumer thread
 
-# device code shared with kernels/wgmma_linear.py: TMA tensor maps, mbarriers, the swizzled descriptor, GELU
+# device code shared with kernels/wgmma_linear.py: TMA tensor maps and loads, GELU (+ cluster_matmul's helpers)
 DEVICE_HELPERS = r"""
 typedef unsigned short bf16;
 struct __align__(64) TensorMap { unsigned long long d[16]; };
 @HELPERS@
-__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ bool mbar_try(unsigned bar, unsigned parity) {
-    unsigned ok;
-    asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-                 : "=r"(ok) : "r"(bar), "r"(parity) : "memory");
-    return ok;
-}
-__device__ __forceinline__ void mbar_arrive(unsigned bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(bar) : "memory");
-}
 __device__ __forceinline__ void tma_load_2d(unsigned dst, const TensorMap* map, int c0, int c1, unsigned bar) {
     asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
                  :: "r"(dst), "l"(map), "r"(c0), "r"(c1), "r"(bar) : "memory");
-}
-/* wgmma descriptor of a K-major bf16 tile in the 128-byte swizzle (rows of 64 elements, 8-row atoms 1024 B apart) */
-__device__ __forceinline__ unsigned long long sw128_desc(unsigned addr) {
-    return (unsigned long long)((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((unsigned long long)(1024 >> 4) << 32) | (1ull << 62);
 }
 /* GELU, tanh form as x / (1 + exp(-2y)) with one ex2 and a fast division (kernels/mega_chain.py GELU 1, EXP 1) */
 __device__ __forceinline__ float gelu_tanh_f(float x) {
@@ -209,21 +194,7 @@ wgmma_geglu_kernel(const __grid_constant__ TensorMap wmap, const __grid_constant
 
 
 def device_helpers() -> str:
-    return DEVICE_HELPERS.replace("@HELPERS@", CUDA_HELPERS % {})
-
-
-def _wgmma_n(widths) -> str:
-    """wgmma_n<N>(d, desc_a, desc_b, accumulate): m64nNk16, bf16 -> fp32, both operands K-major from shared memory."""
-    out = ["template <int N> __device__ __forceinline__ void wgmma_n(float* d, unsigned long long da, unsigned long long db, int acc);"]
-    for n in sorted(set(widths)):
-        regs = ",".join(f"%{i}" for i in range(n // 2))
-        ops = ", ".join(f'"+f"(d[{i}])' for i in range(n // 2))
-        out.append(
-            f"template <> __device__ __forceinline__ void wgmma_n<{n}>(float* d, unsigned long long da, unsigned long long db, int acc) {{\n"
-            f'    asm volatile("{{ .reg .pred p; setp.ne.b32 p, %{n // 2 + 2}, 0; '
-            f'wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 {{{regs}}}, %{n // 2}, %{n // 2 + 1}, p, 1, 1, 0, 0; }}"\n'
-            f'                 : {ops} : "l"(da), "l"(db), "r"(acc) : "memory");\n}}')
-    return "\n".join(out)
+    return DEVICE_HELPERS.replace("@HELPERS@", CUDA_HELPERS % {} + HOPPER_HELPERS)
 
 
 def token_split(M: int) -> tuple[int, int, int]:
@@ -243,7 +214,7 @@ def smem_bytes(nh: int, stages: int) -> int:  # the ring, its barriers (128 B), 
 def source(nh: int, n2: int, stages: int) -> str:
     assert nh % 8 == 0 and n2 % 8 == 0 and 8 <= n2 <= nh <= 256, (nh, n2)
     text = _SOURCE
-    for k, v in dict(NH=nh, N2=n2, STAGES=stages, WGMMA=_wgmma_n((nh, n2)), DEVICE=device_helpers()).items():
+    for k, v in dict(NH=nh, N2=n2, STAGES=stages, WGMMA=wgmma_n_source((nh, n2)), DEVICE=device_helpers()).items():
         text = text.replace(f"@{k}@", str(v))
     return text
 

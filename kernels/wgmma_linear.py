@@ -22,8 +22,8 @@ import functools
 import ctypes
 import torch
 
-from pi0_triton_policy.kernels.cluster_matmul import compile_cuda, launch_raw
-from pi0_triton_policy.kernels.wgmma_geglu import _wgmma_n, device_helpers, tensor_map
+from pi0_triton_policy.kernels.cluster_matmul import compile_cuda, launch_raw, wgmma_n_source
+from pi0_triton_policy.kernels.wgmma_geglu import device_helpers, tensor_map
 
 BM, BK = 128, 64  # tokens per tile (2 consumer warpgroups x 64), K columns per ring slot
 THREADS = 384
@@ -139,7 +139,7 @@ def smem_bytes(bn: int, stages: int) -> int:
 def source(bn: int, stages: int, gelu: bool) -> str:
     assert bn % 8 == 0 and 8 <= bn <= 256, bn
     text = _SOURCE
-    for k, v in dict(BN=bn, STAGES=stages, GELU=int(gelu), WGMMA=_wgmma_n((bn,)), DEVICE=device_helpers()).items():
+    for k, v in dict(BN=bn, STAGES=stages, GELU=int(gelu), WGMMA=wgmma_n_source((bn,)), DEVICE=device_helpers()).items():
         text = text.replace(f"@{k}@", str(v))
     return text
 
