@@ -250,9 +250,21 @@ def tensor_map(t: torch.Tensor, box_rows: int) -> _TensorMap:
     return _MAPS[key][1]
 
 
+@functools.lru_cache(maxsize=None)
+def _toolchain_ok() -> bool:
+    """The driver's tensor-map entry point and NVRTC with sm_90a are there (one kernel compiled, kept for later)."""
+    try:
+        _libcuda().cuTensorMapEncodeTiled
+        _kernel(*token_split(304)[1:], 4)  # the engine's 1-camera variant
+        return True
+    except Exception:  # no NVRTC / an old driver: the callers keep their Triton / cuBLAS paths
+        return False
+
+
 def available(device) -> bool:
+    """Whether this device runs the wgmma kernels here (wgmma_geglu, wgmma_linear): sm_90a and the toolchain."""
     dev = torch.device(device)
-    return dev.type == "cuda" and torch.cuda.get_device_capability(dev) == (9, 0)
+    return dev.type == "cuda" and torch.cuda.get_device_capability(dev) == (9, 0) and _toolchain_ok()
 
 
 def wgmma_geglu(x: torch.Tensor, w_il: torch.Tensor, out: torch.Tensor | None = None, stages: int = 4,

@@ -23,7 +23,7 @@ import ctypes
 import torch
 
 from pi0_triton_policy.kernels.cluster_matmul import compile_cuda, launch_raw, wgmma_n_source
-from pi0_triton_policy.kernels.wgmma_geglu import device_helpers, tensor_map
+from pi0_triton_policy.kernels.wgmma_geglu import available, device_helpers, tensor_map  # noqa: F401 (available)
 
 BM, BK = 128, 64  # tokens per tile (2 consumer warpgroups x 64), K columns per ring slot
 THREADS = 384
@@ -147,11 +147,6 @@ def source(bn: int, stages: int, gelu: bool) -> str:
 @functools.lru_cache(maxsize=None)
 def _kernel(bn: int, stages: int, gelu: bool):
     return compile_cuda(source(bn, stages, gelu), "wgmma_linear_kernel", smem_bytes(bn, stages), arch_suffix="a")
-
-
-def available(device) -> bool:
-    dev = torch.device(device)
-    return dev.type == "cuda" and torch.cuda.get_device_capability(dev) == (9, 0)
 
 
 def one_wave_width(M: int, N: int, sms: int) -> int:

@@ -312,6 +312,23 @@ def test_wgmma_token_split():
         assert tiles == -(-M // 304)
 
 
+def test_wgmma_toolchain_fallback(monkeypatch):
+    """Without NVRTC (or the driver's tensor maps) the wgmma kernels report themselves unavailable, so the engine keeps
+    its Triton / cuBLAS paths instead of failing at capture."""
+    from pi0_triton_policy.kernels import wgmma_geglu as WG
+
+    def no_nvrtc(*args):
+        raise RuntimeError("NVRTC failed")
+
+    WG._toolchain_ok.cache_clear()
+    try:
+        monkeypatch.setattr(WG, "_kernel", no_nvrtc)
+        assert WG._toolchain_ok() is False
+    finally:
+        WG._toolchain_ok.cache_clear()
+    assert not WG.available("cpu")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", [37, 304, 560, 816, 1000])
 def test_wgmma_geglu(M):
