@@ -8,7 +8,7 @@ add_norm. Errors are max-abs relative to the float32 reference of one call.
 
     python benchmarks/vision_gemm_probe.py [--json out.json] [--views 1 2 3] [--ops qkv o fc1 fc2]
         [--configs '[[BM, BN, BK, warps, stages, split], ...]'] [--splits 2 3 4] [--no-triton] [--transposed]
-        [--wgmma [BN ...]]
+        [--wgmma [BN ...]] [--wgmma-split BN:S ...] [--split-dtype f32 bf16]
 """
 
 from __future__ import annotations
@@ -57,6 +57,11 @@ def main():
     ap.add_argument("--wgmma", type=int, nargs="*", default=None,
                     help="kernels/wgmma_linear.py (weights stored [N, K]) with its one-wave tile width, and with "
                          "each width given here")
+    ap.add_argument("--wgmma-split", nargs="*", default=[],
+                    help="o / fc2: wgmma_linear split over K, 'BN:S' (BN 0: its one-wave width for S parts), the S "
+                         "partial products summed by the add_norm that follows (+ the bias there)")
+    ap.add_argument("--split-dtype", nargs="+", default=["f32"], choices=["f32", "bf16"],
+                    help="the partial products' dtype for --wgmma-split")
     args = ap.parse_args()
     bf, dev = torch.bfloat16, "cuda"
     res, g = start(dev)
@@ -113,6 +118,18 @@ def main():
                         AN.add_norm(x, xn, y, norm="layer")
                 for bn in [None] + args.wgmma:
                     runs[f"wgmma{bn or WL.one_wave_width(M, N, sms)}"] = (lambda i=0, bn=bn: wgmma(i, bn))
+            if act == "residual" and args.wgmma_split:
+                wnk = [m.t().contiguous() for m in w]
+                for spec in args.wgmma_split:
+                    bn, S = (int(v) for v in spec.split(":"))
+                    bn = bn or WL.one_wave_width(M, N, sms, S)
+                    for dt in args.split_dtype:
+                        parts = torch.empty(S, M, N, dtype=torch.float32 if dt == "f32" else bf, device=dev)
+
+                        def wgmma_split(i=0, bn=bn, S=S, parts=parts):
+                            WL.wgmma_linear(a, wnk[i], None, out=parts, bn=bn, split=S)
+                            AN.add_norm(x, xn, parts, b[i], norm="layer")
+                        runs[f"wgmma{bn}_split{S}_{dt}"] = wgmma_split
             if act == "residual":
                 for S in args.splits:
                     parts = torch.empty(S, M, N, dtype=bf, device=dev)

@@ -377,11 +377,53 @@ def test_wgmma_linear(M, N, K, gelu):
     assert rel(WL.wgmma_linear(x, w, b, gelu=gelu, bn=128), ref) < 5e-3
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,K,split", [(256, 1152, 4304, 4), (256, 1152, 1152, 8), (768, 1152, 4304, 2),
+                                         (37, 200, 1152, 3), (304, 2048, 2048, 4)])
+def test_wgmma_linear_split(M, N, K, split):
+    """wgmma_linear split over K (SigLIP's fc2 / o at 1 and 3 cameras, the prefix's o, 37 tokens with 18 K steps in 3
+    parts): the parts, summed in order, against the float32 reference; the bias only in part 0; bf16 parts carry the
+    same sums to bf16 precision; repeatable bit for bit."""
+    from pi0_triton_policy.kernels import wgmma_linear as WL
+
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs sm_90a (wgmma, TMA)")
+    g = torch.Generator(device="cuda").manual_seed(M + N + split)
+    x = torch.randn(M, K, device="cuda", generator=g).to(torch.bfloat16)
+    w = (torch.randn(N, K, device="cuda", generator=g) * K**-0.5).to(torch.bfloat16)
+    b = torch.randn(N, device="cuda", generator=g) * 0.1
+    ref = WL.linear_ref(x, w, b)
+    parts = torch.full((split, M, N), float("nan"), device="cuda")
+    WL.wgmma_linear(x, w, b, out=parts, split=split)
+    assert rel(parts.sum(0), ref) < 1e-5 * K**0.5 + 2e-6
+    steps = -(-K // 64)
+    first = steps // split  # part 0's K steps: its product plus the bias
+    k0 = min(K, 64 * first)
+    assert rel(parts[0], WL.linear_ref(x[:, :k0], w[:, :k0], b)) < 1e-4
+    assert torch.equal(parts, WL.wgmma_linear(x, w, b, split=split, stages=3)), "not deterministic"
+    half = WL.wgmma_linear(x, w, b, split=split, out=torch.empty(split, M, N, dtype=torch.bfloat16, device="cuda"))
+    assert rel(half.float().sum(0), ref) < 5e-3
+
+
+def test_wgmma_linear_bad_arguments():
+    """Clear errors before any launch: more K parts than 64-column K steps, GELU on partial sums, a wrong out."""
+    from pi0_triton_policy.kernels import wgmma_linear as WL
+
+    x, w, b = torch.zeros(8, 128, dtype=torch.bfloat16), torch.zeros(16, 128, dtype=torch.bfloat16), torch.zeros(16)
+    with pytest.raises(ValueError, match="1 .. 2 parts"):
+        WL.wgmma_linear(x, w, b, split=3)
+    with pytest.raises(ValueError, match="activation"):
+        WL.wgmma_linear(x, w, b, split=2, gelu=True)
+    with pytest.raises(ValueError, match=r"shape \(2, 8, 16\)"):
+        WL.wgmma_linear(x, w, b, split=2, out=torch.zeros(8, 16))
+
+
 def test_wgmma_linear_one_wave():
     """SigLIP's fc1 at 1 / 2 / 3 cameras on 132 SMs: 72 / 136 / 200 columns per tile, 120 / 128 / 132 programs."""
     from pi0_triton_policy.kernels import wgmma_linear as WL
 
     assert [WL.one_wave_width(256 * v, 4304, 132) for v in (1, 2, 3)] == [72, 136, 200]
+    assert [WL.one_wave_width(256, 1152, 132, s) for s in (1, 2, 4, 8)] == [24, 40, 72, 144]  # o / fc2 split over K
     for M in (37, 256, 768, 2000):
         for N in (8, 1152, 3456, 4304):
             bn = WL.one_wave_width(M, N, 132)
