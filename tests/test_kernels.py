@@ -1093,3 +1093,64 @@ def test_time_mlp_writes_mega_inputs(gen, split):
     idx = MC._blocked_index(D, x.device, M).view(-1)
     assert torch.equal(xb[idx], xb_ref[idx])
     assert rel(ss[:16].sum(0), x.pow(2).sum(1)) < 1e-5 and ss[16:].eq(5.0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,kvw", [(305, 8), (305, 16), (49, 32)])
+def test_head_block(T, kvw):
+    """The per-head cluster attention block (CUDA C++, sm_90a; kernels/head_block.py) against its float32 reference on
+    fresh random data: one camera's 305 fixed keys with a padded prompt (keys 200..299 masked), and 49 fixed keys (a
+    rank with no keys at all, ranks with only suffix keys); the suffix rows' k / v land in the caches; bitwise
+    repeatable."""
+    from pi0_triton_policy.kernels import head_block as HB
+    from pi0_triton_policy.kernels import mega_chain as MC
+
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs sm_90a (wgmma, clusters)")
+    if HB.resident_clusters(T, kvw) < HB.grid(kvw) // 8:
+        pytest.skip("this GPU cannot hold every cluster of 8 at once")
+    g = torch.Generator(device="cuda").manual_seed(T + kvw)
+    bf = torch.bfloat16
+    x = torch.randn(MC.R, 1024, device="cuda", generator=g).to(bf)
+    wq = (torch.randn(1024, 2048, device="cuda", generator=g) * 1024**-0.5 * 1.4426950408889634 / 16).to(bf)
+    wkv = (torch.randn(1024, 512, device="cuda", generator=g) * 1024**-0.5).to(bf)
+    wo = (torch.randn(2048, 1024, device="cuda", generator=g) * 2048**-0.5).to(bf)
+    k_fixed = torch.randn(T, 256, device="cuda", generator=g).to(bf)
+    v_fixed = torch.randn(T, 256, device="cuda", generator=g).to(bf)
+    n, _ = HB.nsb_for(T)
+    valid = torch.zeros(16 * n, dtype=torch.int32, device="cuda")
+    valid[: T + MC.R] = 1
+    if T > 300:
+        valid[200:300] = 0
+    ref, k_suf, v_suf = HB.head_block_ref(x, wq, wkv, wo, k_fixed, v_fixed, valid)
+    prep = HB.prepare(wq, wkv, wo, kvw)
+    outs = []
+    for _ in range(2):
+        kc, vc = HB.caches(k_fixed, v_fixed)
+        out = torch.full((8, MC.R, 1024), float("nan"), device="cuda")
+        counter = torch.zeros(1, dtype=torch.int32, device="cuda")
+        HB.head_block(MC.to_blocked(x), prep, kc, vc, valid, T, out, counter)
+        torch.cuda.synchronize()
+        assert counter.item() == 512 // kvw
+        k_all, v_all = MC.kv_blocked(kc, inverse=True), MC.kv_blocked(vc, inverse=True)
+        assert torch.equal(k_all[T: T + MC.R], k_suf) and torch.equal(v_all[T: T + MC.R], v_suf)
+        assert torch.equal(k_all[:T], k_fixed) and torch.equal(v_all[:T], v_fixed)
+        assert rel(out, ref) < 1e-2, rel(out, ref)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1]), "not deterministic"
+
+
+def test_head_block_pack_rows():
+    """kernels/head_block.py's weight slices: element (row, k) of w at [k / 64][row][((k % 64) / 8 ^ row % 8) * 8 + k % 8],
+    the 128-byte swizzle the wgmma descriptors assume; and the sub-blocks per rank (8 ranks)."""
+    from pi0_triton_policy.kernels import head_block as HB
+
+    w = torch.arange(24 * 128, dtype=torch.float32).reshape(24, 128)
+    p = HB.pack_rows(w)
+    assert p.shape == (2, 24, 8, 8)
+    for row in (0, 5, 13, 23):
+        for k in (0, 7, 8, 63, 64, 100, 127):
+            g = ((k % 64) // 8) ^ (row % 8)
+            assert p[k // 64, row, g, k % 8] == w[row, k]
+    assert HB.nsb_for(305) == (23, 3) and HB.nsb_for(49) == (7, 1)
+    assert HB.grid(8) == 128 and HB.grid(32) == 80

@@ -1,0 +1,605 @@
+"""The attention half of an action-expert layer-step with one thread block cluster per head (CUDA C++ via NVRTC,
+sm_90a): a probe of the layer-step design in benchmarks/NOTES.md session 15, not used by the engine yet.
+
+Why: the persistent kernel (kernels/mega_chain.py) runs a layer-step as five links that each go through global
+memory (qkv -> attention -> o -> gate|up -> down), ~4-7 us apiece; qkv, attention and o take ~18.5 of its ~29 us.
+Attention, though, is per head, and o is a sum over heads of attn_h @ Wo_h. So a cluster of 8 programs per head can
+run q = x Wq_h, attention over all keys and o_h = attn_h Wo_h with only cluster-local exchanges (DSMEM), and the one
+global step left is summing the 8 heads' partials (which the residual-add owners do while reading them). The shared
+K / V head's suffix rows (k, v = x Wkv: 512 columns) come from 8 more clusters in the same launch through one
+global counter, which the head clusters wait for only before their suffix keys (the prefix ones are in shared
+memory before x arrives).
+
+One launch = one layer: grid 16 clusters x 8 programs (all resident at once: the head clusters spin on the counter
+the kv clusters publish), 160 threads (a consumer warpgroup + a loader warp).
+  head cluster h, rank r: q columns 32r..32r+31 of head h over the full K (x: 112 KB, Wq slice 64 KB), the q slices
+      all-gathered into every rank's Q tile (DSMEM stores); rank r's keys are the 16-key sub-blocks r, r + 8, ... of
+      the K / V cache (kv_blocked layout: one 8 KB bulk copy each), S = Q K^T and O = P V on wgmma with the whole
+      share at once (no online softmax: <= NSB sub-blocks); the 8 partial (m, l, O) reduce-scattered by head dims
+      (rank s owns dims 32s..), merged in fixed order, the normalised bf16 rows all-gathered into the A tile of
+      o_h, and rank r writes o_h's columns 128r..128r+127 (fp32, K = 256) to out[h].
+  kv cluster c, rank r (program i = 8c + r): columns 8i..8i+7 of [Wk | Wv] -> the suffix keys' rows of the caches
+      (bf16, kv_blocked), then one release add on the layer's counter.
+Not here yet (the probe measures the exchange pattern): RMSNorm row scale and RoPE (elementwise in the epilogues),
+the state row of flow step 0, more than NSB sub-blocks per rank (3 cameras: chunks with an online softmax).
+
+Reference: `head_block_ref`. Timed and stamped in benchmarks/head_block_probe.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from pi0_triton_policy.kernels.cluster_matmul import _LaunchConfig, _libcuda, compile_cuda, launch_raw, wgmma_n_source
+from pi0_triton_policy.kernels.mega_chain import A_BLOCK, R, kv_blocked, to_blocked  # noqa: F401 (to_blocked: x's layout)
+from pi0_triton_policy.kernels.wgmma_geglu import device_helpers
+
+HEADS, CS, HEAD_DIM, WIDTH = 8, 8, 256, 1024
+THREADS = 160
+STAMPS = 8  # per program: start, x in, q done, Q gathered, S + PV done, merge barrier, o tile gathered, stored
+
+_SOURCE = r"""
+#define R @R@
+#define NSB @NSB@                     /* key sub-blocks per rank, at most */
+#define KVW @KVW@                     /* k | v columns per kv program */
+#define KV_PROGRAMS (512 / KVW)
+#define A_BLOCK @A_BLOCK@             /* 56 rows x 128 B: one 64-column block of an activation (mega_chain's layout) */
+#define X_BYTES (16 * A_BLOCK)        /* x [56 rows][1024] */
+#define WQ_OFF X_BYTES                /* Wq slice [16 k blocks][32 rows][128 B]; later Wo slice [4][128 rows][128 B] */
+#define KV_OFF (WQ_OFF + 65536)       /* [NSB][K, V][4 dim blocks][16 keys][128 B] */
+#define BAR_OFF (KV_OFF + NSB * 16384)
+#define Q_OFF 0                       /* after every rank's q MMA: Q [4 blocks][56 rows][128 B], then the o tile */
+#define RECV_OFF (4 * A_BLOCK)        /* [8 sources][56 rows][32 dims] fp32 */
+#define ML_OFF (RECV_OFF + 8 * 56 * 128)  /* [8 sources][56 rows] (m, l) */
+#define SMEM_BYTES (BAR_OFF + 64)
+#if ML_OFF + 8 * 56 * 8 > X_BYTES
+#error "the exchange buffers must fit in x's region"
+#endif
+@DEVICE@
+@WGMMA@
+
+/* wgmma m64n64k16, A (P) from registers, B (V) from shared memory N-major (imm-trans-b 1) */
+__device__ __forceinline__ void wgmma_pv64(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                           unsigned long long db) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+                 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
+                 "{%32,%33,%34,%35}, %36, 1, 1, 1, 1;"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(db) : "memory");
+}
+/* an N-major bf16 B operand in the 128-byte swizzle: 8-key atoms of 128 B rows 1024 B apart, 64-column groups 2048 B
+   apart */
+__device__ __forceinline__ unsigned long long sw128_desc_mn(unsigned addr) {
+    return (unsigned long long)((addr & 0x3FFFF) >> 4) | ((unsigned long long)(2048 >> 4) << 16)
+         | ((unsigned long long)(1024 >> 4) << 32) | (1ull << 62);
+}
+__device__ __forceinline__ void bulk_copy(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                 :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
+__device__ __forceinline__ void expect_tx(unsigned bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ unsigned mapa(unsigned addr, unsigned rank) {
+    unsigned r;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(addr), "r"(rank));
+    return r;
+}
+__device__ __forceinline__ void st_cluster_u32(unsigned addr, unsigned v) {
+    asm volatile("st.shared::cluster.u32 [%0], %1;" :: "r"(addr), "r"(v) : "memory");
+}
+__device__ __forceinline__ void st_cluster_f2(unsigned addr, float a, float b) {
+    asm volatile("st.shared::cluster.v2.f32 [%0], {%1, %2};" :: "r"(addr), "f"(a), "f"(b) : "memory");
+}
+__device__ __forceinline__ void st_cluster_v4(unsigned addr, uint4 v) {
+    asm volatile("st.shared::cluster.v4.u32 [%0], {%1, %2, %3, %4};" :: "r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
+}
+__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory"); }
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory"); }
+__device__ __forceinline__ float ex2(float x) { float y; asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x)); return y; }
+/* byte offset of (row, col) in a [rows][64] bf16 block of 128-byte rows, 16-byte groups XOR-swizzled by row % 8 */
+__device__ __forceinline__ unsigned sw_off(int row, int col) {
+    return row * 128 + ((((col >> 3) ^ row) & 7) << 4) + (col & 7) * 2;
+}
+/* element index of (key, d) in a kv_blocked cache */
+__device__ __forceinline__ size_t kv_index(int key, int d) {
+    return (size_t)(key >> 4) * 4096 + (d >> 6) * 1024 + (key & 15) * 64 + (((((d & 63) >> 3) ^ key) & 7) << 3) + (d & 7);
+}
+
+struct Args {
+    const bf16* x;           /* [16 blocks][56 rows][64] (mega_chain.to_blocked) */
+    const bf16* wq;          /* [8 heads][8 ranks][16 k blocks][32 rows][64], swizzled (pack_rows) */
+    const bf16* wkv;         /* [64 programs][16 k blocks][8 rows][64] */
+    const bf16* wo;          /* [8 heads][8 ranks][4 k blocks][128 rows][64] */
+    bf16* kc; bf16* vc;      /* this layer's caches, kv_blocked [keys][256] */
+    const int* key_valid;    /* [keys]: 0 = masked */
+    float* out;              /* [8 heads][R][1024] partial o */
+    unsigned* counter;       /* this layer's: the kv programs' arrivals */
+    unsigned long long* ts;  /* [128 programs][8] %globaltimer stamps, or null */
+    int T;                   /* fixed keys (prefix + state); the suffix rows' keys are T + row */
+    int nsb;                 /* 16-key sub-blocks of the cache: ceil((T + R) / 16) */
+};
+
+extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(160, 1)
+head_block_kernel(const __grid_constant__ Args g)
+{
+    extern __shared__ __align__(1024) unsigned char smem[];
+    const unsigned base = smem_u32(smem), bars = base + BAR_OFF;  /* x, wq, kv prefix, kv suffix, wo */
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    unsigned rank;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+    const int cluster = blockIdx.x >> 3, prog = blockIdx.x;
+    const bool head = cluster < 8;
+    unsigned long long* ts = g.ts ? g.ts + (size_t)prog * 8 : nullptr;
+    if (base & 1023) asm volatile("trap;");
+    if (tid == 0) {
+        if (ts) ts[0] = globaltimer();
+        for (int b = 0; b < 5; ++b) mbar_init(bars + 8 * b, 1);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+    const int nfix = g.T >> 4;  /* sub-blocks of fixed keys only: in the cache before this launch */
+    int mine = 0, mine_fixed = 0;  /* this rank's sub-blocks rank, rank + 8, ...: the fixed ones first */
+    for (int j = 0; j < NSB; ++j) { const int sb = (int)rank + 8 * j; mine += sb < g.nsb; mine_fixed += sb < nfix; }
+
+    if (warp == 4) {  /* the loader */
+        if (lane == 0) {
+            if (head) {
+                expect_tx(bars + 8, 65536);
+                bulk_copy(base + WQ_OFF, g.wq + (size_t)(cluster * 8 + rank) * 32768, 65536, bars + 8);
+                if (mine_fixed) {
+                    expect_tx(bars + 16, mine_fixed * 16384);
+                    for (int j = 0; j < mine_fixed; ++j) {
+                        const int sb = (int)rank + 8 * j;
+                        bulk_copy(base + KV_OFF + j * 16384, g.kc + (size_t)sb * 4096, 8192, bars + 16);
+                        bulk_copy(base + KV_OFF + j * 16384 + 8192, g.vc + (size_t)sb * 4096, 8192, bars + 16);
+                    }
+                }
+            } else {
+                expect_tx(bars + 8, KVW * 2048);
+                bulk_copy(base + WQ_OFF, g.wkv + (size_t)(cluster - 8) * 8 * 1024 * KVW + rank * 1024 * KVW, KVW * 2048, bars + 8);
+            }
+            asm volatile("griddepcontrol.wait;" ::: "memory");  /* x is written by the kernel before this one */
+            expect_tx(bars, X_BYTES);
+            bulk_copy(base, g.x, X_BYTES, bars);
+        }
+        if (!head) return;
+        __syncwarp();
+        /* the loader takes part in cluster barriers A and B only (exited threads do not hold a cluster barrier up):
+           A (every program has read x) is arrived at at once, B waits until the suffix keys are requested */
+        cluster_arrive();
+        if (lane == 0 && mine > mine_fixed) {  /* the suffix keys: once every kv program has published */
+            while (true) {
+                unsigned v;
+                asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(g.counter) : "memory");
+                if (v >= KV_PROGRAMS) break;
+            }
+            asm volatile("fence.proxy.async.global;" ::: "memory");  /* generic stores of other SMs -> bulk reads */
+            expect_tx(bars + 24, (mine - mine_fixed) * 16384);
+            for (int j = mine_fixed; j < mine; ++j) {
+                const int sb = (int)rank + 8 * j;
+                bulk_copy(base + KV_OFF + j * 16384, g.kc + (size_t)sb * 4096, 8192, bars + 24);
+                bulk_copy(base + KV_OFF + j * 16384 + 8192, g.vc + (size_t)sb * 4096, 8192, bars + 24);
+            }
+        }
+        __syncwarp();
+        cluster_wait();
+        cluster_arrive();
+        cluster_wait();
+        return;
+    }
+
+    /* the consumer warpgroup: thread holds accumulator rows r0, r0 + 8 and columns 8j + 2 q4 (+1) of each n8 tile */
+    const int gq = lane >> 2, q4 = lane & 3, r0 = 16 * warp + gq;
+    while (!mbar_try(bars + 8, 0)) {}
+    while (!mbar_try(bars, 0)) {}
+    if (ts && tid == 0) ts[1] = globaltimer();
+
+    if (!head) {  /* k | v columns KVW i .. KVW i + KVW - 1 of the suffix rows */
+        float d[KVW / 2];
+        #pragma unroll
+        for (int i = 0; i < KVW / 2; ++i) d[i] = 0.f;
+        asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+        #pragma unroll
+        for (int kb = 0; kb < 16; ++kb)
+            #pragma unroll
+            for (int s = 0; s < 4; ++s)
+                wgmma_n<KVW>(d, sw128_desc(base + kb * A_BLOCK + 32 * s), sw128_desc(base + WQ_OFF + kb * 128 * KVW + 32 * s), 1);
+        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+        #pragma unroll
+        for (int i = 0; i < KVW / 2; ++i) asm volatile("" : "+f"(d[i]) :: "memory");
+        if (ts && tid == 0) ts[2] = globaltimer();
+        const int i = (cluster - 8) * 8 + rank;
+        #pragma unroll
+        for (int j = 0; j < KVW / 8; ++j) {
+            const int col = KVW * i + 8 * j + 2 * q4;
+            bf16* cache = col < 256 ? g.kc : g.vc;
+            #pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int row = r0 + 8 * h;
+                if (row < R)
+                    *(unsigned*)(cache + kv_index(g.T + row, col & 255)) = to_bf16(d[4 * j + 2 * h]) | ((unsigned)to_bf16(d[4 * j + 2 * h + 1]) << 16);
+            }
+        }
+        asm volatile("bar.sync 1, 128;" ::: "memory");
+        if (tid == 0) {
+            asm volatile("fence.proxy.async.global;" ::: "memory");
+            asm volatile("fence.acq_rel.gpu;" ::: "memory");
+            asm volatile("red.relaxed.gpu.global.add.u32 [%0], 1;" :: "l"(g.counter) : "memory");
+            if (ts) ts[7] = globaltimer();
+        }
+        return;
+    }
+
+    /* ---- head cluster: q columns 32 rank .. 32 rank + 31 of head `cluster` */
+    float qd[16];
+    #pragma unroll
+    for (int i = 0; i < 16; ++i) qd[i] = 0.f;
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+    #pragma unroll
+    for (int kb = 0; kb < 16; ++kb)
+        #pragma unroll
+        for (int s = 0; s < 4; ++s)
+            wgmma_n<32>(qd, sw128_desc(base + kb * A_BLOCK + 32 * s), sw128_desc(base + WQ_OFF + kb * 4096 + 32 * s), 1);
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+    #pragma unroll
+    for (int i = 0; i < 16; ++i) asm volatile("" : "+f"(qd[i]) :: "memory");
+    cluster_arrive();  /* A: this program no longer reads x (the Q tiles and exchange buffers replace it) */
+    if (ts && tid == 0) ts[2] = globaltimer();
+    unsigned qp[8];
+    #pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        qp[2 * j] = to_bf16(qd[4 * j]) | ((unsigned)to_bf16(qd[4 * j + 1]) << 16);
+        qp[2 * j + 1] = to_bf16(qd[4 * j + 2]) | ((unsigned)to_bf16(qd[4 * j + 3]) << 16);
+    }
+    /* key validity of this thread's keys (sub-block j: keys 16 sb + 8 n + 2 q4 + {0, 1}) */
+    unsigned vbits = 0;
+    #pragma unroll
+    for (int j = 0; j < NSB; ++j)
+        #pragma unroll
+        for (int n = 0; n < 2; ++n) {
+            const int key = 16 * ((int)rank + 8 * j) + 8 * n + 2 * q4;
+            if (j < mine) {
+                const int2 v = __ldg((const int2*)(g.key_valid + key));
+                vbits |= (unsigned)((v.x != 0) | ((v.y != 0) << 1)) << (4 * j + 2 * n);
+            }
+        }
+    cluster_wait();
+    if (tid == 0) {  /* Wo's slice into Wq's region (every thread of this program is past its q MMA) */
+        expect_tx(bars + 32, 65536);
+        bulk_copy(base + WQ_OFF, g.wo + (size_t)(cluster * 8 + rank) * 32768, 65536, bars + 32);
+    }
+    /* all-gather: my q columns into every rank's Q tile (block rank / 2, columns 32 (rank % 2) ..) */
+    {
+        const unsigned blk = base + Q_OFF + (rank >> 1) * A_BLOCK;
+        #pragma unroll
+        for (int dst = 0; dst < 8; ++dst)
+            #pragma unroll
+            for (int j = 0; j < 4; ++j)
+                #pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int row = r0 + 8 * h;
+                    if (row < 56) st_cluster_u32(mapa(blk + sw_off(row, 32 * (rank & 1) + 8 * j + 2 * q4), dst), qp[2 * j + h]);
+                }
+    }
+    asm volatile("fence.proxy.async;" ::: "memory");  /* my generic stores -> the wgmma (async proxy) reads */
+    cluster_arrive(); cluster_wait();  /* B: Q complete everywhere */
+    asm volatile("fence.proxy.async;" ::: "memory");
+    if (ts && tid == 0) ts[3] = globaltimer();
+
+    /* ---- S = Q K^T for this rank's sub-blocks, all at once (fixed keys first, then the suffix's) */
+    float s[NSB][8];  /* no zero fill: the first wgmma of a sub-block overwrites (a register write between the wgmma
+                         would serialise them, ptxas C7515); the sub-blocks a rank does not have are masked below */
+    if (mine_fixed) while (!mbar_try(bars + 16, 0)) {}
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+    #pragma unroll
+    for (int j = 0; j < NSB; ++j) {
+        if (j < mine_fixed) {
+            const unsigned kb = base + KV_OFF + j * 16384;
+            #pragma unroll
+            for (int i = 0; i < 16; ++i)
+                wgmma_n<16>(s[j], sw128_desc(base + Q_OFF + (i >> 2) * A_BLOCK + 32 * (i & 3)), sw128_desc(kb + (i >> 2) * 2048 + 32 * (i & 3)), i);
+        }
+    }
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+    if (mine > mine_fixed) {
+        while (!mbar_try(bars + 24, 0)) {}
+        #pragma unroll
+        for (int j = 0; j < NSB; ++j) {
+            if (j >= mine_fixed && j < mine) {
+                const unsigned kb = base + KV_OFF + j * 16384;
+                #pragma unroll
+                for (int i = 0; i < 16; ++i)
+                    wgmma_n<16>(s[j], sw128_desc(base + Q_OFF + (i >> 2) * A_BLOCK + 32 * (i & 3)), sw128_desc(kb + (i >> 2) * 2048 + 32 * (i & 3)), i);
+            }
+        }
+        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+    }
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+    #pragma unroll
+    for (int j = 0; j < NSB; ++j)
+        #pragma unroll
+        for (int e = 0; e < 8; ++e) asm volatile("" : "+f"(s[j][e]) :: "memory");
+
+    /* softmax over this rank's keys (base 2: Wq carries log2(e) / sqrt(256)); rows r0 (e < 2), r0 + 8 (e >= 2) */
+    float m[2] = {-1e30f, -1e30f}, l[2] = {0.f, 0.f};
+    #pragma unroll
+    for (int j = 0; j < NSB; ++j)
+        #pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const bool ok = j < mine && ((vbits >> (4 * j + 2 * (e >> 2) + (e & 1))) & 1);
+            s[j][e] = ok ? s[j][e] : -1e30f;
+            m[(e >> 1) & 1] = fmaxf(m[(e >> 1) & 1], s[j][e]);
+        }
+    #pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        m[h] = fmaxf(m[h], __shfl_xor_sync(0xffffffff, m[h], 1));
+        m[h] = fmaxf(m[h], __shfl_xor_sync(0xffffffff, m[h], 2));
+    }
+    #pragma unroll
+    for (int j = 0; j < NSB; ++j)
+        #pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const float p = s[j][e] > -1e29f ? ex2(s[j][e] - m[(e >> 1) & 1]) : 0.f;
+            s[j][e] = p;
+            l[(e >> 1) & 1] += p;
+        }
+    #pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        l[h] += __shfl_xor_sync(0xffffffff, l[h], 1);
+        l[h] += __shfl_xor_sync(0xffffffff, l[h], 2);
+    }
+    /* O = P V: sub-block j is one k16 step; P's A fragment from the S accumulators (n8 tile 0: keys 0-7, 1: 8-15) */
+    float o[32][4];
+    #pragma unroll
+    for (int j = 0; j < 32; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+    #pragma unroll
+    for (int j = 0; j < NSB; ++j) {
+        if (j < mine) {
+            const unsigned p0 = to_bf16(s[j][0]) | ((unsigned)to_bf16(s[j][1]) << 16);
+            const unsigned p1 = to_bf16(s[j][2]) | ((unsigned)to_bf16(s[j][3]) << 16);
+            const unsigned p2 = to_bf16(s[j][4]) | ((unsigned)to_bf16(s[j][5]) << 16);
+            const unsigned p3 = to_bf16(s[j][6]) | ((unsigned)to_bf16(s[j][7]) << 16);
+            const unsigned vb = base + KV_OFF + j * 16384 + 8192;
+            #pragma unroll
+            for (int q = 0; q < 4; ++q) wgmma_pv64(&o[8 * q][0], p0, p1, p2, p3, sw128_desc_mn(vb + q * 2048));
+        }
+    }
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+    #pragma unroll
+    for (int j = 0; j < 32; ++j)
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(o[j][e]) :: "memory");
+    if (ts && tid == 0) ts[4] = globaltimer();
+
+    /* reduce-scatter: dims 32 d .. 32 d + 31 (o block d / 2, n8 tiles 4 (d % 2) ..) and (m, l) to rank d */
+    #pragma unroll
+    for (int dst = 0; dst < 8; ++dst) {
+        const unsigned rv = mapa(base + RECV_OFF + rank * (56 * 128), dst);
+        #pragma unroll
+        for (int t = 0; t < 4; ++t)
+            #pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int row = r0 + 8 * h;
+                const float* v = o[8 * (dst >> 1) + 4 * (dst & 1) + t];
+                if (row < 56) st_cluster_f2(rv + row * 128 + (8 * t + 2 * q4) * 4, v[2 * h], v[2 * h + 1]);
+            }
+        if (q4 == 0) {
+            const unsigned mv = mapa(base + ML_OFF + rank * (56 * 8), dst);
+            if (r0 < 56) st_cluster_f2(mv + r0 * 8, m[0], l[0]);
+            if (r0 + 8 < 56) st_cluster_f2(mv + (r0 + 8) * 8, m[1], l[1]);
+        }
+    }
+    cluster_arrive(); cluster_wait();  /* C: every rank's partial of my dims is here */
+    if (ts && tid == 0) ts[5] = globaltimer();
+
+    /* merge my 32 dims in fixed source order; thread: row tid / 2, dims 16 (tid % 2) .. +15; the bf16 result to
+       every rank's o tile (which replaces Q: all S are done, barrier C) */
+    {
+        const int row = tid >> 1, half = tid & 1;
+        uint4 packed[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
+        if (row < R) {
+            float mm = -1e30f;
+            #pragma unroll
+            for (int src = 0; src < 8; ++src) {
+                const float2 ml = *(const float2*)(smem + ML_OFF + src * (56 * 8) + row * 8);
+                if (ml.y > 0.f) mm = fmaxf(mm, ml.x);
+            }
+            float acc[16], wsum = 0.f;
+            #pragma unroll
+            for (int i = 0; i < 16; ++i) acc[i] = 0.f;
+            #pragma unroll
+            for (int src = 0; src < 8; ++src) {
+                const float2 ml = *(const float2*)(smem + ML_OFF + src * (56 * 8) + row * 8);
+                const float w = ml.y > 0.f ? ex2(ml.x - mm) : 0.f;
+                wsum += w * ml.y;
+                const float4* p = (const float4*)(smem + RECV_OFF + src * (56 * 128) + row * 128 + half * 64);
+                #pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const float4 v = p[i];
+                    acc[4 * i] += w * v.x; acc[4 * i + 1] += w * v.y; acc[4 * i + 2] += w * v.z; acc[4 * i + 3] += w * v.w;
+                }
+            }
+            const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
+            unsigned u[8];
+            #pragma unroll
+            for (int i = 0; i < 8; ++i) u[i] = to_bf16(acc[2 * i] * inv) | ((unsigned)to_bf16(acc[2 * i + 1] * inv) << 16);
+            packed[0] = make_uint4(u[0], u[1], u[2], u[3]);
+            packed[1] = make_uint4(u[4], u[5], u[6], u[7]);
+        }
+        if (row < 56) {
+            const unsigned blk = base + Q_OFF + (rank >> 1) * A_BLOCK;
+            #pragma unroll
+            for (int dst = 0; dst < 8; ++dst)
+                #pragma unroll
+                for (int c = 0; c < 2; ++c)
+                    st_cluster_v4(mapa(blk + sw_off(row, 32 * (rank & 1) + 16 * half + 8 * c), dst), packed[c]);
+        }
+    }
+    asm volatile("fence.proxy.async;" ::: "memory");
+    cluster_arrive(); cluster_wait();  /* D: the o tile (attn_h) is complete everywhere */
+    asm volatile("fence.proxy.async;" ::: "memory");
+    if (ts && tid == 0) ts[6] = globaltimer();
+
+    /* ---- o_h columns 128 rank .. + 127 = attn_h [56 x 256] @ Wo[256 h .., 128 rank ..] */
+    while (!mbar_try(bars + 32, 0)) {}
+    float od[64];
+    #pragma unroll
+    for (int i = 0; i < 64; ++i) od[i] = 0.f;
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+    #pragma unroll
+    for (int kb = 0; kb < 4; ++kb)
+        #pragma unroll
+        for (int s2 = 0; s2 < 4; ++s2)
+            wgmma_n<128>(od, sw128_desc(base + Q_OFF + kb * A_BLOCK + 32 * s2), sw128_desc(base + WQ_OFF + kb * 16384 + 32 * s2), 1);
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+    #pragma unroll
+    for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(od[i]) :: "memory");
+    float* out = g.out + (size_t)cluster * R * 1024 + 128 * rank;
+    #pragma unroll
+    for (int j = 0; j < 16; ++j)
+        #pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int row = r0 + 8 * h;
+            if (row < R) *(float2*)(out + (size_t)row * 1024 + 8 * j + 2 * q4) = make_float2(od[4 * j + 2 * h], od[4 * j + 2 * h + 1]);
+        }
+    if (ts && tid == 0) ts[7] = globaltimer();
+}
+"""
+
+
+def nsb_for(T: int) -> tuple[int, int]:
+    """(16-key sub-blocks of a cache of T fixed keys + R suffix keys, the most any of the 8 ranks gets)."""
+    n = -(-(T + R) // 16)
+    return n, -(-n // CS)
+
+
+def source(nsb: int, kvw: int) -> str:
+    text = _SOURCE
+    for k, v in dict(R=R, NSB=nsb, KVW=kvw, A_BLOCK=A_BLOCK, DEVICE=device_helpers(),
+                     WGMMA=wgmma_n_source((kvw, 16, 32, 128))).items():
+        text = text.replace(f"@{k}@", str(v))
+    return text
+
+
+def smem_bytes(nsb: int) -> int:
+    return 16 * A_BLOCK + 65536 + nsb * 16384 + 64
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(nsb: int, kvw: int):
+    """(CUfunction, clusters of 8 that can be resident at once with this kernel's shared memory)."""
+    if smem_bytes(nsb) > 232448:
+        raise ValueError(f"{nsb} key sub-blocks per rank do not fit in shared memory: at most "
+                         f"{(232448 - smem_bytes(0)) // 16384} (one camera's keys)")
+    func = compile_cuda(source(nsb, kvw), "head_block_kernel", smem_bytes(nsb), arch_suffix="a")
+    cfg = _LaunchConfig(grid(kvw), 1, 1, THREADS, 1, 1, smem_bytes(nsb), None, None, 0)
+    n = ctypes.c_int()
+    err = _libcuda().cuOccupancyMaxActiveClusters(ctypes.byref(n), func, ctypes.byref(cfg))
+    if err != 0:
+        raise RuntimeError(f"cuOccupancyMaxActiveClusters failed: CUresult {err}")
+    return func, n.value
+
+
+def grid(kvw: int) -> int:
+    """Programs: 8 head clusters of 8, then 512 / kvw kv programs (clusters of 8 too)."""
+    assert kvw in (8, 16, 32, 64), kvw
+    return HEADS * CS + 512 // kvw
+
+
+def resident_clusters(T: int, kvw: int = 8) -> int:
+    return _kernel(nsb_for(T)[1], kvw)[1]
+
+
+def pack_rows(w: torch.Tensor) -> torch.Tensor:
+    """w [rows, K] (K a multiple of 64) -> [K / 64 blocks][rows][64], each 128-byte row's 16-byte groups XOR-swizzled by
+    row % 8: a K-major wgmma operand in the 128-byte swizzle, one bulk copy."""
+    rows, K = w.shape
+    blocks = w.reshape(rows, K // 64, 8, 8).permute(1, 0, 2, 3)  # [kb][row][group][8]
+    r = torch.arange(rows, device=w.device).view(1, rows, 1)
+    g = torch.arange(8, device=w.device).view(1, 1, 8)
+    idx = (g ^ (r % 8)).expand(K // 64, rows, 8)
+    out = torch.empty_like(blocks)
+    out.scatter_(2, idx.unsqueeze(-1).expand(-1, -1, -1, 8), blocks)
+    return out.contiguous()
+
+
+def prepare(wq: torch.Tensor, wkv: torch.Tensor, wo: torch.Tensor, kvw: int = 8) -> dict:
+    """Per layer: wq [1024, 2048] (the base-2 softmax scale log2(e) / 16 folded in by the caller), wkv [1024, 512], wo
+    [2048, 1024] (all [K, N] bf16) -> every program's slice as one contiguous, swizzled block (one bulk copy)."""
+    q = torch.stack([pack_rows(wq[:, 256 * h + 32 * r: 256 * h + 32 * r + 32].t().contiguous())
+                     for h in range(HEADS) for r in range(CS)])
+    kv = torch.stack([pack_rows(wkv[:, kvw * i: kvw * i + kvw].t().contiguous()) for i in range(512 // kvw)])
+    o = torch.stack([pack_rows(wo[256 * h: 256 * h + 256, 128 * r: 128 * r + 128].t().contiguous())
+                     for h in range(HEADS) for r in range(CS)])
+    return {"wq": q.contiguous(), "wkv": kv.contiguous(), "wo": o.contiguous(), "kvw": kvw}
+
+
+class _Args(ctypes.Structure):
+    _fields_ = [("x", ctypes.c_void_p), ("wq", ctypes.c_void_p), ("wkv", ctypes.c_void_p), ("wo", ctypes.c_void_p),
+                ("kc", ctypes.c_void_p), ("vc", ctypes.c_void_p), ("key_valid", ctypes.c_void_p), ("out", ctypes.c_void_p),
+                ("counter", ctypes.c_void_p), ("ts", ctypes.c_void_p), ("T", ctypes.c_int), ("nsb", ctypes.c_int)]
+
+
+def head_block(x_blocked: torch.Tensor, prepared: dict, kc: torch.Tensor, vc: torch.Tensor, key_valid: torch.Tensor,
+               T: int, out: torch.Tensor, counter: torch.Tensor, timestamps: torch.Tensor | None = None,
+               pdl: bool = False) -> torch.Tensor:
+    """One layer: out [8, R, 1024] fp32, per head h: softmax2(q_h K^T) V @ Wo[256 h ..] with q = x Wq, and the suffix
+    rows' k, v = x Wkv written into the caches at keys T + row. x_blocked: `to_blocked(x)` of x [R, 1024] bf16; kc / vc:
+    this layer's kv_blocked [keys, 256] caches (keys >= 16 nsb, `caches`); key_valid int32 [>= 16 nsb] (0 past T + R);
+    counter: one zeroed int32 for this launch; timestamps: int64 [grid, 8] or None."""
+    nsb_total, nsb = nsb_for(T)
+    kvw = prepared["kvw"]
+    assert kc.shape[0] >= 16 * nsb_total and vc.shape == kc.shape and key_valid.numel() >= 16 * nsb_total
+    assert key_valid.dtype == torch.int32 and counter.dtype == torch.int32
+    assert out.shape == (HEADS, R, WIDTH) and out.dtype == torch.float32 and out.is_contiguous()
+    func, resident = _kernel(nsb, kvw)
+    if resident < grid(kvw) // CS:
+        raise RuntimeError(f"head_block needs {grid(kvw) // CS} resident clusters of 8; this GPU holds {resident}")
+    ts = timestamps.data_ptr() if timestamps is not None else 0
+    args = _Args(x_blocked.data_ptr(), prepared["wq"].data_ptr(), prepared["wkv"].data_ptr(), prepared["wo"].data_ptr(),
+                 kc.data_ptr(), vc.data_ptr(), key_valid.data_ptr(), out.data_ptr(), counter.data_ptr(), ts, T, nsb_total)
+    launch_raw(func, grid(kvw), THREADS, smem_bytes(nsb), [args], pdl)
+    return out
+
+
+def head_block_ref(x: torch.Tensor, wq: torch.Tensor, wkv: torch.Tensor, wo: torch.Tensor, k_fixed: torch.Tensor,
+                   v_fixed: torch.Tensor, key_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 math with the kernel's bf16 roundings (q, the suffix k / v, attn_h): x [R, 1024] bf16, wq with the base-2
+    softmax scale folded in, k_fixed / v_fixed [T, 256], key_valid [>= T + R] -> (out [8, R, 1024], k_suffix,
+    v_suffix)."""
+    xf = x.float()
+    q = (xf @ wq.float()).bfloat16().float()
+    kv = (xf @ wkv.float()).bfloat16()
+    k = torch.cat([k_fixed, kv[:, :256]]).float()
+    v = torch.cat([v_fixed, kv[:, 256:]]).float()
+    ok = key_valid[: k.shape[0]].bool()
+    out = []
+    for h in range(HEADS):
+        s = (q[:, 256 * h: 256 * h + 256] @ k.t()).masked_fill(~ok, float("-inf"))
+        p = torch.exp2(s - s.amax(-1, keepdim=True))
+        att = ((p @ v) / p.sum(-1, keepdim=True)).bfloat16().float()
+        out.append(att @ wo[256 * h: 256 * h + 256].float())
+    return torch.stack(out), kv[:, :256], kv[:, 256:]
+
+
+def caches(k_fixed: torch.Tensor, v_fixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """kv_blocked caches with room for the R suffix keys, the fixed keys [T, 256] in place."""
+    n, _ = nsb_for(k_fixed.shape[0])
+    out = []
+    for f in (k_fixed, v_fixed):
+        full = torch.zeros(16 * n, 256, dtype=torch.bfloat16, device=f.device)
+        full[: f.shape[0]] = f
+        out.append(kv_blocked(full))
+    return out[0], out[1]
