@@ -4,7 +4,7 @@ counter)? Checks the kernel against its float32 reference, times 18 layers (each
 launches in a CUDA graph, and prints where a layer's time goes from the programs' %globaltimer stamps. Compare with
 the persistent kernel's qkv -> attention -> o spans: `mega_probe.py --attn 2 --skip-plain` in the same call.
 
-    python benchmarks/head_block_probe.py [--json out.json] [--T 305] [--kvw 8 16 32] [--layers 18]
+    python benchmarks/head_block_probe.py [--json out.json] [--T 305] [--kvw 16 32] [--xchg 0 1] [--layers 18] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def setup(T: int, kvw: int, layers: int, g: torch.Generator):
     return x, valid, per
 
 
-def run(T: int, kvw: int, layers: int, rounds: int = 7) -> dict:
+def run(T: int, kvw: int, layers: int, xchg: int, rounds: int = 7) -> dict:
     g = torch.Generator(device="cuda").manual_seed(0)
     x, valid, per = setup(T, kvw, layers, g)
     xb = MC.to_blocked(x)
@@ -48,13 +48,13 @@ def run(T: int, kvw: int, layers: int, rounds: int = 7) -> dict:
     ctr = torch.zeros(layers, dtype=torch.int32, device="cuda")
     grid = HB.grid(kvw)
     ts = torch.zeros(layers, grid, 8, dtype=torch.int64, device="cuda")
-    res = {"T": T, "kvw": kvw, "layers": layers, "resident_clusters": HB.resident_clusters(T, kvw)}
+    res = {"T": T, "kvw": kvw, "xchg": xchg, "layers": layers, "resident_clusters": HB.resident_clusters(T, kvw)}
 
     def chain(stamps: bool):
         ctr.zero_()
         for i, p in enumerate(per):
             HB.head_block(xb, p["prep"], p["kc"], p["vc"], valid, T, out[i], ctr[i:i + 1],
-                          timestamps=ts[i] if stamps else None, pdl=True)
+                          timestamps=ts[i] if stamps else None, pdl=True, xchg=xchg)
 
     chain(False)
     torch.cuda.synchronize()
@@ -106,25 +106,30 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
     ap.add_argument("--T", type=int, nargs="+", default=[305], help="fixed keys (prefix + state); 305: one camera")
-    ap.add_argument("--kvw", type=int, nargs="+", default=[8, 16, 32], help="k | v columns per kv program")
+    ap.add_argument("--kvw", type=int, nargs="+", default=[16, 32], help="k | v columns per kv program")
+    ap.add_argument("--xchg", type=int, nargs="+", default=[0, 1], help="cluster exchanges: 0 remote stores + cluster "
+                    "barriers, 1 staged + bulk copies")
+    ap.add_argument("--rounds", type=int, default=2, help="repeat every variant (they alternate)")
     ap.add_argument("--layers", type=int, default=18)
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), flush=True)
     results = []
-    for T in args.T:
-        for kvw in args.kvw:
-            try:
-                r = run(T, kvw, args.layers)
-            except Exception as e:  # e.g. not enough resident clusters
-                r = {"T": T, "kvw": kvw, "error": repr(e)[:300]}
-            print(r, flush=True)
-            results.append(r)
-    print("\nT    kvw  us/layer  err      | timeline (us after the first x lands): q, Q gathered, attention, scattered, "
+    for _ in range(args.rounds):
+        for T in args.T:
+            for kvw in args.kvw:
+                for xchg in args.xchg:
+                    try:
+                        r = run(T, kvw, args.layers, xchg)
+                    except Exception as e:  # e.g. not enough resident clusters
+                        r = {"T": T, "kvw": kvw, "xchg": xchg, "error": repr(e)[:300]}
+                    print(r, flush=True)
+                    results.append(r)
+    print("\nT    kvw  xchg us/layer  err      | timeline (us after the first x lands): q, Q gathered, attention, scattered, "
           "o tile, stored (median / max), kv published (max)")
     for r in results:
         if "us_per_layer" in r:
             t = r["timeline_us"]
-            print(f"{r['T']:4d} {r['kvw']:3d}  {r['us_per_layer']:8.2f}  {r['rel_err']:.1e} | {t['head_q_done']:5.2f} "
+            print(f"{r['T']:4d} {r['kvw']:3d}  {r['xchg']:4d} {r['us_per_layer']:8.2f}  {r['rel_err']:.1e} | {t['head_q_done']:5.2f} "
                   f"{t['head_Q_gathered']:5.2f} {t['head_attn_done']:5.2f} {t['head_scattered']:5.2f} "
                   f"{t['head_o_tile_gathered']:5.2f} {t['head_stored']:5.2f} / {t['head_stored_max']:5.2f}  "
                   f"kv {t['kv_published_max']:5.2f}  (launch gap {t['launch_gap']:.2f}, start->x {t['start_to_x_in']:.2f})")

@@ -46,17 +46,23 @@ _SOURCE = r"""
 #define NSB @NSB@                     /* key sub-blocks per rank, at most */
 #define KVW @KVW@                     /* k | v columns per kv program */
 #define KV_PROGRAMS (512 / KVW)
+#define XCHG @XCHG@                   /* cluster exchanges: 0 stores into the other ranks' shared memory + cluster
+                                         barriers, 1 staged locally + one bulk copy per destination (mbarriers) */
 #define A_BLOCK @A_BLOCK@             /* 56 rows x 128 B: one 64-column block of an activation (mega_chain's layout) */
 #define X_BYTES (16 * A_BLOCK)        /* x [56 rows][1024] */
 #define WQ_OFF X_BYTES                /* Wq slice [16 k blocks][32 rows][128 B]; later Wo slice [4][128 rows][128 B] */
 #define KV_OFF (WQ_OFF + 65536)       /* [NSB][K, V][4 dim blocks][16 keys][128 B] */
-#define BAR_OFF (KV_OFF + NSB * 16384)
-#define Q_OFF 0                       /* after every rank's q MMA: Q [4 blocks][56 rows][128 B], then the o tile */
-#define RECV_OFF (4 * A_BLOCK)        /* [8 sources][56 rows][32 dims] fp32 */
-#define ML_OFF (RECV_OFF + 8 * 56 * 128)  /* [8 sources][56 rows] (m, l) */
+#define KV_SLOTS (NSB > 3 ? NSB : 3)  /* >= 3: the region also stages XCHG 1's partials */
+#define BAR_OFF (KV_OFF + KV_SLOTS * 16384)
+#define Q_OFF 0                       /* after every rank's q MMA (barrier A), in x's region: Q [8 slices][64 rows][64 B]
+                                         (32 dims each, the 64-byte swizzle), later the o tile attn_h the same way */
+#define SLICE 4096
+#define PART (R * 32 * 4 + R * 8)     /* one source's partial for 32 dims: O [R][32] fp32, then (m, l) [R] */
+#define RECV_OFF (8 * SLICE)          /* [8 sources][PART] */
+#define STAGE_OFF KV_OFF              /* XCHG 1: my partials for the 7 other ranks, staged (the keys are done) */
 #define SMEM_BYTES (BAR_OFF + 64)
-#if ML_OFF + 8 * 56 * 8 > X_BYTES
-#error "the exchange buffers must fit in x's region"
+#if RECV_OFF + 8 * PART > X_BYTES || 7 * PART > KV_SLOTS * 16384 || PART % 16
+#error "the exchange buffers must fit in x's region, the staged partials in the keys' region"
 #endif
 @DEVICE@
 @WGMMA@
@@ -79,6 +85,20 @@ __device__ __forceinline__ unsigned long long sw128_desc_mn(unsigned addr) {
     return (unsigned long long)((addr & 0x3FFFF) >> 4) | ((unsigned long long)(2048 >> 4) << 16)
          | ((unsigned long long)(1024 >> 4) << 32) | (1ull << 62);
 }
+/* a K-major bf16 operand in the 64-byte swizzle: rows of 32 elements (64 B), 8-row atoms 512 B apart */
+__device__ __forceinline__ unsigned long long sw64_desc(unsigned addr) {
+    return (unsigned long long)((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((unsigned long long)(512 >> 4) << 32) | (2ull << 62);
+}
+/* byte offset of (row, col) in a [rows][32] bf16 slice of 64-byte rows, 16-byte groups XOR-swizzled by (row / 2) % 4 */
+__device__ __forceinline__ unsigned sw64_off(int row, int col) {
+    return row * 64 + ((((col >> 3) ^ (row >> 1)) & 3) << 4) + (col & 7) * 2;
+}
+/* shared::cta -> another rank's shared memory, completing on its mbarrier (both cluster addresses) */
+__device__ __forceinline__ void bulk_push(unsigned dst, unsigned src, unsigned bytes, unsigned bar) {
+    asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                 :: "r"(dst), "r"(src), "r"(bytes), "r"(bar) : "memory");
+}
+__device__ __forceinline__ void bar_consumers() { asm volatile("bar.sync 1, 128;" ::: "memory"); }
 __device__ __forceinline__ void bulk_copy(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
                  :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
@@ -140,7 +160,12 @@ head_block_kernel(const __grid_constant__ Args g)
     if (base & 1023) asm volatile("trap;");
     if (tid == 0) {
         if (ts) ts[0] = globaltimer();
-        for (int b = 0; b < 5; ++b) mbar_init(bars + 8 * b, 1);
+        for (int b = 0; b < 8; ++b) mbar_init(bars + 8 * b, 1);  /* x, w, fixed keys, suffix keys, wo, Q, parts, o tile */
+        if (XCHG == 1) {  /* what the 7 other ranks will push (they push after cluster barrier A: initialised by then) */
+            expect_tx(bars + 40, 7 * SLICE);
+            expect_tx(bars + 48, 7 * PART);
+            expect_tx(bars + 56, 7 * SLICE);
+        }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
@@ -190,8 +215,7 @@ head_block_kernel(const __grid_constant__ Args g)
         }
         __syncwarp();
         cluster_wait();
-        cluster_arrive();
-        cluster_wait();
+        if (XCHG == 0) { cluster_arrive(); cluster_wait(); }  /* B */
         return;
     }
 
@@ -277,22 +301,35 @@ head_block_kernel(const __grid_constant__ Args g)
         expect_tx(bars + 32, 65536);
         bulk_copy(base + WQ_OFF, g.wo + (size_t)(cluster * 8 + rank) * 32768, 65536, bars + 32);
     }
-    /* all-gather: my q columns into every rank's Q tile (block rank / 2, columns 32 (rank % 2) ..) */
+    /* all-gather: my q columns (slice `rank` of the Q tile, 64-byte swizzle) into every rank */
     {
-        const unsigned blk = base + Q_OFF + (rank >> 1) * A_BLOCK;
+        const unsigned mine_slice = base + Q_OFF + rank * SLICE;
         #pragma unroll
-        for (int dst = 0; dst < 8; ++dst)
+        for (int j = 0; j < 4; ++j)
             #pragma unroll
-            for (int j = 0; j < 4; ++j)
-                #pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const int row = r0 + 8 * h;
-                    if (row < 56) st_cluster_u32(mapa(blk + sw_off(row, 32 * (rank & 1) + 8 * j + 2 * q4), dst), qp[2 * j + h]);
+            for (int h = 0; h < 2; ++h) {
+                const unsigned at = mine_slice + sw64_off(r0 + 8 * h, 8 * j + 2 * q4);
+                if (XCHG == 0) {
+                    #pragma unroll
+                    for (int dst = 0; dst < 8; ++dst) st_cluster_u32(mapa(at, dst), qp[2 * j + h]);
+                } else {
+                    asm volatile("st.shared.u32 [%0], %1;" :: "r"(at), "r"(qp[2 * j + h]) : "memory");
                 }
+            }
+        asm volatile("fence.proxy.async;" ::: "memory");  /* my generic stores -> bulk copies / wgmma (async proxy) */
+        if (XCHG == 0) {
+            cluster_arrive(); cluster_wait();  /* B: Q complete everywhere */
+            asm volatile("fence.proxy.async;" ::: "memory");
+        } else {
+            bar_consumers();
+            if (tid == 0)
+                for (int d = 1; d < 8; ++d) {
+                    const unsigned dst = (rank + d) & 7;
+                    bulk_push(mapa(mine_slice, dst), mine_slice, SLICE, mapa(bars + 40, dst));
+                }
+            while (!mbar_try(bars + 40, 0)) {}
+        }
     }
-    asm volatile("fence.proxy.async;" ::: "memory");  /* my generic stores -> the wgmma (async proxy) reads */
-    cluster_arrive(); cluster_wait();  /* B: Q complete everywhere */
-    asm volatile("fence.proxy.async;" ::: "memory");
     if (ts && tid == 0) ts[3] = globaltimer();
 
     /* ---- S = Q K^T for this rank's sub-blocks, all at once (fixed keys first, then the suffix's) */
@@ -306,7 +343,7 @@ head_block_kernel(const __grid_constant__ Args g)
             const unsigned kb = base + KV_OFF + j * 16384;
             #pragma unroll
             for (int i = 0; i < 16; ++i)
-                wgmma_n<16>(s[j], sw128_desc(base + Q_OFF + (i >> 2) * A_BLOCK + 32 * (i & 3)), sw128_desc(kb + (i >> 2) * 2048 + 32 * (i & 3)), i);
+                wgmma_n<16>(s[j], sw64_desc(base + Q_OFF + (i >> 1) * SLICE + 32 * (i & 1)), sw128_desc(kb + (i >> 2) * 2048 + 32 * (i & 3)), i);
         }
     }
     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
@@ -318,7 +355,7 @@ head_block_kernel(const __grid_constant__ Args g)
                 const unsigned kb = base + KV_OFF + j * 16384;
                 #pragma unroll
                 for (int i = 0; i < 16; ++i)
-                    wgmma_n<16>(s[j], sw128_desc(base + Q_OFF + (i >> 2) * A_BLOCK + 32 * (i & 3)), sw128_desc(kb + (i >> 2) * 2048 + 32 * (i & 3)), i);
+                    wgmma_n<16>(s[j], sw64_desc(base + Q_OFF + (i >> 1) * SLICE + 32 * (i & 1)), sw128_desc(kb + (i >> 2) * 2048 + 32 * (i & 3)), i);
             }
         }
         asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
@@ -382,29 +419,43 @@ head_block_kernel(const __grid_constant__ Args g)
         for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(o[j][e]) :: "memory");
     if (ts && tid == 0) ts[4] = globaltimer();
 
-    /* reduce-scatter: dims 32 d .. 32 d + 31 (o block d / 2, n8 tiles 4 (d % 2) ..) and (m, l) to rank d */
+    /* reduce-scatter: dims 32 d .. 32 d + 31 (o block d / 2, n8 tiles 4 (d % 2) ..) and (m, l) to rank d, into its
+       slot `rank` of the partials; XCHG 1 stages the 7 others' in the keys' region (free: PV is done) */
     #pragma unroll
-    for (int dst = 0; dst < 8; ++dst) {
-        const unsigned rv = mapa(base + RECV_OFF + rank * (56 * 128), dst);
+    for (int d = 0; d < 8; ++d) {
+        const unsigned buf = d == (int)rank ? base + RECV_OFF + rank * PART
+                                            : base + STAGE_OFF + ((d - (int)rank - 1) & 7) * PART;
+        const unsigned rv = XCHG == 0 ? mapa(base + RECV_OFF + rank * PART, d) : buf;
         #pragma unroll
         for (int t = 0; t < 4; ++t)
             #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const int row = r0 + 8 * h;
-                const float* v = o[8 * (dst >> 1) + 4 * (dst & 1) + t];
-                if (row < 56) st_cluster_f2(rv + row * 128 + (8 * t + 2 * q4) * 4, v[2 * h], v[2 * h + 1]);
+                const float* v = o[8 * (d >> 1) + 4 * (d & 1) + t];
+                if (row < R) st_cluster_f2(rv + row * 128 + (8 * t + 2 * q4) * 4, v[2 * h], v[2 * h + 1]);
             }
         if (q4 == 0) {
-            const unsigned mv = mapa(base + ML_OFF + rank * (56 * 8), dst);
-            if (r0 < 56) st_cluster_f2(mv + r0 * 8, m[0], l[0]);
-            if (r0 + 8 < 56) st_cluster_f2(mv + (r0 + 8) * 8, m[1], l[1]);
+            if (r0 < R) st_cluster_f2(rv + R * 128 + r0 * 8, m[0], l[0]);
+            if (r0 + 8 < R) st_cluster_f2(rv + R * 128 + (r0 + 8) * 8, m[1], l[1]);
         }
     }
-    cluster_arrive(); cluster_wait();  /* C: every rank's partial of my dims is here */
+    asm volatile("fence.proxy.async;" ::: "memory");
+    if (XCHG == 0) {
+        cluster_arrive(); cluster_wait();  /* C: every rank's partial of my dims is here */
+    } else {
+        bar_consumers();
+        if (tid == 0)
+            for (int d = 1; d < 8; ++d) {
+                const unsigned dst = (rank + d) & 7;
+                bulk_push(mapa(base + RECV_OFF + rank * PART, dst), base + STAGE_OFF + (d - 1) * PART, PART,
+                          mapa(bars + 48, dst));
+            }
+        while (!mbar_try(bars + 48, 0)) {}
+    }
     if (ts && tid == 0) ts[5] = globaltimer();
 
-    /* merge my 32 dims in fixed source order; thread: row tid / 2, dims 16 (tid % 2) .. +15; the bf16 result to
-       every rank's o tile (which replaces Q: all S are done, barrier C) */
+    /* merge my 32 dims in fixed source order; thread: row tid / 2, dims 16 (tid % 2) .. +15; the bf16 result is slice
+       `rank` of every rank's o tile (in the Q tile's place: every S is done once my partials have arrived) */
     {
         const int row = tid >> 1, half = tid & 1;
         uint4 packed[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
@@ -412,7 +463,7 @@ head_block_kernel(const __grid_constant__ Args g)
             float mm = -1e30f;
             #pragma unroll
             for (int src = 0; src < 8; ++src) {
-                const float2 ml = *(const float2*)(smem + ML_OFF + src * (56 * 8) + row * 8);
+                const float2 ml = *(const float2*)(smem + RECV_OFF + src * PART + R * 128 + row * 8);
                 if (ml.y > 0.f) mm = fmaxf(mm, ml.x);
             }
             float acc[16], wsum = 0.f;
@@ -420,10 +471,10 @@ head_block_kernel(const __grid_constant__ Args g)
             for (int i = 0; i < 16; ++i) acc[i] = 0.f;
             #pragma unroll
             for (int src = 0; src < 8; ++src) {
-                const float2 ml = *(const float2*)(smem + ML_OFF + src * (56 * 8) + row * 8);
+                const float2 ml = *(const float2*)(smem + RECV_OFF + src * PART + R * 128 + row * 8);
                 const float w = ml.y > 0.f ? ex2(ml.x - mm) : 0.f;
                 wsum += w * ml.y;
-                const float4* p = (const float4*)(smem + RECV_OFF + src * (56 * 128) + row * 128 + half * 64);
+                const float4* p = (const float4*)(smem + RECV_OFF + src * PART + row * 128 + half * 64);
                 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
                     const float4 v = p[i];
@@ -437,18 +488,32 @@ head_block_kernel(const __grid_constant__ Args g)
             packed[0] = make_uint4(u[0], u[1], u[2], u[3]);
             packed[1] = make_uint4(u[4], u[5], u[6], u[7]);
         }
-        if (row < 56) {
-            const unsigned blk = base + Q_OFF + (rank >> 1) * A_BLOCK;
-            #pragma unroll
-            for (int dst = 0; dst < 8; ++dst)
+        const unsigned mine_slice = base + Q_OFF + rank * SLICE;
+        #pragma unroll
+        for (int c = 0; c < 2; ++c) {
+            const unsigned at = mine_slice + sw64_off(row, 16 * half + 8 * c);
+            if (XCHG == 0) {
                 #pragma unroll
-                for (int c = 0; c < 2; ++c)
-                    st_cluster_v4(mapa(blk + sw_off(row, 32 * (rank & 1) + 16 * half + 8 * c), dst), packed[c]);
+                for (int dst = 0; dst < 8; ++dst) st_cluster_v4(mapa(at, dst), packed[c]);
+            } else {
+                asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" :: "r"(at), "r"(packed[c].x), "r"(packed[c].y),
+                             "r"(packed[c].z), "r"(packed[c].w) : "memory");
+            }
+        }
+        asm volatile("fence.proxy.async;" ::: "memory");
+        if (XCHG == 0) {
+            cluster_arrive(); cluster_wait();  /* D: the o tile (attn_h) is complete everywhere */
+            asm volatile("fence.proxy.async;" ::: "memory");
+        } else {
+            bar_consumers();
+            if (tid == 0)
+                for (int d = 1; d < 8; ++d) {
+                    const unsigned dst = (rank + d) & 7;
+                    bulk_push(mapa(mine_slice, dst), mine_slice, SLICE, mapa(bars + 56, dst));
+                }
+            while (!mbar_try(bars + 56, 0)) {}
         }
     }
-    asm volatile("fence.proxy.async;" ::: "memory");
-    cluster_arrive(); cluster_wait();  /* D: the o tile (attn_h) is complete everywhere */
-    asm volatile("fence.proxy.async;" ::: "memory");
     if (ts && tid == 0) ts[6] = globaltimer();
 
     /* ---- o_h columns 128 rank .. + 127 = attn_h [56 x 256] @ Wo[256 h .., 128 rank ..] */
@@ -461,7 +526,7 @@ head_block_kernel(const __grid_constant__ Args g)
     for (int kb = 0; kb < 4; ++kb)
         #pragma unroll
         for (int s2 = 0; s2 < 4; ++s2)
-            wgmma_n<128>(od, sw128_desc(base + Q_OFF + kb * A_BLOCK + 32 * s2), sw128_desc(base + WQ_OFF + kb * 16384 + 32 * s2), 1);
+            wgmma_n<128>(od, sw64_desc(base + Q_OFF + (2 * kb + (s2 >> 1)) * SLICE + 32 * (s2 & 1)), sw128_desc(base + WQ_OFF + kb * 16384 + 32 * s2), 1);
     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
     #pragma unroll
@@ -475,6 +540,7 @@ head_block_kernel(const __grid_constant__ Args g)
             if (row < R) *(float2*)(out + (size_t)row * 1024 + 8 * j + 2 * q4) = make_float2(od[4 * j + 2 * h], od[4 * j + 2 * h + 1]);
         }
     if (ts && tid == 0) ts[7] = globaltimer();
+    cluster_arrive(); cluster_wait();  /* E: no rank exits while another's bulk copies may still read its slices */
 }
 """
 
@@ -485,25 +551,25 @@ def nsb_for(T: int) -> tuple[int, int]:
     return n, -(-n // CS)
 
 
-def source(nsb: int, kvw: int) -> str:
+def source(nsb: int, kvw: int, xchg: int = 1) -> str:
     text = _SOURCE
-    for k, v in dict(R=R, NSB=nsb, KVW=kvw, A_BLOCK=A_BLOCK, DEVICE=device_helpers(),
+    for k, v in dict(R=R, NSB=nsb, KVW=kvw, XCHG=xchg, A_BLOCK=A_BLOCK, DEVICE=device_helpers(),
                      WGMMA=wgmma_n_source((kvw, 16, 32, 128))).items():
         text = text.replace(f"@{k}@", str(v))
     return text
 
 
 def smem_bytes(nsb: int) -> int:
-    return 16 * A_BLOCK + 65536 + nsb * 16384 + 64
+    return 16 * A_BLOCK + 65536 + max(nsb, 3) * 16384 + 64
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(nsb: int, kvw: int):
+def _kernel(nsb: int, kvw: int, xchg: int = 1):
     """(CUfunction, clusters of 8 that can be resident at once with this kernel's shared memory)."""
     if smem_bytes(nsb) > 232448:
         raise ValueError(f"{nsb} key sub-blocks per rank do not fit in shared memory: at most "
                          f"{(232448 - smem_bytes(0)) // 16384} (one camera's keys)")
-    func = compile_cuda(source(nsb, kvw), "head_block_kernel", smem_bytes(nsb), arch_suffix="a")
+    func = compile_cuda(source(nsb, kvw, xchg), "head_block_kernel", smem_bytes(nsb), arch_suffix="a")
     cfg = _LaunchConfig(grid(kvw), 1, 1, THREADS, 1, 1, smem_bytes(nsb), None, None, 0)
     n = ctypes.c_int()
     err = _libcuda().cuOccupancyMaxActiveClusters(ctypes.byref(n), func, ctypes.byref(cfg))
@@ -518,7 +584,7 @@ def grid(kvw: int) -> int:
     return HEADS * CS + 512 // kvw
 
 
-def resident_clusters(T: int, kvw: int = 8) -> int:
+def resident_clusters(T: int, kvw: int = 16) -> int:
     return _kernel(nsb_for(T)[1], kvw)[1]
 
 
@@ -535,7 +601,7 @@ def pack_rows(w: torch.Tensor) -> torch.Tensor:
     return out.contiguous()
 
 
-def prepare(wq: torch.Tensor, wkv: torch.Tensor, wo: torch.Tensor, kvw: int = 8) -> dict:
+def prepare(wq: torch.Tensor, wkv: torch.Tensor, wo: torch.Tensor, kvw: int = 16) -> dict:
     """Per layer: wq [1024, 2048] (the base-2 softmax scale log2(e) / 16 folded in by the caller), wkv [1024, 512], wo
     [2048, 1024] (all [K, N] bf16) -> every program's slice as one contiguous, swizzled block (one bulk copy)."""
     q = torch.stack([pack_rows(wq[:, 256 * h + 32 * r: 256 * h + 32 * r + 32].t().contiguous())
@@ -554,17 +620,18 @@ class _Args(ctypes.Structure):
 
 def head_block(x_blocked: torch.Tensor, prepared: dict, kc: torch.Tensor, vc: torch.Tensor, key_valid: torch.Tensor,
                T: int, out: torch.Tensor, counter: torch.Tensor, timestamps: torch.Tensor | None = None,
-               pdl: bool = False) -> torch.Tensor:
+               pdl: bool = False, xchg: int = 1) -> torch.Tensor:
     """One layer: out [8, R, 1024] fp32, per head h: softmax2(q_h K^T) V @ Wo[256 h ..] with q = x Wq, and the suffix
     rows' k, v = x Wkv written into the caches at keys T + row. x_blocked: `to_blocked(x)` of x [R, 1024] bf16; kc / vc:
     this layer's kv_blocked [keys, 256] caches (keys >= 16 nsb, `caches`); key_valid int32 [>= 16 nsb] (0 past T + R);
-    counter: one zeroed int32 for this launch; timestamps: int64 [grid, 8] or None."""
+    counter: one zeroed int32 for this launch; timestamps: int64 [grid, 8] or None; xchg: the cluster exchanges (0
+    stores into the other ranks' shared memory + cluster barriers, 1 staged + one bulk copy per destination)."""
     nsb_total, nsb = nsb_for(T)
     kvw = prepared["kvw"]
     assert kc.shape[0] >= 16 * nsb_total and vc.shape == kc.shape and key_valid.numel() >= 16 * nsb_total
     assert key_valid.dtype == torch.int32 and counter.dtype == torch.int32
     assert out.shape == (HEADS, R, WIDTH) and out.dtype == torch.float32 and out.is_contiguous()
-    func, resident = _kernel(nsb, kvw)
+    func, resident = _kernel(nsb, kvw, xchg)
     if resident < grid(kvw) // CS:
         raise RuntimeError(f"head_block needs {grid(kvw) // CS} resident clusters of 8; this GPU holds {resident}")
     ts = timestamps.data_ptr() if timestamps is not None else 0

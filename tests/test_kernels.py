@@ -1096,12 +1096,12 @@ def test_time_mlp_writes_mega_inputs(gen, split):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T,kvw", [(305, 8), (305, 16), (49, 32)])
-def test_head_block(T, kvw):
+@pytest.mark.parametrize("T,kvw,xchg", [(305, 16, 1), (305, 32, 0), (49, 32, 1)])
+def test_head_block(T, kvw, xchg):
     """The per-head cluster attention block (CUDA C++, sm_90a; kernels/head_block.py) against its float32 reference on
     fresh random data: one camera's 305 fixed keys with a padded prompt (keys 200..299 masked), and 49 fixed keys (a
-    rank with no keys at all, ranks with only suffix keys); the suffix rows' k / v land in the caches; bitwise
-    repeatable."""
+    rank with no keys at all, ranks with only suffix keys); both exchange variants; the suffix rows' k / v land in
+    the caches (to bf16 rounding: another summation order), the fixed keys untouched; bitwise repeatable."""
     from pi0_triton_policy.kernels import head_block as HB
     from pi0_triton_policy.kernels import mega_chain as MC
 
@@ -1129,11 +1129,11 @@ def test_head_block(T, kvw):
         kc, vc = HB.caches(k_fixed, v_fixed)
         out = torch.full((8, MC.R, 1024), float("nan"), device="cuda")
         counter = torch.zeros(1, dtype=torch.int32, device="cuda")
-        HB.head_block(MC.to_blocked(x), prep, kc, vc, valid, T, out, counter)
+        HB.head_block(MC.to_blocked(x), prep, kc, vc, valid, T, out, counter, xchg=xchg)
         torch.cuda.synchronize()
         assert counter.item() == 512 // kvw
         k_all, v_all = MC.kv_blocked(kc, inverse=True), MC.kv_blocked(vc, inverse=True)
-        assert torch.equal(k_all[T: T + MC.R], k_suf) and torch.equal(v_all[T: T + MC.R], v_suf)
+        assert rel(k_all[T: T + MC.R], k_suf) < 5e-3 and rel(v_all[T: T + MC.R], v_suf) < 5e-3
         assert torch.equal(k_all[:T], k_fixed) and torch.equal(v_all[:T], v_fixed)
         assert rel(out, ref) < 1e-2, rel(out, ref)
         outs.append(out)
