@@ -47,7 +47,8 @@ _SOURCE = r"""
 #define KVW @KVW@                     /* k | v columns per kv program */
 #define KV_PROGRAMS (512 / KVW)
 #define XCHG @XCHG@                   /* cluster exchanges: 0 stores into the other ranks' shared memory + cluster
-                                         barriers, 1 staged locally + one bulk copy per destination (mbarriers) */
+                                         barriers, 1 staged locally + one bulk copy per destination (mbarriers),
+                                         2 written locally, a cluster barrier, 16-byte loads from the others */
 #define A_BLOCK @A_BLOCK@             /* 56 rows x 128 B: one 64-column block of an activation (mega_chain's layout) */
 #define X_BYTES (16 * A_BLOCK)        /* x [56 rows][1024] */
 #define WQ_OFF X_BYTES                /* Wq slice [16 k blocks][32 rows][128 B]; later Wo slice [4][128 rows][128 B] */
@@ -132,6 +133,36 @@ __device__ __forceinline__ size_t kv_index(int key, int d) {
     return (size_t)(key >> 4) * 4096 + (d >> 6) * 1024 + (key & 15) * 64 + (((((d & 63) >> 3) ^ key) & 7) << 3) + (d & 7);
 }
 
+__device__ __forceinline__ uint4 ld_cluster_v4(unsigned addr) {
+    uint4 v;
+    asm volatile("ld.shared::cluster.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr) : "memory");
+    return v;
+}
+__device__ __forceinline__ float2 ld_cluster_f2(unsigned addr) {
+    float2 v;
+    asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(addr) : "memory");
+    return v;
+}
+__device__ __forceinline__ void st_shared_v4(unsigned addr, uint4 v) {
+    asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" :: "r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
+}
+/* XCHG 2: the 7 other ranks' slices (4 KB at the same offset of their tiles) into mine, 14 16-byte loads per thread
+   in flight at once; the caller has passed a cluster barrier after every rank wrote its slice */
+__device__ __forceinline__ void pull_slices(unsigned tile, unsigned rank, int tid) {
+    uint4 v[14];
+    #pragma unroll
+    for (int k = 0; k < 14; ++k) {
+        const unsigned src = (rank + 1 + (k >> 1)) & 7, off = src * SLICE + (tid + 128 * (k & 1)) * 16;
+        v[k] = ld_cluster_v4(mapa(tile + off, src));
+    }
+    #pragma unroll
+    for (int k = 0; k < 14; ++k) {
+        const unsigned src = (rank + 1 + (k >> 1)) & 7, off = src * SLICE + (tid + 128 * (k & 1)) * 16;
+        st_shared_v4(tile + off, v[k]);
+    }
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  /* generic stores -> the wgmma reads */
+    bar_consumers();
+}
 struct Args {
     const bf16* x;           /* [16 blocks][56 rows][64] (mega_chain.to_blocked) */
     const bf16* wq;          /* [8 heads][8 ranks][16 k blocks][32 rows][64], swizzled (pack_rows) */
@@ -276,7 +307,7 @@ head_block_kernel(const __grid_constant__ Args g)
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
     #pragma unroll
     for (int i = 0; i < 16; ++i) asm volatile("" : "+f"(qd[i]) :: "memory");
-    cluster_arrive();  /* A: this program no longer reads x (the Q tiles and exchange buffers replace it) */
+    if (XCHG != 2) cluster_arrive();  /* A: this program no longer reads x (others' stores / copies land there) */
     if (ts && tid == 0) ts[2] = globaltimer();
     unsigned qp[8];
     #pragma unroll
@@ -296,7 +327,8 @@ head_block_kernel(const __grid_constant__ Args g)
                 vbits |= (unsigned)((v.x != 0) | ((v.y != 0) << 1)) << (4 * j + 2 * n);
             }
         }
-    cluster_wait();
+    if (XCHG != 2) cluster_wait();
+    else bar_consumers();
     if (tid == 0) {  /* Wo's slice into Wq's region (every thread of this program is past its q MMA) */
         expect_tx(bars + 32, 65536);
         bulk_copy(base + WQ_OFF, g.wo + (size_t)(cluster * 8 + rank) * 32768, 65536, bars + 32);
@@ -320,6 +352,9 @@ head_block_kernel(const __grid_constant__ Args g)
         if (XCHG == 0) {
             cluster_arrive(); cluster_wait();  /* B: Q complete everywhere */
             asm volatile("fence.proxy.async;" ::: "memory");
+        } else if (XCHG == 2) {
+            cluster_arrive(); cluster_wait();  /* every rank's slice is written */
+            pull_slices(base + Q_OFF, rank, tid);
         } else {
             bar_consumers();
             if (tid == 0)
@@ -419,6 +454,74 @@ head_block_kernel(const __grid_constant__ Args g)
         for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(o[j][e]) :: "memory");
     if (ts && tid == 0) ts[4] = globaltimer();
 
+#if XCHG == 2
+    /* my partial, normalised (O / l, bf16) [R][256] and (m, l) [R], staged in the keys' region (PV is done); after a
+       cluster barrier every rank pulls its 32 dims of every source's rows and merges them in fixed source order;
+       thread: row tid / 2, dims 32 rank + 16 (tid % 2) .. +15 */
+    {
+        const float inv0 = l[0] > 0.f ? 1.f / l[0] : 0.f, inv1 = l[1] > 0.f ? 1.f / l[1] : 0.f;
+        #pragma unroll
+        for (int j = 0; j < 32; ++j)
+            #pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int row = r0 + 8 * h, dim = 64 * (j >> 3) + 8 * (j & 7) + 2 * q4;
+                const float inv = h ? inv1 : inv0;
+                if (row < R)
+                    asm volatile("st.shared.u32 [%0], %1;" :: "r"(base + STAGE_OFF + row * 512 + dim * 2),
+                                 "r"(to_bf16(o[j][2 * h] * inv) | ((unsigned)to_bf16(o[j][2 * h + 1] * inv) << 16)) : "memory");
+            }
+        if (q4 == 0) {
+            if (r0 < R) *(float2*)(smem + STAGE_OFF + R * 512 + r0 * 8) = make_float2(m[0], l[0]);
+            if (r0 + 8 < R) *(float2*)(smem + STAGE_OFF + R * 512 + (r0 + 8) * 8) = make_float2(m[1], l[1]);
+        }
+    }
+    cluster_arrive(); cluster_wait();  /* every rank's partial is staged */
+    if (ts && tid == 0) ts[5] = globaltimer();
+    {
+        const int row = tid >> 1, half = tid & 1;
+        uint4 packed[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
+        if (row < R) {
+            uint4 pv[8][2];
+            float2 ml[8];
+            #pragma unroll
+            for (int src = 0; src < 8; ++src) {
+                const unsigned rb = base + STAGE_OFF + row * 512 + (32 * rank + 16 * half) * 2;
+                pv[src][0] = ld_cluster_v4(mapa(rb, src));
+                pv[src][1] = ld_cluster_v4(mapa(rb + 16, src));
+                ml[src] = ld_cluster_f2(mapa(base + STAGE_OFF + R * 512 + row * 8, src));
+            }
+            float mm = -1e30f;
+            #pragma unroll
+            for (int src = 0; src < 8; ++src) if (ml[src].y > 0.f) mm = fmaxf(mm, ml[src].x);
+            float acc[16], wsum = 0.f;
+            #pragma unroll
+            for (int i = 0; i < 16; ++i) acc[i] = 0.f;
+            #pragma unroll
+            for (int src = 0; src < 8; ++src) {
+                const float w = ml[src].y > 0.f ? ex2(ml[src].x - mm) * ml[src].y : 0.f;
+                wsum += w;
+                const unsigned u[8] = {pv[src][0].x, pv[src][0].y, pv[src][0].z, pv[src][0].w,
+                                       pv[src][1].x, pv[src][1].y, pv[src][1].z, pv[src][1].w};
+                #pragma unroll
+                for (int i = 0; i < 8; ++i) {
+                    acc[2 * i] += w * __uint_as_float(u[i] << 16);
+                    acc[2 * i + 1] += w * __uint_as_float(u[i] & 0xffff0000u);
+                }
+            }
+            const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
+            unsigned u[8];
+            #pragma unroll
+            for (int i = 0; i < 8; ++i) u[i] = to_bf16(acc[2 * i] * inv) | ((unsigned)to_bf16(acc[2 * i + 1] * inv) << 16);
+            packed[0] = make_uint4(u[0], u[1], u[2], u[3]);
+            packed[1] = make_uint4(u[4], u[5], u[6], u[7]);
+        }
+        const unsigned mine_slice = base + Q_OFF + rank * SLICE;
+        #pragma unroll
+        for (int c = 0; c < 2; ++c) st_shared_v4(mine_slice + sw64_off(row, 16 * half + 8 * c), packed[c]);
+        cluster_arrive(); cluster_wait();  /* every rank's slice of the o tile is written */
+        pull_slices(base + Q_OFF, rank, tid);
+    }
+#else
     /* reduce-scatter: dims 32 d .. 32 d + 31 (o block d / 2, n8 tiles 4 (d % 2) ..) and (m, l) to rank d, into its
        slot `rank` of the partials; XCHG 1 stages the 7 others' in the keys' region (free: PV is done) */
     #pragma unroll
@@ -514,6 +617,7 @@ head_block_kernel(const __grid_constant__ Args g)
             while (!mbar_try(bars + 56, 0)) {}
         }
     }
+#endif
     if (ts && tid == 0) ts[6] = globaltimer();
 
     /* ---- o_h columns 128 rank .. + 127 = attn_h [56 x 256] @ Wo[256 h .., 128 rank ..] */
