@@ -48,7 +48,8 @@ _SOURCE = r"""
 #define KV_PROGRAMS (512 / KVW)
 #define XCHG @XCHG@                   /* cluster exchanges: 0 stores into the other ranks' shared memory + cluster
                                          barriers, 1 staged locally + one bulk copy per destination (mbarriers),
-                                         2 written locally, a cluster barrier, 16-byte loads from the others */
+                                         2 written locally, a cluster barrier, 16-byte loads from the others,
+                                         3 as 1 with the partials normalised to bf16 */
 #define A_BLOCK @A_BLOCK@             /* 56 rows x 128 B: one 64-column block of an activation (mega_chain's layout) */
 #define X_BYTES (16 * A_BLOCK)        /* x [56 rows][1024] */
 #define WQ_OFF X_BYTES                /* Wq slice [16 k blocks][32 rows][128 B]; later Wo slice [4][128 rows][128 B] */
@@ -58,7 +59,9 @@ _SOURCE = r"""
 #define Q_OFF 0                       /* after every rank's q MMA (barrier A), in x's region: Q [8 slices][64 rows][64 B]
                                          (32 dims each, the 64-byte swizzle), later the o tile attn_h the same way */
 #define SLICE 4096
-#define PART (R * 32 * 4 + R * 8)     /* one source's partial for 32 dims: O [R][32] fp32, then (m, l) [R] */
+#define PBF (XCHG == 3)               /* XCHG 3: XCHG 1 with the partials normalised to bf16 (half the bytes) */
+#define ROWB (PBF ? 64 : 128)         /* bytes per row of a partial */
+#define PART (R * ROWB + R * 8)       /* one source's partial for 32 dims: O [R][32] (fp32, or O / l bf16), (m, l) [R] */
 #define RECV_OFF (8 * SLICE)          /* [8 sources][PART] */
 #define STAGE_OFF KV_OFF              /* XCHG 1: my partials for the 7 other ranks, staged (the keys are done) */
 #define SMEM_BYTES (BAR_OFF + 64)
@@ -192,7 +195,7 @@ head_block_kernel(const __grid_constant__ Args g)
     if (tid == 0) {
         if (ts) ts[0] = globaltimer();
         for (int b = 0; b < 8; ++b) mbar_init(bars + 8 * b, 1);  /* x, w, fixed keys, suffix keys, wo, Q, parts, o tile */
-        if (XCHG == 1) {  /* what the 7 other ranks will push (they push after cluster barrier A: initialised by then) */
+        if (XCHG == 1 || XCHG == 3) {  /* what the 7 other ranks will push (they push after cluster barrier A: initialised by then) */
             expect_tx(bars + 40, 7 * SLICE);
             expect_tx(bars + 48, 7 * PART);
             expect_tx(bars + 56, 7 * SLICE);
@@ -535,11 +538,17 @@ head_block_kernel(const __grid_constant__ Args g)
             for (int h = 0; h < 2; ++h) {
                 const int row = r0 + 8 * h;
                 const float* v = o[8 * (d >> 1) + 4 * (d & 1) + t];
-                if (row < R) st_cluster_f2(rv + row * 128 + (8 * t + 2 * q4) * 4, v[2 * h], v[2 * h + 1]);
+                if (row >= R) continue;
+                if (PBF) {
+                    const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f;
+                    st_cluster_u32(rv + row * ROWB + (8 * t + 2 * q4) * 2, to_bf16(v[2 * h] * inv) | ((unsigned)to_bf16(v[2 * h + 1] * inv) << 16));
+                } else {
+                    st_cluster_f2(rv + row * ROWB + (8 * t + 2 * q4) * 4, v[2 * h], v[2 * h + 1]);
+                }
             }
         if (q4 == 0) {
-            if (r0 < R) st_cluster_f2(rv + R * 128 + r0 * 8, m[0], l[0]);
-            if (r0 + 8 < R) st_cluster_f2(rv + R * 128 + (r0 + 8) * 8, m[1], l[1]);
+            if (r0 < R) st_cluster_f2(rv + R * ROWB + r0 * 8, m[0], l[0]);
+            if (r0 + 8 < R) st_cluster_f2(rv + R * ROWB + (r0 + 8) * 8, m[1], l[1]);
         }
     }
     asm volatile("fence.proxy.async;" ::: "memory");
@@ -566,7 +575,7 @@ head_block_kernel(const __grid_constant__ Args g)
             float mm = -1e30f;
             #pragma unroll
             for (int src = 0; src < 8; ++src) {
-                const float2 ml = *(const float2*)(smem + RECV_OFF + src * PART + R * 128 + row * 8);
+                const float2 ml = *(const float2*)(smem + RECV_OFF + src * PART + R * ROWB + row * 8);
                 if (ml.y > 0.f) mm = fmaxf(mm, ml.x);
             }
             float acc[16], wsum = 0.f;
@@ -574,14 +583,30 @@ head_block_kernel(const __grid_constant__ Args g)
             for (int i = 0; i < 16; ++i) acc[i] = 0.f;
             #pragma unroll
             for (int src = 0; src < 8; ++src) {
-                const float2 ml = *(const float2*)(smem + RECV_OFF + src * PART + R * 128 + row * 8);
-                const float w = ml.y > 0.f ? ex2(ml.x - mm) : 0.f;
-                wsum += w * ml.y;
-                const float4* p = (const float4*)(smem + RECV_OFF + src * PART + row * 128 + half * 64);
-                #pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const float4 v = p[i];
-                    acc[4 * i] += w * v.x; acc[4 * i + 1] += w * v.y; acc[4 * i + 2] += w * v.z; acc[4 * i + 3] += w * v.w;
+                const float2 ml = *(const float2*)(smem + RECV_OFF + src * PART + R * ROWB + row * 8);
+                const float e = ml.y > 0.f ? ex2(ml.x - mm) : 0.f;
+                if (PBF) {  /* O / l: weight e l */
+                    const float w = e * ml.y;
+                    wsum += w;
+                    const uint4* p = (const uint4*)(smem + RECV_OFF + src * PART + row * ROWB + half * 32);
+                    #pragma unroll
+                    for (int i = 0; i < 2; ++i) {
+                        const uint4 v = p[i];
+                        const unsigned u[4] = {v.x, v.y, v.z, v.w};
+                        #pragma unroll
+                        for (int k = 0; k < 4; ++k) {
+                            acc[8 * i + 2 * k] += w * __uint_as_float(u[k] << 16);
+                            acc[8 * i + 2 * k + 1] += w * __uint_as_float(u[k] & 0xffff0000u);
+                        }
+                    }
+                } else {
+                    wsum += e * ml.y;
+                    const float4* p = (const float4*)(smem + RECV_OFF + src * PART + row * ROWB + half * 64);
+                    #pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        const float4 v = p[i];
+                        acc[4 * i] += e * v.x; acc[4 * i + 1] += e * v.y; acc[4 * i + 2] += e * v.z; acc[4 * i + 3] += e * v.w;
+                    }
                 }
             }
             const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
