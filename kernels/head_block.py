@@ -527,6 +527,7 @@ head_block_kernel(const __grid_constant__ Args g)
 #else
     /* reduce-scatter: dims 32 d .. 32 d + 31 (o block d / 2, n8 tiles 4 (d % 2) ..) and (m, l) to rank d, into its
        slot `rank` of the partials; XCHG 1 stages the 7 others' in the keys' region (free: PV is done) */
+    const float linv[2] = {l[0] > 0.f ? __frcp_rn(l[0]) : 0.f, l[1] > 0.f ? __frcp_rn(l[1]) : 0.f};  /* PBF */
     #pragma unroll
     for (int d = 0; d < 8; ++d) {
         const unsigned buf = d == (int)rank ? base + RECV_OFF + rank * PART
@@ -540,7 +541,7 @@ head_block_kernel(const __grid_constant__ Args g)
                 const float* v = o[8 * (d >> 1) + 4 * (d & 1) + t];
                 if (row >= R) continue;
                 if (PBF) {
-                    const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f;
+                    const float inv = h ? linv[1] : linv[0];
                     st_cluster_u32(rv + row * ROWB + (8 * t + 2 * q4) * 2, to_bf16(v[2 * h] * inv) | ((unsigned)to_bf16(v[2 * h + 1] * inv) << 16));
                 } else {
                     st_cluster_f2(rv + row * ROWB + (8 * t + 2 * q4) * 4, v[2 * h], v[2 * h + 1]);
