@@ -121,6 +121,15 @@ __device__ __forceinline__ void st_cluster_u32(unsigned addr, unsigned v) {
 __device__ __forceinline__ void st_cluster_f2(unsigned addr, float a, float b) {
     asm volatile("st.shared::cluster.v2.f32 [%0], {%1, %2};" :: "r"(addr), "f"(a), "f"(b) : "memory");
 }
+/* XCHG 0: into another rank's shared memory; otherwise my own (st.shared: not through the cluster path) */
+__device__ __forceinline__ void st_x_u32(unsigned addr, unsigned v) {
+    if (XCHG == 0) asm volatile("st.shared::cluster.u32 [%0], %1;" :: "r"(addr), "r"(v) : "memory");
+    else asm volatile("st.shared.u32 [%0], %1;" :: "r"(addr), "r"(v) : "memory");
+}
+__device__ __forceinline__ void st_x_f2(unsigned addr, float a, float b) {
+    if (XCHG == 0) asm volatile("st.shared::cluster.v2.f32 [%0], {%1, %2};" :: "r"(addr), "f"(a), "f"(b) : "memory");
+    else asm volatile("st.shared.v2.f32 [%0], {%1, %2};" :: "r"(addr), "f"(a), "f"(b) : "memory");
+}
 __device__ __forceinline__ void st_cluster_v4(unsigned addr, uint4 v) {
     asm volatile("st.shared::cluster.v4.u32 [%0], {%1, %2, %3, %4};" :: "r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
 }
@@ -462,7 +471,7 @@ head_block_kernel(const __grid_constant__ Args g)
        cluster barrier every rank pulls its 32 dims of every source's rows and merges them in fixed source order;
        thread: row tid / 2, dims 32 rank + 16 (tid % 2) .. +15 */
     {
-        const float inv0 = l[0] > 0.f ? 1.f / l[0] : 0.f, inv1 = l[1] > 0.f ? 1.f / l[1] : 0.f;
+        const float inv0 = l[0] > 0.f ? __fdividef(1.f, l[0]) : 0.f, inv1 = l[1] > 0.f ? __fdividef(1.f, l[1]) : 0.f;
         #pragma unroll
         for (int j = 0; j < 32; ++j)
             #pragma unroll
@@ -511,7 +520,7 @@ head_block_kernel(const __grid_constant__ Args g)
                     acc[2 * i + 1] += w * __uint_as_float(u[i] & 0xffff0000u);
                 }
             }
-            const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
+            const float inv = wsum > 0.f ? __fdividef(1.f, wsum) : 0.f;
             unsigned u[8];
             #pragma unroll
             for (int i = 0; i < 8; ++i) u[i] = to_bf16(acc[2 * i] * inv) | ((unsigned)to_bf16(acc[2 * i + 1] * inv) << 16);
@@ -527,7 +536,7 @@ head_block_kernel(const __grid_constant__ Args g)
 #else
     /* reduce-scatter: dims 32 d .. 32 d + 31 (o block d / 2, n8 tiles 4 (d % 2) ..) and (m, l) to rank d, into its
        slot `rank` of the partials; XCHG 1 stages the 7 others' in the keys' region (free: PV is done) */
-    const float linv[2] = {l[0] > 0.f ? __frcp_rn(l[0]) : 0.f, l[1] > 0.f ? __frcp_rn(l[1]) : 0.f};  /* PBF */
+    const float linv[2] = {l[0] > 0.f ? __fdividef(1.f, l[0]) : 0.f, l[1] > 0.f ? __fdividef(1.f, l[1]) : 0.f};  /* PBF */
     #pragma unroll
     for (int d = 0; d < 8; ++d) {
         const unsigned buf = d == (int)rank ? base + RECV_OFF + rank * PART
@@ -542,14 +551,14 @@ head_block_kernel(const __grid_constant__ Args g)
                 if (row >= R) continue;
                 if (PBF) {
                     const float inv = h ? linv[1] : linv[0];
-                    st_cluster_u32(rv + row * ROWB + (8 * t + 2 * q4) * 2, to_bf16(v[2 * h] * inv) | ((unsigned)to_bf16(v[2 * h + 1] * inv) << 16));
+                    st_x_u32(rv + row * ROWB + (8 * t + 2 * q4) * 2, to_bf16(v[2 * h] * inv) | ((unsigned)to_bf16(v[2 * h + 1] * inv) << 16));
                 } else {
-                    st_cluster_f2(rv + row * ROWB + (8 * t + 2 * q4) * 4, v[2 * h], v[2 * h + 1]);
+                    st_x_f2(rv + row * ROWB + (8 * t + 2 * q4) * 4, v[2 * h], v[2 * h + 1]);
                 }
             }
         if (q4 == 0) {
-            if (r0 < R) st_cluster_f2(rv + R * ROWB + r0 * 8, m[0], l[0]);
-            if (r0 + 8 < R) st_cluster_f2(rv + R * ROWB + (r0 + 8) * 8, m[1], l[1]);
+            if (r0 < R) st_x_f2(rv + R * ROWB + r0 * 8, m[0], l[0]);
+            if (r0 + 8 < R) st_x_f2(rv + R * ROWB + (r0 + 8) * 8, m[1], l[1]);
         }
     }
     asm volatile("fence.proxy.async;" ::: "memory");
@@ -610,7 +619,7 @@ head_block_kernel(const __grid_constant__ Args g)
                     }
                 }
             }
-            const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
+            const float inv = wsum > 0.f ? __fdividef(1.f, wsum) : 0.f;
             unsigned u[8];
             #pragma unroll
             for (int i = 0; i < 8; ++i) u[i] = to_bf16(acc[2 * i] * inv) | ((unsigned)to_bf16(acc[2 * i + 1] * inv) << 16);
