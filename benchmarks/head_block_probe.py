@@ -45,15 +45,19 @@ def run(T: int, kvw: int, layers: int, xchg: int, rounds: int = 7) -> dict:
     x, valid, per = setup(T, kvw, layers, g)
     xb = MC.to_blocked(x)
     out = torch.zeros(layers, HB.HEADS, MC.R, 1024, device="cuda")
-    ctr = torch.zeros(layers, dtype=torch.int32, device="cuda")
+    x0 = torch.randn(MC.R, 1024, device="cuda", generator=g)
+    xres = x0.clone()
+    ss = torch.zeros(512 // kvw, MC.R, device="cuda")
+    ctr = torch.zeros(layers, 3, dtype=torch.int32, device="cuda")
     grid = HB.grid(kvw)
     ts = torch.zeros(layers, grid, 8, dtype=torch.int64, device="cuda")
     res = {"T": T, "kvw": kvw, "xchg": xchg, "layers": layers, "resident_clusters": HB.resident_clusters(T, kvw)}
 
     def chain(stamps: bool):
         ctr.zero_()
+        xres.copy_(x0)
         for i, p in enumerate(per):
-            HB.head_block(xb, p["prep"], p["kc"], p["vc"], valid, T, out[i], ctr[i:i + 1],
+            HB.head_block(xb, p["prep"], p["kc"], p["vc"], valid, T, out[i], xres, ss, ctr[i],
                           timestamps=ts[i] if stamps else None, pdl=True, xchg=xchg)
 
     chain(False)
@@ -96,6 +100,8 @@ def run(T: int, kvw: int, layers: int, xchg: int, rounds: int = 7) -> dict:
             "head_x_in_spread": float(heads[i, :, 1].max() - x_in),
             "kv_mma_done": float((kvs[i, :, 2] - x_in).median()),
             "kv_published_max": float(kvs[i, :, 7].max() - x_in),
+            "partials_seen": float((kvs[i, :, 3] - x_in).median()),
+            "x_updated_max": float(kvs[i, :, 4].max() - x_in),
             "start_to_x_in": float(x_in - t0),
         })
     res["timeline_us"] = {k: round(statistics.median(r[k] for r in rows), 2) for k in rows[0]}
@@ -107,7 +113,7 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--T", type=int, nargs="+", default=[305], help="fixed keys (prefix + state); 305: one camera")
     ap.add_argument("--kvw", type=int, nargs="+", default=[16, 32], help="k | v columns per kv program")
-    ap.add_argument("--xchg", type=int, nargs="+", default=[0, 1, 2, 3], help="cluster exchanges: 0 remote stores + cluster "
+    ap.add_argument("--xchg", type=int, nargs="+", default=[1, 3], help="cluster exchanges: 0 remote stores + cluster "
                     "barriers, 1 staged + bulk copies, 2 local + a cluster barrier + 16-byte loads, 3 as 1 with bf16 partials")
     ap.add_argument("--rounds", type=int, default=2, help="repeat every variant (they alternate)")
     ap.add_argument("--layers", type=int, default=18)
@@ -125,14 +131,14 @@ def main():
                     print(r, flush=True)
                     results.append(r)
     print("\nT    kvw  xchg us/layer  err      | timeline (us after the first x lands): q, Q gathered, attention, scattered, "
-          "o tile, stored (median / max), kv published (max)")
+          "o tile, stored (median / max), kv published (max), heads' partials seen, residual updated (max)")
     for r in results:
         if "us_per_layer" in r:
             t = r["timeline_us"]
             print(f"{r['T']:4d} {r['kvw']:3d}  {r['xchg']:4d} {r['us_per_layer']:8.2f}  {r['rel_err']:.1e} | {t['head_q_done']:5.2f} "
                   f"{t['head_Q_gathered']:5.2f} {t['head_attn_done']:5.2f} {t['head_scattered']:5.2f} "
                   f"{t['head_o_tile_gathered']:5.2f} {t['head_stored']:5.2f} / {t['head_stored_max']:5.2f}  "
-                  f"kv {t['kv_published_max']:5.2f}  (launch gap {t['launch_gap']:.2f}, start->x {t['start_to_x_in']:.2f})")
+                  f"kv {t['kv_published_max']:5.2f}  seen {t['partials_seen']:5.2f}  x {t['x_updated_max']:5.2f}  (launch gap {t['launch_gap']:.2f}, start->x {t['start_to_x_in']:.2f})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -183,7 +183,9 @@ struct Args {
     bf16* kc; bf16* vc;      /* this layer's caches, kv_blocked [keys][256] */
     const int* key_valid;    /* [keys]: 0 = masked */
     float* out;              /* [8 heads][R][1024] partial o */
-    unsigned* counter;       /* this layer's: the kv programs' arrivals */
+    float* xres;             /* [R][1024] fp32 residual: += the 8 heads' o (by the kv programs, after the heads) */
+    float* ss;               /* [kv programs][R]: sums of squares of the new residual over each program's columns */
+    unsigned* counter;       /* this layer's 3: kv published, head partials stored, residual updated */
     unsigned long long* ts;  /* [128 programs][8] %globaltimer stamps, or null */
     int T;                   /* fixed keys (prefix + state); the suffix rows' keys are T + row */
     int nsb;                 /* 16-key sub-blocks of the cache: ceil((T + R) / 16) */
@@ -301,6 +303,41 @@ head_block_kernel(const __grid_constant__ Args g)
             asm volatile("fence.acq_rel.gpu;" ::: "memory");
             asm volatile("red.relaxed.gpu.global.add.u32 [%0], 1;" :: "l"(g.counter) : "memory");
             if (ts) ts[7] = globaltimer();
+        }
+        /* then the owner of residual columns NC i ..: x += the 8 heads' o (fixed order), and the rows' sums of squares
+           over these columns for the next RMSNorm; one release add when done (what the next layer would wait for) */
+        constexpr int NCOL = 1024 / KV_PROGRAMS, GRP = NCOL / 4;  /* columns, float4 groups per row (8 or 16) */
+        if (tid == 0) {
+            while (true) {
+                unsigned v;
+                asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(g.counter + 1) : "memory");
+                if (v >= 64) break;
+            }
+            if (ts) ts[3] = globaltimer();
+        }
+        asm volatile("bar.sync 1, 128;" ::: "memory");
+        for (int base_idx = 0; base_idx < R * GRP; base_idx += 128) {
+            const int idx = base_idx + tid, row = idx / GRP, c = NCOL * i + 4 * (idx % GRP);
+            float sq = 0.f;
+            if (idx < R * GRP) {
+                float4 acc = *(const float4*)(g.xres + (size_t)row * 1024 + c);
+                float4 p[8];
+                #pragma unroll
+                for (int h = 0; h < 8; ++h) p[h] = __ldcg((const float4*)(g.out + ((size_t)h * R + row) * 1024 + c));
+                #pragma unroll
+                for (int h = 0; h < 8; ++h) { acc.x += p[h].x; acc.y += p[h].y; acc.z += p[h].z; acc.w += p[h].w; }
+                *(float4*)(g.xres + (size_t)row * 1024 + c) = acc;
+                sq = acc.x * acc.x + acc.y * acc.y + acc.z * acc.z + acc.w * acc.w;
+            }
+            #pragma unroll
+            for (int k = 1; k < GRP; k <<= 1) sq += __shfl_xor_sync(0xffffffff, sq, k);
+            if (idx < R * GRP && idx % GRP == 0) g.ss[(size_t)i * R + row] = sq;
+        }
+        asm volatile("bar.sync 1, 128;" ::: "memory");
+        if (tid == 0) {
+            asm volatile("fence.acq_rel.gpu;" ::: "memory");
+            asm volatile("red.relaxed.gpu.global.add.u32 [%0], 1;" :: "l"(g.counter + 2) : "memory");
+            if (ts) ts[4] = globaltimer();
         }
         return;
     }
@@ -678,7 +715,12 @@ head_block_kernel(const __grid_constant__ Args g)
             const int row = r0 + 8 * h;
             if (row < R) *(float2*)(out + (size_t)row * 1024 + 8 * j + 2 * q4) = make_float2(od[4 * j + 2 * h], od[4 * j + 2 * h + 1]);
         }
-    if (ts && tid == 0) ts[7] = globaltimer();
+    bar_consumers();
+    if (tid == 0) {  /* the residual's owners (the kv programs) wait for all 64 */
+        asm volatile("fence.acq_rel.gpu;" ::: "memory");
+        asm volatile("red.relaxed.gpu.global.add.u32 [%0], 1;" :: "l"(g.counter + 1) : "memory");
+        if (ts) ts[7] = globaltimer();
+    }
     cluster_arrive(); cluster_wait();  /* E: no rank exits while another's bulk copies may still read its slices */
 }
 """
@@ -754,28 +796,32 @@ def prepare(wq: torch.Tensor, wkv: torch.Tensor, wo: torch.Tensor, kvw: int = 16
 class _Args(ctypes.Structure):
     _fields_ = [("x", ctypes.c_void_p), ("wq", ctypes.c_void_p), ("wkv", ctypes.c_void_p), ("wo", ctypes.c_void_p),
                 ("kc", ctypes.c_void_p), ("vc", ctypes.c_void_p), ("key_valid", ctypes.c_void_p), ("out", ctypes.c_void_p),
-                ("counter", ctypes.c_void_p), ("ts", ctypes.c_void_p), ("T", ctypes.c_int), ("nsb", ctypes.c_int)]
+                ("xres", ctypes.c_void_p), ("ss", ctypes.c_void_p), ("counter", ctypes.c_void_p), ("ts", ctypes.c_void_p), ("T", ctypes.c_int), ("nsb", ctypes.c_int)]
 
 
 def head_block(x_blocked: torch.Tensor, prepared: dict, kc: torch.Tensor, vc: torch.Tensor, key_valid: torch.Tensor,
-               T: int, out: torch.Tensor, counter: torch.Tensor, timestamps: torch.Tensor | None = None,
-               pdl: bool = False, xchg: int = 1) -> torch.Tensor:
-    """One layer: out [8, R, 1024] fp32, per head h: softmax2(q_h K^T) V @ Wo[256 h ..] with q = x Wq, and the suffix
-    rows' k, v = x Wkv written into the caches at keys T + row. x_blocked: `to_blocked(x)` of x [R, 1024] bf16; kc / vc:
+               T: int, out: torch.Tensor, xres: torch.Tensor, ss: torch.Tensor, counter: torch.Tensor,
+               timestamps: torch.Tensor | None = None, pdl: bool = False, xchg: int = 3) -> torch.Tensor:
+    """One layer's attention half: out [8, R, 1024] fp32, per head h: softmax2(q_h K^T) V @ Wo[256 h ..] with q = x Wq,
+    the suffix rows' k, v = x Wkv written into the caches at keys T + row, then xres [R, 1024] fp32 += the 8 heads' o
+    (fixed order) and ss [512 / kvw, R] = the new rows' sums of squares per owner's 1024 kvw / 512 columns. x_blocked: `to_blocked(x)` of x [R, 1024] bf16; kc / vc:
     this layer's kv_blocked [keys, 256] caches (keys >= 16 nsb, `caches`); key_valid int32 [>= 16 nsb] (0 past T + R);
-    counter: one zeroed int32 for this launch; timestamps: int64 [grid, 8] or None; xchg: the cluster exchanges (0
+    counter: 3 zeroed int32 for this launch; timestamps: int64 [grid, 8] or None; xchg: the cluster exchanges (0
     stores into the other ranks' shared memory + cluster barriers, 1 staged + one bulk copy per destination)."""
     nsb_total, nsb = nsb_for(T)
     kvw = prepared["kvw"]
     assert kc.shape[0] >= 16 * nsb_total and vc.shape == kc.shape and key_valid.numel() >= 16 * nsb_total
-    assert key_valid.dtype == torch.int32 and counter.dtype == torch.int32
+    assert key_valid.dtype == torch.int32 and counter.dtype == torch.int32 and counter.numel() >= 3
+    assert xres.shape == (R, WIDTH) and xres.dtype == torch.float32 and xres.is_contiguous()
+    assert ss.shape == (512 // kvw, R) and ss.dtype == torch.float32 and ss.is_contiguous()
     assert out.shape == (HEADS, R, WIDTH) and out.dtype == torch.float32 and out.is_contiguous()
     func, resident = _kernel(nsb, kvw, xchg)
     if resident < grid(kvw) // CS:
         raise RuntimeError(f"head_block needs {grid(kvw) // CS} resident clusters of 8; this GPU holds {resident}")
     ts = timestamps.data_ptr() if timestamps is not None else 0
     args = _Args(x_blocked.data_ptr(), prepared["wq"].data_ptr(), prepared["wkv"].data_ptr(), prepared["wo"].data_ptr(),
-                 kc.data_ptr(), vc.data_ptr(), key_valid.data_ptr(), out.data_ptr(), counter.data_ptr(), ts, T, nsb_total)
+                 kc.data_ptr(), vc.data_ptr(), key_valid.data_ptr(), out.data_ptr(), xres.data_ptr(), ss.data_ptr(),
+                 counter.data_ptr(), ts, T, nsb_total)
     launch_raw(func, grid(kvw), THREADS, smem_bytes(nsb), [args], pdl)
     return out
 

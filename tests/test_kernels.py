@@ -1124,14 +1124,21 @@ def test_head_block(T, kvw, xchg):
         valid[200:300] = 0
     ref, k_suf, v_suf = HB.head_block_ref(x, wq, wkv, wo, k_fixed, v_fixed, valid)
     prep = HB.prepare(wq, wkv, wo, kvw)
+    x0 = torch.randn(MC.R, 1024, device="cuda", generator=g)
     outs = []
     for _ in range(2):
         kc, vc = HB.caches(k_fixed, v_fixed)
         out = torch.full((8, MC.R, 1024), float("nan"), device="cuda")
-        counter = torch.zeros(1, dtype=torch.int32, device="cuda")
-        HB.head_block(MC.to_blocked(x), prep, kc, vc, valid, T, out, counter, xchg=xchg)
+        xres, ss = x0.clone(), torch.full((512 // kvw, MC.R), float("nan"), device="cuda")
+        counter = torch.zeros(3, dtype=torch.int32, device="cuda")
+        HB.head_block(MC.to_blocked(x), prep, kc, vc, valid, T, out, xres, ss, counter, xchg=xchg)
         torch.cuda.synchronize()
-        assert counter.item() == 512 // kvw
+        assert counter.tolist() == [512 // kvw, 64, 512 // kvw]
+        want = x0.clone()
+        for h in range(8):  # the kernel's order: the residual, then head 0, 1, ... (float32)
+            want += out[h]
+        assert torch.equal(xres, want)
+        assert rel(ss, xres.view(MC.R, 512 // kvw, -1).square().sum(-1).t()) < 1e-5
         k_all, v_all = MC.kv_blocked(kc, inverse=True), MC.kv_blocked(vc, inverse=True)
         assert rel(k_all[T: T + MC.R], k_suf) < 5e-3 and rel(v_all[T: T + MC.R], v_suf) < 5e-3
         assert torch.equal(k_all[:T], k_fixed) and torch.equal(v_all[:T], v_fixed)
