@@ -1,5 +1,5 @@
 """The attention half of an action-expert layer-step with one thread block cluster per head (CUDA C++ via NVRTC,
-sm_90a): a probe of the layer-step design in benchmarks/NOTES.md session 15, not used by the engine yet.
+sm_90a): a probe of a layer-step design (benchmarks/NOTES.md session 15), not used by the engine.
 
 Why: the persistent kernel (kernels/mega_chain.py) runs a layer-step as five links that each go through global
 memory (qkv -> attention -> o -> gate|up -> down), ~4-7 us apiece; qkv, attention and o take ~18.5 of its ~29 us.
@@ -20,8 +20,15 @@ the kv clusters publish), 160 threads (a consumer warpgroup + a loader warp).
       o_h, and rank r writes o_h's columns 128r..128r+127 (fp32, K = 256) to out[h].
   kv cluster c, rank r (program i = 8c + r): columns 8i..8i+7 of [Wk | Wv] -> the suffix keys' rows of the caches
       (bf16, kv_blocked), then one release add on the layer's counter.
-Not here yet (the probe measures the exchange pattern): RMSNorm row scale and RoPE (elementwise in the epilogues),
-the state row of flow step 0, more than NSB sub-blocks per rank (3 cameras: chunks with an online softmax).
+  then the kv programs own the residual's columns: x += the 8 heads' o in fixed order, and the rows' sums of squares
+      over their columns (the next RMSNorm's), after one counter the head programs add to.
+Not here (the probe measures the exchange pattern): RMSNorm row scale and RoPE (elementwise in the epilogues), the
+state row of flow step 0, more than 3 sub-blocks per rank (2-3 cameras: chunks with an online softmax).
+
+Measured (benchmarks/NOTES.md session 15): x landed -> residual updated in 13.75 us at 1 camera against the persistent
+kernel's ~15.25 for the same span; the cluster exchanges run at ~15-20 GB/s per receiving SM (H100's SM-to-SM
+network), a third of what an SM takes in from L2, so they cost about what the global links they replace did. Kept as
+a tested probe, not used by the engine.
 
 Reference: `head_block_ref`. Timed and stamped in benchmarks/head_block_probe.py.
 """
