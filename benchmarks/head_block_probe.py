@@ -17,6 +17,7 @@ import torch
 
 from pi0_triton_policy.kernels import head_block as HB
 from pi0_triton_policy.kernels import mega_chain as MC
+from stack_probe import time_graph  # noqa: E402 (benchmarks/ is the script's directory)
 
 PHASES = ["start", "x_in", "q_done", "Q_gathered", "attn_done", "scattered", "o_tile_gathered", "stored"]
 
@@ -69,21 +70,7 @@ def run(T: int, kvw: int, layers: int, xchg: int, rounds: int = 7) -> dict:
     torch.cuda.synchronize()
     res["bitwise_repeat"] = bool(torch.equal(first, out))
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=s):
-        chain(False)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        graph.replay()
-        e1.record()
-        torch.cuda.synchronize()
-        times.append(e0.elapsed_time(e1) * 1000 / layers)
-    res["us_per_layer"] = round(statistics.median(times), 2)
+    res["us_per_layer"] = round(time_graph(lambda: chain(False), n_inner=1, rounds=rounds) / layers, 2)
 
     chain(True)
     torch.cuda.synchronize()

@@ -78,24 +78,6 @@ _SOURCE = r"""
 @DEVICE@
 @WGMMA@
 
-/* wgmma m64n64k16, A (P) from registers, B (V) from shared memory N-major (imm-trans-b 1) */
-__device__ __forceinline__ void wgmma_pv64(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
-                                           unsigned long long db) {
-    asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-                 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
-                 "{%32,%33,%34,%35}, %36, 1, 1, 1, 1;"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(db) : "memory");
-}
-/* an N-major bf16 B operand in the 128-byte swizzle: 8-key atoms of 128 B rows 1024 B apart, 64-column groups 2048 B
-   apart */
-__device__ __forceinline__ unsigned long long sw128_desc_mn(unsigned addr) {
-    return (unsigned long long)((addr & 0x3FFFF) >> 4) | ((unsigned long long)(2048 >> 4) << 16)
-         | ((unsigned long long)(1024 >> 4) << 32) | (1ull << 62);
-}
 /* a K-major bf16 operand in the 64-byte swizzle: rows of 32 elements (64 B), 8-row atoms 512 B apart */
 __device__ __forceinline__ unsigned long long sw64_desc(unsigned addr) {
     return (unsigned long long)((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((unsigned long long)(512 >> 4) << 32) | (2ull << 62);
@@ -182,6 +164,35 @@ __device__ __forceinline__ void pull_slices(unsigned tile, unsigned rank, int ti
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  /* generic stores -> the wgmma reads */
     bar_consumers();
 }
+/* a merged row's 16 dims, scaled by inv, as bf16 in two 16-byte pieces */
+__device__ __forceinline__ void pack_row16(const float* acc, float inv, uint4 (&packed)[2]) {
+    unsigned u[8];
+    #pragma unroll
+    for (int i = 0; i < 8; ++i) u[i] = to_bf16(acc[2 * i] * inv) | ((unsigned)to_bf16(acc[2 * i + 1] * inv) << 16);
+    packed[0] = make_uint4(u[0], u[1], u[2], u[3]);
+    packed[1] = make_uint4(u[4], u[5], u[6], u[7]);
+}
+/* my slice (`rank`) of a tile of 8 slices is written (XCHG 0: into every rank already): complete every rank's copy
+   of the tile. XCHG 0: a cluster barrier; 1 / 3: one bulk copy of my slice to each other rank, then wait for theirs
+   on `bar`; 2: a cluster barrier, then pull the others' slices */
+__device__ __forceinline__ void gather_slices(unsigned tile, unsigned bar, unsigned rank, int tid) {
+    asm volatile("fence.proxy.async;" ::: "memory");  /* my generic stores -> bulk copies / wgmma (async proxy) */
+    if (XCHG == 0 || XCHG == 2) {
+        cluster_arrive(); cluster_wait();
+        if (XCHG == 0) asm volatile("fence.proxy.async;" ::: "memory");
+        else pull_slices(tile, rank, tid);
+    } else {
+        bar_consumers();
+        const unsigned mine = tile + rank * SLICE;
+        if (tid == 0)
+            for (int d = 1; d < 8; ++d) {
+                const unsigned dst = (rank + d) & 7;
+                bulk_push(mapa(mine, dst), mine, SLICE, mapa(bar, dst));
+            }
+        while (!mbar_try(bar, 0)) {}
+    }
+}
+
 struct Args {
     const bf16* x;           /* [16 blocks][56 rows][64] (mega_chain.to_blocked) */
     const bf16* wq;          /* [8 heads][8 ranks][16 k blocks][32 rows][64], swizzled (pack_rows) */
@@ -404,22 +415,7 @@ head_block_kernel(const __grid_constant__ Args g)
                     asm volatile("st.shared.u32 [%0], %1;" :: "r"(at), "r"(qp[2 * j + h]) : "memory");
                 }
             }
-        asm volatile("fence.proxy.async;" ::: "memory");  /* my generic stores -> bulk copies / wgmma (async proxy) */
-        if (XCHG == 0) {
-            cluster_arrive(); cluster_wait();  /* B: Q complete everywhere */
-            asm volatile("fence.proxy.async;" ::: "memory");
-        } else if (XCHG == 2) {
-            cluster_arrive(); cluster_wait();  /* every rank's slice is written */
-            pull_slices(base + Q_OFF, rank, tid);
-        } else {
-            bar_consumers();
-            if (tid == 0)
-                for (int d = 1; d < 8; ++d) {
-                    const unsigned dst = (rank + d) & 7;
-                    bulk_push(mapa(mine_slice, dst), mine_slice, SLICE, mapa(bars + 40, dst));
-                }
-            while (!mbar_try(bars + 40, 0)) {}
-        }
+        gather_slices(base + Q_OFF, bars + 40, rank, tid);  /* (XCHG 0: barrier B) */
     }
     if (ts && tid == 0) ts[3] = globaltimer();
 
@@ -564,18 +560,12 @@ head_block_kernel(const __grid_constant__ Args g)
                     acc[2 * i + 1] += w * __uint_as_float(u[i] & 0xffff0000u);
                 }
             }
-            const float inv = wsum > 0.f ? __fdividef(1.f, wsum) : 0.f;
-            unsigned u[8];
-            #pragma unroll
-            for (int i = 0; i < 8; ++i) u[i] = to_bf16(acc[2 * i] * inv) | ((unsigned)to_bf16(acc[2 * i + 1] * inv) << 16);
-            packed[0] = make_uint4(u[0], u[1], u[2], u[3]);
-            packed[1] = make_uint4(u[4], u[5], u[6], u[7]);
+            pack_row16(acc, wsum > 0.f ? __fdividef(1.f, wsum) : 0.f, packed);
         }
         const unsigned mine_slice = base + Q_OFF + rank * SLICE;
         #pragma unroll
         for (int c = 0; c < 2; ++c) st_shared_v4(mine_slice + sw64_off(row, 16 * half + 8 * c), packed[c]);
-        cluster_arrive(); cluster_wait();  /* every rank's slice of the o tile is written */
-        pull_slices(base + Q_OFF, rank, tid);
+        gather_slices(base + Q_OFF, bars + 56, rank, tid);
     }
 #else
     /* reduce-scatter: dims 32 d .. 32 d + 31 (o block d / 2, n8 tiles 4 (d % 2) ..) and (m, l) to rank d, into its
@@ -663,12 +653,7 @@ head_block_kernel(const __grid_constant__ Args g)
                     }
                 }
             }
-            const float inv = wsum > 0.f ? __fdividef(1.f, wsum) : 0.f;
-            unsigned u[8];
-            #pragma unroll
-            for (int i = 0; i < 8; ++i) u[i] = to_bf16(acc[2 * i] * inv) | ((unsigned)to_bf16(acc[2 * i + 1] * inv) << 16);
-            packed[0] = make_uint4(u[0], u[1], u[2], u[3]);
-            packed[1] = make_uint4(u[4], u[5], u[6], u[7]);
+            pack_row16(acc, wsum > 0.f ? __fdividef(1.f, wsum) : 0.f, packed);
         }
         const unsigned mine_slice = base + Q_OFF + rank * SLICE;
         #pragma unroll
@@ -682,19 +667,7 @@ head_block_kernel(const __grid_constant__ Args g)
                              "r"(packed[c].z), "r"(packed[c].w) : "memory");
             }
         }
-        asm volatile("fence.proxy.async;" ::: "memory");
-        if (XCHG == 0) {
-            cluster_arrive(); cluster_wait();  /* D: the o tile (attn_h) is complete everywhere */
-            asm volatile("fence.proxy.async;" ::: "memory");
-        } else {
-            bar_consumers();
-            if (tid == 0)
-                for (int d = 1; d < 8; ++d) {
-                    const unsigned dst = (rank + d) & 7;
-                    bulk_push(mapa(mine_slice, dst), mine_slice, SLICE, mapa(bars + 56, dst));
-                }
-            while (!mbar_try(bars + 56, 0)) {}
-        }
+        gather_slices(base + Q_OFF, bars + 56, rank, tid);  /* (XCHG 0: barrier D) */
     }
 #endif
     if (ts && tid == 0) ts[6] = globaltimer();

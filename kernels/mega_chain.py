@@ -1321,26 +1321,6 @@ __device__ __forceinline__ void attention_unit2(const Args& g, int l, int prog, 
 #error "ATTN 3's shared memory: the ring must end before the incoming slices, all of it inside the activation region"
 #endif
 
-/* wgmma m64n64k16, A (P) from registers, B (V) from shared memory N-major (imm-trans-b 1) */
-__device__ __forceinline__ void wgmma_pv64(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
-                                           unsigned long long db) {
-    asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-                 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
-                 "{%32,%33,%34,%35}, %36, 1, 1, 1, 1;"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(db) : "memory");
-}
-
-/* an N-major bf16 B operand in the 128-byte swizzle: 8-key atoms of 128 B rows 1024 B apart (stride byte offset),
-   64-column groups 2048 B apart (leading byte offset) */
-__device__ __forceinline__ unsigned long long sw128_desc_mn(unsigned addr) {
-    return (unsigned long long)((addr & 0x3FFFF) >> 4) | ((unsigned long long)(2048 >> 4) << 16)
-         | ((unsigned long long)(1024 >> 4) << 32) | (1ull << 62);
-}
-
 __device__ __forceinline__ void attention_loader3(const Args& g, int l, int prog, unsigned char* smem, int& au, int& kvi) {
     const unsigned a_u32 = smem_u32(smem), bars = smem_u32(smem + A_BYTES + RECV_BYTES + ROWSQ_BYTES + SS_BYTES) + NS * SLOT;
     const int h = prog >> 2, c = prog & 3;
