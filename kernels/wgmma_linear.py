@@ -177,8 +177,9 @@ def wgmma_linear(x: torch.Tensor, w_nk: torch.Tensor, bias: torch.Tensor | None,
     (float32 accumulation; act = tanh-GELU if gelu). out: bf16 or float32 (default bf16).
     split > 1: the K steps (64 columns each) are dealt into `split` contiguous parts, one program per (tile, part),
     and part z's product goes to out[z] of an out [split, M, N] (default float32), the bias in part 0 only: the
-    caller sums the parts in order (add_norm does, kernels/add_norm.py). More programs with shorter K loops for the
-    products whose output alone is too few tiles for the SMs (SigLIP's o / fc2 at 256 tokens: 16 tiles of 128 x 72).
+    caller sums the parts in order (add_norm does, kernels/add_norm.py): more programs with shorter K loops where the
+    output alone is too few tiles for the SMs. Measured slower than cuBLAS for SigLIP's o / fc2 and the prefix's o at
+    every camera count (benchmarks/NOTES.md session 15), so the engine does not use it.
     bn: the output tile width (default: one wave, `one_wave_width`); stages: the ring depth (default: as many as fit).
     pdl: launched with programmatic dependent launch. CUDA, sm_90a only."""
     M, K = x.shape
