@@ -56,7 +56,8 @@ _SOURCE = r"""
 #define XCHG @XCHG@                   /* cluster exchanges: 0 stores into the other ranks' shared memory + cluster
                                          barriers, 1 staged locally + one bulk copy per destination (mbarriers),
                                          2 written locally, a cluster barrier, 16-byte loads from the others,
-                                         3 as 1 with the partials normalised to bf16 */
+                                         3 as 1 with the partials normalised to bf16, 4 through global memory
+                                         (written to L2, a cluster barrier, one bulk copy per exchange) */
 #define A_BLOCK @A_BLOCK@             /* 56 rows x 128 B: one 64-column block of an activation (mega_chain's layout) */
 #define X_BYTES (16 * A_BLOCK)        /* x [56 rows][1024] */
 #define WQ_OFF X_BYTES                /* Wq slice [16 k blocks][32 rows][128 B]; later Wo slice [4][128 rows][128 B] */
@@ -66,11 +67,17 @@ _SOURCE = r"""
 #define Q_OFF 0                       /* after every rank's q MMA (barrier A), in x's region: Q [8 slices][64 rows][64 B]
                                          (32 dims each, the 64-byte swizzle), later the o tile attn_h the same way */
 #define SLICE 4096
-#define PBF (XCHG == 3)               /* XCHG 3: XCHG 1 with the partials normalised to bf16 (half the bytes) */
+#define PBF (XCHG == 3 || XCHG == 4)  /* XCHG 3 / 4: the partials normalised to bf16 (half the bytes) */
 #define ROWB (PBF ? 64 : 128)         /* bytes per row of a partial */
 #define PART (R * ROWB + R * 8)       /* one source's partial for 32 dims: O [R][32] (fp32, or O / l bf16), (m, l) [R] */
 #define RECV_OFF (8 * SLICE)          /* [8 sources][PART] */
 #define STAGE_OFF KV_OFF              /* XCHG 1: my partials for the 7 other ranks, staged (the keys are done) */
+/* XCHG 4: the exchanges through global memory, per head: Q slices [8][SLICE], o tile slices [8][SLICE], partials
+   [8 destinations][8 sources][PART]; each rank reads its 8 pieces of an exchange with one bulk copy */
+#define GX_Q 0
+#define GX_ATT (8 * SLICE)
+#define GX_PART (16 * SLICE)
+#define GX_HEAD (GX_PART + 64 * PART)
 #define SMEM_BYTES (BAR_OFF + 64)
 #if RECV_OFF + 8 * PART > X_BYTES || 7 * PART > KV_SLOTS * 16384 || PART % 16
 #error "the exchange buffers must fit in x's region, the staged partials in the keys' region"
@@ -164,6 +171,16 @@ __device__ __forceinline__ void pull_slices(unsigned tile, unsigned rank, int ti
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  /* generic stores -> the wgmma reads */
     bar_consumers();
 }
+/* XCHG 4, after the cluster barrier: `bytes` of the head's exchange buffer (written by the 8 ranks) into my shared
+   memory at dst, every consumer thread waiting for them */
+__device__ __forceinline__ void bulk_all(unsigned dst, const unsigned char* src, unsigned bytes, unsigned bar, int tid) {
+    if (tid == 0) {
+        asm volatile("fence.proxy.async.global;" ::: "memory");  /* generic stores of other SMs -> bulk reads */
+        expect_tx(bar, bytes);
+        bulk_copy(dst, src, bytes, bar);
+    }
+    while (!mbar_try(bar, 0)) {}
+}
 /* a merged row's 16 dims, scaled by inv, as bf16 in two 16-byte pieces */
 __device__ __forceinline__ void pack_row16(const float* acc, float inv, uint4 (&packed)[2]) {
     unsigned u[8];
@@ -172,15 +189,17 @@ __device__ __forceinline__ void pack_row16(const float* acc, float inv, uint4 (&
     packed[0] = make_uint4(u[0], u[1], u[2], u[3]);
     packed[1] = make_uint4(u[4], u[5], u[6], u[7]);
 }
-/* my slice (`rank`) of a tile of 8 slices is written (XCHG 0: into every rank already): complete every rank's copy
-   of the tile. XCHG 0: a cluster barrier; 1 / 3: one bulk copy of my slice to each other rank, then wait for theirs
-   on `bar`; 2: a cluster barrier, then pull the others' slices */
-__device__ __forceinline__ void gather_slices(unsigned tile, unsigned bar, unsigned rank, int tid) {
+/* my slice (`rank`) of a tile of 8 slices is written (XCHG 0: into every rank already; 4: into `gx`, the head's 8
+   slices in global memory): complete every rank's copy of the tile. XCHG 0: a cluster barrier; 1 / 3: one bulk copy
+   of my slice to each other rank, then wait for theirs on `bar`; 2: a cluster barrier, then pull the others' slices;
+   4: a cluster barrier, then one bulk copy of all 8 slices from global memory */
+__device__ __forceinline__ void gather_slices(unsigned tile, unsigned bar, unsigned rank, int tid, const unsigned char* gx) {
     asm volatile("fence.proxy.async;" ::: "memory");  /* my generic stores -> bulk copies / wgmma (async proxy) */
-    if (XCHG == 0 || XCHG == 2) {
+    if (XCHG == 0 || XCHG == 2 || XCHG == 4) {
         cluster_arrive(); cluster_wait();
         if (XCHG == 0) asm volatile("fence.proxy.async;" ::: "memory");
-        else pull_slices(tile, rank, tid);
+        else if (XCHG == 2) pull_slices(tile, rank, tid);
+        else bulk_all(tile, gx, 8 * SLICE, bar, tid);
     } else {
         bar_consumers();
         const unsigned mine = tile + rank * SLICE;
@@ -204,6 +223,7 @@ struct Args {
     float* xres;             /* [R][1024] fp32 residual: += the 8 heads' o (by the kv programs, after the heads) */
     float* ss;               /* [kv programs][R]: sums of squares of the new residual over each program's columns */
     unsigned* counter;       /* this layer's 3: kv published, head partials stored, residual updated */
+    unsigned char* xbuf;     /* XCHG 4: [8 heads][GX_HEAD] bytes of exchange buffers */
     unsigned long long* ts;  /* [128 programs][8] %globaltimer stamps, or null */
     int T;                   /* fixed keys (prefix + state); the suffix rows' keys are T + row */
     int nsb;                 /* 16-key sub-blocks of the cache: ceil((T + R) / 16) */
@@ -361,6 +381,7 @@ head_block_kernel(const __grid_constant__ Args g)
     }
 
     /* ---- head cluster: q columns 32 rank .. 32 rank + 31 of head `cluster` */
+    unsigned char* const gx = g.xbuf + (size_t)cluster * GX_HEAD;  /* XCHG 4 */
     float qd[16];
     #pragma unroll
     for (int i = 0; i < 16; ++i) qd[i] = 0.f;
@@ -374,7 +395,7 @@ head_block_kernel(const __grid_constant__ Args g)
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
     #pragma unroll
     for (int i = 0; i < 16; ++i) asm volatile("" : "+f"(qd[i]) :: "memory");
-    if (XCHG != 2) cluster_arrive();  /* A: this program no longer reads x (others' stores / copies land there) */
+    if (XCHG != 2 && XCHG != 4) cluster_arrive();  /* A: this program no longer reads x (others' stores land there) */
     if (ts && tid == 0) ts[2] = globaltimer();
     unsigned qp[8];
     #pragma unroll
@@ -394,7 +415,7 @@ head_block_kernel(const __grid_constant__ Args g)
                 vbits |= (unsigned)((v.x != 0) | ((v.y != 0) << 1)) << (4 * j + 2 * n);
             }
         }
-    if (XCHG != 2) cluster_wait();
+    if (XCHG != 2 && XCHG != 4) cluster_wait();
     else bar_consumers();
     if (tid == 0) {  /* Wo's slice into Wq's region (every thread of this program is past its q MMA) */
         expect_tx(bars + 32, 65536);
@@ -411,11 +432,13 @@ head_block_kernel(const __grid_constant__ Args g)
                 if (XCHG == 0) {
                     #pragma unroll
                     for (int dst = 0; dst < 8; ++dst) st_cluster_u32(mapa(at, dst), qp[2 * j + h]);
+                } else if (XCHG == 4) {
+                    *(unsigned*)(gx + GX_Q + rank * SLICE + sw64_off(r0 + 8 * h, 8 * j + 2 * q4)) = qp[2 * j + h];
                 } else {
                     asm volatile("st.shared.u32 [%0], %1;" :: "r"(at), "r"(qp[2 * j + h]) : "memory");
                 }
             }
-        gather_slices(base + Q_OFF, bars + 40, rank, tid);  /* (XCHG 0: barrier B) */
+        gather_slices(base + Q_OFF, bars + 40, rank, tid, gx + GX_Q);  /* (XCHG 0: barrier B) */
     }
     if (ts && tid == 0) ts[3] = globaltimer();
 
@@ -565,7 +588,7 @@ head_block_kernel(const __grid_constant__ Args g)
         const unsigned mine_slice = base + Q_OFF + rank * SLICE;
         #pragma unroll
         for (int c = 0; c < 2; ++c) st_shared_v4(mine_slice + sw64_off(row, 16 * half + 8 * c), packed[c]);
-        gather_slices(base + Q_OFF, bars + 56, rank, tid);
+        gather_slices(base + Q_OFF, bars + 56, rank, tid, gx + GX_ATT);
     }
 #else
     /* reduce-scatter: dims 32 d .. 32 d + 31 (o block d / 2, n8 tiles 4 (d % 2) ..) and (m, l) to rank d, into its
@@ -576,6 +599,7 @@ head_block_kernel(const __grid_constant__ Args g)
         const unsigned buf = d == (int)rank ? base + RECV_OFF + rank * PART
                                             : base + STAGE_OFF + ((d - (int)rank - 1) & 7) * PART;
         const unsigned rv = XCHG == 0 ? mapa(base + RECV_OFF + rank * PART, d) : buf;
+        unsigned char* const gv = gx + GX_PART + (d * 8 + rank) * PART;  /* XCHG 4: my piece for rank d */
         #pragma unroll
         for (int t = 0; t < 4; ++t)
             #pragma unroll
@@ -585,19 +609,29 @@ head_block_kernel(const __grid_constant__ Args g)
                 if (row >= R) continue;
                 if (PBF) {
                     const float inv = h ? linv[1] : linv[0];
-                    st_x_u32(rv + row * ROWB + (8 * t + 2 * q4) * 2, to_bf16(v[2 * h] * inv) | ((unsigned)to_bf16(v[2 * h + 1] * inv) << 16));
+                    const unsigned u = to_bf16(v[2 * h] * inv) | ((unsigned)to_bf16(v[2 * h + 1] * inv) << 16);
+                    if (XCHG == 4) *(unsigned*)(gv + row * ROWB + (8 * t + 2 * q4) * 2) = u;
+                    else st_x_u32(rv + row * ROWB + (8 * t + 2 * q4) * 2, u);
                 } else {
                     st_x_f2(rv + row * ROWB + (8 * t + 2 * q4) * 4, v[2 * h], v[2 * h + 1]);
                 }
             }
         if (q4 == 0) {
-            if (r0 < R) st_x_f2(rv + R * ROWB + r0 * 8, m[0], l[0]);
-            if (r0 + 8 < R) st_x_f2(rv + R * ROWB + (r0 + 8) * 8, m[1], l[1]);
+            if (XCHG == 4) {
+                if (r0 < R) *(float2*)(gv + R * ROWB + r0 * 8) = make_float2(m[0], l[0]);
+                if (r0 + 8 < R) *(float2*)(gv + R * ROWB + (r0 + 8) * 8) = make_float2(m[1], l[1]);
+            } else {
+                if (r0 < R) st_x_f2(rv + R * ROWB + r0 * 8, m[0], l[0]);
+                if (r0 + 8 < R) st_x_f2(rv + R * ROWB + (r0 + 8) * 8, m[1], l[1]);
+            }
         }
     }
     asm volatile("fence.proxy.async;" ::: "memory");
     if (XCHG == 0) {
         cluster_arrive(); cluster_wait();  /* C: every rank's partial of my dims is here */
+    } else if (XCHG == 4) {
+        cluster_arrive(); cluster_wait();
+        bulk_all(base + RECV_OFF, gx + GX_PART + rank * 8 * PART, 8 * PART, bars + 48, tid);
     } else {
         bar_consumers();
         if (tid == 0)
@@ -662,12 +696,13 @@ head_block_kernel(const __grid_constant__ Args g)
             if (XCHG == 0) {
                 #pragma unroll
                 for (int dst = 0; dst < 8; ++dst) st_cluster_v4(mapa(at, dst), packed[c]);
+            } else if (XCHG == 4) {
+                *(uint4*)(gx + GX_ATT + rank * SLICE + sw64_off(row, 16 * half + 8 * c)) = packed[c];
             } else {
-                asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" :: "r"(at), "r"(packed[c].x), "r"(packed[c].y),
-                             "r"(packed[c].z), "r"(packed[c].w) : "memory");
+                st_shared_v4(at, packed[c]);
             }
         }
-        gather_slices(base + Q_OFF, bars + 56, rank, tid);  /* (XCHG 0: barrier D) */
+        gather_slices(base + Q_OFF, bars + 56, rank, tid, gx + GX_ATT);  /* (XCHG 0: barrier D) */
     }
 #endif
     if (ts && tid == 0) ts[6] = globaltimer();
@@ -773,10 +808,17 @@ def prepare(wq: torch.Tensor, wkv: torch.Tensor, wo: torch.Tensor, kvw: int = 16
     return {"wq": q.contiguous(), "wkv": kv.contiguous(), "wo": o.contiguous(), "kvw": kvw}
 
 
+@functools.lru_cache(maxsize=None)
+def _exchange_buffer(device) -> torch.Tensor:
+    """XCHG 4's global exchange buffers, [8 heads][GX_HEAD] bytes (every launch overwrites before it reads)."""
+    part = R * 64 + R * 8  # bf16 partials
+    return torch.empty(HEADS * (16 * 4096 + 64 * part), dtype=torch.uint8, device=device)
+
+
 class _Args(ctypes.Structure):
     _fields_ = [("x", ctypes.c_void_p), ("wq", ctypes.c_void_p), ("wkv", ctypes.c_void_p), ("wo", ctypes.c_void_p),
                 ("kc", ctypes.c_void_p), ("vc", ctypes.c_void_p), ("key_valid", ctypes.c_void_p), ("out", ctypes.c_void_p),
-                ("xres", ctypes.c_void_p), ("ss", ctypes.c_void_p), ("counter", ctypes.c_void_p), ("ts", ctypes.c_void_p), ("T", ctypes.c_int), ("nsb", ctypes.c_int)]
+                ("xres", ctypes.c_void_p), ("ss", ctypes.c_void_p), ("counter", ctypes.c_void_p), ("xbuf", ctypes.c_void_p), ("ts", ctypes.c_void_p), ("T", ctypes.c_int), ("nsb", ctypes.c_int)]
 
 
 def head_block(x_blocked: torch.Tensor, prepared: dict, kc: torch.Tensor, vc: torch.Tensor, key_valid: torch.Tensor,
@@ -801,7 +843,7 @@ def head_block(x_blocked: torch.Tensor, prepared: dict, kc: torch.Tensor, vc: to
     ts = timestamps.data_ptr() if timestamps is not None else 0
     args = _Args(x_blocked.data_ptr(), prepared["wq"].data_ptr(), prepared["wkv"].data_ptr(), prepared["wo"].data_ptr(),
                  kc.data_ptr(), vc.data_ptr(), key_valid.data_ptr(), out.data_ptr(), xres.data_ptr(), ss.data_ptr(),
-                 counter.data_ptr(), ts, T, nsb_total)
+                 counter.data_ptr(), _exchange_buffer(out.device).data_ptr() if xchg == 4 else 0, ts, T, nsb_total)
     launch_raw(func, grid(kvw), THREADS, smem_bytes(nsb), [args], pdl)
     return out
 
