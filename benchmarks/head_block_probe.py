@@ -100,9 +100,10 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--T", type=int, nargs="+", default=[305], help="fixed keys (prefix + state); 305: one camera")
     ap.add_argument("--kvw", type=int, nargs="+", default=[16, 32], help="k | v columns per kv program")
-    ap.add_argument("--xchg", type=int, nargs="+", default=[3, 4], help="cluster exchanges: 0 remote stores + cluster "
-                    "barriers, 1 staged + bulk copies, 2 local + a cluster barrier + 16-byte loads, 3 as 1 with bf16 partials, "
-                    "4 through global memory")
+    ap.add_argument("--xchg", type=int, nargs="+", default=[3, 4],
+                    help="cluster exchanges (kernels/head_block.py XCHG): 0 remote stores + cluster barriers, 1 staged + "
+                         "bulk copies, 2 local + a cluster barrier + 16-byte loads, 3 as 1 with bf16 partials, 4 through "
+                         "global memory")
     ap.add_argument("--rounds", type=int, default=2, help="repeat every variant (they alternate)")
     ap.add_argument("--layers", type=int, default=18)
     args = ap.parse_args()

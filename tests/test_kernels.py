@@ -1096,11 +1096,12 @@ def test_time_mlp_writes_mega_inputs(gen, split):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T,kvw,xchg", [(305, 16, 1), (305, 32, 0), (305, 16, 2), (305, 16, 3), (305, 16, 4), (49, 32, 1), (49, 32, 2), (49, 32, 3), (49, 32, 4)])
+@pytest.mark.parametrize("T,kvw,xchg", [(305, 16, 1), (305, 32, 0), (305, 16, 2), (305, 16, 3), (305, 16, 4),
+                                         (49, 32, 1), (49, 32, 2), (49, 32, 3), (49, 32, 4)])
 def test_head_block(T, kvw, xchg):
     """The per-head cluster attention block (CUDA C++, sm_90a; kernels/head_block.py) against its float32 reference on
     fresh random data: one camera's 305 fixed keys with a padded prompt (keys 200..299 masked), and 49 fixed keys (a
-    rank with no keys at all, ranks with only suffix keys); both exchange variants; the suffix rows' k / v land in
+    rank with no keys at all, ranks with only suffix keys); every exchange variant; the suffix rows' k / v land in
     the caches (to bf16 rounding: another summation order), the fixed keys untouched; bitwise repeatable."""
     from pi0_triton_policy.kernels import head_block as HB
     from pi0_triton_policy.kernels import mega_chain as MC
