@@ -27,8 +27,9 @@ state row of flow step 0, more than 3 sub-blocks per rank (2-3 cameras: chunks w
 
 Measured (benchmarks/NOTES.md session 15): x landed -> residual updated in 13.75 us at 1 camera against the persistent
 kernel's ~15.25 for the same span; the cluster exchanges run at ~15-20 GB/s per receiving SM (H100's SM-to-SM
-network), a third of what an SM takes in from L2, so they cost about what the global links they replace did. Kept as
-a tested probe, not used by the engine.
+network), a third of what an SM takes in from L2, and through L2 instead (XCHG 4) each costs as much again (~2 us of
+synchronisation and round trips), so they cost about what the global links they replace did. Kept as a tested probe,
+not used by the engine.
 
 Reference: `head_block_ref`. Timed and stamped in benchmarks/head_block_probe.py.
 """
