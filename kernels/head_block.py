@@ -42,12 +42,11 @@ import functools
 import torch
 
 from pi0_triton_policy.kernels.cluster_matmul import _LaunchConfig, _libcuda, compile_cuda, launch_raw, wgmma_n_source
-from pi0_triton_policy.kernels.mega_chain import A_BLOCK, R, kv_blocked, to_blocked  # noqa: F401 (to_blocked: x's layout)
+from pi0_triton_policy.kernels.mega_chain import A_BLOCK, R, kv_blocked
 from pi0_triton_policy.kernels.wgmma_geglu import device_helpers
 
 HEADS, CS, HEAD_DIM, WIDTH = 8, 8, 256, 1024
 THREADS = 160
-STAMPS = 8  # per program: start, x in, q done, Q gathered, S + PV done, merge barrier, o tile gathered, stored
 
 _SOURCE = r"""
 #define R @R@
@@ -115,9 +114,6 @@ __device__ __forceinline__ unsigned mapa(unsigned addr, unsigned rank) {
 __device__ __forceinline__ void st_cluster_u32(unsigned addr, unsigned v) {
     asm volatile("st.shared::cluster.u32 [%0], %1;" :: "r"(addr), "r"(v) : "memory");
 }
-__device__ __forceinline__ void st_cluster_f2(unsigned addr, float a, float b) {
-    asm volatile("st.shared::cluster.v2.f32 [%0], {%1, %2};" :: "r"(addr), "f"(a), "f"(b) : "memory");
-}
 /* XCHG 0: into another rank's shared memory; otherwise my own (st.shared: not through the cluster path) */
 __device__ __forceinline__ void st_x_u32(unsigned addr, unsigned v) {
     if (XCHG == 0) asm volatile("st.shared::cluster.u32 [%0], %1;" :: "r"(addr), "r"(v) : "memory");
@@ -133,10 +129,6 @@ __device__ __forceinline__ void st_cluster_v4(unsigned addr, uint4 v) {
 __device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory"); }
 __device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory"); }
 __device__ __forceinline__ float ex2(float x) { float y; asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x)); return y; }
-/* byte offset of (row, col) in a [rows][64] bf16 block of 128-byte rows, 16-byte groups XOR-swizzled by row % 8 */
-__device__ __forceinline__ unsigned sw_off(int row, int col) {
-    return row * 128 + ((((col >> 3) ^ row) & 7) << 4) + (col & 7) * 2;
-}
 /* element index of (key, d) in a kv_blocked cache */
 __device__ __forceinline__ size_t kv_index(int key, int d) {
     return (size_t)(key >> 4) * 4096 + (d >> 6) * 1024 + (key & 15) * 64 + (((((d & 63) >> 3) ^ key) & 7) << 3) + (d & 7);
@@ -827,10 +819,10 @@ def head_block(x_blocked: torch.Tensor, prepared: dict, kc: torch.Tensor, vc: to
                timestamps: torch.Tensor | None = None, pdl: bool = False, xchg: int = 3) -> torch.Tensor:
     """One layer's attention half: out [8, R, 1024] fp32, per head h: softmax2(q_h K^T) V @ Wo[256 h ..] with q = x Wq,
     the suffix rows' k, v = x Wkv written into the caches at keys T + row, then xres [R, 1024] fp32 += the 8 heads' o
-    (fixed order) and ss [512 / kvw, R] = the new rows' sums of squares per owner's 1024 kvw / 512 columns. x_blocked: `to_blocked(x)` of x [R, 1024] bf16; kc / vc:
-    this layer's kv_blocked [keys, 256] caches (keys >= 16 nsb, `caches`); key_valid int32 [>= 16 nsb] (0 past T + R);
-    counter: 3 zeroed int32 for this launch; timestamps: int64 [grid, 8] or None; xchg: the cluster exchanges (0
-    stores into the other ranks' shared memory + cluster barriers, 1 staged + one bulk copy per destination)."""
+    (fixed order) and ss [512 / kvw, R] = the new rows' sums of squares per owner's 1024 kvw / 512 columns.
+    x_blocked: `mega_chain.to_blocked(x)` of x [R, 1024] bf16; kc / vc: this layer's kv_blocked [keys, 256] caches
+    (keys >= 16 nsb, `caches`); key_valid int32 [>= 16 nsb] (0 past T + R); counter: 3 zeroed int32 for this launch;
+    timestamps: int64 [grid, 8] or None; xchg: the cluster exchanges (the kernel's XCHG 0-4, see its source)."""
     nsb_total, nsb = nsb_for(T)
     kvw = prepared["kvw"]
     assert kc.shape[0] >= 16 * nsb_total and vc.shape == kc.shape and key_valid.numel() >= 16 * nsb_total
