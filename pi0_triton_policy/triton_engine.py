@@ -204,6 +204,9 @@ class Tuning:
     st_ahead: int = 2
     st_barrier: int = 0  # 0 one arrival counter (fastest measured), 1 per-program flags
     pdl: bool = True  # programmatic dependent launch between the skinny path's kernels (where Triton has it)
+    # the BLAS library behind the engine's torch matmuls (vision, prefix) while run() issues / captures them: ""
+    # torch's default, "cublas" or "cublaslt" (torch.backends.cuda.preferred_blas_library; restored afterwards)
+    blas: str = ""
     # the same for the Triton kernels of the vision and prefix phases (norms, RoPE, GeGLU, attention): off, measured
     # neutral to slower (replay 11.47 / 13.45 / 16.30 ms on vs 11.54 / 13.40 / 16.16 off, NOTES.md session 5)
     pdl_glue: bool = False
@@ -467,6 +470,17 @@ class _ViewGraph:
 
     def run(self):
         """Issue the whole inference (eager); the CUDA graph captures exactly this."""
+        blas = self.eng.tuning.blas
+        if not blas or not self.images.is_cuda:
+            return self._run()
+        before = torch.backends.cuda.preferred_blas_library()
+        torch.backends.cuda.preferred_blas_library(blas)
+        try:
+            return self._run()
+        finally:
+            torch.backends.cuda.preferred_blas_library(before)
+
+    def _run(self):
         cfg, W, t, ws = self.eng.cfg, self.eng.weights, self.eng.tuning, self.ws
         v, p, a = cfg.vision, cfg.prefix, cfg.action
         V, T, S, M = self.V, self.T, self.S, self.V * self.P
