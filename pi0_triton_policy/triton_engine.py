@@ -205,7 +205,9 @@ class Tuning:
     st_barrier: int = 0  # 0 one arrival counter (fastest measured), 1 per-program flags
     pdl: bool = True  # programmatic dependent launch between the skinny path's kernels (where Triton has it)
     # the BLAS library behind the engine's torch matmuls (vision, prefix) while run() issues / captures them: ""
-    # torch's default, "cublas" or "cublaslt" (torch.backends.cuda.preferred_blas_library; restored afterwards)
+    # torch's default, "cublas" or "cublaslt" (torch.backends.cuda.preferred_blas_library; restored afterwards).
+    # "cublaslt" measured neutral: replay 9.02 / 10.77 / 12.66 and 9.09 / 10.81 / 12.69 ms vs the default's 9.05 /
+    # 10.80 / 12.62 and 9.07 / 10.78 / 12.68 in the same process (NOTES.md session 16)
     blas: str = ""
     # the same for the Triton kernels of the vision and prefix phases (norms, RoPE, GeGLU, attention): off, measured
     # neutral to slower (replay 11.47 / 13.45 / 16.30 ms on vs 11.54 / 13.40 / 16.16 off, NOTES.md session 5)
