@@ -4,6 +4,7 @@ graph's own staging (set_inputs + replay + output clone, no mask logic) and the 
 piece (perf_counter) and the GPU time between events recorded at the piece boundaries. Random full-size weights.
 
     python benchmarks/host_part_probe.py [--views 1 3] [--runs 200]
+    python benchmarks/host_part_probe.py --numpy [--views 1 2 3]   # the policy server's call: numpy in, numpy out
 """
 
 from __future__ import annotations
@@ -80,7 +81,56 @@ def row_call(eng, a):
     return g().clone()[None]
 
 
+def wall_ms(fn, runs: int) -> float:
+    """Median host wall time of a call that returns after the GPU is done (as the policy server times the backend)."""
+    for _ in range(3):
+        fn()
+    ts = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
+
+
+def numpy_calls(eng, cfg, views_list, runs: int):
+    """The backend call the policy server makes (numpy in, numpy out: `sample_actions`) with the graph's pinned input
+    mirror (Tuning.host_staging, one copy each way) and without (a torch tensor per array, a copy per tensor), against
+    the same observation already on the device and the bare replay; rounds alternate."""
+    import dataclasses
+
+    base = eng.tuning
+    for views in views_list:
+        a = inputs(cfg, views, 48, seed=views)  # numpy: [3, 224, 224, 3] float32 images, mask, prompt, state, noise
+        dev = to_torch(a, "cuda")
+        g = eng.graph_for(views)
+
+        def device_call():
+            eng.sample_actions_torch(*dev)
+            torch.cuda.synchronize()
+
+        def replay():
+            g.graph.replay()
+            torch.cuda.synchronize()
+
+        for rnd in range(2):
+            row = {}
+            for name, staging in (("mirror", True), ("per-tensor", False)):
+                eng.tuning = dataclasses.replace(base, host_staging=staging)
+                row[name] = wall_ms(lambda: eng.sample_actions(*a), runs)
+            eng.tuning = base
+            row["device inputs"] = wall_ms(device_call, runs)
+            row["replay"] = wall_ms(replay, runs)
+            print(f"views={views} round {rnd}: numpy call, wall ms: " + " | ".join(f"{k} {v:.3f}" for k, v in row.items()),
+                  flush=True)
+
+
 def main():
+    if "--numpy" in sys.argv:
+        sys.argv.remove("--numpy")
+        args, cfg, eng = probe_engine()
+        numpy_calls(eng, cfg, args.views, args.runs)
+        return
     args, cfg, eng = probe_engine()
     for views in args.views:
         a = to_torch(inputs(cfg, views, 48, seed=views), "cuda")

@@ -209,6 +209,9 @@ class Tuning:
     # "cublaslt" measured neutral: replay 9.02 / 10.77 / 12.66 and 9.09 / 10.81 / 12.69 ms vs the default's 9.05 /
     # 10.80 / 12.62 and 9.07 / 10.78 / 12.68 in the same process (NOTES.md session 16)
     blas: str = ""
+    # calls from host memory (numpy: the policy server's) stage one observation in the graph's pinned input mirror
+    # and move it with one copy (_InputBlock); False: torch tensors from the numpy arrays, a copy per tensor
+    host_staging: bool = True
     # the same for the Triton kernels of the vision and prefix phases (norms, RoPE, GeGLU, attention): off, measured
     # neutral to slower (replay 11.47 / 13.45 / 16.30 ms on vs 11.54 / 13.40 / 16.16 off, NOTES.md session 5)
     pdl_glue: bool = False
@@ -355,6 +358,47 @@ class EngineWeights:
         return self._time_cache[num_steps]
 
 
+class _InputBlock:
+    """A graph's raw inputs as views of one device block (fields in the given order, each 256-byte aligned), and a
+    host mirror of the same layout for calls from host memory: numpy views to fill, then the used prefix of the
+    block moves in ONE asynchronous copy from pinned memory (the per-tensor path from pageable memory costs a
+    synchronous copy per tensor while the GPU waits). On a CPU device the mirror is the block itself."""
+
+    ALIGN = 256
+
+    def __init__(self, device: torch.device, fields: dict):
+        self.layout, off = {}, 0
+        for name, (shape, dtype) in fields.items():
+            nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+            self.layout[name] = (off, nbytes, shape, dtype)
+            off += -(-nbytes // self.ALIGN) * self.ALIGN
+        self.nbytes = off
+        self.block = torch.zeros(off, dtype=torch.uint8, device=device)
+        self.dev = {name: self._view(self.block, name) for name in fields}
+        self.host_block, self.host = None, None
+
+    def _view(self, block: torch.Tensor, name: str) -> torch.Tensor:
+        off, nbytes, shape, dtype = self.layout[name]
+        return block[off:off + nbytes].view(dtype).view(shape)
+
+    def host_views(self) -> dict[str, np.ndarray]:
+        """numpy views of the host mirror (pinned, made on first use; the device block itself on a CPU device)."""
+        if self.host is None:
+            cuda = self.block.is_cuda
+            self.host_block = torch.zeros(self.nbytes, dtype=torch.uint8, pin_memory=True) if cuda else self.block
+            self.host = {name: self._view(self.host_block, name).numpy() for name in self.layout}
+        return self.host
+
+    def offset(self, name: str) -> int:
+        return self.layout[name][0]
+
+    def upload(self, nbytes: int):
+        """The mirror's first nbytes -> the device block, asynchronously on the current stream (nothing on a CPU
+        device). The mirror may be refilled once the stream has passed this copy (a call ends after its graph)."""
+        if self.host_block is not self.block:
+            self.block[:nbytes].copy_(self.host_block[:nbytes], non_blocking=True)
+
+
 class _ViewGraph:
     """Static buffers + one CUDA graph of sample_actions for V present cameras and a fixed step count."""
 
@@ -367,12 +411,17 @@ class _ViewGraph:
         self.T = T = num_views * P + L
         z = lambda *s, dtype=torch.float32: torch.zeros(*s, dtype=dtype, device=dev)  # noqa: E731
         # inputs: every camera slot (a call with its images on this device stages them in one copy), and which slots
-        # are the present views (patch_embed reads through it: absent cameras are never computed)
-        self.images = z(cfg.num_image_slots, v.image_size, v.image_size, 3)
-        self.slot_idx = torch.arange(num_views, dtype=torch.int32, device=dev)
+        # are the present views (patch_embed reads through it: absent cameras are never computed). All of them are
+        # views of one device block, small ones first, so that a call from host memory moves the present views
+        # (packed into slots 0..V-1) and everything else with ONE copy from a pinned mirror (stage_host)
+        self._inputs = _InputBlock(dev, dict(
+            tokens=((L,), torch.int32), token_mask=((L,), torch.int32), state=((1, cfg.action_dim), torch.float32),
+            x_t=((cfg.action_horizon, cfg.action_dim), torch.float32), slot_idx=((num_views,), torch.int32),
+            images=((cfg.num_image_slots, v.image_size, v.image_size, 3), torch.float32)))
+        self.images, self.slot_idx = self._inputs.dev["images"], self._inputs.dev["slot_idx"]
+        self.slot_idx.copy_(torch.arange(num_views, dtype=torch.int32))
         self._slot_idx = {}  # present slots -> the same on the device (copied into slot_idx by a call)
-        self.tokens = z(L, dtype=torch.int32)
-        self.token_mask = z(L, dtype=torch.int32)
+        self.tokens, self.token_mask = self._inputs.dev["tokens"], self._inputs.dev["token_mask"]
         self.zero_prompt = z(L, dtype=torch.int32)  # copied over the unused prompt slots of a shorter prompt
         # positions and key validity: the image part is fixed, the prompt and suffix parts follow token_mask and are
         # computed inside the graph (run), so a call stages only raw inputs and never reads anything back
@@ -383,8 +432,8 @@ class _ViewGraph:
         self.pos[:VP] = torch.arange(VP, dtype=torch.int32, device=dev)
         self.suffix_pos0 = torch.arange(S, dtype=torch.int32, device=dev) + VP  # + number of valid prompt tokens
         self.prompt_cnt = z(L, dtype=torch.int32)
-        self.state = z(1, cfg.action_dim)
-        self.x_t = z(cfg.action_horizon, cfg.action_dim)  # noise in, actions out
+        self.state = self._inputs.dev["state"]
+        self.x_t = self._inputs.dev["x_t"]  # noise in, actions out
         # views of the inputs with a batch dimension of 1 (stage_batch1), made once: on the H100's host every torch
         # call, a view included, costs 10-40 us of Python while the GPU waits (NOTES.md session 9)
         self.b1 = dict(images=self.images[None], tokens=self.tokens[None], token_mask=self.token_mask[None],
@@ -732,26 +781,63 @@ class _ViewGraph:
             idx = self._slot_idx[key] = torch.tensor(key, dtype=torch.int32, device=self.images.device)
         return idx
 
+    def check_inputs(self, images_shape, tokens_shape, token_mask_shape, state_size: int, noise_shape, views=None):
+        """The shape checks of set_inputs / stage_host: a clear error instead of a broadcast or a stale slot."""
+        L, V = self.L, self.V
+        if len(tokens_shape) != 1:
+            raise ValueError(f"tokens {tuple(tokens_shape)}: expected one prompt ([L'] token ids)")
+        n = tokens_shape[0]
+        if n > L:
+            raise ValueError(f"{n} prompt tokens: at most {L} fit (max_token_len)")
+        if tuple(token_mask_shape) != (n,):
+            raise ValueError(f"token_mask {tuple(token_mask_shape)}: expected ({n},) like the tokens")
+        frame = tuple(self.images.shape[1:])
+        if views is None:
+            if tuple(images_shape) != (V,) + frame:  # copy_ would broadcast one image into every view
+                raise ValueError(f"camera images {tuple(images_shape)}: this graph takes {(V,) + frame} "
+                                 "(present views x H x W x 3)")
+        elif len(views) != V or tuple(images_shape[1:]) != frame or max(views) >= images_shape[0] or min(views) < 0:
+            raise ValueError(f"camera images {tuple(images_shape)} with present slots {list(views)}: this graph takes "
+                             f"{V} present slots of an [slots, {', '.join(map(str, frame))}] array")
+        if state_size != self.state.numel() or int(np.prod(noise_shape)) != self.x_t.numel():
+            raise ValueError(f"state of {state_size} values / noise {tuple(noise_shape)}: expected "
+                             f"{self.state.shape[1]} values and {tuple(self.x_t.shape)}")
+
+    def stage_host(self, images: np.ndarray, views, tokens: np.ndarray, token_mask: np.ndarray, state: np.ndarray,
+                   noise: np.ndarray):
+        """A call from host memory (numpy): images [slots, 224, 224, 3] with `views` the present slots, which land
+        packed in slots 0..V-1; tokens / token_mask [L'], state [32], noise [50, 32]. Everything goes into the pinned
+        mirror of the input block and moves to the device in one asynchronous copy (absent cameras are not moved)."""
+        self.check_inputs(images.shape, tokens.shape, token_mask.shape, state.size, noise.shape, views=views)
+        h, n, V = self._inputs.host_views(), tokens.shape[0], self.V
+        h["tokens"][:n], h["tokens"][n:] = tokens, 0
+        h["token_mask"][:n], h["token_mask"][n:] = token_mask, 0
+        h["state"].reshape(-1)[:] = state.reshape(-1)
+        h["x_t"].reshape(-1)[:] = noise.reshape(-1)
+        h["slot_idx"][:] = np.arange(V)
+        for j, i in enumerate(views):
+            h["images"][j] = images[i]
+        self._inputs.upload(self._inputs.offset("images") + V * self.images[0].numel() * self.images.element_size())
+
+    def fetch_actions(self) -> np.ndarray:
+        """The actions (x_t after the last step) as a new float32 numpy array [50, 32]: on CUDA one asynchronous copy
+        into pinned memory and a wait for it (so for the graph)."""
+        if not self.x_t.is_cuda:
+            return self.x_t.numpy().copy()
+        if getattr(self, "_out_host", None) is None:
+            self._out_host = torch.empty(self.x_t.shape, dtype=self.x_t.dtype, pin_memory=True)
+            self._out_done = torch.cuda.Event()
+        self._out_host.copy_(self.x_t, non_blocking=True)
+        self._out_done.record()
+        self._out_done.synchronize()
+        return self._out_host.numpy().copy()
+
     def set_inputs(self, images, tokens, token_mask, state, noise, views=None):
         """images [V, 224, 224, 3] (present views only), or every camera slot [slots, 224, 224, 3] with `views` the
         present slots' indices; tokens/token_mask [L'], state [32], noise [50, 32]: tensors."""
         L, V = self.L, self.V
         n = tokens.shape[0]
-        if n > L:
-            raise ValueError(f"{n} prompt tokens: at most {L} fit (max_token_len)")
-        if tuple(token_mask.shape) != (n,):
-            raise ValueError(f"token_mask {tuple(token_mask.shape)}: expected ({n},) like the tokens")
-        frame = tuple(self.images.shape[1:])
-        if views is None:
-            if tuple(images.shape) != (V,) + frame:  # copy_ would broadcast one image into every view
-                raise ValueError(f"camera images {tuple(images.shape)}: this graph takes {(V,) + frame} "
-                                 "(present views x H x W x 3)")
-        elif len(views) != V or tuple(images.shape[1:]) != frame or max(views) >= images.shape[0] or min(views) < 0:
-            raise ValueError(f"camera images {tuple(images.shape)} with present slots {list(views)}: this graph takes "
-                             f"{V} present slots of an [slots, {', '.join(map(str, frame))}] array")
-        if state.numel() != self.state.numel() or noise.numel() != self.x_t.numel():
-            raise ValueError(f"state {tuple(state.shape)} / noise {tuple(noise.shape)}: expected {self.state.shape[1]} "
-                             f"values and {tuple(self.x_t.shape)}")
+        self.check_inputs(images.shape, tokens.shape, token_mask.shape, state.numel(), noise.shape, views=views)
         # raw inputs only (positions are computed in the graph), all of them in one copy call
         if views is not None and images.shape[0] == self.images.shape[0] and images.device == self.images.device:
             dst, src = [self.images, self.slot_idx], [images, self.present_index(views)]  # every slot, one copy
@@ -909,9 +995,20 @@ class TritonPi0:
         return outs[0][None] if len(outs) == 1 else torch.stack(outs)
 
     def sample_actions(self, images, image_mask, tokens, token_mask, state, noise, num_steps: int = 10) -> np.ndarray:
-        """The backend call (numpy in, numpy out); a leading batch dimension is optional."""
+        """The backend call (numpy in, numpy out); a leading batch dimension is optional. One observation (what the
+        policy server sends) goes through the graph's pinned input mirror: one host-to-device copy, one back."""
         batched = np.ndim(state) == 2
         args = [np.asarray(x) for x in (images, image_mask, tokens, token_mask, state, noise)]
+        if self.tuning.host_staging and (not batched or args[4].shape[0] == 1):
+            one = [x[0] for x in args] if batched else args
+            present = np.flatnonzero(one[1]).tolist()
+            if one[1].ndim != 1:
+                raise ValueError(f"image_mask {one[1].shape}: expected one flag per camera slot")
+            g = self.graph_for(len(present), num_steps)
+            g.stage_host(one[0], present, one[2], one[3], one[4], one[5])
+            g()
+            out = g.fetch_actions()
+            return out[None] if batched else out
         if not batched:
             args = [x[None] for x in args]
         args = [torch.from_numpy(np.ascontiguousarray(x)) for x in args]

@@ -55,9 +55,11 @@ def test_full_size_matches_reference(full_size, mask, prompt):
     cfg, eng, ref = full_size
     torch.backends.cuda.matmul.allow_tf32 = False
     args = _inputs(cfg, mask, prompt, seed=sum(mask) * 100 + prompt)
-    a = eng.sample_actions(*args)
+    a = eng.sample_actions(*args)  # numpy: through the graph's pinned input mirror (Tuning.host_staging)
     assert _rel(a, ref.sample_actions(*args)) <= 1e-2
     assert np.array_equal(a, eng.sample_actions(*args)), "same inputs must give the same actions"
+    dev = [torch.from_numpy(x[None]).cuda() for x in args]  # the same call with its inputs on the device
+    assert np.array_equal(a, eng.sample_actions_torch(*dev)[0].cpu().numpy()), "host and device staging differ"
 
 
 @pytest.mark.gpu
@@ -143,6 +145,45 @@ def test_stage_batch1_stages_what_set_inputs_stages():
     assert not g.stage_batch1(*(x[None] for x in t), views=[0])
     for k in names:
         assert torch.equal(getattr(g, k), before[k]), k
+
+
+def test_stage_host_stages_what_set_inputs_stages():
+    """A call from host memory (numpy) stages one observation through the graph's input mirror: the views patch_embed
+    reads, the prompt (its tail cleared after a longer one), state and noise end up as set_inputs leaves them from
+    tensors; bad shapes are the same clear errors; sample_actions takes this path with or without a batch of 1."""
+    from pi0_triton_policy.triton_engine import TritonPi0
+
+    cfg = get_variant("pi0_tiny")
+    eng = TritonPi0(cfg, random_params(cfg, seed=1), device="cpu", dtype=torch.float32, use_graphs=False)
+    imgs, _, tokens, tmask, state, noise = _inputs(cfg, [1, 0, 1], 48, seed=6)
+    g = eng.graph_for(2)
+    seen = lambda: g.images[g.slot_idx.long()].clone()  # noqa: E731 (the views patch_embed reads)
+    names = ("tokens", "token_mask", "state", "x_t")
+    for views, n in (([0, 2], 48), ([1, 2], 5), ([2, 0], 20)):
+        g.set_inputs(*(torch.from_numpy(x) for x in (imgs, tokens[:n], tmask[:n], state, noise)), views=views)
+        want = dict({k: getattr(g, k).clone() for k in names}, seen=seen())
+        for k in names + ("images",):
+            getattr(g, k).fill_(7)  # stale values the host staging must overwrite
+        g.stage_host(imgs, views, tokens[:n], tmask[:n], state, noise)
+        got = dict({k: getattr(g, k).clone() for k in names}, seen=seen())
+        for k in want:
+            assert torch.equal(got[k], want[k]), (views, n, k)
+        assert g.slot_idx.tolist() == [0, 1]  # present views packed into slots 0..V-1
+    for bad, match in (((imgs[:, :100], [0, 2], tokens, tmask, state, noise), "present slots"),
+                       ((imgs, [0, 3], tokens, tmask, state, noise), "present slots"),
+                       ((imgs, [0, 2], np.zeros(49, np.int32), np.ones(49, bool), state, noise), "prompt tokens"),
+                       ((imgs, [0, 2], tokens, tmask[:-1], state, noise), "token_mask"),
+                       ((imgs, [0, 2], tokens, tmask, state, noise[:1]), "noise")):
+        with pytest.raises(ValueError, match=match):
+            g.stage_host(*bad)
+    with pytest.raises(ValueError, match="0 cameras present"):
+        eng.sample_actions(imgs, np.zeros(3, bool), tokens, tmask, state, noise)
+    staged = []
+    g.stage_host = lambda *a: staged.append(a) or type(g).stage_host(g, *a)  # the call takes the host path
+    g.run = lambda: None  # (the staging is the question here, not the model)
+    out = eng.sample_actions(imgs[None], np.array([[1, 0, 1]]), tokens[None, :5], tmask[None, :5], state[None], noise[None])
+    assert len(staged) == 1 and staged[0][1] == [0, 2] and out.shape == (1,) + noise.shape
+    assert np.array_equal(out[0], noise)  # nothing ran: x_t still holds the staged noise
 
 
 def test_wrong_camera_count_is_a_clear_error():
