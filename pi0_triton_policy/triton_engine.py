@@ -1001,9 +1001,9 @@ class TritonPi0:
         args = [np.asarray(x) for x in (images, image_mask, tokens, token_mask, state, noise)]
         if self.tuning.host_staging and (not batched or args[4].shape[0] == 1):
             one = [x[0] for x in args] if batched else args
-            present = np.flatnonzero(one[1]).tolist()
             if one[1].ndim != 1:
                 raise ValueError(f"image_mask {one[1].shape}: expected one flag per camera slot")
+            present = np.flatnonzero(one[1]).tolist()
             g = self.graph_for(len(present), num_steps)
             g.stage_host(one[0], present, one[2], one[3], one[4], one[5])
             g()
