@@ -497,6 +497,7 @@ class _ViewGraph:
             self.mega = _MegaSteps(eng, T, S)
         self.graph = None
         self.capture_s = None
+        self._out_host, self._out_done = None, None  # fetch_actions' pinned output and its event (made on first use)
 
     def mega0(self) -> bool:
         """Whether flow step 0 runs in the persistent kernel too (Tuning.mega_step0)."""
@@ -824,7 +825,7 @@ class _ViewGraph:
         into pinned memory and a wait for it (so for the graph)."""
         if not self.x_t.is_cuda:
             return self.x_t.numpy().copy()
-        if getattr(self, "_out_host", None) is None:
+        if self._out_host is None:
             self._out_host = torch.empty(self.x_t.shape, dtype=self.x_t.dtype, pin_memory=True)
             self._out_done = torch.cuda.Event()
         self._out_host.copy_(self.x_t, non_blocking=True)
